@@ -1,0 +1,149 @@
+"""Load a model: a Hugging Face directory (safetensors, memory-mapped), a GGUF file, or dummy weights.
+
+`resolve_model` turns what the user named (nothing, a directory, a .gguf file) into a Hugging Face
+directory; GGUF files, the embedded default model included, are converted once into the user cache.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from megatier.config import ModelConfig, load_config
+from megatier.errors import MegatierError
+from megatier.weights import ModelWeights, expected_shapes, weights_from_tensors
+
+log = logging.getLogger(__name__)
+
+LOAD_FORMATS = ("auto", "dummy")
+
+
+@dataclass
+class GenerationDefaults:
+    """What generation_config.json says: EOS ids and default sampling settings."""
+
+    eos_token_ids: tuple[int, ...] = ()
+    sampling: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_model(model: str | Path | None) -> Path:
+    """The Hugging Face directory to load for `model` (None means the embedded default model)."""
+    from megatier.gguf_import import cached_gguf_dir, default_gguf_path
+
+    if model is None:
+        return cached_gguf_dir(default_gguf_path())
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise MegatierError(f"{path}: no such file or directory (expected a model directory or a .gguf file)")
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise MegatierError(f"{path}: a model file must be .gguf; otherwise pass the model directory")
+        return cached_gguf_dir(path)
+    return path
+
+
+def load_generation_defaults(model_dir: Path, cfg: ModelConfig) -> GenerationDefaults:
+    path = model_dir / "generation_config.json"
+    if not path.is_file():
+        return GenerationDefaults(eos_token_ids=cfg.eos_token_ids)
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MegatierError(f"{path}: not valid JSON ({e})") from None
+    eos = data.get("eos_token_id", list(cfg.eos_token_ids))
+    eos_ids = tuple(eos) if isinstance(eos, list) else ((int(eos),) if eos is not None else ())
+    sampling = {}
+    if data.get("do_sample") is not False:
+        sampling = {k: data[k] for k in ("temperature", "top_p", "top_k", "min_p") if data.get(k) is not None}
+    return GenerationDefaults(eos_token_ids=eos_ids, sampling=sampling)
+
+
+def _safetensors_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    single = model_dir / "model.safetensors"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise MegatierError(f"{index}: not a valid safetensors index ({e!r})") from None
+        files = sorted({model_dir / name for name in weight_map.values()})
+        for f in files:
+            if not f.is_file():
+                raise MegatierError(f"{f}: file not found (named by {index.name})")
+        return files
+    if single.is_file():
+        return [single]
+    raise MegatierError(
+        f"{model_dir}: no model.safetensors or model.safetensors.index.json (use load_format='dummy' "
+        "for random weights)"
+    )
+
+
+def _open_tensors(files: list[Path]) -> dict[str, tuple[Path, torch.Tensor]]:
+    """Every tensor of every file as a zero-copy view of the memory-mapped file."""
+    tensors: dict[str, tuple[Path, torch.Tensor]] = {}
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for name in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+                    tensors[name] = (path, f.get_tensor(name))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise MegatierError(f"{path}: truncated or corrupt safetensors file ({e})") from None
+    return tensors
+
+
+def load_safetensors_weights(model_dir: Path, cfg: ModelConfig) -> ModelWeights:
+    """Check every tensor's name, shape and dtype against the config; return memory-mapped views."""
+    tensors = _open_tensors(_safetensors_files(model_dir))
+    shapes = expected_shapes(cfg)
+    if cfg.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)  # some tied checkpoints store the copy anyway
+    checked: dict[str, torch.Tensor] = {}
+    for name, shape in shapes.items():
+        if name not in tensors:
+            raise MegatierError(f"{model_dir}: tensor {name!r} missing from the safetensors files")
+        path, t = tensors[name]
+        if tuple(t.shape) != shape:
+            raise MegatierError(
+                f"{path}: tensor {name!r} has shape {tuple(t.shape)}, config.json implies {shape}"
+            )
+        if not t.is_floating_point() or t.element_size() == 1:
+            raise MegatierError(f"{path}: tensor {name!r} has unsupported dtype {t.dtype}")
+        checked[name] = t
+    unused = sorted(n for n in tensors if n not in shapes and "rotary_emb" not in n)
+    if unused:
+        log.warning(
+            "%s: ignoring %d tensors the architecture does not use, e.g. %s",
+            model_dir,
+            len(unused),
+            unused[0],
+        )
+    return weights_from_tensors(cfg, checked)
+
+
+def dummy_weights(cfg: ModelConfig, seed: int, dtype: torch.dtype, device: torch.device) -> ModelWeights:
+    """Seeded random weights with a sane scale (never zeros), generated on `device` for speed.
+
+    Matrices are N(0, 1/sqrt(fan_in)) so activations neither vanish nor explode through many layers;
+    norms are around 1 and biases small, so every term of the forward pass matters.
+    """
+    gen = torch.Generator(device=device).manual_seed(seed)
+    out: dict[str, torch.Tensor] = {}
+    for name, shape in expected_shapes(cfg).items():
+        t = torch.empty(shape, dtype=torch.float32, device=device)
+        if name.endswith("norm.weight"):
+            t.uniform_(0.8, 1.2, generator=gen)
+        elif name.endswith(".bias"):
+            t.normal_(0.0, 0.02, generator=gen)
+        elif name == "model.embed_tokens.weight":
+            t.normal_(0.0, 1.0, generator=gen)
+        else:
+            t.normal_(0.0, shape[1] ** -0.5, generator=gen)
+        out[name] = t.to(dtype)
+    return weights_from_tensors(cfg, out)

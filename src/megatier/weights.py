@@ -1,0 +1,141 @@
+"""Model weights in the canonical Hugging Face layout ([out_features, in_features] matrices).
+
+Every loader (safetensors, GGUF, dummy) produces these containers and every executor reads them;
+fast executors derive their packed layouts from them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
+
+import torch
+
+from megatier.config import ModelConfig
+
+
+@dataclass
+class LayerWeights:
+    input_norm: torch.Tensor  # [hidden]
+    q_proj: torch.Tensor  # [q_size, hidden]
+    k_proj: torch.Tensor  # [kv_size, hidden]
+    v_proj: torch.Tensor  # [kv_size, hidden]
+    o_proj: torch.Tensor  # [hidden, q_size]
+    post_norm: torch.Tensor  # [hidden]
+    gate_proj: torch.Tensor  # [intermediate, hidden]
+    up_proj: torch.Tensor  # [intermediate, hidden]
+    down_proj: torch.Tensor  # [hidden, intermediate]
+    q_bias: torch.Tensor | None = None
+    k_bias: torch.Tensor | None = None
+    v_bias: torch.Tensor | None = None
+    o_bias: torch.Tensor | None = None
+    q_norm: torch.Tensor | None = None  # [head_dim] (Qwen3)
+    k_norm: torch.Tensor | None = None
+    gate_bias: torch.Tensor | None = None
+    up_bias: torch.Tensor | None = None
+    down_bias: torch.Tensor | None = None
+
+
+@dataclass
+class ModelWeights:
+    embed: torch.Tensor  # [vocab, hidden]
+    layers: list[LayerWeights]
+    final_norm: torch.Tensor  # [hidden]
+    lm_head: torch.Tensor  # [vocab, hidden]; the same tensor as `embed` when embeddings are tied
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(Hugging Face name, tensor) for every weight, the tied LM head once."""
+        yield "model.embed_tokens.weight", self.embed
+        for i, layer in enumerate(self.layers):
+            for f in fields(LayerWeights):
+                t = getattr(layer, f.name)
+                if t is not None:
+                    yield f"model.layers.{i}.{LAYER_HF_NAMES[f.name]}", t
+        yield "model.norm.weight", self.final_norm
+        if self.lm_head is not self.embed:
+            yield "lm_head.weight", self.lm_head
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for _, t in self.tensors())
+
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> ModelWeights:
+        """Cast floating weights to `dtype` on `device`, keeping the tie between embed and lm_head."""
+
+        def cast(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device=device, dtype=dtype)
+
+        embed = cast(self.embed)
+        layers = [
+            LayerWeights(**{f.name: cast(getattr(layer, f.name)) for f in fields(LayerWeights)})
+            for layer in self.layers
+        ]
+        lm_head = embed if self.lm_head is self.embed else cast(self.lm_head)
+        return ModelWeights(embed=embed, layers=layers, final_norm=cast(self.final_norm), lm_head=lm_head)
+
+
+LAYER_HF_NAMES = {
+    "input_norm": "input_layernorm.weight",
+    "q_proj": "self_attn.q_proj.weight",
+    "k_proj": "self_attn.k_proj.weight",
+    "v_proj": "self_attn.v_proj.weight",
+    "o_proj": "self_attn.o_proj.weight",
+    "post_norm": "post_attention_layernorm.weight",
+    "gate_proj": "mlp.gate_proj.weight",
+    "up_proj": "mlp.up_proj.weight",
+    "down_proj": "mlp.down_proj.weight",
+    "q_bias": "self_attn.q_proj.bias",
+    "k_bias": "self_attn.k_proj.bias",
+    "v_bias": "self_attn.v_proj.bias",
+    "o_bias": "self_attn.o_proj.bias",
+    "q_norm": "self_attn.q_norm.weight",
+    "k_norm": "self_attn.k_norm.weight",
+    "gate_bias": "mlp.gate_proj.bias",
+    "up_bias": "mlp.up_proj.bias",
+    "down_bias": "mlp.down_proj.bias",
+}
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Shape of every weight the architecture needs, by Hugging Face name."""
+    h, i, q, kv, d = cfg.hidden_size, cfg.intermediate_size, cfg.q_size, cfg.kv_size, cfg.head_dim
+    per_layer: dict[str, tuple[int, ...]] = {
+        "input_norm": (h,),
+        "q_proj": (q, h),
+        "k_proj": (kv, h),
+        "v_proj": (kv, h),
+        "o_proj": (h, q),
+        "post_norm": (h,),
+        "gate_proj": (i, h),
+        "up_proj": (i, h),
+        "down_proj": (h, i),
+    }
+    if cfg.qkv_bias:
+        per_layer |= {"q_bias": (q,), "k_bias": (kv,), "v_bias": (kv,)}
+    if cfg.o_bias:
+        per_layer["o_bias"] = (h,)
+    if cfg.qk_norm:
+        per_layer |= {"q_norm": (d,), "k_norm": (d,)}
+    if cfg.mlp_bias:
+        per_layer |= {"gate_bias": (i,), "up_bias": (i,), "down_bias": (h,)}
+    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, h), "model.norm.weight": (h,)}
+    for layer in range(cfg.num_layers):
+        for field_name, shape in per_layer.items():
+            shapes[f"model.layers.{layer}.{LAYER_HF_NAMES[field_name]}"] = shape
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, h)
+    return shapes
+
+
+def weights_from_tensors(cfg: ModelConfig, get: dict[str, torch.Tensor]) -> ModelWeights:
+    """Assemble ModelWeights from a name -> tensor mapping whose names and shapes were already checked."""
+    layers = []
+    for layer in range(cfg.num_layers):
+        kwargs = {}
+        for field_name, hf_name in LAYER_HF_NAMES.items():
+            name = f"model.layers.{layer}.{hf_name}"
+            if name in get:
+                kwargs[field_name] = get[name]
+        layers.append(LayerWeights(**kwargs))
+    embed = get["model.embed_tokens.weight"]
+    lm_head = embed if cfg.tie_word_embeddings else get["lm_head.weight"]
+    return ModelWeights(embed=embed, layers=layers, final_norm=get["model.norm.weight"], lm_head=lm_head)
