@@ -140,9 +140,7 @@ def config_from_hf(d: dict[str, Any], source: str = "config.json") -> ModelConfi
     arch_name = next((a for a in archs if a in ARCHITECTURES), None)
     if arch_name is None:
         got = ", ".join(archs) if archs else f"model_type={d.get('model_type')!r}"
-        raise MegatierError(
-            f"{source}: unsupported architecture {got}; supported: {', '.join(ARCHITECTURES)}"
-        )
+        raise MegatierError(f"{source}: unsupported architecture {got}; supported: {', '.join(ARCHITECTURES)}")
     arch = ARCHITECTURES[arch_name]
     act = d.get("hidden_act", "silu")
     if act != "silu":
@@ -155,8 +153,7 @@ def config_from_hf(d: dict[str, Any], source: str = "config.json") -> ModelConfi
     head_dim = d.get("head_dim") or hidden // heads
     if not isinstance(kv_heads, int) or kv_heads <= 0 or heads % kv_heads:
         raise MegatierError(
-            f"{source}: num_key_value_heads={kv_heads!r} must be a positive divisor of "
-            f"num_attention_heads={heads}"
+            f"{source}: num_key_value_heads={kv_heads!r} must be a positive divisor of num_attention_heads={heads}"
         )
     eos = d.get("eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))

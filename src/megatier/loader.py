@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from megatier.config import ModelConfig, load_config
+from megatier.config import ModelConfig
 from megatier.errors import MegatierError
 from megatier.weights import ModelWeights, expected_shapes, weights_from_tensors
 
@@ -110,9 +110,7 @@ def load_safetensors_weights(model_dir: Path, cfg: ModelConfig) -> ModelWeights:
             raise MegatierError(f"{model_dir}: tensor {name!r} missing from the safetensors files")
         path, t = tensors[name]
         if tuple(t.shape) != shape:
-            raise MegatierError(
-                f"{path}: tensor {name!r} has shape {tuple(t.shape)}, config.json implies {shape}"
-            )
+            raise MegatierError(f"{path}: tensor {name!r} has shape {tuple(t.shape)}, config.json implies {shape}")
         if not t.is_floating_point() or t.element_size() == 1:
             raise MegatierError(f"{path}: tensor {name!r} has unsupported dtype {t.dtype}")
         checked[name] = t

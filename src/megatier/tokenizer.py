@@ -32,9 +32,7 @@ class Tokenizer:
     def __init__(self, model_dir: Path):
         path = model_dir / "tokenizer.json"
         if not path.is_file():
-            raise MegatierError(
-                f"{path}: file not found (text prompts need tokenizer.json; pass token ids instead)"
-            )
+            raise MegatierError(f"{path}: file not found (text prompts need tokenizer.json; pass token ids instead)")
         try:
             self.hf = HFTokenizer.from_file(str(path))
         except Exception as e:  # the Rust side raises plain Exception subclasses
@@ -67,9 +65,7 @@ class Tokenizer:
         tools: list[dict[str, Any]] | None = None,
     ) -> str:
         if self.chat_template is None:
-            raise MegatierError(
-                "this model has no chat template (tokenizer_config.json or chat_template.jinja)"
-            )
+            raise MegatierError("this model has no chat template (tokenizer_config.json or chat_template.jinja)")
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or "role" not in m:
                 raise MegatierError(f"messages[{i}]: each message needs a 'role' and a 'content'")
@@ -86,9 +82,7 @@ class Tokenizer:
 
     def encode_chat(self, messages: list[Message], add_generation_prompt: bool = True) -> list[int]:
         # The template writes BOS itself when the model wants one, as transformers assumes.
-        return self.encode(
-            self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=False
-        )
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=False)
 
 
 _TEMPLATES: dict[str, Any] = {}
@@ -117,9 +111,7 @@ def _read_chat_template(model_dir: Path, config: dict[str, Any]) -> str | None:
     jinja = model_dir / "chat_template.jinja"
     if jinja.is_file():
         return jinja.read_text()
-    template = config.get("chat_template") or _read_json(model_dir / "chat_template.json").get(
-        "chat_template"
-    )
+    template = config.get("chat_template") or _read_json(model_dir / "chat_template.json").get("chat_template")
     if isinstance(template, list):  # named templates: take "default"
         template = next((t["template"] for t in template if t.get("name") == "default"), None)
     return template

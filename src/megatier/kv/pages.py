@@ -84,9 +84,7 @@ def block_table_tensor(tables: list[list[int]], device: torch.device) -> torch.T
     return out.to(device)
 
 
-def slot_mapping(
-    tables: list[list[int]], positions: list[range], page_size: int
-) -> tuple[list[int], list[int]]:
+def slot_mapping(tables: list[list[int]], positions: list[range], page_size: int) -> tuple[list[int], list[int]]:
     """(page, row) for every new token: sequence i writes positions `positions[i]`."""
     pages, rows = [], []
     for table, span in zip(tables, positions, strict=True):
