@@ -139,3 +139,64 @@ def weights_from_tensors(cfg: ModelConfig, get: dict[str, torch.Tensor]) -> Mode
     embed = get["model.embed_tokens.weight"]
     lm_head = embed if cfg.tie_word_embeddings else get["lm_head.weight"]
     return ModelWeights(embed=embed, layers=layers, final_norm=get["model.norm.weight"], lm_head=lm_head)
+
+
+@dataclass
+class PackedWeights:
+    """Per-layer weights stacked along a leading layer axis, the layout every GPU executor reads.
+
+    qkv rows are q | k | v (Hugging Face head order, RoPE in rotate-half pairs), gate_up rows are
+    gate | up. Optional tensors are None when the architecture lacks them.
+    """
+
+    embed: torch.Tensor  # [vocab, hidden]
+    qkv: torch.Tensor  # [L, q_size + 2 * kv_size, hidden]
+    o: torch.Tensor  # [L, hidden, q_size]
+    gate_up: torch.Tensor  # [L, 2 * intermediate, hidden]
+    down: torch.Tensor  # [L, hidden, intermediate]
+    input_norm: torch.Tensor  # [L, hidden]
+    post_norm: torch.Tensor  # [L, hidden]
+    final_norm: torch.Tensor  # [hidden]
+    lm_head: torch.Tensor  # [vocab, hidden], the same storage as embed when tied
+    qkv_bias: torch.Tensor | None = None  # [L, q_size + 2 * kv_size]
+    o_bias: torch.Tensor | None = None  # [L, hidden]
+    gate_up_bias: torch.Tensor | None = None  # [L, 2 * intermediate]
+    down_bias: torch.Tensor | None = None  # [L, hidden]
+    q_norm: torch.Tensor | None = None  # [L, head_dim]
+    k_norm: torch.Tensor | None = None  # [L, head_dim]
+
+
+def pack_weights(w: ModelWeights, device: torch.device | str, dtype: torch.dtype) -> PackedWeights:
+    """Stack and concatenate once, on `device`, in `dtype` (norm weights and biases too)."""
+
+    def stack(get) -> torch.Tensor | None:
+        parts = [get(layer) for layer in w.layers]
+        if parts[0] is None:
+            return None
+        return torch.stack([p.to(device=device, dtype=dtype) for p in parts])
+
+    def cat(*names: str):
+        def get(layer: LayerWeights):
+            parts = [getattr(layer, n) for n in names]
+            return None if parts[0] is None else torch.cat(parts)
+
+        return get
+
+    embed = w.embed.to(device=device, dtype=dtype)
+    return PackedWeights(
+        embed=embed,
+        qkv=stack(cat("q_proj", "k_proj", "v_proj")),
+        o=stack(lambda layer: layer.o_proj),
+        gate_up=stack(cat("gate_proj", "up_proj")),
+        down=stack(lambda layer: layer.down_proj),
+        input_norm=stack(lambda layer: layer.input_norm),
+        post_norm=stack(lambda layer: layer.post_norm),
+        final_norm=w.final_norm.to(device=device, dtype=dtype),
+        lm_head=embed if w.lm_head is w.embed else w.lm_head.to(device=device, dtype=dtype),
+        qkv_bias=stack(cat("q_bias", "k_bias", "v_bias")),
+        o_bias=stack(lambda layer: layer.o_bias),
+        gate_up_bias=stack(cat("gate_bias", "up_bias")),
+        down_bias=stack(lambda layer: layer.down_bias),
+        q_norm=stack(lambda layer: layer.q_norm),
+        k_norm=stack(lambda layer: layer.k_norm),
+    )
