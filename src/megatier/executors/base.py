@@ -7,6 +7,8 @@ from typing import Protocol
 
 import torch
 
+from megatier.kv.pages import KVCache
+
 
 @dataclass
 class StepBatch:
@@ -36,9 +38,12 @@ class StepBatch:
 
 
 class Executor(Protocol):
-    """Runs the model over a paged KV cache it owns. `forward` returns fp32 logits [num_seqs, vocab]."""
+    """Runs the model over a paged KV cache. Constructed as `Cls(cfg, weights, cache=KVCache)`: the
+    caller allocates the cache, so executors of one model (prefill and decode paths) can share it.
+    `forward` returns fp32 logits [num_seqs, vocab]."""
 
     name: str
+    cache: KVCache
     page_size: int
     num_pages: int
     device: torch.device

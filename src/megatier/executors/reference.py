@@ -66,19 +66,16 @@ class ReferenceExecutor:
         cfg: ModelConfig,
         weights: ModelWeights,
         *,
-        device: torch.device,
-        dtype: torch.dtype,
-        num_pages: int,
-        page_size: int,
+        cache: KVCache,
     ):
         self.cfg = cfg
-        self.device = device
-        self.dtype = dtype
-        self.w = weights.to(device, dtype)
-        self.cache = KVCache.allocate(cfg, num_pages, page_size, dtype, device)
-        self.page_size = page_size
-        self.num_pages = num_pages
-        self.inv_freq = rope_inv_freq(cfg.rope, cfg.head_dim).to(device)
+        self.cache = cache
+        self.device = cache.kv.device
+        self.dtype = cache.kv.dtype
+        self.page_size = cache.page_size
+        self.num_pages = cache.num_pages
+        self.w = weights.to(self.device, self.dtype)
+        self.inv_freq = rope_inv_freq(cfg.rope, cfg.head_dim).to(self.device)
 
     @torch.inference_mode()
     def forward(self, batch: StepBatch) -> torch.Tensor:
