@@ -9,7 +9,7 @@ __all__ = ["LLM", "MegatierError", "RequestOutput", "SamplingParams"]
 def __getattr__(name: str):
     # Import the engine lazily so `import megatier` stays cheap for tools that only need a submodule.
     if name == "LLM":
-        from megatier.engine import LLM
+        from megatier.llm import LLM
 
         return LLM
     if name == "RequestOutput":

@@ -181,8 +181,9 @@ def config_from_hf(d: dict[str, Any], source: str = "config.json") -> ModelConfi
     )
 
 
-def load_config(model_dir: Path) -> ModelConfig:
-    path = model_dir / "config.json"
+def load_config(model: Path) -> ModelConfig:
+    """Read a model directory's config.json, or a config .json file itself (built-in shapes)."""
+    path = model if model.suffix == ".json" else model / "config.json"
     if not path.is_file():
         raise MegatierError(f"{path}: file not found (a Hugging Face model directory needs config.json)")
     try:

@@ -32,24 +32,48 @@ class GenerationDefaults:
     sampling: dict[str, Any] = field(default_factory=dict)
 
 
-def resolve_model(model: str | Path | None) -> Path:
-    """The Hugging Face directory to load for `model` (None means the embedded default model)."""
-    from megatier.gguf_import import cached_gguf_dir, default_gguf_path
+BUILTIN_CONFIGS = Path(__file__).parent / "configs"
 
+
+def builtin_config_names() -> list[str]:
+    return sorted(p.stem for p in BUILTIN_CONFIGS.glob("*.json"))
+
+
+def resolve_model(model: str | Path | None) -> Path:
+    """What to load for `model`: a Hugging Face directory, or a built-in shape's config .json (dummy
+    weights only). None means the embedded default model; GGUF files are converted once and cached."""
     if model is None:
-        return cached_gguf_dir(default_gguf_path())
+        return _gguf_dir(None)
     path = Path(model).expanduser()
+    if not path.exists() and str(model) in builtin_config_names():
+        return BUILTIN_CONFIGS / f"{model}.json"
     if not path.exists():
-        raise MegatierError(f"{path}: no such file or directory (expected a model directory or a .gguf file)")
+        raise MegatierError(
+            f"{path}: no such file or directory (expected a model directory, a .gguf file, or a built-in "
+            f"shape for load_format='dummy': {', '.join(builtin_config_names())})"
+        )
     if path.is_file():
+        if path.suffix.lower() == ".json":
+            return path
         if path.suffix.lower() != ".gguf":
-            raise MegatierError(f"{path}: a model file must be .gguf; otherwise pass the model directory")
-        return cached_gguf_dir(path)
+            raise MegatierError(f"{path}: a model file must be .gguf or a config .json; otherwise pass the directory")
+        return _gguf_dir(path)
     return path
 
 
+def _gguf_dir(path: Path | None) -> Path:
+    """The cached Hugging Face conversion of a GGUF file (None: the embedded default model)."""
+    from megatier import gguf_import  # imported only when a GGUF file is involved
+
+    return gguf_import.cached_gguf_dir(path or gguf_import.default_gguf_path())
+
+
 def load_generation_defaults(model_dir: Path, cfg: ModelConfig) -> GenerationDefaults:
-    path = model_dir / "generation_config.json"
+    path = (
+        model_dir.with_name("generation_config.json")
+        if model_dir.suffix == ".json"
+        else model_dir / "generation_config.json"
+    )
     if not path.is_file():
         return GenerationDefaults(eos_token_ids=cfg.eos_token_ids)
     try:

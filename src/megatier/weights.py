@@ -55,8 +55,8 @@ class ModelWeights:
         if self.lm_head is not self.embed:
             yield "lm_head.weight", self.lm_head
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for _, t in self.tensors())
+    def numel(self) -> int:
+        return sum(t.numel() for _, t in self.tensors())
 
     def to(self, device: torch.device | str, dtype: torch.dtype) -> ModelWeights:
         """Cast floating weights to `dtype` on `device`, keeping the tie between embed and lm_head."""

@@ -26,7 +26,9 @@ class KVCache:
         cls, cfg: ModelConfig, num_pages: int, page_size: int, dtype: torch.dtype, device: torch.device
     ) -> KVCache:
         shape = (num_pages, cfg.num_layers, 2, cfg.num_kv_heads, page_size, cfg.head_dim)
-        return cls(torch.zeros(shape, dtype=dtype, device=device))
+        # Uninitialized on purpose: every read is bounded by sequence lengths, and fast kernels are
+        # tested against garbage beyond them. On the host this also leaves untouched memory unmapped.
+        return cls(torch.empty(shape, dtype=dtype, device=device))
 
     @property
     def num_pages(self) -> int:
