@@ -1,0 +1,269 @@
+"""The engine: requests in, one step at a time: schedule -> executor.forward -> sample -> detokenize.
+
+It is synchronous and single-threaded on purpose; the HTTP server drives it from one background thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+
+from megatier.detokenizer import IncrementalDetokenizer
+from megatier.errors import MegatierError
+from megatier.executors.base import Executor, StepBatch
+from megatier.sampling import SampleRow, SamplingParams, sample
+from megatier.scheduler import Scheduler, Sequence, Status
+from megatier.tokenizer import Tokenizer
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: str | int | None = None  # the stop string or stop token that ended it
+    logprobs: list[dict[int, float]] | None = None
+
+
+@dataclass
+class RequestOutput:
+    """A request's completions (`outputs[i]` for n > 1); `.text` etc. read the first one."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput] = field(default_factory=list)
+    finished: bool = False
+
+    @property
+    def text(self) -> str:
+        return self.outputs[0].text
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.outputs[0].token_ids
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.outputs[0].finish_reason
+
+    @property
+    def logprobs(self) -> list[dict[int, float]] | None:
+        return self.outputs[0].logprobs
+
+
+@dataclass
+class SequenceUpdate:
+    """What one step did for one sequence: new tokens, newly releasable text, and whether it ended."""
+
+    request_id: str
+    index: int
+    new_token_ids: list[int]
+    delta_text: str
+    finished: bool
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    new_logprobs: list[dict[int, float]] = field(default_factory=list)
+
+
+class Engine:
+    def __init__(
+        self,
+        executor: Executor,
+        tokenizer: Tokenizer | None,
+        *,
+        eos_token_ids: tuple[int, ...],
+        max_model_len: int,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int = 2048,
+        decode_steps_per_sync: int = 8,
+        seed: int = 0,
+    ):
+        self.executor = executor
+        self.tokenizer = tokenizer
+        self.eos_token_ids = eos_token_ids
+        self.max_model_len = max_model_len
+        self.decode_steps_per_sync = decode_steps_per_sync
+        self.scheduler = Scheduler(executor.num_pages, executor.page_size, max_num_seqs, max_num_batched_tokens)
+        self.requests: dict[str, list[Sequence]] = {}
+        self._seeds = torch.Generator().manual_seed(seed)
+        self._ids = itertools.count()
+
+    # -- request lifecycle ---------------------------------------------------------------------------------
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
+        """Queue a request; raises MegatierError for prompts the model cannot take."""
+        request_id = request_id if request_id is not None else str(next(self._ids))
+        if request_id in self.requests:
+            raise MegatierError(f"request id {request_id!r} is already in use")
+        if not prompt_ids:
+            raise MegatierError("the prompt is empty")
+        vocab = self.executor.cfg.vocab_size
+        bad = next((t for t in prompt_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise MegatierError(f"prompt token id {bad} is outside the vocabulary (0..{vocab - 1})")
+        if len(prompt_ids) >= self.max_model_len:
+            raise MegatierError(
+                f"the prompt has {len(prompt_ids)} tokens; the maximum context length is {self.max_model_len} "
+                "(prompt plus at least one generated token)"
+            )
+        seqs = []
+        for i in range(params.n):
+            seed = (
+                params.seed + i if params.seed is not None else int(torch.randint(2**62, (1,), generator=self._seeds))
+            )
+            generator = None if params.greedy else torch.Generator(self.executor.device).manual_seed(seed)
+            detok = IncrementalDetokenizer(
+                self.tokenizer, params.stop, params.include_stop_str_in_output, params.skip_special_tokens
+            )
+            seqs.append(Sequence(request_id, i, list(prompt_ids), params, generator, detok))
+        self.requests[request_id] = seqs
+        for seq in seqs:
+            self.scheduler.add(seq)
+        return request_id
+
+    def abort_request(self, request_id: str) -> None:
+        """Cancel a request now and free its KV pages (no-op for unknown or finished requests)."""
+        for seq in self.requests.pop(request_id, []):
+            if seq.status is not Status.FINISHED:
+                self.scheduler.finish(seq, "abort")
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    # -- one step -----------------------------------------------------------------------------------------
+
+    def step(self) -> list[SequenceUpdate]:
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            return []
+        multi = self._multi_step_count(batch)
+        if multi > 1:
+            return self._decode_multi(batch.seqs, multi)
+        logits = self.executor.forward(
+            StepBatch(
+                token_ids=[
+                    t
+                    for s, n in zip(batch.seqs, batch.num_tokens, strict=True)
+                    for t in s.token_ids[s.num_computed :][:n]
+                ],
+                starts=[s.num_computed for s in batch.seqs],
+                query_lens=batch.num_tokens,
+                page_tables=[s.table.pages for s in batch.seqs],
+            )
+        )
+        ready = []
+        for row, (seq, n) in enumerate(zip(batch.seqs, batch.num_tokens, strict=True)):
+            seq.num_computed += n
+            if seq.num_uncomputed == 0:  # the whole prompt (or the last token) is in: sample the next one
+                ready.append((row, seq))
+        if not ready:
+            return []
+        rows = [self._sample_row(seq) for _, seq in ready]
+        sampled = sample(logits[[r for r, _ in ready]], rows)
+        return [
+            self._append(seq, [s.token_id], [s.logprobs] if s.logprobs else [])
+            for (_, seq), s in zip(ready, sampled, strict=True)
+        ]
+
+    def _sample_row(self, seq: Sequence) -> SampleRow:
+        p = seq.params
+        banned: tuple[int, ...] = ()
+        if len(seq.output_ids) < p.min_tokens:
+            banned = tuple(p.stop_token_ids) + (() if p.ignore_eos else self.eos_token_ids)
+        return SampleRow(p, seq.generator, seq.prompt_ids, seq.output_ids, banned)
+
+    def _multi_step_count(self, batch) -> int:
+        """How many greedy decode steps can run on the device before the host must look (1: no fast path)."""
+        decode_greedy = getattr(self.executor, "decode_greedy", None)
+        if decode_greedy is None or self.decode_steps_per_sync <= 1 or self.scheduler.waiting:
+            return 1
+        seqs = batch.seqs
+        if not all(s.in_decode and s.params.plain_greedy and len(s.output_ids) >= s.params.min_tokens for s in seqs):
+            return 1
+        if len(seqs) != len(self.scheduler.running):  # someone else is waiting for a turn
+            return 1
+        left = min(self._tokens_left(s) for s in seqs)
+        k = min(self.decode_steps_per_sync, left)
+        if k > 1 and not self.scheduler.ensure_capacity(seqs, k):
+            return 1
+        return k
+
+    def _tokens_left(self, seq: Sequence) -> int:
+        limit = self.max_model_len - len(seq.token_ids)
+        if seq.params.max_tokens is not None:
+            limit = min(limit, seq.params.max_tokens - len(seq.output_ids))
+        return max(limit, 1)
+
+    def _decode_multi(self, seqs: list[Sequence], k: int) -> list[SequenceUpdate]:
+        tokens = self.executor.decode_greedy(
+            StepBatch(
+                token_ids=[s.token_ids[-1] for s in seqs],
+                starts=[s.num_computed for s in seqs],
+                query_lens=[1] * len(seqs),
+                page_tables=[s.table.pages for s in seqs],
+            ),
+            k,
+        ).tolist()
+        updates = []
+        for col, seq in enumerate(seqs):
+            seq.num_computed += k
+            new = [row[col] for row in tokens]
+            updates.append(self._append(seq, new, []))
+        return updates
+
+    def _append(self, seq: Sequence, new_tokens: list[int], new_logprobs: list[dict[int, float]]) -> SequenceUpdate:
+        """Add sampled tokens one by one, stopping at the first that ends the sequence. Tokens computed
+        past the end by a multi-step decode are dropped; their KV went with the freed pages."""
+        p = seq.params
+        taken: list[int] = []
+        for token in new_tokens:
+            seq.token_ids.append(token)
+            taken.append(token)
+            reason, stop_reason = self._check_stop(seq, token)
+            if reason:
+                self.scheduler.finish(seq, reason, stop_reason)
+                break
+        seq.logprobs.extend(new_logprobs[: len(taken)])
+        finished = seq.status is Status.FINISHED
+        update = SequenceUpdate(
+            seq.request_id,
+            seq.index,
+            taken,
+            seq.detok.release(final=finished),
+            finished,
+            seq.finish_reason,
+            seq.stop_reason,
+            new_logprobs[: len(taken)] if p.logprobs is not None else [],
+        )
+        if finished and all(s.status is Status.FINISHED for s in self.requests.get(seq.request_id, [])):
+            self.requests.pop(seq.request_id, None)
+        return update
+
+    def _check_stop(self, seq: Sequence, token: int) -> tuple[str | None, str | int | None]:
+        p = seq.params
+        n_out = len(seq.output_ids)
+        if n_out >= p.min_tokens:
+            if token in p.stop_token_ids:
+                return "stop", token
+            if not p.ignore_eos and token in self.eos_token_ids:
+                return "stop", None
+        seq.detok.add(token, check_stop=n_out >= p.min_tokens)
+        if seq.detok.stop_reason is not None:
+            return "stop", seq.detok.stop_reason
+        if p.max_tokens is not None and n_out >= p.max_tokens:
+            return "length", None
+        if len(seq.token_ids) >= self.max_model_len:
+            return "length", None
+        return None, None

@@ -1,0 +1,251 @@
+"""LLM: the public Python API, in the style vLLM users know.
+
+from megatier import LLM, SamplingParams
+llm = LLM()                                   # the embedded SmolLM2-135M-Instruct, offline
+print(llm.generate("The capital of France is", SamplingParams(temperature=0))[0].text)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from megatier.config import ModelConfig, load_config, parse_dtype
+from megatier.engine import CompletionOutput, Engine, RequestOutput, SequenceUpdate
+from megatier.errors import MegatierError
+from megatier.executors import create_executor, resolve_backend
+from megatier.kv.pages import KVCache
+from megatier.loader import (
+    LOAD_FORMATS,
+    dummy_weights,
+    load_generation_defaults,
+    load_safetensors_weights,
+    resolve_model,
+)
+from megatier.sampling import SamplingParams
+from megatier.tokenizer import Message, Tokenizer
+
+log = logging.getLogger(__name__)
+
+Prompt = str | list[int]
+
+
+@dataclass
+class LoadStats:
+    load_seconds: float
+    weight_bytes: int
+    kv_pages: int
+    kv_bytes: int
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise MegatierError(f"unknown device {device!r}: expected auto, cpu or cuda")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise MegatierError(f"device {device!r} requested but no CUDA GPU is available; use device='cpu'")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, cfg: ModelConfig, device: torch.device) -> torch.dtype:
+    """auto: float32 on CPU (exact and fast enough there); on GPU the checkpoint's 16-bit type, else bfloat16."""
+    if dtype != "auto":
+        return parse_dtype(dtype)
+    if device.type == "cpu":
+        return torch.float32
+    return cfg.dtype if cfg.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+
+
+def default_kv_bytes(device: torch.device, weight_bytes: int) -> int:
+    """KV budget: 2 GiB on the host; on a GPU, 90% of its memory minus weights and a working margin."""
+    if device.type == "cpu":
+        return 2 << 30
+    total = torch.cuda.get_device_properties(device).total_memory
+    return max(int(total * 0.9) - weight_bytes - (2 << 30), 256 << 20)
+
+
+class LLM:
+    def __init__(
+        self,
+        model: str | Path | None = None,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        load_format: str = "auto",
+        seed: int = 0,
+        backend: str = "auto",
+        max_model_len: int | None = None,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int = 2048,
+        page_size: int = 16,
+        kv_cache_gb: float | None = None,
+        decode_steps_per_sync: int = 8,
+    ):
+        t0 = time.perf_counter()
+        if load_format not in LOAD_FORMATS:
+            raise MegatierError(f"unknown load_format {load_format!r}: expected one of {', '.join(LOAD_FORMATS)}")
+        if page_size < 1 or max_num_seqs < 1 or max_num_batched_tokens < 1:
+            raise MegatierError("page_size, max_num_seqs and max_num_batched_tokens must be >= 1")
+        self.device = resolve_device(device)
+        resolve_backend(backend, self.device)
+        self.model_path = resolve_model(model)
+        self.config = load_config(self.model_path)
+        self.dtype = resolve_dtype(dtype, self.config, self.device)
+        if load_format == "dummy":
+            weights = dummy_weights(self.config, seed, self.dtype, self.device)
+        elif self.model_path.suffix == ".json":
+            raise MegatierError(f"{model!r} is a built-in shape without weights: use load_format='dummy'")
+        else:
+            weights = load_safetensors_weights(self.model_path, self.config)
+        has_tokenizer = self.model_path.is_dir() and (self.model_path / "tokenizer.json").is_file()
+        self.tokenizer = Tokenizer(self.model_path) if has_tokenizer else None
+        self.generation_defaults = load_generation_defaults(self.model_path, self.config)
+
+        weight_bytes = weights.numel() * torch.finfo(self.dtype).bits // 8
+        kv_bytes = (
+            int(kv_cache_gb * (1 << 30)) if kv_cache_gb is not None else default_kv_bytes(self.device, weight_bytes)
+        )
+        token_bytes = self.config.kv_bytes_per_token(self.dtype)
+        limit = max_model_len or self.config.max_position_embeddings
+        num_pages = min(kv_bytes // (token_bytes * page_size), -(-limit // page_size) * max_num_seqs)
+        if num_pages < 2:
+            raise MegatierError(f"kv_cache_gb={kv_cache_gb} holds fewer than 2 pages of {page_size} tokens")
+        self.max_model_len = min(limit, num_pages * page_size)
+        cache = KVCache.allocate(self.config, num_pages, page_size, self.dtype, self.device)
+        executor = create_executor(backend, self.config, weights, cache)
+        eos = self.generation_defaults.eos_token_ids or self.config.eos_token_ids
+        if not eos and self.tokenizer and self.tokenizer.eos_token_id is not None:
+            eos = (self.tokenizer.eos_token_id,)
+        self.engine = Engine(
+            executor,
+            self.tokenizer,
+            eos_token_ids=tuple(eos),
+            max_model_len=self.max_model_len,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            decode_steps_per_sync=decode_steps_per_sync,
+            seed=seed,
+        )
+        self.backend = executor.name
+        self.stats = LoadStats(
+            time.perf_counter() - t0, weight_bytes, num_pages, cache.kv.numel() * cache.kv.element_size()
+        )
+        log.info(
+            "loaded %s on %s (%s, backend %s) in %.2fs",
+            self.model_path,
+            self.device,
+            self.dtype,
+            self.backend,
+            self.stats.load_seconds,
+        )
+
+    # -- inputs --------------------------------------------------------------------------------------------
+
+    def default_sampling_params(self) -> SamplingParams:
+        """SamplingParams() with the model's generation_config.json defaults (temperature, top_p, ...)."""
+        return replace(SamplingParams(), **self.generation_defaults.sampling)
+
+    def _tokenize(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise MegatierError(f"{self.model_path}: no tokenizer.json, so prompts must be token id lists")
+            return self.tokenizer.encode(prompt)
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            raise MegatierError("a prompt must be a string or a list of integer token ids")
+        return list(prompt)
+
+    def _chat_ids(self, messages: list[Message]) -> list[int]:
+        if self.tokenizer is None:
+            raise MegatierError(f"{self.model_path}: chat needs a tokenizer, and this model has none")
+        return self.tokenizer.encode_chat(messages)
+
+    # -- generation ----------------------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompts: Prompt | list[Prompt],
+        params: SamplingParams | list[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Complete every prompt (strings or token id lists); outputs come back in prompt order."""
+        single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int))
+        batch = [prompts] if single else list(prompts)
+        return self._run([(p if isinstance(p, str) else None, self._tokenize(p)) for p in batch], params)
+
+    def chat(
+        self,
+        messages: list[Message] | list[list[Message]],
+        params: SamplingParams | list[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Answer one conversation (a list of {"role", "content"} dicts) or a list of conversations."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        return self._run([(None, self._chat_ids(c)) for c in conversations], params)
+
+    def generate_stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
+        """Yield the completion's text as it is produced (n must be 1)."""
+        yield from self._stream(self._tokenize(prompt), params)
+
+    def chat_stream(self, messages: list[Message], params: SamplingParams | None = None) -> Iterator[str]:
+        yield from self._stream(self._chat_ids(messages), params)
+
+    def _params_list(self, params: SamplingParams | list[SamplingParams] | None, n: int) -> list[SamplingParams]:
+        if isinstance(params, list):
+            if len(params) != n:
+                raise MegatierError(f"{len(params)} SamplingParams for {n} prompts")
+            return params
+        return [params or self.default_sampling_params()] * n
+
+    def _run(self, prompts: list[tuple[str | None, list[int]]], params) -> list[RequestOutput]:
+        plist = self._params_list(params, len(prompts))
+        outputs: dict[str, RequestOutput] = {}
+        order = []
+        try:
+            for (text, ids), p in zip(prompts, plist, strict=True):
+                rid = self.engine.add_request(ids, p)
+                order.append(rid)
+                outputs[rid] = RequestOutput(
+                    rid,
+                    text,
+                    ids,
+                    [CompletionOutput(i, "", [], logprobs=[] if p.logprobs is not None else None) for i in range(p.n)],
+                )
+            while any(not o.finished for o in outputs.values()):
+                for update in self.engine.step():
+                    _merge(outputs[update.request_id], update)
+        except BaseException:
+            for rid in order:
+                self.engine.abort_request(rid)
+            raise
+        return [outputs[r] for r in order]
+
+    def _stream(self, ids: list[int], params: SamplingParams | None) -> Iterator[str]:
+        params = params or self.default_sampling_params()
+        if params.n != 1:
+            raise MegatierError("streaming supports n=1 only")
+        rid = self.engine.add_request(ids, params)
+        try:
+            finished = False
+            while not finished:
+                for update in self.engine.step():
+                    if update.request_id == rid:
+                        finished = update.finished
+                        if update.delta_text:
+                            yield update.delta_text
+        finally:
+            self.engine.abort_request(rid)
+
+
+def _merge(out: RequestOutput, update: SequenceUpdate) -> None:
+    c = out.outputs[update.index]
+    c.text += update.delta_text
+    c.token_ids.extend(update.new_token_ids)
+    if c.logprobs is not None:
+        c.logprobs.extend(update.new_logprobs)
+    if update.finished:
+        c.finish_reason, c.stop_reason = update.finish_reason, update.stop_reason
+        out.finished = all(o.finish_reason is not None for o in out.outputs)
