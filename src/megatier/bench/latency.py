@@ -1,0 +1,96 @@
+"""`megatier bench latency`: per-step decode latency of one batch, through the whole engine.
+
+Each timed run prefills `batch` random prompts of `input_len` tokens and decodes `output_len` tokens
+greedily with EOS ignored. The decode figure is (end - first token) / (output_len - 1): everything a step
+costs, embedding, sampling and bookkeeping included. On CUDA the device's copy bandwidth is measured in
+the same run, and achieved bandwidth counts weight bytes plus the KV bytes each step reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from megatier.bench.common import copy_bandwidth, record, write_json
+from megatier.sampling import SamplingParams
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_generation(llm, prompts: list[list[int]], output_len: int) -> tuple[float, float]:
+    """(seconds to the first token of every sequence, seconds per decode step after it)."""
+    engine, device = llm.engine, llm.device
+    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+    _sync(device)
+    t0 = time.perf_counter()
+    ids = [engine.add_request(p, params) for p in prompts]
+    produced = dict.fromkeys(ids, 0)
+    t_first = None
+    while engine.has_unfinished():
+        for update in engine.step():
+            produced[update.request_id] += len(update.new_token_ids)
+        if t_first is None and all(produced.values()):
+            _sync(device)
+            t_first = time.perf_counter()
+    _sync(device)
+    t_end = time.perf_counter()
+    return t_first - t0, (t_end - t_first) / max(output_len - 1, 1)
+
+
+def run_latency(args: argparse.Namespace) -> dict:
+    from megatier.cli import build_llm
+
+    llm = build_llm(args)
+    cfg = llm.config
+    gen = torch.Generator().manual_seed(args.seed)
+    prompts = [torch.randint(0, cfg.vocab_size, (args.input_len,), generator=gen).tolist() for _ in range(args.batch)]
+    time_generation(llm, prompts, min(args.output_len, 8))  # warm-up: compilation, graph capture
+    runs = [time_generation(llm, prompts, args.output_len) for _ in range(args.iters)]
+    ttft = statistics.median(r[0] for r in runs)
+    step = statistics.median(r[1] for r in runs)
+
+    weight_bytes = llm.stats.weight_bytes
+    mean_context = args.input_len + args.output_len / 2
+    kv_bytes = int(args.batch * mean_context * cfg.kv_bytes_per_token(llm.dtype))
+    results = {
+        "backend": llm.backend,
+        "ttft_ms": ttft * 1e3,
+        "decode_step_us": step * 1e6,
+        "tokens_per_s": args.batch / step,
+        "achieved_GBps": (weight_bytes + kv_bytes) / step / 1e9,
+        "weight_bytes": weight_bytes,
+        "kv_bytes_per_step": kv_bytes,
+    }
+    if llm.device.type == "cuda":
+        bw = copy_bandwidth(llm.device)
+        results["copy_GBps"] = bw / 1e9
+        results["pct_of_copy_bw"] = 100 * (weight_bytes + kv_bytes) / step / bw
+        results["floor_us"] = (weight_bytes + kv_bytes) / bw * 1e6
+    config = {
+        "model": str(llm.model_path),
+        "dtype": str(llm.dtype).removeprefix("torch."),
+        "batch": args.batch,
+        "input_len": args.input_len,
+        "output_len": args.output_len,
+        "iters": args.iters,
+    }
+    rec = record("latency", llm.device, config, results)
+    print(f"{rec['device']} | {llm.backend} | batch {args.batch} | {args.input_len} in / {args.output_len} out")
+    print(f"  decode step   {results['decode_step_us']:9.1f} us   ({results['tokens_per_s']:.1f} tokens/s)")
+    print(f"  first token   {results['ttft_ms']:9.2f} ms")
+    print(f"  achieved      {results['achieved_GBps']:9.1f} GB/s", end="")
+    if "copy_GBps" in results:
+        print(
+            f"   ({results['pct_of_copy_bw']:.1f}% of {results['copy_GBps']:.0f} GB/s copy; floor {results['floor_us']:.0f} us)"
+        )
+    else:
+        print()
+    if args.json:
+        write_json(args.json, rec)
+    return rec

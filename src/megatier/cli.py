@@ -1,0 +1,177 @@
+"""megatier command line: generate, chat, bench."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from megatier.errors import MegatierError
+
+DESCRIPTION = """\
+megatier runs LLMs locally with low latency. With no --model it uses the embedded
+SmolLM2-135M-Instruct, which works offline (the first run converts it once, ~30 s).
+
+examples:
+  megatier generate "The capital of France is"
+  megatier generate --chat "Write a haiku about GPUs" --temperature 0.7
+  megatier chat
+  megatier bench latency --model llama-3.2-1b --load-format dummy --batch 1
+"""
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument(
+        "--model",
+        help="Hugging Face model directory, .gguf file, or built-in shape name "
+        "(with --load-format dummy); default: the embedded SmolLM2-135M-Instruct",
+    )
+    g.add_argument("--device", default="auto", help="auto (GPU if present), cpu or cuda")
+    g.add_argument("--dtype", default="auto", help="auto, float32 or bfloat16 (auto: float32 on CPU, bfloat16 on GPU)")
+    g.add_argument("--load-format", default="auto", choices=["auto", "dummy"], help="dummy: seeded random weights")
+    g.add_argument("--backend", default="auto", help="auto, reference, graph or megakernel")
+    g.add_argument("--seed", type=int, default=0, help="seed for dummy weights and unseeded sampling")
+    g.add_argument("--max-model-len", type=int, help="longest context (prompt + output) in tokens")
+    g.add_argument("--kv-cache-gb", type=float, help="memory for the KV cache (default: 2 GiB on CPU, most of the GPU)")
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate (default 256)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default), higher = more random")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: smallest set with this probability")
+    g.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: all)")
+    g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p times the top probability")
+    g.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
+
+
+def build_llm(args: argparse.Namespace):
+    from megatier.llm import LLM
+
+    return LLM(
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        load_format=args.load_format,
+        backend=args.backend,
+        seed=args.seed,
+        max_model_len=args.max_model_len,
+        kv_cache_gb=args.kv_cache_gb,
+    )
+
+
+def sampling_params(args: argparse.Namespace):
+    from megatier.sampling import SamplingParams
+
+    return SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        stop=args.stop,
+        ignore_eos=args.ignore_eos,
+        seed=args.seed if args.temperature > 0 else None,
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    llm = build_llm(args)
+    params = sampling_params(args)
+    if args.chat:
+        stream = llm.chat_stream([{"role": "user", "content": args.prompt}], params)
+    else:
+        sys.stdout.write(args.prompt)
+        stream = llm.generate_stream(args.prompt, params)
+    for delta in stream:
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    llm = build_llm(args)
+    params = sampling_params(args)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict[str, str]] = []
+    print("megatier chat: type a message; /reset clears the history, /exit or Ctrl-D quits.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            print(file=sys.stderr)
+            return
+        if line in ("/exit", "/quit"):
+            return
+        if line == "/reset":
+            history.clear()
+            continue
+        if not line:
+            continue
+        history.append({"role": "user", "content": line})
+        reply = []
+        for delta in llm.chat_stream(system + history, params):
+            reply.append(delta)
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        history.append({"role": "assistant", "content": "".join(reply)})
+
+
+def cmd_bench_latency(args: argparse.Namespace) -> None:
+    from megatier.bench.latency import run_latency
+
+    run_latency(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="megatier", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what megatier is doing")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("generate", help="complete a prompt, streaming the text to stdout")
+    p.add_argument("prompt", help="the text to complete")
+    p.add_argument("--chat", action="store_true", help="send the prompt as a user message through the chat template")
+    add_model_args(p)
+    add_sampling_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive chat with the model's chat template and history")
+    p.add_argument("--system", help="system prompt")
+    add_model_args(p)
+    add_sampling_args(p)
+    p.set_defaults(func=cmd_chat)
+
+    bench = sub.add_parser("bench", help="measure performance").add_subparsers(
+        dest="bench", required=True, metavar="BENCH"
+    )
+    p = bench.add_parser("latency", help="per-token decode latency of one batch of sequences")
+    add_model_args(p)
+    p.add_argument("--batch", type=int, default=1, help="sequences decoded together (default 1)")
+    p.add_argument("--input-len", type=int, default=32, help="prompt tokens per sequence (default 32)")
+    p.add_argument("--output-len", type=int, default=128, help="tokens generated per sequence (default 128)")
+    p.add_argument("--iters", type=int, default=3, help="timed repetitions; the median is reported")
+    p.add_argument("--json", help="write the result record to this file")
+    p.set_defaults(func=cmd_bench_latency)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        args.func(args)
+    except MegatierError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
