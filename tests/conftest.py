@@ -68,3 +68,32 @@ def make_hf_model(tmp_path: Path, case: str, seed: int = 0):
 def hf_model(request, tmp_path):
     """Each supported architecture as (directory, transformers model)."""
     return make_hf_model(tmp_path, request.param)
+
+
+def gpt2_byte_chars() -> list[str]:
+    """The printable character byte-level BPE uses for each byte value (the GPT-2 convention)."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    extra = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
+
+
+def write_byte_tokenizer(path: Path) -> None:
+    """A byte-level tokenizer (ids 0-255 are bytes; 256 <s>, 257 </s>) with a simple chat template, so a
+    tiny random model (vocab 300) takes text prompts, chats and hits stop strings in tests."""
+    import json
+
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.processors import TemplateProcessing
+
+    tok = Tokenizer(models.BPE(vocab={c: b for b, c in enumerate(gpt2_byte_chars())}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken("<s>", special=True), AddedToken("</s>", special=True)])
+    tok.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 256)])
+    tok.save(str(path / "tokenizer.json"))
+    template = (
+        "{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    config = {"bos_token": "<s>", "eos_token": "</s>", "chat_template": template}
+    (path / "tokenizer_config.json").write_text(json.dumps(config))

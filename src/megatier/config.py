@@ -31,13 +31,14 @@ DTYPES = {
 }
 
 
-def parse_dtype(name: str | torch.dtype, what: str = "dtype") -> torch.dtype:
-    """Map a dtype name ("bfloat16", "torch.float32", ...) to a torch dtype, or fail naming the field."""
+def parse_dtype(name: str | torch.dtype, where: str = "") -> torch.dtype:
+    """Map a dtype name ("bfloat16", "torch.float32", ...) to a torch dtype, or fail naming `where` it came from."""
     if isinstance(name, torch.dtype):
         return name
     key = str(name).removeprefix("torch.")
     if key not in DTYPES:
-        raise MegatierError(f"unknown {what} {name!r}: expected one of float32, bfloat16, float16")
+        prefix = f"{where}: " if where else ""
+        raise MegatierError(f"{prefix}unknown dtype {name!r}: expected one of float32, bfloat16, float16")
     return DTYPES[key]
 
 

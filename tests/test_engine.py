@@ -1,0 +1,180 @@
+"""Engine and LLM behaviour: stopping rules, continuous batching, preemption, aborts, streaming."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import make_hf_model, write_byte_tokenizer
+from megatier import LLM, MegatierError, SamplingParams
+from megatier.config import ModelConfig, load_config
+from megatier.engine import Engine
+from megatier.executors.base import StepBatch
+
+EOS = 3
+
+
+class ScriptExecutor:
+    """Logits that make token script[context_len] the best choice and runner_up[...] the second best."""
+
+    name = "script"
+    page_size = 4
+    num_pages = 64
+    device = torch.device("cpu")
+    cfg = ModelConfig(
+        "llama",
+        vocab_size=16,
+        hidden_size=8,
+        intermediate_size=8,
+        num_layers=1,
+        num_heads=1,
+        num_kv_heads=1,
+        head_dim=8,
+    )
+
+    def __init__(self, script: list[int], runner_up: int = 9, with_multi_step: bool = False):
+        self.script, self.runner_up = script, runner_up
+        self.multi_step_calls = 0
+        if with_multi_step:
+            self.decode_greedy = self._decode_greedy
+
+    def _row(self, context_len: int) -> torch.Tensor:
+        row = torch.zeros(self.cfg.vocab_size)
+        row[self.runner_up] = 5.0
+        row[self.script[context_len % len(self.script)]] = 10.0
+        return row
+
+    def forward(self, batch: StepBatch) -> torch.Tensor:
+        return torch.stack([self._row(c) for c in batch.context_lens])
+
+    def _decode_greedy(self, batch: StepBatch, num_steps: int) -> torch.Tensor:
+        self.multi_step_calls += 1
+        return torch.tensor([[int(self._row(c + k).argmax()) for c in batch.context_lens] for k in range(num_steps)])
+
+
+def run(engine: Engine, prompt: list[int], params: SamplingParams):
+    rid = engine.add_request(prompt, params)
+    updates = []
+    while engine.has_unfinished():
+        updates += [u for u in engine.step() if u.request_id == rid]
+    return [t for u in updates for t in u.new_token_ids], updates[-1]
+
+
+def script_engine(script, max_model_len=64, **kw) -> Engine:
+    return Engine(ScriptExecutor(script, **kw), None, eos_token_ids=(EOS,), max_model_len=max_model_len)
+
+
+SCRIPT = [0, 0, 5, 6, 7, 8, EOS, 7, 8, 5, 6, 7, 8, 5, 6, 7]  # after a 2-token prompt: 5 6 7 8 EOS ...
+
+
+def test_eos_stops_and_ignore_eos_runs_to_max_tokens():
+    tokens, last = run(script_engine(SCRIPT), [1, 2], SamplingParams(temperature=0, max_tokens=10))
+    assert tokens == [5, 6, 7, 8, EOS] and last.finish_reason == "stop"
+    tokens, last = run(script_engine(SCRIPT), [1, 2], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
+    assert tokens == [5, 6, 7, 8, EOS, 7, 8, 5, 6, 7] and last.finish_reason == "length"
+
+
+def test_min_tokens_bans_eos_until_reached():
+    tokens, _ = run(script_engine(SCRIPT), [1, 2], SamplingParams(temperature=0, max_tokens=10, min_tokens=6))
+    assert tokens[4] == 9 and EOS not in tokens[:6]
+
+
+def test_stop_token_ids():
+    tokens, last = run(script_engine(SCRIPT), [1, 2], SamplingParams(temperature=0, stop_token_ids=[7]))
+    assert tokens == [5, 6, 7] and (last.finish_reason, last.stop_reason) == ("stop", 7)
+
+
+def test_max_model_len_ends_with_length():
+    tokens, last = run(script_engine(SCRIPT, max_model_len=5), [1, 2], SamplingParams(temperature=0, ignore_eos=True))
+    assert len(tokens) == 3 and last.finish_reason == "length"
+
+
+@pytest.mark.parametrize(
+    "prompt, message",
+    [([1] * 64, "maximum context length is 64"), ([], "empty"), ([1, 16], "outside the vocabulary")],
+)
+def test_bad_prompts_are_rejected(prompt, message):
+    with pytest.raises(MegatierError, match=message):
+        script_engine(SCRIPT).add_request(prompt, SamplingParams())
+
+
+def test_multi_step_decode_gives_the_same_tokens_and_truncates_at_eos():
+    engine = script_engine(SCRIPT, with_multi_step=True)
+    engine.decode_steps_per_sync = 4
+    tokens, last = run(engine, [1, 2], SamplingParams(temperature=0, max_tokens=10))
+    assert tokens == [5, 6, 7, 8, EOS] and last.finish_reason == "stop"
+    assert engine.executor.multi_step_calls >= 1
+    assert engine.scheduler.num_pages_in_use == 0
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path, _ = make_hf_model(tmp_path_factory.mktemp("qwen2"), "qwen2")
+    write_byte_tokenizer(path)
+    return path
+
+
+def test_preemption_keeps_outputs_identical(tiny):
+    prompts = [
+        torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (9, 30, 17, 5, 22, 13)
+    ]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    roomy = LLM(str(tiny), page_size=4, kv_cache_gb=0.01).generate(prompts, params)
+    # 24 pages of 4 tokens cannot hold six sequences of up to 54 tokens: the scheduler must preempt.
+    page_bytes = 4 * load_config(tiny).kv_bytes_per_token(torch.float32)
+    cramped = LLM(
+        str(tiny), page_size=4, kv_cache_gb=24 * page_bytes / 2**30, max_model_len=64, max_num_batched_tokens=32
+    )
+    assert cramped.stats.kv_pages == 24
+    outputs = cramped.generate(prompts, params)
+    assert [o.token_ids for o in outputs] == [o.token_ids for o in roomy]
+    assert cramped.engine.scheduler.num_pages_in_use == 0
+
+
+def test_abort_frees_pages(tiny):
+    llm = LLM(str(tiny), page_size=4, kv_cache_gb=0.01)
+    rid = llm.engine.add_request(list(range(40)), SamplingParams(max_tokens=100, ignore_eos=True))
+    llm.engine.step()
+    assert llm.engine.scheduler.num_pages_in_use == 10
+    llm.engine.abort_request(rid)
+    assert llm.engine.scheduler.num_pages_in_use == 0 and not llm.engine.has_unfinished()
+
+
+def test_n_samples_are_seeded_and_distinct(tiny):
+    llm = LLM(str(tiny), kv_cache_gb=0.01)
+    params = SamplingParams(n=3, temperature=1.0, seed=11, max_tokens=12, ignore_eos=True)
+    first = llm.generate("abc", params)[0]
+    again = llm.generate("abc", params)[0]
+    assert [o.token_ids for o in first.outputs] == [o.token_ids for o in again.outputs]
+    assert len({tuple(o.token_ids) for o in first.outputs}) == 3
+    # The same seed alone gives the first completion's text, whatever shares the batch.
+    alone = llm.generate(
+        ["xyz", "abc"],
+        [SamplingParams(max_tokens=5), SamplingParams(temperature=1.0, seed=11, max_tokens=12, ignore_eos=True)],
+    )
+    assert alone[1].token_ids == first.outputs[0].token_ids
+
+
+def test_stream_equals_batch_text_and_stop_strings_apply(tiny):
+    llm = LLM(str(tiny), kv_cache_gb=0.01)
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    full = llm.generate("hello", params)[0]
+    assert "".join(llm.generate_stream("hello", params)) == full.text
+    stop = full.text[10:13]
+    cut = llm.generate("hello", SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, stop=[stop]))[0]
+    assert (
+        cut.text == full.text[: full.text.index(stop)]
+        and cut.finish_reason == "stop"
+        and cut.outputs[0].stop_reason == stop
+    )
+
+
+def test_chat_and_logprobs(tiny):
+    llm = LLM(str(tiny), kv_cache_gb=0.01)
+    out = llm.chat([{"role": "user", "content": "hi"}], SamplingParams(temperature=0, max_tokens=4, logprobs=2))[0]
+    assert out.prompt_token_ids == llm.tokenizer.encode_chat([{"role": "user", "content": "hi"}])
+    assert len(out.logprobs) == len(out.token_ids) and all(len(lp) >= 2 for lp in out.logprobs)
+    batch = llm.chat(
+        [[{"role": "user", "content": "a"}], [{"role": "user", "content": "b"}]], SamplingParams(max_tokens=3)
+    )
+    assert len(batch) == 2

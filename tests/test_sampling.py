@@ -1,0 +1,150 @@
+"""Sampler and stop-string behaviour on synthetic logits and a byte-level tokenizer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import write_byte_tokenizer
+from megatier import MegatierError
+from megatier.detokenizer import IncrementalDetokenizer
+from megatier.sampling import SampleRow, SamplingParams, sample
+from megatier.tokenizer import Tokenizer
+
+VOCAB = 50
+
+
+def draw(logits: torch.Tensor, params: SamplingParams, seed: int, banned=()) -> int:
+    row = SampleRow(params, torch.Generator().manual_seed(seed), [], [], tuple(banned))
+    return sample(logits[None], [row])[0].token_id
+
+
+def random_logits(seed: int) -> torch.Tensor:
+    return torch.randn(VOCAB, generator=torch.Generator().manual_seed(seed)) * 2
+
+
+def test_greedy_is_argmax():
+    logits = random_logits(0)
+    assert draw(logits, SamplingParams(temperature=0), 1) == int(logits.argmax())
+
+
+def test_seed_reproduces_and_different_seeds_differ():
+    logits = random_logits(1)
+    p = SamplingParams(temperature=1.0)
+    first = [draw(logits, p, seed) for seed in range(40)]
+    assert first == [draw(logits, p, seed) for seed in range(40)]
+    assert len(set(first)) > 5
+
+
+def test_top_k_only_emits_the_k_best():
+    logits = random_logits(2)
+    allowed = set(torch.topk(logits, 5).indices.tolist())
+    seen = {draw(logits, SamplingParams(top_k=5, temperature=2.0), s) for s in range(300)}
+    assert seen <= allowed and len(seen) > 1
+
+
+def test_top_p_only_emits_the_nucleus():
+    logits = random_logits(3)
+    probs, order = logits.softmax(-1).sort(descending=True)
+    nucleus = set(order[: int((probs.cumsum(-1) < 0.6).sum()) + 1].tolist())
+    seen = {draw(logits, SamplingParams(top_p=0.6), s) for s in range(300)}
+    assert seen <= nucleus and len(seen) > 1
+
+
+def test_min_p_drops_unlikely_tokens():
+    logits = random_logits(4)
+    probs = logits.softmax(-1)
+    allowed = set(torch.nonzero(probs >= 0.2 * probs.max()).flatten().tolist())
+    seen = {draw(logits, SamplingParams(min_p=0.2), s) for s in range(300)}
+    assert seen <= allowed and len(seen) > 1
+
+
+def test_banned_tokens_are_never_sampled():
+    logits = random_logits(5)
+    best = int(logits.argmax())
+    assert draw(logits, SamplingParams(temperature=0), 0, banned=[best]) != best
+    assert all(draw(logits, SamplingParams(temperature=3.0), s, banned=[best]) != best for s in range(100))
+
+
+def test_repetition_and_frequency_penalties_move_the_choice():
+    logits = torch.zeros(VOCAB)
+    logits[7], logits[9] = 2.0, 1.9
+    rep = SampleRow(SamplingParams(temperature=0, repetition_penalty=1.2), None, [7], [])
+    freq = SampleRow(SamplingParams(temperature=0, frequency_penalty=0.5), None, [], [7])
+    plain = SampleRow(SamplingParams(temperature=0), None, [7], [7])
+    assert [s.token_id for s in sample(torch.stack([logits] * 3), [rep, freq, plain])] == [9, 9, 7]
+
+
+def test_logprobs_are_the_model_distribution():
+    logits = random_logits(6)
+    row = SampleRow(SamplingParams(temperature=0.5, logprobs=3), torch.Generator().manual_seed(0), [], [])
+    out = sample(logits[None], [row])[0]
+    expected = logits.log_softmax(-1)
+    assert out.token_id in out.logprobs
+    top3 = torch.topk(expected, 3).indices.tolist()
+    assert set(top3) <= set(out.logprobs)
+    for token, value in out.logprobs.items():
+        assert value == pytest.approx(float(expected[token]), abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(temperature=-1), "temperature"),
+        (dict(top_p=0), "top_p"),
+        (dict(top_k=-2), "top_k"),
+        (dict(min_p=1.5), "min_p"),
+        (dict(max_tokens=0), "max_tokens"),
+        (dict(n=0), "n must"),
+        (dict(min_tokens=5, max_tokens=2), "min_tokens"),
+        (dict(logprobs=21), "logprobs"),
+        (dict(stop=[""]), "stop strings"),
+        (dict(presence_penalty=3), "presence_penalty"),
+    ],
+)
+def test_invalid_parameters_are_rejected(kwargs, message):
+    with pytest.raises(MegatierError, match=message):
+        SamplingParams(**kwargs)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory) -> Tokenizer:
+    path = tmp_path_factory.mktemp("tok")
+    write_byte_tokenizer(path)
+    return Tokenizer(path)
+
+
+def stream(
+    tokenizer: Tokenizer, text: str, stop: list[str], include: bool = False
+) -> tuple[list[str], IncrementalDetokenizer]:
+    """Feed `text` token by token; return every released delta."""
+    detok = IncrementalDetokenizer(tokenizer, stop, include)
+    deltas = []
+    for token in tokenizer.encode(text, add_special_tokens=False):
+        detok.add(token)
+        deltas.append(detok.release(final=False))
+        if detok.stop_reason:
+            break
+    deltas.append(detok.release(final=True))
+    return deltas, detok
+
+
+def test_stop_string_cuts_exactly_and_never_leaks(tokenizer):
+    deltas, detok = stream(tokenizer, "hello wonderful world", ["world", "wond"])
+    assert "".join(deltas) == "hello " and detok.stop_reason == "wond"
+    released = ""
+    for d in deltas:  # no released prefix ever contains a character of the stop string
+        released += d
+        assert "w" not in released
+
+
+def test_held_back_text_is_released_when_the_match_fails(tokenizer):
+    deltas, detok = stream(tokenizer, "a wox b", ["wor"])
+    assert detok.stop_reason is None
+    assert "".join(deltas) == "a wox b"
+    assert deltas[3] == "" and "wox" in "".join(deltas[:5])  # "w" waited for "o", then for "x"
+
+
+def test_stop_string_inside_multibyte_text(tokenizer):
+    deltas, detok = stream(tokenizer, "naïve café → ok", ["é →"], include=True)
+    assert "".join(deltas) == "naïve café →" and detok.stop_reason == "é →"
