@@ -1,0 +1,155 @@
+"""RoPE on q and k, fused with the KV-page append and (Qwen3) the per-head RMSNorm of q and k.
+
+Reads the output of the stacked qkv projection once: q heads come out rotated into a separate
+[T, H, D] buffer for attention; k heads (rotated) and v heads go straight into the KV pages. Rotation
+is rotate-half (pairs i and i + head_dim/2) with cos/sin read from an fp32 table built once with the
+same arithmetic as the reference. A token whose position is negative (a padding row of a captured
+decode batch) computes q but writes no KV.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from megatier.kernels.pdl import use_pdl
+
+
+def rope_cos_sin_table(inv_freq: torch.Tensor, num_positions: int) -> torch.Tensor:
+    """[num_positions, head_dim] fp32: row p is cos(p * inv_freq) | sin(p * inv_freq)."""
+    positions = torch.arange(num_positions, device=inv_freq.device).float()
+    freqs = positions[:, None] * inv_freq[None, :].float()
+    return torch.cat((freqs.cos(), freqs.sin()), dim=-1).contiguous()
+
+
+@triton.jit
+def _rotate(x_ptr, norm_ptr, cos, sin, half, eps, QK_NORM: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """One head at x_ptr, optionally RMS-normalized, rotated: returns its two halves in fp32."""
+    i = tl.arange(0, BLOCK_HALF)
+    mask = i < half
+    x1 = tl.load(x_ptr + i, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(x_ptr + half + i, mask=mask, other=0.0).to(tl.float32)
+    if QK_NORM:
+        inv_rms = tl.rsqrt((tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) / (2 * half) + eps)
+        x1 = x1 * inv_rms * tl.load(norm_ptr + i, mask=mask, other=0.0).to(tl.float32)
+        x2 = x2 * inv_rms * tl.load(norm_ptr + half + i, mask=mask, other=0.0).to(tl.float32)
+    return x1 * cos - x2 * sin, x2 * cos + x1 * sin
+
+
+@triton.jit
+def _rope_append_kernel(
+    qkv_ptr,
+    q_out_ptr,
+    kv_ptr,
+    positions_ptr,
+    seq_ids_ptr,
+    block_tables_ptr,
+    cos_sin_ptr,
+    q_norm_ptr,
+    k_norm_ptr,
+    eps,
+    num_heads,
+    num_kv_heads,
+    half,
+    page_size,
+    stride_qkv_token,
+    stride_q_out_token,
+    stride_kv_page,
+    stride_kv_v,
+    stride_kv_head,
+    stride_kv_row,
+    stride_table,
+    stride_cos_sin,
+    QK_NORM: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+    USE_PDL: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)  # q heads first, then kv heads
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    head_dim = 2 * half
+    pos = tl.load(positions_ptr + token)
+    i = tl.arange(0, BLOCK_HALF)
+    mask = i < half
+    row = cos_sin_ptr + tl.maximum(pos, 0).to(tl.int64) * stride_cos_sin
+    cos = tl.load(row + i, mask=mask, other=0.0)
+    sin = tl.load(row + half + i, mask=mask, other=0.0)
+    src = qkv_ptr + token * stride_qkv_token
+    if head < num_heads:
+        r1, r2 = _rotate(src + head * head_dim, q_norm_ptr, cos, sin, half, eps, QK_NORM, BLOCK_HALF)
+        dst = q_out_ptr + token * stride_q_out_token + head * head_dim
+        tl.store(dst + i, r1, mask=mask)
+        tl.store(dst + half + i, r2, mask=mask)
+    elif pos >= 0:
+        kv_head = head - num_heads
+        k_src = src + (num_heads + kv_head) * head_dim
+        v_src = src + (num_heads + num_kv_heads + kv_head) * head_dim
+        r1, r2 = _rotate(k_src, k_norm_ptr, cos, sin, half, eps, QK_NORM, BLOCK_HALF)
+        seq = tl.load(seq_ids_ptr + token)
+        page = tl.load(block_tables_ptr + seq.to(tl.int64) * stride_table + pos // page_size).to(tl.int64)
+        dst = kv_ptr + page * stride_kv_page + kv_head * stride_kv_head + (pos % page_size) * stride_kv_row
+        tl.store(dst + i, r1, mask=mask)
+        tl.store(dst + half + i, r2, mask=mask)
+        tl.store(dst + stride_kv_v + i, tl.load(v_src + i, mask=mask), mask=mask)
+        tl.store(dst + stride_kv_v + half + i, tl.load(v_src + half + i, mask=mask), mask=mask)
+
+
+def rope_append(
+    qkv: torch.Tensor,
+    positions: torch.Tensor,
+    seq_ids: torch.Tensor,
+    block_tables: torch.Tensor,
+    kv: torch.Tensor,
+    layer: int,
+    cos_sin: torch.Tensor,
+    num_heads: int,
+    q_norm: torch.Tensor | None = None,
+    k_norm: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """qkv [T, (H + 2 * Hkv) * D] (rows q | k | v), positions and seq_ids [T] int32 (token t belongs to
+    row seq_ids[t] of block_tables [B, max_pages]); writes K and V of layer `layer` into
+    kv [pages, layers, 2, Hkv, page_size, D] and returns rotated q [T, H, D] in qkv's dtype.
+    q_norm/k_norm [D] (both or neither) apply RMSNorm per head before the rotation."""
+    num_tokens = qkv.shape[0]
+    num_kv_heads, page_size, head_dim = kv.shape[3], kv.shape[4], kv.shape[5]
+    if head_dim % 2:
+        raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
+    q = torch.empty((num_tokens, num_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
+    kv_layer = kv[:, layer]
+    qk_norm = q_norm is not None
+    pdl = use_pdl(qkv.device)
+    if num_tokens:
+        _rope_append_kernel[(num_tokens, num_heads + num_kv_heads)](
+            qkv,
+            q,
+            kv_layer,
+            positions,
+            seq_ids,
+            block_tables,
+            cos_sin,
+            q_norm if qk_norm else cos_sin,
+            k_norm if qk_norm else cos_sin,
+            eps,
+            num_heads,
+            num_kv_heads,
+            head_dim // 2,
+            page_size,
+            qkv.stride(0),
+            q.stride(0),
+            kv_layer.stride(0),
+            kv_layer.stride(1),
+            kv_layer.stride(2),
+            kv_layer.stride(3),
+            block_tables.stride(0),
+            cos_sin.stride(0),
+            QK_NORM=qk_norm,
+            BLOCK_HALF=triton.next_power_of_2(head_dim // 2),
+            USE_PDL=pdl,
+            num_warps=1,
+            launch_pdl=pdl,
+        )
+    return q
