@@ -99,17 +99,7 @@ class Engine:
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self.requests:
             raise MegatierError(f"request id {request_id!r} is already in use")
-        if not prompt_ids:
-            raise MegatierError("the prompt is empty")
-        vocab = self.executor.cfg.vocab_size
-        bad = next((t for t in prompt_ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise MegatierError(f"prompt token id {bad} is outside the vocabulary (0..{vocab - 1})")
-        if len(prompt_ids) >= self.max_model_len:
-            raise MegatierError(
-                f"the prompt has {len(prompt_ids)} tokens; the maximum context length is {self.max_model_len} "
-                "(prompt plus at least one generated token)"
-            )
+        self.check_prompt(prompt_ids)
         seqs = []
         for i in range(params.n):
             seed = (
@@ -124,6 +114,21 @@ class Engine:
         for seq in seqs:
             self.scheduler.add(seq)
         return request_id
+
+    def check_prompt(self, prompt_ids: list[int]) -> None:
+        """Raise MegatierError unless the model can take `prompt_ids`. Reads only fixed settings, so the
+        HTTP server calls it from its own thread to reject a bad prompt before it reaches the engine."""
+        if not prompt_ids:
+            raise MegatierError("the prompt is empty")
+        vocab = self.executor.cfg.vocab_size
+        bad = next((t for t in prompt_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise MegatierError(f"prompt token id {bad} is outside the vocabulary (0..{vocab - 1})")
+        if len(prompt_ids) >= self.max_model_len:
+            raise MegatierError(
+                f"the prompt has {len(prompt_ids)} tokens; the maximum context length is {self.max_model_len} "
+                "(prompt plus at least one generated token)"
+            )
 
     def abort_request(self, request_id: str) -> None:
         """Cancel a request now and free its KV pages (no-op for unknown or finished requests)."""
