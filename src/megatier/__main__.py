@@ -1,0 +1,5 @@
+import sys
+
+from megatier.cli import main
+
+sys.exit(main())

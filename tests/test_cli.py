@@ -1,0 +1,86 @@
+"""The command line: help, streaming generate, the chat REPL, bench latency, and error exits."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import make_hf_model, write_byte_tokenizer
+from megatier import LLM, SamplingParams
+from megatier.cli import main
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path, _ = make_hf_model(tmp_path_factory.mktemp("llama"), "llama-llama3rope-tied-bias")
+    write_byte_tokenizer(path)
+    return path
+
+
+def test_help_lists_the_commands():
+    out = subprocess.run(
+        [sys.executable, "-m", "megatier", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    for word in ("generate", "chat", "bench", "embedded"):
+        assert word in out
+
+
+def test_generate_streams_the_completion(tiny, capsys):
+    assert main(["generate", "--model", str(tiny), "--max-tokens", "12", "--ignore-eos", "abc"]) == 0
+    expected = LLM(str(tiny)).generate("abc", SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0].text
+    assert capsys.readouterr().out == "abc" + expected + "\n"
+
+
+def test_chat_repl_keeps_history(tiny, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi\nsecond\n/exit\n"))
+    assert main(["chat", "--model", str(tiny), "--max-tokens", "6", "--ignore-eos"]) == 0
+    llm = LLM(str(tiny))
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    first = llm.chat([{"role": "user", "content": "hi"}], params)[0].text
+    history = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": first},
+        {"role": "user", "content": "second"},
+    ]
+    second = llm.chat(history, params)[0].text
+    assert capsys.readouterr().out == f"> {first}\n> {second}\n> "
+
+
+def test_bench_latency_writes_a_record(tiny, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    args = [
+        "bench",
+        "latency",
+        "--model",
+        str(tiny),
+        "--batch",
+        "2",
+        "--input-len",
+        "5",
+        "--output-len",
+        "6",
+        "--iters",
+        "1",
+    ]
+    assert main([*args, "--json", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert record["bench"] == "latency" and record["results"]["decode_step_us"] > 0
+    assert record["config"]["batch"] == 2 and "decode step" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["generate", "--model", "/no/such/model", "x"], "no such file or directory"),
+        (["generate", "--temperature", "-1", "--model", "{tiny}", "x"], "temperature must be >= 0"),
+        (["generate", "--device", "tpu", "--model", "{tiny}", "x"], "unknown device 'tpu'"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(tiny, capsys, argv, message):
+    assert main([a.replace("{tiny}", str(tiny)) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
