@@ -1,0 +1,161 @@
+"""Sizes and buffers that the schedule, the CPU interpreter and the CUDA kernel all agree on.
+
+`Dims` is every size an instruction refers to; `StepBuffers` is the mutable per-step state (activations,
+counters, token/position/page table) in one place, allocated on the CPU for the interpreter and on the
+GPU for the kernel. Weights and the KV cache live elsewhere (weights.PackedWeights, kv.pages.KVCache).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from megatier.config import ModelConfig, rope_inv_freq
+from megatier.executors.megakernel.isa import TILE, Counters
+
+ATTN_CHUNK = 512  # context positions per attention split before another split is added
+MAX_SPLITS = 16
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def choose_splits(max_context: int) -> int:
+    """Attention splits per (sequence, kv head): long contexts spread over more SMs."""
+    return max(1, min(MAX_SPLITS, ceil_div(max_context, ATTN_CHUNK)))
+
+
+@dataclass(frozen=True)
+class Dims:
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    inter: int
+    vocab: int
+    layers: int
+    batch: int
+    splits: int
+    page_size: int
+    max_pages: int  # page-table width: a sequence can use every page of the cache
+
+    @classmethod
+    def of(cls, cfg: ModelConfig, batch: int, splits: int, page_size: int, max_pages: int) -> Dims:
+        return cls(
+            hidden=cfg.hidden_size,
+            heads=cfg.num_heads,
+            kv_heads=cfg.num_kv_heads,
+            head_dim=cfg.head_dim,
+            inter=cfg.intermediate_size,
+            vocab=cfg.vocab_size,
+            layers=cfg.num_layers,
+            batch=batch,
+            splits=splits,
+            page_size=page_size,
+            max_pages=max_pages,
+        )
+
+    @property
+    def group(self) -> int:
+        return self.heads // self.kv_heads
+
+    @property
+    def q_size(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def qkv_heads(self) -> int:
+        return self.heads + 2 * self.kv_heads
+
+    @property
+    def hidden_tiles(self) -> int:
+        return ceil_div(self.hidden, TILE)
+
+    @property
+    def inter_tiles(self) -> int:
+        return ceil_div(self.inter, TILE)
+
+    @property
+    def vocab_tiles(self) -> int:
+        return ceil_div(self.vocab, TILE)
+
+    @property
+    def counters(self) -> Counters:
+        return Counters(self.layers, self.batch, self.kv_heads)
+
+
+@dataclass
+class StepBuffers:
+    """Everything a step reads or writes besides weights and KV. Shapes are in the field comments."""
+
+    resid: torch.Tensor  # fp32 [B, hidden]: the residual stream
+    q: torch.Tensor  # fp32 [B, q_size]: queries after norm and RoPE
+    part_o: torch.Tensor  # fp32 [B, kv_heads, S, group, head_dim]: unnormalized split outputs
+    part_ml: torch.Tensor  # fp32 [B, kv_heads, S, group, 2]: split max (log2 units) and sum
+    attn_out: torch.Tensor  # weight dtype [B, q_size]: merged attention output
+    act: torch.Tensor  # weight dtype [B, inter]: SiLU(gate) * up
+    logits: torch.Tensor  # fp32 [B, vocab]
+    argmax: torch.Tensor  # int64 [B]: packed (orderable logit bits << 32 | ~index), 0 = empty
+    counters: torch.Tensor  # int32 [Counters.size], used as uint32
+    state: torch.Tensor  # int32 [4]: epoch, step, abort flag, unused
+    tokens: torch.Tensor  # int32 [B]: the token each sequence feeds this step
+    pos: torch.Tensor  # int32 [B]: its position
+    table: torch.Tensor  # int32 [B, max_pages]: page tables
+    out_tokens: torch.Tensor  # int64 [max_steps, B]: greedy token of each step
+
+    @classmethod
+    def allocate(cls, d: Dims, dtype: torch.dtype, device: torch.device | str, max_steps: int = 1) -> StepBuffers:
+        def f32(*shape: int) -> torch.Tensor:
+            return torch.zeros(shape, dtype=torch.float32, device=device)
+
+        def i32(*shape: int) -> torch.Tensor:
+            return torch.zeros(shape, dtype=torch.int32, device=device)
+
+        b, g = d.batch, d.group
+        return cls(
+            resid=f32(b, d.hidden),
+            q=f32(b, d.q_size),
+            part_o=f32(b, d.kv_heads, d.splits, g, d.head_dim),
+            part_ml=f32(b, d.kv_heads, d.splits, g, 2),
+            attn_out=torch.zeros((b, d.q_size), dtype=dtype, device=device),
+            act=torch.zeros((b, d.inter), dtype=dtype, device=device),
+            logits=f32(b, d.vocab),
+            argmax=torch.zeros(b, dtype=torch.int64, device=device),
+            counters=i32(d.counters.size),
+            state=i32(4),
+            tokens=i32(b),
+            pos=i32(b),
+            table=i32(b, d.max_pages),
+            out_tokens=torch.zeros((max_steps, b), dtype=torch.int64, device=device),
+        )
+
+    def poison(self) -> None:
+        """Fill every activation with NaN so an unwritten element cannot pass a test."""
+        for f in ("resid", "q", "part_o", "part_ml", "attn_out", "act", "logits"):
+            getattr(self, f).fill_(float("nan"))
+
+    def load(self, token_ids: list[int], positions: list[int], page_tables: list[list[int]]) -> None:
+        """Set the step inputs of a decode batch and restart counters and step numbering."""
+        if any(len(t) > self.table.shape[1] for t in page_tables):
+            raise ValueError(f"a page table is longer than the {self.table.shape[1]} pages of the cache")
+        table = torch.zeros(self.table.shape, dtype=torch.int32)
+        for b, t in enumerate(page_tables):
+            table[b, : len(t)] = torch.tensor(t, dtype=torch.int32)
+        self.table.copy_(table)
+        self.tokens.copy_(torch.tensor(token_ids, dtype=torch.int32))
+        self.pos.copy_(torch.tensor(positions, dtype=torch.int32))
+        self.counters.zero_()
+        self.state.zero_()
+        self.argmax.zero_()
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def rope_table(cfg: ModelConfig, max_positions: int, device: torch.device | str) -> torch.Tensor:
+    """fp32 [max_positions, head_dim/2, 2] of (cos, sin), computed as the reference computes them."""
+    inv_freq = rope_inv_freq(cfg.rope, cfg.head_dim).to(device)
+    freqs = torch.arange(max_positions, device=device).float()[:, None] * inv_freq[None, :]
+    return torch.stack((freqs.cos(), freqs.sin()), dim=-1).contiguous()
