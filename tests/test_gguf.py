@@ -26,7 +26,7 @@ from megatier.kv.pages import KVCache
 from megatier.loader import load_safetensors_weights
 from megatier.tokenizer import Tokenizer
 
-Q8_0, F16, Q8_1 = GGMLQuantizationType.Q8_0, GGMLQuantizationType.F16, GGMLQuantizationType.Q8_1
+Q8_0, F16, BF16, Q8_1 = (GGMLQuantizationType[k] for k in ("Q8_0", "F16", "BF16", "Q8_1"))
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -68,12 +68,13 @@ def relative_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
 # --- tiny synthetic GGUFs -------------------------------------------------------------------------
 
 TINY_CASES = {
-    # untied head stored as F16, embedding as Q8_0, one F16 and one Q8_0 projection per layer
+    # untied head stored as F16, embedding as Q8_0, F16, BF16 and Q8_0 projections
     "llama-mqa-untied": {
         "token_embd.weight": Q8_0,
         "output.weight": F16,
         "blk.0.ffn_down.weight": F16,
         "blk.1.attn_q.weight": Q8_0,
+        "blk.1.ffn_gate.weight": BF16,
     },
     # tied Q8_0 embedding, biases everywhere, Llama 3 RoPE scaling stored as rope_freqs.weight
     "llama-llama3rope-tied-bias": {"token_embd.weight": Q8_0, "blk.0.attn_k.weight": F16},
@@ -100,7 +101,9 @@ def test_tiny_gguf_matches_transformers(tmp_path, case):
     weights = load_safetensors_weights(out, cfg)
     assert weights.embed.dtype == torch.float32  # dequantized
     stored_f16 = weights.lm_head if case == "llama-mqa-untied" else weights.layers[0].k_proj
-    assert stored_f16.dtype == torch.float16  # F16 keeps its dtype
+    assert stored_f16.dtype == torch.float16  # F16 and BF16 keep their dtype
+    if case == "llama-mqa-untied":
+        assert weights.layers[1].gate_proj.dtype == torch.bfloat16
 
     prompt = torch.randint(0, cfg.vocab_size, (9,), generator=torch.Generator().manual_seed(1)).tolist()
     ours, tokens = run_reference(out, prompt, decode_steps=4)

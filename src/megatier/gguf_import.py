@@ -358,7 +358,7 @@ def _unpermute_rope(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 def _to_torch(t: ReaderTensor) -> torch.Tensor:
     shape = tuple(int(d) for d in reversed(t.shape))
     if t.tensor_type == GGMLQuantizationType.BF16:
-        bits = np.ascontiguousarray(t.data).view(np.int16)
+        bits = np.array(t.data).view(np.int16)  # a copy: the memory-mapped file is read-only
         return torch.from_numpy(bits).view(torch.bfloat16).reshape(shape)
     if t.tensor_type in KEPT_DTYPES:
         return torch.from_numpy(np.array(t.data)).reshape(shape)
