@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,9 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Tests convert the embedded GGUF once per machine into a cache of their own, not the user's.
+os.environ.setdefault("MEGATIER_CACHE_DIR", str(Path(tempfile.gettempdir()) / "megatier-test-cache"))
 
 
 def pytest_collection_modifyitems(config, items):
