@@ -1,0 +1,179 @@
+"""Request bodies of the OpenAI-compatible API, and their translation into token ids and SamplingParams.
+
+Fields follow the OpenAI API plus the extras that vLLM and SGLang accept and their benchmark tools send
+(top_k, min_p, ignore_eos, min_tokens, ...). Unknown fields are ignored, as the peers do. pydantic checks
+types; SamplingParams checks values, so each rule lives in one place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidatorFunctionWrapHandler, field_validator
+from pydantic_core import PydanticCustomError
+
+from megatier.errors import MegatierError
+from megatier.sampling import SamplingParams
+from megatier.tokenizer import Message, Tokenizer
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class GenerationRequest(BaseModel):
+    """What /v1/completions and /v1/chat/completions share. None means "the model's default"."""
+
+    model: str | None = None
+    n: int = 1
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    skip_special_tokens: bool = True
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+    def sampling_params(self, defaults: SamplingParams, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        """The request's settings over `defaults` (the model's generation_config.json); raises MegatierError
+        for values out of range."""
+        given = {
+            "n": self.n,
+            "max_tokens": max_tokens,
+            "min_tokens": self.min_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "min_p": self.min_p,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+            "repetition_penalty": self.repetition_penalty,
+            "seed": self.seed,
+            "stop": self.stop,
+            "stop_token_ids": self.stop_token_ids,
+            "include_stop_str_in_output": self.include_stop_str_in_output,
+            "ignore_eos": self.ignore_eos,
+            "logprobs": logprobs,
+            "skip_special_tokens": self.skip_special_tokens,
+        }
+        keep_none = {"max_tokens", "seed", "logprobs"}  # None is a meaningful value for these
+        return dataclasses.replace(defaults, **{k: v for k, v in given.items() if v is not None or k in keep_none})
+
+
+class CompletionRequest(GenerationRequest):
+    # One prompt or a batch of them, each as text or as token ids.
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = 16
+    logprobs: int | None = None
+    echo: bool = False
+
+    @field_validator("prompt", mode="wrap")
+    @classmethod
+    def _prompt_shape(cls, prompt: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        # One sentence instead of pydantic's error per member of the union.
+        try:
+            return handler(prompt)
+        except ValidationError:
+            raise PydanticCustomError(
+                "prompt_type", "expected a string, a list of strings, a list of token ids or a list of token id lists"
+            ) from None
+
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, echo: bool) -> bool:
+        if echo:
+            raise ValueError("echo=true is not supported")
+        return echo
+
+    def prompt_ids(self, tokenizer: Tokenizer | None) -> list[list[int]]:
+        prompts = [self.prompt] if isinstance(self.prompt, str) or _is_ids(self.prompt) else self.prompt
+        if not prompts:
+            raise MegatierError("the prompt is empty")
+        return [encode(p, tokenizer) if isinstance(p, str) else list(p) for p in prompts]
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    # Extra keys (name, tool_calls, ...) pass through to the chat template.
+    model_config = ConfigDict(extra="allow")
+    role: str
+    content: str | list[ContentPart] | None = None
+
+
+class ChatCompletionRequest(GenerationRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+
+    @property
+    def top_n(self) -> int | None:
+        """SamplingParams.logprobs: how many alternatives per token, None for no logprobs at all."""
+        if self.top_logprobs is not None and not self.logprobs:
+            raise MegatierError("top_logprobs needs logprobs=true")
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def prompt_ids(self, tokenizer: Tokenizer | None) -> list[int]:
+        if tokenizer is None:
+            raise MegatierError(
+                "this model has no tokenizer, so chat is unavailable: use /v1/completions with token ids"
+            )
+        return tokenizer.encode_chat(template_messages(self.messages))
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize: a prompt, or messages rendered through the chat template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+
+
+class DetokenizeRequest(BaseModel):
+    model: str | None = None
+    tokens: list[int]
+
+
+def _is_ids(prompt: list[Any]) -> bool:
+    return bool(prompt) and isinstance(prompt[0], int)
+
+
+def encode(text: str, tokenizer: Tokenizer | None) -> list[int]:
+    if tokenizer is None:
+        raise MegatierError("this model has no tokenizer: send the prompt as a list of token ids")
+    return tokenizer.encode(text)
+
+
+def template_messages(messages: list[ChatMessage]) -> list[Message]:
+    """Messages as the chat template expects them, with content parts joined into one string."""
+    out = []
+    for i, m in enumerate(messages):
+        message = m.model_dump(exclude_none=True)
+        if isinstance(m.content, list):
+            kinds = {p.type for p in m.content} - {"text"}
+            if kinds:
+                raise MegatierError(f"messages.{i}.content: only text parts are supported, not {sorted(kinds)}")
+            message["content"] = "".join(p.text or "" for p in m.content)
+        out.append(message)
+    return out
