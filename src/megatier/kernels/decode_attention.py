@@ -53,6 +53,7 @@ def _decode_split_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_FP32: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     seq = tl.program_id(0)
@@ -90,13 +91,13 @@ def _decode_split_kernel(
         if DOT_FP32:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale
         scores = tl.where(t_mask[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(scores - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
     out = tl.where(l_i[:, None] > 0, acc / l_i[:, None], 0.0)
@@ -106,10 +107,11 @@ def _decode_split_kernel(
     tl.store(lse_ptr + split * stride_lse_split + seq * stride_lse_seq + heads, lse, mask=g < GROUP)
 
 
-def dot_in_fp32(dtype: torch.dtype) -> bool:
-    """Whether attention dots should run on fp32 operands: always for fp32 storage, and under the
-    Triton interpreter, whose bf16 dots are wrong."""
-    return dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
+def dot_options(dtype: torch.dtype) -> dict:
+    """How the attention kernels multiply: on fp32 operands with exact (not tf32) products for fp32
+    storage and under the Triton interpreter, whose bf16 dots are wrong; else on the storage dtype."""
+    fp32 = dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1"
+    return {"DOT_FP32": fp32, "DOT_PRECISION": "ieee" if fp32 else "tf32"}
 
 
 def paged_decode_attention(
@@ -167,7 +169,7 @@ def paged_decode_attention(
         BLOCK_G=max(16, triton.next_power_of_2(group)),
         BLOCK_N=64 if on_gpu else 16,
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-        DOT_FP32=dot_in_fp32(q.dtype),
+        **dot_options(q.dtype),
         USE_PDL=pdl,
         num_warps=4,
         launch_pdl=pdl,

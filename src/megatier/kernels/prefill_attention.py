@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from megatier.kernels.decode_attention import dot_in_fp32
+from megatier.kernels.decode_attention import dot_options
 from megatier.kernels.pdl import use_pdl
 
 
@@ -46,6 +46,7 @@ def _prefill_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_FP32: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     tile = tl.program_id(0)
@@ -85,7 +86,7 @@ def _prefill_kernel(
         if DOT_FP32:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale
         visible = t_mask[None, :] & (t[None, :] <= q_pos[:, None])
         scores = tl.where(visible, scores, float("-inf"))
         # Key 0 is visible to every row, so m_i is finite after the first block and no row sees NaN.
@@ -93,7 +94,7 @@ def _prefill_kernel(
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(scores - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
     out = acc / l_i[:, None]
@@ -159,7 +160,7 @@ def paged_prefill_attention(
             BLOCK_M=block_m,
             BLOCK_N=64 if on_gpu else 16,
             BLOCK_D=block_d,
-            DOT_FP32=dot_in_fp32(q.dtype),
+            **dot_options(q.dtype),
             USE_PDL=pdl,
             num_warps=4 if block_d <= 64 else 8,
             num_stages=2,

@@ -24,16 +24,15 @@ def rope_cos_sin_table(inv_freq: torch.Tensor, num_positions: int) -> torch.Tens
 
 
 @triton.jit
-def _rotate(x_ptr, norm_ptr, cos, sin, half, eps, QK_NORM: tl.constexpr, BLOCK_HALF: tl.constexpr):
-    """One head at x_ptr, optionally RMS-normalized, rotated: returns its two halves in fp32."""
-    i = tl.arange(0, BLOCK_HALF)
-    mask = i < half
-    x1 = tl.load(x_ptr + i, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(x_ptr + half + i, mask=mask, other=0.0).to(tl.float32)
+def _rotate(head_ptrs, norm_ptr, cos, sin, half, eps, mask, QK_NORM: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """Heads starting at head_ptrs [heads, 1], optionally RMS-normalized, rotated: their halves in fp32."""
+    i = tl.arange(0, BLOCK_HALF)[None, :]
+    x1 = tl.load(head_ptrs + i, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(head_ptrs + half + i, mask=mask, other=0.0).to(tl.float32)
     if QK_NORM:
-        inv_rms = tl.rsqrt((tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) / (2 * half) + eps)
-        x1 = x1 * inv_rms * tl.load(norm_ptr + i, mask=mask, other=0.0).to(tl.float32)
-        x2 = x2 * inv_rms * tl.load(norm_ptr + half + i, mask=mask, other=0.0).to(tl.float32)
+        inv_rms = tl.rsqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / (2 * half) + eps)[:, None]
+        x1 = x1 * inv_rms * tl.load(norm_ptr + i, mask=i < half, other=0.0).to(tl.float32)
+        x2 = x2 * inv_rms * tl.load(norm_ptr + half + i, mask=i < half, other=0.0).to(tl.float32)
     return x1 * cos - x2 * sin, x2 * cos + x1 * sin
 
 
@@ -62,39 +61,44 @@ def _rope_append_kernel(
     stride_table,
     stride_cos_sin,
     QK_NORM: tl.constexpr,
+    BLOCK_HEADS: tl.constexpr,
+    BLOCK_KV_HEADS: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
     USE_PDL: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)  # q heads first, then kv heads
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     head_dim = 2 * half
     pos = tl.load(positions_ptr + token)
     i = tl.arange(0, BLOCK_HALF)
-    mask = i < half
-    row = cos_sin_ptr + tl.maximum(pos, 0).to(tl.int64) * stride_cos_sin
-    cos = tl.load(row + i, mask=mask, other=0.0)
-    sin = tl.load(row + half + i, mask=mask, other=0.0)
+    cos_sin_row = cos_sin_ptr + tl.maximum(pos, 0).to(tl.int64) * stride_cos_sin
+    cos = tl.load(cos_sin_row + i, mask=i < half, other=0.0)[None, :]
+    sin = tl.load(cos_sin_row + half + i, mask=i < half, other=0.0)[None, :]
     src = qkv_ptr + token * stride_qkv_token
-    if head < num_heads:
-        r1, r2 = _rotate(src + head * head_dim, q_norm_ptr, cos, sin, half, eps, QK_NORM, BLOCK_HALF)
-        dst = q_out_ptr + token * stride_q_out_token + head * head_dim
-        tl.store(dst + i, r1, mask=mask)
-        tl.store(dst + half + i, r2, mask=mask)
-    elif pos >= 0:
-        kv_head = head - num_heads
-        k_src = src + (num_heads + kv_head) * head_dim
-        v_src = src + (num_heads + num_kv_heads + kv_head) * head_dim
-        r1, r2 = _rotate(k_src, k_norm_ptr, cos, sin, half, eps, QK_NORM, BLOCK_HALF)
+
+    heads = tl.arange(0, BLOCK_HEADS)[:, None]
+    mask = (heads < num_heads) & (i < half)[None, :]
+    r1, r2 = _rotate(src + heads * head_dim, q_norm_ptr, cos, sin, half, eps, mask, QK_NORM, BLOCK_HALF)
+    dst = q_out_ptr + token * stride_q_out_token + heads * head_dim + i[None, :]
+    tl.store(dst, r1, mask=mask)
+    tl.store(dst + half, r2, mask=mask)
+
+    if pos >= 0:
+        kv_heads = tl.arange(0, BLOCK_KV_HEADS)[:, None]
+        mask = (kv_heads < num_kv_heads) & (i < half)[None, :]
+        k_src = src + (num_heads + kv_heads) * head_dim
+        r1, r2 = _rotate(k_src, k_norm_ptr, cos, sin, half, eps, mask, QK_NORM, BLOCK_HALF)
         seq = tl.load(seq_ids_ptr + token)
         page = tl.load(block_tables_ptr + seq.to(tl.int64) * stride_table + pos // page_size).to(tl.int64)
-        dst = kv_ptr + page * stride_kv_page + kv_head * stride_kv_head + (pos % page_size) * stride_kv_row
-        tl.store(dst + i, r1, mask=mask)
-        tl.store(dst + half + i, r2, mask=mask)
-        tl.store(dst + stride_kv_v + i, tl.load(v_src + i, mask=mask), mask=mask)
-        tl.store(dst + stride_kv_v + half + i, tl.load(v_src + half + i, mask=mask), mask=mask)
+        dst = kv_ptr + page * stride_kv_page + kv_heads * stride_kv_head + (pos % page_size) * stride_kv_row
+        dst += i[None, :]
+        tl.store(dst, r1, mask=mask)
+        tl.store(dst + half, r2, mask=mask)
+        v_src = k_src + num_kv_heads * head_dim + i[None, :]
+        tl.store(dst + stride_kv_v, tl.load(v_src, mask=mask), mask=mask)
+        tl.store(dst + stride_kv_v + half, tl.load(v_src + half, mask=mask), mask=mask)
 
 
 def rope_append(
@@ -123,7 +127,7 @@ def rope_append(
     qk_norm = q_norm is not None
     pdl = use_pdl(qkv.device)
     if num_tokens:
-        _rope_append_kernel[(num_tokens, num_heads + num_kv_heads)](
+        _rope_append_kernel[(num_tokens,)](
             qkv,
             q,
             kv_layer,
@@ -147,9 +151,11 @@ def rope_append(
             block_tables.stride(0),
             cos_sin.stride(0),
             QK_NORM=qk_norm,
+            BLOCK_HEADS=triton.next_power_of_2(num_heads),
+            BLOCK_KV_HEADS=triton.next_power_of_2(num_kv_heads),
             BLOCK_HALF=triton.next_power_of_2(head_dim // 2),
             USE_PDL=pdl,
-            num_warps=1,
+            num_warps=4,
             launch_pdl=pdl,
         )
     return q

@@ -1,0 +1,251 @@
+"""The GPU fast path: packed weights, cuBLAS matmuls, fused Triton kernels, CUDA graphs for decode.
+
+Per layer: fused residual-add + RMSNorm, the stacked qkv matmul, RoPE fused with the KV-page append,
+paged attention, the o matmul, residual-add + RMSNorm, the stacked gate|up matmul, SiLU*up, the down
+matmul. The residual stream stays in fp32.
+
+Batches that are not pure decode (prefill chunks, mixed) run eagerly, split into passes of at most
+`max_prefill_tokens` tokens so long prompts need bounded activation memory. A decode batch is padded to
+a bucket size (padding rows have length 0: they read no KV and write none) and replayed as a CUDA graph
+captured on first use of its (bucket, attention splits). Every per-step input lives in persistent
+device buffers filled before the replay, and positions and KV slots are derived on the device from
+seq_lens and the block tables. `decode_greedy` replays a graph that also takes the argmax and feeds it
+back, so many steps need one host sync. Without CUDA (tests, TRITON_INTERPRET=1) the same code runs
+eagerly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from megatier.config import ModelConfig, rope_inv_freq
+from megatier.executors.base import StepBatch
+from megatier.kernels import add_rms_norm, paged_decode_attention, paged_prefill_attention, rope_append, silu_mul
+from megatier.kernels.rope import rope_cos_sin_table
+from megatier.kv.pages import KVCache, block_table_tensor, pages_for
+from megatier.weights import ModelWeights, pack_weights
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+# attend(q [T, H, D], layer) -> attention output [T, H, D]
+Attend = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+class GraphExecutor:
+    name = "graph"
+    max_prefill_tokens = 4096  # tokens per eager pass; longer batches are chunked
+    split_tokens = 256  # a decode-attention split covers at least this many KV tokens
+
+    def __init__(self, cfg: ModelConfig, weights: ModelWeights, *, cache: KVCache):
+        self.cfg = cfg
+        self.cache = cache
+        self.device = cache.kv.device
+        self.dtype = cache.kv.dtype
+        self.page_size = cache.page_size
+        self.num_pages = cache.num_pages
+        self.w = pack_weights(weights, self.device, self.dtype)
+        self.max_context = min(cfg.max_position_embeddings, self.num_pages * self.page_size)
+        inv_freq = rope_inv_freq(cfg.rope, cfg.head_dim).to(self.device)
+        self.cos_sin = rope_cos_sin_table(inv_freq, self.max_context)
+        self.scale = cfg.head_dim**-0.5
+        self.use_graphs = self.device.type == "cuda"
+        self.num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count if self.use_graphs else 8
+
+        # Persistent decode inputs: rows [0, bucket) of these feed the captured graphs.
+        max_batch = BATCH_BUCKETS[-1]
+        self.max_table = pages_for(self.max_context, self.page_size)
+        self.tokens = torch.zeros(max_batch, dtype=torch.int32, device=self.device)
+        self.seq_lens = torch.zeros(max_batch, dtype=torch.int32, device=self.device)  # 0 marks a padding row
+        self.block_tables = torch.zeros((max_batch, self.max_table), dtype=torch.int32, device=self.device)
+        self.seq_ids = torch.arange(max_batch, dtype=torch.int32, device=self.device)
+        self.history = torch.zeros((0, max_batch), dtype=torch.int64, device=self.device)  # greedy tokens by step
+        self.step = torch.zeros(1, dtype=torch.int64, device=self.device)  # next row of `history`
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor | None]] = {}
+        self.graph_pool = None
+
+    # ---- the model -------------------------------------------------------------------------------
+
+    def _layers(
+        self, tokens: torch.Tensor, positions: torch.Tensor, seq_ids: torch.Tensor, tables: torch.Tensor, attend: Attend
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run every layer over tokens [T]; returns (last layer's output x, fp32 residual before x)."""
+        cfg, w, kv, eps = self.cfg, self.w, self.cache.kv, self.cfg.rms_norm_eps
+        num_tokens = tokens.shape[0]
+        residual = torch.empty((num_tokens, cfg.hidden_size), dtype=torch.float32, device=self.device)
+        x = F.embedding(tokens, w.embed)
+        for layer in range(cfg.num_layers):
+            h = add_rms_norm(x, residual, w.input_norm[layer], eps, add=layer > 0)
+            qkv = F.linear(h, w.qkv[layer], _row(w.qkv_bias, layer))
+            q_norm, k_norm = _row(w.q_norm, layer), _row(w.k_norm, layer)
+            q = rope_append(
+                qkv, positions, seq_ids, tables, kv, layer, self.cos_sin, cfg.num_heads, q_norm, k_norm, eps
+            )
+            attn = attend(q, layer).view(num_tokens, cfg.q_size)
+            h = add_rms_norm(F.linear(attn, w.o[layer], _row(w.o_bias, layer)), residual, w.post_norm[layer], eps)
+            gate_up = F.linear(h, w.gate_up[layer], _row(w.gate_up_bias, layer))
+            x = F.linear(silu_mul(gate_up), w.down[layer], _row(w.down_bias, layer))
+        return x, residual
+
+    def _logits(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """Final residual add, norm and LM head, in the weights' dtype."""
+        return F.linear(add_rms_norm(x, residual, self.w.final_norm, self.cfg.rms_norm_eps), self.w.lm_head)
+
+    # ---- prefill and mixed batches (eager) -------------------------------------------------------
+
+    @torch.inference_mode()
+    def forward(self, batch: StepBatch) -> torch.Tensor:
+        self._check(batch)
+        if batch.is_decode() and batch.num_seqs <= BATCH_BUCKETS[-1]:
+            return self._decode_logits(batch)
+        logits = torch.empty((batch.num_seqs, self.cfg.vocab_size), dtype=torch.float32, device=self.device)
+        offsets = [0]
+        for n in batch.query_lens:
+            offsets.append(offsets[-1] + n)
+        done = [0] * batch.num_seqs
+        while True:
+            # One pass: the next chunk of each unfinished sequence, up to the token budget.
+            chunks, budget = [], self.max_prefill_tokens
+            for i, n in enumerate(batch.query_lens):
+                take = min(n - done[i], budget)
+                if take > 0:
+                    chunks.append((i, done[i], take))
+                    budget -= take
+            if not chunks:
+                return logits
+            finished = [j for j, (i, first, take) in enumerate(chunks) if first + take == batch.query_lens[i]]
+            rows = self._prefill_pass(batch, offsets, chunks, finished)
+            for j, row in zip(finished, rows, strict=True):
+                logits[chunks[j][0]] = row
+            for i, _, take in chunks:
+                done[i] += take
+
+    def _prefill_pass(
+        self, batch: StepBatch, offsets: list[int], chunks: list[tuple[int, int, int]], finished: list[int]
+    ) -> torch.Tensor:
+        """Run chunks (sequence, first new token, count); return fp32 logits of the last token of each
+        chunk listed in `finished`."""
+        token_ids, positions, seq_ids = [], [], []
+        for j, (i, first, take) in enumerate(chunks):
+            start = batch.starts[i] + first
+            token_ids += batch.token_ids[offsets[i] + first : offsets[i] + first + take]
+            positions += range(start, start + take)
+            seq_ids += [j] * take
+        ints = torch.tensor([token_ids, positions, seq_ids], dtype=torch.int32).to(self.device)
+        tables = block_table_tensor([batch.page_tables[i][: self.max_table] for i, _, _ in chunks], self.device)
+        starts = [batch.starts[i] + first for i, first, _ in chunks]
+        query_lens = [take for _, _, take in chunks]
+
+        def attend(q: torch.Tensor, layer: int) -> torch.Tensor:
+            return paged_prefill_attention(q, self.cache.kv, layer, tables, starts, query_lens, self.scale)
+
+        x, residual = self._layers(ints[0], ints[1], ints[2], tables, attend)
+        ends = torch.tensor(query_lens).cumsum(0) - 1
+        last = ends[finished].to(self.device)
+        return self._logits(x[last], residual[last]).float()
+
+    # ---- decode (CUDA graphs) ----------------------------------------------------------------------
+
+    def _decode_step(self, bucket: int, num_splits: int) -> torch.Tensor:
+        """One decode step over the persistent buffers' first `bucket` rows: writes KV, returns logits."""
+        seq_lens, tables = self.seq_lens[:bucket], self.block_tables[:bucket]
+        positions = seq_lens - 1  # padding rows get -1: no KV write
+
+        def attend(q: torch.Tensor, layer: int) -> torch.Tensor:
+            return paged_decode_attention(q, self.cache.kv, layer, tables, seq_lens, num_splits, self.scale)[0]
+
+        return self._logits(*self._layers(self.tokens[:bucket], positions, self.seq_ids[:bucket], tables, attend))
+
+    def _greedy_step(self, bucket: int, num_splits: int) -> None:
+        """A decode step that feeds its argmax back as the next input, all on the device."""
+        next_tokens = self._decode_step(bucket, num_splits).argmax(dim=-1)
+        self.tokens[:bucket].copy_(next_tokens)
+        self.history[:, :bucket].index_copy_(0, self.step, next_tokens[None])
+        self.step.add_(1)
+        seq_lens = self.seq_lens[:bucket]
+        seq_lens.add_((seq_lens > 0).to(torch.int32))
+
+    def _decode_logits(self, batch: StepBatch) -> torch.Tensor:
+        bucket = self._load_decode_batch(batch)
+        splits = self._num_splits(bucket, max(batch.context_lens))
+        logits = self._run(("logits", bucket, splits), lambda: self._decode_step(bucket, splits), bucket, splits)
+        return logits[: batch.num_seqs].float()
+
+    @torch.inference_mode()
+    def decode_greedy(self, batch: StepBatch, num_steps: int) -> torch.Tensor:
+        """Run `num_steps` greedy decode steps on the device: step 0 feeds the batch's tokens, each later
+        step feeds the previous argmax. The page tables must have room for num_steps tokens from each
+        sequence's start. Returns the chosen tokens [num_steps, B] int64."""
+        if not batch.is_decode() or batch.num_seqs > BATCH_BUCKETS[-1]:
+            raise ValueError(f"decode_greedy needs 1..{BATCH_BUCKETS[-1]} sequences of one new token each")
+        last = StepBatch(
+            batch.token_ids, [s + num_steps - 1 for s in batch.starts], batch.query_lens, batch.page_tables
+        )
+        self._check(last)
+        bucket = self._load_decode_batch(batch)
+        if self.history.shape[0] < num_steps:
+            rows = triton.next_power_of_2(num_steps)
+            self.history = torch.zeros((rows, BATCH_BUCKETS[-1]), dtype=torch.int64, device=self.device)
+            self.graphs = {k: v for k, v in self.graphs.items() if k[0] != "greedy"}  # they wrote the old buffer
+        self.step.zero_()
+        splits = self._num_splits(bucket, max(last.context_lens))
+        for _ in range(num_steps):
+            self._run(("greedy", bucket, splits), lambda: self._greedy_step(bucket, splits), bucket, splits)
+        return self.history[:num_steps, : batch.num_seqs].clone()
+
+    def _load_decode_batch(self, batch: StepBatch) -> int:
+        """Copy a decode batch into the persistent buffers; return its bucket (padding rows get length 0)."""
+        num_seqs = batch.num_seqs
+        bucket = next(b for b in BATCH_BUCKETS if b >= num_seqs)
+        ints = torch.zeros((2, bucket), dtype=torch.int32)
+        ints[0, :num_seqs] = torch.tensor(batch.token_ids, dtype=torch.int32)
+        ints[1, :num_seqs] = torch.tensor(batch.context_lens, dtype=torch.int32)
+        tables = block_table_tensor([t[: self.max_table] for t in batch.page_tables], torch.device("cpu"))
+        self.tokens[:bucket].copy_(ints[0])
+        self.seq_lens[:bucket].copy_(ints[1])
+        self.block_tables[:num_seqs, : tables.shape[1]].copy_(tables)
+        return bucket
+
+    def _num_splits(self, batch_size: int, max_context: int) -> int:
+        """Attention splits per sequence: enough programs to fill the GPU twice, but no split shorter than
+        `split_tokens`; a power of two so few graphs are captured. 1 at short contexts (no merge pass)."""
+        by_length = triton.cdiv(max_context, self.split_tokens)
+        by_occupancy = triton.cdiv(2 * self.num_sms, batch_size * self.cfg.num_kv_heads)
+        return triton.next_power_of_2(max(1, min(by_length, by_occupancy)))
+
+    def _run(self, key: tuple, step: Callable[[], torch.Tensor | None], bucket: int, splits: int):
+        """Run `step` eagerly without CUDA; else replay its graph, captured on first use."""
+        if not self.use_graphs:
+            return step()
+        if key not in self.graphs:
+            # Warm up outside capture (Triton compiles, cuBLAS plans) with a plain decode step: it writes
+            # the same KV the captured step will write, so running it changes nothing.
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                self._decode_step(bucket, splits)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.graph_pool):
+                out = step()
+            self.graph_pool = graph.pool()
+            self.graphs[key] = (graph, out)
+        graph, out = self.graphs[key]
+        graph.replay()
+        return out
+
+    def _check(self, batch: StepBatch) -> None:
+        if len(batch.token_ids) != sum(batch.query_lens) or min(batch.query_lens, default=1) < 1:
+            raise ValueError("StepBatch: every sequence needs >= 1 new token and token_ids must hold all of them")
+        for i, (end, table) in enumerate(zip(batch.context_lens, batch.page_tables, strict=True)):
+            if end > self.max_context:
+                raise ValueError(f"sequence {i}: context {end} exceeds this executor's limit {self.max_context}")
+            if len(table) * self.page_size < end:
+                raise ValueError(f"sequence {i}: {len(table)} pages cannot hold {end} tokens")
+
+
+def _row(stacked: torch.Tensor | None, layer: int) -> torch.Tensor | None:
+    return None if stacked is None else stacked[layer]

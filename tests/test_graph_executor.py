@@ -1,0 +1,218 @@
+"""GraphExecutor against ReferenceExecutor on the same weights.
+
+On CPU the Triton kernels run in the interpreter and decode runs eagerly; with CUDA the same tests run
+the captured graphs. The tests marked gpu use the Llama-3.2-1B shape.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib.resources import files
+
+import pytest
+import torch
+
+from conftest import ARCH_CASES, TINY
+from megatier.config import ModelConfig, config_from_hf
+from megatier.executors.base import StepBatch
+from megatier.executors.graph import GraphExecutor
+from megatier.executors.reference import ReferenceExecutor
+from megatier.kv.pages import KVCache
+from megatier.loader import dummy_weights
+from megatier.weights import ModelWeights
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::RuntimeWarning")  # interpreter noise
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def tiny_config(case: str) -> ModelConfig:
+    family, overrides = ARCH_CASES[case]
+    return config_from_hf({"architectures": [f"{family}ForCausalLM"], **TINY, **overrides})
+
+
+def make_cache(cfg: ModelConfig, dtype: torch.dtype, num_pages: int, page_size: int) -> KVCache:
+    cache = KVCache.allocate(cfg, num_pages, page_size, dtype, DEVICE)
+    cache.kv.fill_(float("nan"))  # any read of a row nobody wrote poisons the logits
+    return cache
+
+
+def executors(cfg: ModelConfig, weights: ModelWeights, dtype: torch.dtype, num_pages: int = 24, page_size: int = 4):
+    graph = GraphExecutor(cfg, weights, cache=make_cache(cfg, dtype, num_pages, page_size))
+    ref = ReferenceExecutor(cfg, weights, cache=make_cache(cfg, torch.float32, num_pages, page_size))
+    return graph, ref
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def shuffled_tables(num_pages: int, sizes: list[int], seed: int) -> list[list[int]]:
+    order = torch.randperm(num_pages, generator=torch.Generator().manual_seed(seed)).tolist()
+    tables, taken = [], 0
+    for n in sizes:
+        tables.append(order[taken : taken + n])
+        taken += n
+    return tables
+
+
+def mixed_script(vocab: int, tables: list[list[int]], next_token):
+    """Steps over three sequences, as (batch, sequence of each row): a prefill whose first prompt is cut
+    into two chunks, a mixed step (the second chunk while the others decode), a padded decode batch of
+    3, then a decode batch of 2. `next_token(i)` is sequence i's token chosen after the previous step."""
+    gen = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in (13, 5, 9)]
+    yield StepBatch(prompts[0][:8] + prompts[1] + prompts[2], [0, 0, 0], [8, 5, 9], tables), [0, 1, 2]
+    yield StepBatch([*prompts[0][8:], next_token(1), next_token(2)], [8, 5, 9], [5, 1, 1], tables), [0, 1, 2]
+    yield StepBatch([next_token(i) for i in range(3)], [13, 6, 10], [1, 1, 1], tables), [0, 1, 2]
+    yield StepBatch([next_token(0), next_token(2)], [14, 11], [1, 1], [tables[0], tables[2]]), [0, 2]
+
+
+def run_mixed_script(executors: list, vocab: int, tables: list[list[int]]) -> list[torch.Tensor]:
+    """Every executor runs the same steps, tokens chosen from the first one's logits; returns each
+    executor's logits of all steps, concatenated."""
+    chosen: dict[int, int] = {}
+    logits: list[list[torch.Tensor]] = [[] for _ in executors]
+    for batch, seqs in mixed_script(vocab, tables, lambda i: chosen[i]):
+        for out, ex in zip(logits, executors, strict=True):
+            out.append(ex.forward(batch))
+        for row, i in enumerate(seqs):
+            chosen[i] = int(logits[0][-1][row].argmax())
+    return [torch.cat(out) for out in logits]
+
+
+@pytest.mark.parametrize("case", sorted(ARCH_CASES))
+@pytest.mark.parametrize("chunks_and_splits", [False, True])
+def test_mixed_batches_match_reference(case, chunks_and_splits):
+    cfg = tiny_config(case)
+    graph, ref = executors(cfg, dummy_weights(cfg, 0, torch.float32, DEVICE), torch.float32)
+    if chunks_and_splits:  # prefill in passes of <= 6 tokens; decode attention in several splits
+        graph.max_prefill_tokens, graph.split_tokens = 6, 4
+    theirs, ours = run_mixed_script([ref, graph], cfg.vocab_size, shuffled_tables(24, [5, 4, 4], seed=1))
+    assert ours.dtype == torch.float32 and ours.shape == theirs.shape == (11, cfg.vocab_size)
+    assert rel_err(ours, theirs) < 1e-4
+
+
+def test_splits_and_prefill_passes_are_exercised():
+    """The chunks_and_splits variant above must really use several splits and passes."""
+    cfg = tiny_config("llama-mqa-untied")
+    graph, _ = executors(cfg, dummy_weights(cfg, 0, torch.float32, DEVICE), torch.float32)
+    graph.split_tokens = 4
+    assert graph._num_splits(4, 14) > 1 and graph._num_splits(2, 15) > 1
+    assert GraphExecutor._num_splits(graph, 1, 100) <= 2 * graph.num_sms
+
+
+def test_decode_greedy_matches_reference_greedy():
+    cfg = tiny_config("llama-mqa-untied")
+    graph, ref = executors(cfg, dummy_weights(cfg, 3, torch.float32, DEVICE), torch.float32, num_pages=32)
+    graph.split_tokens = 8
+    tables = shuffled_tables(32, [6, 5, 6], seed=2)
+    gen = torch.Generator().manual_seed(8)
+    prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=gen).tolist() for n in (9, 3, 12)]
+    prefill = StepBatch([t for p in prompts for t in p], [0, 0, 0], [len(p) for p in prompts], tables)
+    first = [int(r.argmax()) for r in ref.forward(prefill)]
+    graph.forward(prefill)
+    starts = [len(p) for p in prompts]
+    num_steps = 8
+
+    tokens = graph.decode_greedy(StepBatch(first, starts, [1, 1, 1], tables), num_steps)
+
+    expected, feed = [], first
+    for step in range(num_steps):
+        logits = ref.forward(StepBatch(feed, [s + step for s in starts], [1, 1, 1], tables))
+        feed = [int(r.argmax()) for r in logits]
+        expected.append(feed)
+    assert tokens.dtype == torch.int64 and tokens.shape == (num_steps, 3)
+    assert tokens.tolist() == expected
+    assert len({t for row in expected for t in row}) > 3  # the untied model does not just repeat a token
+    # The KV that the greedy steps wrote is what the reference wrote: one more step agrees.
+    after = StepBatch(feed, [s + num_steps for s in starts], [1, 1, 1], tables)
+    assert rel_err(graph.forward(after), ref.forward(after)) < 1e-4
+
+
+@pytest.mark.parametrize("case", ["llama-llama3rope-tied-bias", "qwen3-headdim24"])
+def test_bf16_error_within_plain_bf16_reference(case):
+    """Versus fp32, our bf16 run errs no more than the plain bf16 reference (1.5x slack). Under the
+    Triton interpreter fp32 -> bf16 conversions truncate instead of rounding, which alone puts us at
+    ~1.3x there; on a GPU the fp32 residual stream puts us below 1x."""
+    cfg = tiny_config(case)
+    weights = dummy_weights(cfg, 0, torch.bfloat16, DEVICE)
+    tables = shuffled_tables(24, [5, 4, 4], seed=3)
+    graph, exact = executors(cfg, weights, torch.bfloat16)
+    plain = ReferenceExecutor(cfg, weights, cache=make_cache(cfg, torch.bfloat16, 24, 4))
+    exact_logits, ours, plain_logits = run_mixed_script([exact, graph, plain], cfg.vocab_size, tables)
+    assert rel_err(ours, exact_logits) <= 1.5 * rel_err(plain_logits, exact_logits)
+
+
+def test_rejects_batches_it_cannot_run():
+    cfg = tiny_config("qwen2")
+    graph, _ = executors(cfg, dummy_weights(cfg, 0, torch.float32, DEVICE), torch.float32, num_pages=4)
+    with pytest.raises(ValueError, match="cannot hold"):
+        graph.forward(StepBatch([1] * 9, [0], [9], [[0, 1]]))
+    with pytest.raises(ValueError, match="one new token"):
+        graph.decode_greedy(StepBatch([1, 2], [0], [2], [[0]]), 4)
+    with pytest.raises(ValueError, match="cannot hold"):
+        graph.decode_greedy(StepBatch([1], [3], [1], [[0, 1]]), 6)
+
+
+# ---- GPU: the Llama-3.2-1B shape in bf16 --------------------------------------------------------------
+
+LLAMA_1B = config_from_hf(json.loads((files("megatier") / "configs/llama-3.2-1b.json").read_text()))
+
+
+@pytest.fixture(scope="module")
+def llama_1b():
+    """bf16 dummy weights; the fp32 reference runs on the same bf16 values upcast."""
+    return dummy_weights(LLAMA_1B, 0, torch.bfloat16, torch.device("cuda"))
+
+
+def llama_executor(cls, weights, dtype, num_pages=128, page_size=16):
+    cache = KVCache.allocate(LLAMA_1B, num_pages, page_size, dtype, torch.device("cuda"))
+    cache.kv.fill_(float("nan"))
+    return cls(LLAMA_1B, weights, cache=cache)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("prompt_lens", [[32], [5, 17, 32, 64, 3, 48, 100, 9]])
+def test_llama_1b_greedy_tokens_equal_bf16_reference(llama_1b, prompt_lens):
+    num_steps = 128
+    gen = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(0, LLAMA_1B.vocab_size, (n,), generator=gen).tolist() for n in prompt_lens]
+    tables = [list(range(i * 16, (i + 1) * 16)) for i in range(len(prompts))]  # 256 tokens each
+    prefill = StepBatch([t for p in prompts for t in p], [0] * len(prompts), prompt_lens, tables)
+    ones = [1] * len(prompts)
+
+    graph = llama_executor(GraphExecutor, llama_1b, torch.bfloat16)
+    first = [int(r.argmax()) for r in graph.forward(prefill)]
+    ours = [first, *graph.decode_greedy(StepBatch(first, prompt_lens, ones, tables), num_steps - 1).tolist()]
+    del graph
+
+    ref = llama_executor(ReferenceExecutor, llama_1b, torch.bfloat16)
+    feed = [int(r.argmax()) for r in ref.forward(prefill)]
+    theirs = [feed]
+    for step in range(num_steps - 1):
+        feed = [int(r.argmax()) for r in ref.forward(StepBatch(feed, [n + step for n in prompt_lens], ones, tables))]
+        theirs.append(feed)
+    assert ours == theirs
+
+
+@pytest.mark.gpu
+def test_llama_1b_bf16_error_within_plain_bf16_reference(llama_1b):
+    gen = torch.Generator().manual_seed(12)
+    prompt_lens, num_steps = [40, 23], 8
+    prompts = [torch.randint(0, LLAMA_1B.vocab_size, (n,), generator=gen).tolist() for n in prompt_lens]
+    tables = [list(range(0, 8)), list(range(20, 28))]
+    feeds = torch.randint(0, LLAMA_1B.vocab_size, (num_steps, 2), generator=gen).tolist()  # teacher forcing
+    steps = [StepBatch([t for p in prompts for t in p], [0, 0], prompt_lens, tables)]
+    steps += [StepBatch(f, [n + i for n in prompt_lens], [1, 1], tables) for i, f in enumerate(feeds)]
+
+    def run(cls, dtype):
+        ex = llama_executor(cls, llama_1b, dtype)
+        return torch.cat([ex.forward(s) for s in steps])
+
+    exact = run(ReferenceExecutor, torch.float32)
+    plain = run(ReferenceExecutor, torch.bfloat16)
+    ours = run(GraphExecutor, torch.bfloat16)
+    ours_err, plain_err = rel_err(ours, exact), rel_err(plain, exact)
+    print(f"Llama-1B bf16 logits rel. error vs fp32: graph {ours_err:.2e}, plain bf16 reference {plain_err:.2e}")
+    assert ours_err <= 1.5 * plain_err
