@@ -87,7 +87,13 @@ class Engine:
         self.eos_token_ids = eos_token_ids
         self.max_model_len = max_model_len
         self.decode_steps_per_sync = decode_steps_per_sync
-        self.scheduler = Scheduler(executor.num_pages, executor.page_size, max_num_seqs, max_num_batched_tokens)
+        self.scheduler = Scheduler(
+            executor.num_pages,
+            executor.page_size,
+            max_num_seqs,
+            max_num_batched_tokens,
+            allocator=getattr(executor, "allocator", None),
+        )
         self.requests: dict[str, list[Sequence]] = {}
         self._seeds = torch.Generator().manual_seed(seed)
         self._ids = itertools.count()

@@ -19,6 +19,7 @@ from megatier.config import ModelConfig, load_config, parse_dtype
 from megatier.engine import CompletionOutput, Engine, RequestOutput, SequenceUpdate
 from megatier.errors import MegatierError
 from megatier.executors import create_executor, resolve_backend
+from megatier.executors.tiered import create_tiered_executor
 from megatier.kv.pages import KVCache
 from megatier.loader import (
     LOAD_FORMATS,
@@ -86,7 +87,17 @@ class LLM:
         page_size: int = 16,
         kv_cache_gb: float | None = None,
         decode_steps_per_sync: int = 8,
+        kv_hbm: float | None = None,
+        kv_dram: float | None = None,
+        kv_disk: float | None = None,
+        kv_disk_dir: str | None = None,
+        kv_mode: str = "dense",
+        kv_sparse_budget: float = 0.125,
     ):
+        """kv_hbm / kv_dram / kv_disk (GiB) turn on the tiered KV cache (kv/tiers.py): pages beyond the
+        GPU budget live in pinned host memory, then in files under kv_disk_dir (default: a temporary
+        directory). kv_mode "dense" attends to every page (lossless); "sparse" to the sinks, the recent
+        window and the best-scored pages, kv_sparse_budget of the context."""
         t0 = time.perf_counter()
         if load_format not in LOAD_FORMATS:
             raise MegatierError(f"unknown load_format {load_format!r}: expected one of {', '.join(LOAD_FORMATS)}")
@@ -113,12 +124,29 @@ class LLM:
         )
         token_bytes = self.config.kv_bytes_per_token(self.dtype)
         limit = max_model_len or self.config.max_position_embeddings
-        num_pages = min(kv_bytes // (token_bytes * page_size), -(-limit // page_size) * max_num_seqs)
-        if num_pages < 2:
-            raise MegatierError(f"kv_cache_gb={kv_cache_gb} holds fewer than 2 pages of {page_size} tokens")
+        if kv_hbm is not None or kv_dram is not None or kv_disk is not None or kv_mode != "dense":
+            executor = create_tiered_executor(
+                backend,
+                self.config,
+                weights,
+                dtype=self.dtype,
+                device=self.device,
+                page_size=page_size,
+                hbm_bytes=int(kv_hbm * (1 << 30)) if kv_hbm is not None else kv_bytes,
+                dram_bytes=int((kv_dram or 0) * (1 << 30)),
+                disk_bytes=int((kv_disk or 0) * (1 << 30)),
+                disk_dir=kv_disk_dir,
+                mode=kv_mode,
+                sparse_budget=kv_sparse_budget,
+            )
+            num_pages, cache = executor.num_pages, executor.cache
+        else:
+            num_pages = min(kv_bytes // (token_bytes * page_size), -(-limit // page_size) * max_num_seqs)
+            if num_pages < 2:
+                raise MegatierError(f"kv_cache_gb={kv_cache_gb} holds fewer than 2 pages of {page_size} tokens")
+            cache = KVCache.allocate(self.config, num_pages, page_size, self.dtype, self.device)
+            executor = create_executor(backend, self.config, weights, cache)
         self.max_model_len = min(limit, num_pages * page_size)
-        cache = KVCache.allocate(self.config, num_pages, page_size, self.dtype, self.device)
-        executor = create_executor(backend, self.config, weights, cache)
         eos = self.generation_defaults.eos_token_ids or self.config.eos_token_ids
         if not eos and self.tokenizer and self.tokenizer.eos_token_id is not None:
             eos = (self.tokenizer.eos_token_id,)
