@@ -7,10 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import socket
-import threading
 import time
-from contextlib import contextmanager
 
 import httpx
 import openai
@@ -18,11 +15,9 @@ import pytest
 
 from conftest import make_hf_model, write_byte_tokenizer
 from megatier import LLM, SamplingParams
-from megatier.serve.app import create_app
-from megatier.serve.server import make_server
+from serve_helpers import MAX_MODEL_LEN, live_server, make_app
 
 KEY = "test-key"
-MAX_MODEL_LEN = 256
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
@@ -37,32 +32,6 @@ def model_dir(tmp_path_factory):
 def reference(model_dir):
     """The same model in-process: what the server must reproduce."""
     return LLM(str(model_dir), max_model_len=MAX_MODEL_LEN)
-
-
-@contextmanager
-def live_server(app, shutdown_timeout: float = 5.0):
-    """Run `app` on uvicorn in a thread on a free loopback port; yield (base url, uvicorn server)."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = make_server(app, "127.0.0.1", port, shutdown_timeout, log_level="warning")
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}", server
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        assert not thread.is_alive(), "the server did not shut down"
-
-
-def make_app(model_dir, **kw):
-    llm = LLM(str(model_dir), max_model_len=MAX_MODEL_LEN, max_num_seqs=kw.pop("max_num_seqs", 256))
-    return create_app(llm, served_model_name="tiny", **kw)
 
 
 @pytest.fixture(scope="module")

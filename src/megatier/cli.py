@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
+import os
 import sys
 
 from megatier.errors import MegatierError
@@ -17,6 +19,7 @@ examples:
   megatier generate --chat "Write a haiku about GPUs" --temperature 0.7
   megatier chat
   megatier bench latency --model llama-3.2-1b --load-format dummy --batch 1
+  megatier serve --port 8000        (then: megatier bench serve --base-url http://127.0.0.1:8000)
 """
 
 
@@ -47,7 +50,7 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
 
 
-def build_llm(args: argparse.Namespace):
+def build_llm(args: argparse.Namespace, **engine_args):
     from megatier.llm import LLM
 
     return LLM(
@@ -59,6 +62,7 @@ def build_llm(args: argparse.Namespace):
         seed=args.seed,
         max_model_len=args.max_model_len,
         kv_cache_gb=args.kv_cache_gb,
+        **engine_args,
     )
 
 
@@ -126,6 +130,18 @@ def cmd_bench_latency(args: argparse.Namespace) -> None:
     run_latency(args)
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from megatier.serve.server import run_server
+
+    run_server(args)
+
+
+def cmd_bench_serve(args: argparse.Namespace) -> None:
+    from megatier.bench.serve import run_bench_serve
+
+    run_bench_serve(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="megatier", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -157,7 +173,60 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", type=int, default=3, help="timed repetitions; the median is reported")
     p.add_argument("--json", help="write the result record to this file")
     p.set_defaults(func=cmd_bench_latency)
+
+    p = bench.add_parser("serve", help="load-test an OpenAI-compatible server (ours or any other)")
+    add_bench_serve_args(p)
+    p.set_defaults(func=cmd_bench_serve)
+
+    p = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API")
+    add_model_args(p)
+    add_serve_args(p)
+    p.set_defaults(func=cmd_serve)
     return parser
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health, /metrics")
+    g.add_argument("--served-model-name", help="the model name clients send (default: --model as given)")
+    g.add_argument("--max-num-seqs", type=int, default=256, help="sequences in the running batch at most")
+    g.add_argument(
+        "--max-num-batched-tokens", type=int, default=2048, help="tokens per engine step (prompts are chunked)"
+    )
+    g.add_argument(
+        "--max-queue-len", type=int, default=1024, help="sequences that may wait for the batch; beyond that, HTTP 503"
+    )
+    g.add_argument(
+        "--shutdown-timeout", type=float, default=10.0, help="seconds streams get to finish on shutdown (default 10)"
+    )
+
+
+def add_bench_serve_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("server")
+    g.add_argument("--base-url", default="http://127.0.0.1:8000", help="server address (default: local megatier)")
+    g.add_argument(
+        "--endpoint", default="/v1/completions", choices=["/v1/completions", "/v1/chat/completions"], help="API route"
+    )
+    g.add_argument("--model", help="model name to send (default: the first one /v1/models lists)")
+    g.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="bearer token (env OPENAI_API_KEY)")
+    g = p.add_argument_group("workload")
+    g.add_argument("--dataset", default="random", choices=["random", "sharegpt"], help="prompt length distribution")
+    g.add_argument("--num-prompts", type=int, default=100, help="requests to send (default 100)")
+    g.add_argument("--random-input-len", type=int, default=256, help="prompt tokens (median for sharegpt)")
+    g.add_argument("--random-output-len", type=int, default=64, help="max_tokens per request (median for sharegpt)")
+    g.add_argument("--random-range-ratio", type=float, default=0.0, help="random: lengths vary by +-this fraction")
+    g.add_argument("--tokenizer", help="Hugging Face tokenizer directory, to send text prompts of known length")
+    g.add_argument("--request-rate", type=float, default=math.inf, help="requests/s, Poisson arrivals (default inf)")
+    g.add_argument("--max-concurrency", type=int, help="requests in flight at most (default: no limit)")
+    g.add_argument("--ignore-eos", action="store_true", help="ask for exactly max_tokens tokens (peers' extra field)")
+    g.add_argument("--temperature", type=float, default=0.0, help="sampling temperature sent (default 0)")
+    g.add_argument("--seed", type=int, default=0, help="seed for prompts, lengths and arrival times")
+    g = p.add_argument_group("output")
+    g.add_argument("--percentiles", default="50,90,99", help="percentiles to report (default 50,90,99)")
+    g.add_argument("--json", help="write the result record to this file")
+    g.add_argument("--plot", help="write a PNG of the latency distributions (default: next to --json)")
 
 
 def main(argv: list[str] | None = None) -> int:

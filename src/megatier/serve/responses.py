@@ -1,7 +1,8 @@
 """OpenAI response bodies and stream chunks, built from engine updates.
 
 A choice's index is prompt_index * n + sequence index, as OpenAI numbers the choices of a batch of
-prompts. CompletionFormat and ChatFormat share one interface (opening chunks, one chunk per update, the
+prompts. Every step that yields tokens gets a chunk, even when its text is still held back (an
+incomplete UTF-8 character, a possible stop string), so clients can time each token. CompletionFormat and ChatFormat share one interface (opening chunks, one chunk per update, the
 whole response), so the streaming and collecting code in app.py serves both endpoints.
 """
 
@@ -119,7 +120,7 @@ class CompletionFormat(_Format):
         }
 
     def chunk(self, index: int, update: SequenceUpdate) -> dict[str, Any] | None:
-        if not (update.delta_text or update.finished or update.new_logprobs):
+        if not (update.new_token_ids or update.finished):
             return None
         choice = {
             "index": index,
@@ -173,11 +174,11 @@ class ChatFormat(_Format):
         ]
 
     def chunk(self, index: int, update: SequenceUpdate) -> dict[str, Any] | None:
-        if not (update.delta_text or update.finished or update.new_logprobs):
+        if not (update.new_token_ids or update.finished):
             return None
         choice = {
             "index": index,
-            "delta": {"content": update.delta_text} if update.delta_text else {},
+            "delta": {"content": update.delta_text} if update.new_token_ids else {},
             "logprobs": self.logprobs(update.new_token_ids, update.new_logprobs),
             "finish_reason": update.finish_reason if update.finished else None,
             "stop_reason": update.stop_reason,
