@@ -76,7 +76,7 @@ def merge_attention_states(
             num_parts,
             num_rows,
             head_dim,
-            BLOCK_S=triton.next_power_of_2(num_parts),
+            BLOCK_S=max(2, triton.next_power_of_2(num_parts)),
             BLOCK_D=triton.next_power_of_2(head_dim),
             USE_PDL=pdl,
             launch_pdl=pdl,

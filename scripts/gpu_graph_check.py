@@ -1,0 +1,195 @@
+"""The graph executor on a GPU in one run: its tests on CUDA, then greedy decode timing on the
+Llama-3.2-1B shape (dummy bf16 weights) against the copy bandwidth measured in the same process.
+
+    PYTHONPATH=src python scripts/gpu_graph_check.py [--skip-tests] [--steps 128]
+
+Each timing is decode_greedy(num_steps) from a fixed context, timed with CUDA events over the whole
+call and divided by the steps (so per-call glue is included), median of several calls after a warm-up
+call that captures the graph; with and without programmatic dependent launch. A kernel profile of the
+headline case shows where a step's time goes. Logs and JSON go to $OUT when set (the device tool's
+output folder), else to /tmp; the table is printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from importlib.resources import files
+from pathlib import Path
+
+import torch
+
+from megatier.bench.common import copy_bandwidth, device_name, git_commit
+from megatier.config import config_from_hf
+from megatier.executors.base import StepBatch
+from megatier.executors.graph import GraphExecutor
+from megatier.kernels import pdl
+from megatier.kv.pages import KVCache, pages_for
+from megatier.loader import dummy_weights
+
+OUT = Path(os.environ.get("OUT") or "/tmp/gpu_graph_check")
+CASES = [(1, 32), (1, 4096), (8, 512), (64, 512)]  # (batch, prompt tokens): context grows by the steps
+
+
+def run_tests(timeout_s: int) -> str:
+    """The gpu tests of the graph executor and its kernels (all tests there run on CUDA here)."""
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernels.py"]
+    cmd += ["tests/test_graph_executor.py", "-rfEs", "--durations=5"]
+    try:
+        import xdist  # noqa: F401
+
+        cmd += ["-n", "6"]
+    except ImportError:
+        pass
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+        log, rc = proc.stdout + proc.stderr, proc.returncode
+    except subprocess.TimeoutExpired as e:
+        log, rc = (e.stdout or b"").decode() + f"\nTIMEOUT after {timeout_s}s", -1
+    (OUT / "pytest.log").write_text(log)
+    summary = [line for line in log.splitlines() if line.startswith(("FAILED", "ERROR", "SKIPPED"))]
+    tail = log.strip().splitlines()[-1] if log.strip() else "no output"
+    print("\n".join(log.strip().splitlines()[-40:]), flush=True)
+    return f"rc={rc} in {time.perf_counter() - t0:.0f}s: {tail}" + "".join(f"\n    {s}" for s in summary[:10])
+
+
+def time_greedy(cfg, weights, batch_size: int, prompt_len: int, steps: int, repeats: int = 5) -> dict:
+    device = torch.device("cuda")
+    page_size = 16
+    per_seq = pages_for(prompt_len + steps + 1, page_size)
+    cache = KVCache.allocate(cfg, batch_size * per_seq, page_size, torch.bfloat16, device)
+    ex = GraphExecutor(cfg, weights, cache=cache)
+    tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(batch_size)]
+    gen = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, cfg.vocab_size, (batch_size, prompt_len), generator=gen).tolist()
+    logits = ex.forward(StepBatch([t for p in prompts for t in p], [0] * batch_size, [prompt_len] * batch_size, tables))
+    batch = StepBatch(logits.argmax(-1).tolist(), [prompt_len] * batch_size, [1] * batch_size, tables)
+    ex.decode_greedy(batch, steps)  # warm-up: compiles and captures
+    per_step = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        ex.decode_greedy(batch, steps)
+        end.record()
+        end.synchronize()
+        per_step.append(start.elapsed_time(end) * 1e3 / steps)
+    kv_bytes = batch_size * (prompt_len + steps / 2) * cfg.kv_bytes_per_token(torch.bfloat16)
+    return {
+        "us_per_step": statistics.median(per_step),
+        "us_min": min(per_step),
+        "us_max": max(per_step),
+        "kv_bytes_per_step": kv_bytes,
+        "splits": ex._num_splits(len(batch.starts), prompt_len + steps),
+        "executor": ex,
+        "batch": batch,
+    }
+
+
+def kernel_profile(ex: GraphExecutor, batch: StepBatch, steps: int) -> list[tuple[str, float, int]]:
+    """(kernel name, device µs per step, launches per step) for the kernels of `steps` greedy steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        ex.decode_greedy(batch, steps)
+        torch.cuda.synchronize()
+    rows = []
+    for evt in prof.key_averages():
+        total = getattr(evt, "self_device_time_total", 0) or getattr(evt, "self_cuda_time_total", 0)
+        if total > 0:
+            rows.append((evt.key[:70], total / steps, round(evt.count / steps)))
+    return sorted(rows, key=lambda r: -r[1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--skip-tests", action="store_true")
+    parser.add_argument("--steps", type=int, default=128)
+    parser.add_argument("--test-timeout", type=int, default=300)
+    args = parser.parse_args()
+    OUT.mkdir(parents=True, exist_ok=True)
+    device = torch.device("cuda")
+    import triton
+
+    print(f"{device_name(device)}, torch {torch.__version__}, triton {triton.__version__}, commit {git_commit()}")
+    tests = "skipped" if args.skip_tests else run_tests(args.test_timeout)
+
+    cfg = config_from_hf(json.loads((files("megatier") / "configs/llama-3.2-1b.json").read_text()))
+    weights = dummy_weights(cfg, 0, torch.bfloat16, device)
+    weight_bytes = weights.nbytes()
+    bandwidth = copy_bandwidth(device)
+    results, profile_rows = [], []
+    for batch_size, prompt_len in CASES:
+        for use_pdl in (True, False):
+            if not use_pdl and batch_size > 1:
+                continue
+            pdl.enabled = use_pdl
+            label = f"B={batch_size} ctx={prompt_len}+{args.steps} pdl={'on' if use_pdl else 'off'}"
+            try:
+                r = time_greedy(cfg, weights, batch_size, prompt_len, args.steps)
+            except Exception as e:  # report and go on: one broken case must not hide the others
+                print(f"{label}: FAILED {type(e).__name__}: {e}", flush=True)
+                results.append({"case": label, "error": f"{type(e).__name__}: {e}"})
+                continue
+            if batch_size == 1 and prompt_len == 32 and use_pdl:
+                try:
+                    profile_rows = kernel_profile(r["executor"], r["batch"], 16)
+                except Exception as e:
+                    print(f"profile failed: {type(e).__name__}: {e}")
+            step_s = r["us_per_step"] / 1e6
+            moved = weight_bytes + r["kv_bytes_per_step"]
+            results.append(
+                {
+                    "case": label,
+                    "us_per_step": r["us_per_step"],
+                    "us_min": r["us_min"],
+                    "us_max": r["us_max"],
+                    "splits": r["splits"],
+                    "floor_us": moved / bandwidth * 1e6,
+                    "pct_of_copy_bw": 100 * moved / step_s / bandwidth,
+                    "tokens_per_s": batch_size / step_s,
+                }
+            )
+            del r
+            torch.cuda.empty_cache()
+    pdl.enabled = True
+    record = {
+        "device": device_name(device),
+        "commit": git_commit(),
+        "torch": torch.__version__,
+        "copy_GBps": bandwidth / 1e9,
+        "weight_bytes": weight_bytes,
+        "results": results,
+        "profile_us_per_step": profile_rows[:25],
+        "tests": tests,
+    }
+    (OUT / "gpu_graph_check.json").write_text(json.dumps(record, indent=2) + "\n")
+
+    if profile_rows:
+        kernel_total = sum(r[1] for r in profile_rows)
+        print(f"\nkernel time per step (B=1 ctx=32, profiled): {kernel_total:.0f} us in {len(profile_rows)} kernels")
+        for name, us, count in profile_rows[:14]:
+            print(f"  {us:8.1f} us  x{count:<4d} {name}")
+    print(f"\ndevice: {device_name(device)}   copy bandwidth {bandwidth / 1e9:.0f} GB/s (read+write, 1 GiB copy)")
+    print(f"weights {weight_bytes / 1e9:.3f} GB; floor = (weights + KV read) / copy bandwidth")
+    print(f"tests: {tests}")
+    print(
+        f"{'case':34s} {'us/step':>9s} {'min':>8s} {'max':>8s} {'floor':>7s} {'%copyBW':>8s} {'tok/s':>8s} {'splits':>6s}"
+    )
+    for r in results:
+        if "error" in r:
+            print(f"{r['case']:34s} ERROR {r['error'][:80]}")
+            continue
+        print(
+            f"{r['case']:34s} {r['us_per_step']:9.1f} {r['us_min']:8.1f} {r['us_max']:8.1f} {r['floor_us']:7.0f} "
+            f"{r['pct_of_copy_bw']:7.1f}% {r['tokens_per_s']:8.0f} {r['splits']:6d}"
+        )
+
+
+if __name__ == "__main__":
+    main()
