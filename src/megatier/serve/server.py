@@ -43,11 +43,21 @@ def make_server(app, host: str, port: int, shutdown_timeout: float = 10.0, log_l
     return Server(config, app.state.megatier.engine, shutdown_timeout)
 
 
+def served_model_name(args: argparse.Namespace) -> str:
+    """What clients send as "model": --served-model-name, else --model as typed (as vLLM does), else the
+    embedded default model's name."""
+    if args.served_model_name or args.model:
+        return args.served_model_name or args.model
+    from megatier.gguf_import import DEFAULT_GGUF_NAME
+
+    return DEFAULT_GGUF_NAME.split(".")[0]
+
+
 def run_server(args: argparse.Namespace) -> None:
     from megatier.cli import build_llm
 
     llm = build_llm(args, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
-    name = args.served_model_name or args.model or llm.model_path.name
+    name = served_model_name(args)
     app = create_app(llm, served_model_name=name, api_key=args.api_key, max_queue_len=args.max_queue_len)
     print(f"megatier: serving {name!r} ({llm.backend} on {llm.device}) at http://{args.host}:{args.port}/v1")
     make_server(app, args.host, args.port, args.shutdown_timeout).run()
