@@ -1,0 +1,196 @@
+"""Megakernel timings on the GPU machine: one process, results as JSON (+ a timeline Gantt PNG).
+
+    python scripts/gpu_megakernel.py --out DIR [--quick]
+
+Measures, on dummy Llama-3.2-1B weights (bf16): device copy bandwidth (the floor's denominator); batch-1
+and batch-8 per-step time of decode_greedy (CUDA graphs of 16 steps, everything on the device); batch 1
+at 16K context; free-running greedy agreement with the bf16 and fp32 reference over 128 steps; one step's
+per-instruction timeline. Prints a table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from megakernel_helpers import dummy_weights, garbage_kv, llama_1b_config, page_tables, random_prompts
+from megatier.executors.base import StepBatch
+from megatier.executors.megakernel.runner import MegakernelExecutor
+from megatier.executors.megakernel.timeline import render_gantt, summarize
+from megatier.executors.reference import ReferenceExecutor
+from megatier.kv.pages import KVCache
+
+CUDA = torch.device("cuda")
+PAGE = 16
+WEIGHT_BYTES = 2_471_628_800
+
+
+def copy_bandwidth() -> float:
+    """Bytes read + written per second by a 2 GiB device-to-device copy (median of 10)."""
+    x = torch.empty(1 << 30, dtype=torch.int16, device=CUDA).random_()
+    y = torch.empty_like(x)
+    times = []
+    for _ in range(12):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        y.copy_(x)
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    return 2 * x.numel() * 2 / sorted(times[2:])[len(times[2:]) // 2]
+
+
+def time_decode(ex: MegakernelExecutor, batch: StepBatch, steps: int, reps: int) -> dict:
+    """Median per-step time of decode_greedy(batch, steps), warm (compiled, graph captured)."""
+    ex.decode_greedy(batch, steps)
+    times = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        tokens = ex.decode_greedy(batch, steps)
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3 / steps)
+    times.sort()
+    return {"us_per_step": times[len(times) // 2], "min_us": times[0], "max_us": times[-1], "tokens": tokens}
+
+
+def prefilled_batch(cfg, weights, lengths: list[int], steps: int, cache: KVCache, seed: int) -> StepBatch:
+    """Prompts written into the cache by the reference; the decode batch that follows them."""
+    prompts = random_prompts(lengths, cfg.vocab_size, seed=seed)
+    tables = page_tables([n + steps for n in lengths], PAGE, cache.num_pages, seed=seed)
+    ReferenceExecutor(cfg, weights, cache=cache).forward(
+        StepBatch([t for p in prompts for t in p[:-1]], [0] * len(prompts), [len(p) - 1 for p in prompts], tables)
+    )
+    return StepBatch([p[-1] for p in prompts], [len(p) - 1 for p in prompts], [1] * len(prompts), tables)
+
+
+def greedy_reference(cfg, weights, cache: KVCache, batch: StepBatch, steps: int) -> torch.Tensor:
+    ref = ReferenceExecutor(cfg, weights, cache=cache)
+    ids, starts, out = list(batch.token_ids), list(batch.starts), []
+    for _ in range(steps):
+        ids = ref.forward(StepBatch(ids, starts, [1] * len(ids), batch.page_tables)).argmax(-1).tolist()
+        starts = [s + 1 for s in starts]
+        out.append(ids)
+    return torch.tensor(out)
+
+
+def first_divergence(a: torch.Tensor, b: torch.Tensor) -> int | None:
+    diff = (a.cpu() != b.cpu()).any(-1).nonzero()
+    return None if diff.numel() == 0 else int(diff[0])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--quick", action="store_true", help="fewer repeats, no 16K context")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    props = torch.cuda.get_device_properties(CUDA)
+    res: dict = {
+        "device": props.name,
+        "sms": props.multi_processor_count,
+        "torch": torch.__version__,
+        "command": " ".join(sys.argv),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    try:
+        import cuda.core
+
+        res["cuda_core"] = cuda.core.__version__
+    except Exception as e:
+        res["cuda_core"] = repr(e)
+    reps = 3 if args.quick else 7
+
+    def stage(name, fn):
+        t = time.time()
+        try:
+            res[name] = fn()
+        except Exception:
+            res[name] = {"error": traceback.format_exc()[-3000:]}
+        print(f"[{time.time() - t:6.1f}s] {name}: {str(res[name])[:400]}", flush=True)
+        (args.out / "megakernel_results.json").write_text(json.dumps(res, indent=1, default=str))
+
+    stage("copy_bw_GBps", lambda: copy_bandwidth() / 1e9)
+    cfg = llama_1b_config()
+    weights = dummy_weights(cfg, 0, torch.bfloat16, CUDA)
+    cache = KVCache.allocate(cfg, 1100, PAGE, torch.bfloat16, CUDA)
+    garbage_kv(cache)
+    ex = MegakernelExecutor(cfg, weights, cache=cache)
+
+    b1 = prefilled_batch(cfg, weights, [32], 128, cache, seed=1)
+    saved = cache.kv.clone()
+
+    def batch1():
+        r = time_decode(ex, b1, 128, reps)
+        r["floor_us_at_copy_bw"] = WEIGHT_BYTES / (res["copy_bw_GBps"] * 1e9) * 1e6
+        r["graph_error"] = ex.graph_error
+        r["tokens"] = r["tokens"][:, 0].tolist()
+        return r
+
+    stage("batch1_ctx32_128steps", batch1)
+
+    def agreement():
+        mk = torch.tensor(res["batch1_ctx32_128steps"]["tokens"])[:, None]
+        out = {}
+        for name, dtype in (("bf16_reference", torch.bfloat16), ("fp32_reference", torch.float32)):
+            c = KVCache(saved.to(dtype, copy=True))
+            ref = greedy_reference(cfg, weights.to(CUDA, dtype), c, b1, 128)
+            out[name] = {"first_divergence": first_divergence(mk, ref), "equal_tokens": int((mk == ref).sum())}
+        return out
+
+    stage("greedy_agreement_128", agreement)
+
+    lengths8 = [32, 5, 200, 77, 1, 128, 64, 9]
+    b8 = prefilled_batch(cfg, weights, lengths8, 128, cache, seed=8)
+
+    def batch8():
+        r = time_decode(ex, b8, 128, reps)
+        r.pop("tokens")
+        r["ratio_to_batch1"] = r["us_per_step"] / res["batch1_ctx32_128steps"]["us_per_step"]
+        return r
+
+    stage("batch8_mixed_128steps", batch8)
+
+    if not args.quick:
+
+        def long_context():
+            tables = page_tables([16384 + 32], PAGE, cache.num_pages, seed=5)
+            batch = StepBatch([11], [16384], [1], tables)  # KV below 16K: random (no prefill needed for timing)
+            return {k: v for k, v in time_decode(ex, batch, 32, reps).items() if k != "tokens"}
+
+        stage("batch1_ctx16k_32steps", long_context)
+
+    def timeline():
+        cache.kv.copy_(saved)
+        ext = MegakernelExecutor(cfg, weights, cache=cache, timeline=True)
+        ext.decode_greedy(b1, 4)
+        program, stamps = ext.timeline_data(1)
+        render_gantt(program, stamps, args.out / "megakernel_timeline.png", f"Llama-3.2-1B batch 1, {props.name}")
+        torch.save({"stamps": stamps, "queues": [[i.encode() for i in q] for q in program.queues]},
+                   args.out / "megakernel_timeline.pt")  # fmt: skip
+        return summarize(program, stamps)
+
+    stage("timeline_batch1", timeline)
+
+    print("\n=== megakernel summary ===")
+    for key in ("copy_bw_GBps", "batch1_ctx32_128steps", "batch8_mixed_128steps", "batch1_ctx16k_32steps"):
+        v = res.get(key)
+        if isinstance(v, dict) and "us_per_step" in v:
+            print(f"{key:28s} {v['us_per_step']:9.1f} us/step  (min {v['min_us']:.1f}, max {v['max_us']:.1f})")
+        else:
+            print(f"{key:28s} {str(v)[:200]}")
+    print(json.dumps(res.get("greedy_agreement_128"), default=str))
+
+
+if __name__ == "__main__":
+    main()

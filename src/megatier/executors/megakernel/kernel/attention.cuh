@@ -1,0 +1,169 @@
+// Split-KV decode attention for one (sequence, kv head, split), and the merge of all splits done by
+// whichever split finishes last.
+//
+// HEAD_DIM/8 lanes share one key (16 bytes of K and of V each); a warp covers 32*8/HEAD_DIM keys per
+// iteration; each lane keeps an online softmax (max in log2 units, sum, 8 output dims) for the GROUP
+// query heads of the kv head. Lanes, then warps, are merged in a fixed order, so results do not depend
+// on timing. The split writes (unnormalized output, max, sum) to global memory; the last split to
+// arrive at the group's counter merges every split in split order and writes the bf16 attention output.
+#pragma once
+#include <cuda/std/limits>
+
+#include "common.cuh"
+
+namespace mk {
+
+constexpr int LPK = HEAD_DIM / 8;  // lanes per key
+constexpr int KPW = 32 / LPK;      // keys per warp per iteration
+constexpr float LOG2E = 1.4426950408889634f;
+constexpr float NEG_INF = -cuda::std::numeric_limits<float>::infinity();
+static_assert(LPK >= 1 && LPK <= 32 && 32 % LPK == 0, "HEAD_DIM / 8 lanes must tile a warp");
+
+struct Softmax {
+    float m, l;  // running max (log2 units) and sum of exp2(score - m)
+};
+
+// Merge (m2, l2, o2) into (m1, l1, o1); an empty side has m = -inf.
+__device__ __forceinline__ void merge_into(float& m1, float& l1, float (&o1)[8], float m2, float l2,
+                                           const float (&o2)[8]) {
+    const float m = fmaxf(m1, m2);
+    const float c1 = m1 == NEG_INF ? 0.f : exp2f(m1 - m);
+    const float c2 = m2 == NEG_INF ? 0.f : exp2f(m2 - m);
+    l1 = l1 * c1 + l2 * c2;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) o1[i] = o1[i] * c1 + o2[i] * c2;
+    m1 = m;
+}
+
+__device__ void op_attn(Ctx& cx, const int* in) {
+    const int l = field(in, F_LAYER), b = field(in, F_A0), kvh = field(in, F_A1);
+    const int s = field(in, F_A2), nsplit = field(in, F_A3);
+    const int ctx = param<int>(cx, P_POS)[b] + 1;
+    const int chunk = (ctx + nsplit - 1) / nsplit;
+    const int lo = s * chunk, hi = min(ctx, lo + chunk);
+    const int sub = cx.lane / LPK, dl = cx.lane % LPK;
+
+    float q[GROUP][8], o[GROUP][8], m[GROUP], lsum[GROUP];
+    const float* qsrc = param<float>(cx, P_Q) + b * Q_SIZE + kvh * GROUP * HEAD_DIM + dl * 8;
+    const float scale = rsqrtf(static_cast<float>(HEAD_DIM)) * LOG2E;
+#pragma unroll
+    for (int g = 0; g < GROUP; ++g) {
+        const float4 a = ld_cg(reinterpret_cast<const float4*>(qsrc + g * HEAD_DIM));
+        const float4 c = ld_cg(reinterpret_cast<const float4*>(qsrc + g * HEAD_DIM + 4));
+        q[g][0] = a.x * scale, q[g][1] = a.y * scale, q[g][2] = a.z * scale, q[g][3] = a.w * scale;
+        q[g][4] = c.x * scale, q[g][5] = c.y * scale, q[g][6] = c.z * scale, q[g][7] = c.w * scale;
+        m[g] = NEG_INF, lsum[g] = 0.f;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) o[g][i] = 0.f;
+    }
+
+    const bf16* kv = param<bf16>(cx, P_KV);
+    const int* table = param<int>(cx, P_TABLE) + b * MAX_PAGES;
+    for (int base = lo + cx.warp * KPW; base < hi; base += NUM_CONSUMER_WARPS * KPW) {
+        const int key = base + sub;
+        const bool valid = key < hi;
+        float kf[8], vf[8];
+        if (valid) {
+            const size_t page = table[key / PAGE_SIZE];
+            const size_t row = ((page * LAYERS + l) * 2 * KV_HEADS + kvh) * PAGE_SIZE + key % PAGE_SIZE;
+            const uint4 kr = ld_cg(reinterpret_cast<const uint4*>(kv + row * HEAD_DIM + dl * 8));
+            const uint4 vr = ld_cg(reinterpret_cast<const uint4*>(kv + (row + KV_HEADS * PAGE_SIZE) * HEAD_DIM + dl * 8));
+            const uint32_t kw[4] = {kr.x, kr.y, kr.z, kr.w}, vw[4] = {vr.x, vr.y, vr.z, vr.w};
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                kf[2 * i] = bf16_lo(kw[i]), kf[2 * i + 1] = bf16_hi(kw[i]);
+                vf[2 * i] = bf16_lo(vw[i]), vf[2 * i + 1] = bf16_hi(vw[i]);
+            }
+        } else {
+#pragma unroll
+            for (int i = 0; i < 8; ++i) kf[i] = vf[i] = 0.f;
+        }
+#pragma unroll
+        for (int g = 0; g < GROUP; ++g) {
+            float sc = 0.f;
+#pragma unroll
+            for (int i = 0; i < 8; ++i) sc += q[g][i] * kf[i];
+#pragma unroll
+            for (int off = LPK / 2; off > 0; off >>= 1) sc += __shfl_xor_sync(0xffffffffu, sc, off);
+            if (valid) {
+                const float mn = fmaxf(m[g], sc);
+                const float c = exp2f(m[g] - mn), p = exp2f(sc - mn);
+                lsum[g] = lsum[g] * c + p;
+#pragma unroll
+                for (int i = 0; i < 8; ++i) o[g][i] = o[g][i] * c + p * vf[i];
+                m[g] = mn;
+            }
+        }
+    }
+    // Merge the key slots of the warp (lanes with the same dims), butterfly in a fixed order.
+#pragma unroll
+    for (int g = 0; g < GROUP; ++g) {
+        for (int off = LPK; off < 32; off <<= 1) {
+            float o2[8];
+#pragma unroll
+            for (int i = 0; i < 8; ++i) o2[i] = __shfl_xor_sync(0xffffffffu, o[g][i], off);
+            const float m2 = __shfl_xor_sync(0xffffffffu, m[g], off);
+            const float l2 = __shfl_xor_sync(0xffffffffu, lsum[g], off);
+            merge_into(m[g], lsum[g], o[g], m2, l2, o2);
+        }
+    }
+    // Then the warps, through shared memory: [warp][g][HEAD_DIM + 2].
+    float* ws = attn_smem(cx);
+    constexpr int WS = HEAD_DIM + 2;
+    if (sub == 0) {
+#pragma unroll
+        for (int g = 0; g < GROUP; ++g) {
+            float* dst = ws + (cx.warp * GROUP + g) * WS;
+#pragma unroll
+            for (int i = 0; i < 8; ++i) dst[dl * 8 + i] = o[g][i];
+            if (dl == 0) dst[HEAD_DIM] = m[g], dst[HEAD_DIM + 1] = lsum[g];
+        }
+    }
+    consumer_bar();
+    const size_t part = ((size_t)(b * KV_HEADS + kvh) * nsplit + s) * GROUP;
+    float* part_o = param<float>(cx, P_PART_O);
+    float* part_ml = param<float>(cx, P_PART_ML);
+    for (int idx = cx.tid; idx < GROUP * HEAD_DIM; idx += NCT) {
+        const int g = idx / HEAD_DIM, d = idx % HEAD_DIM;
+        float mm = NEG_INF;
+        for (int w = 0; w < NUM_CONSUMER_WARPS; ++w) mm = fmaxf(mm, ws[(w * GROUP + g) * WS + HEAD_DIM]);
+        float acc = 0.f, tot = 0.f;
+        for (int w = 0; w < NUM_CONSUMER_WARPS; ++w) {
+            const float* src = ws + (w * GROUP + g) * WS;
+            const float c = src[HEAD_DIM] == NEG_INF ? 0.f : exp2f(src[HEAD_DIM] - mm);
+            acc += src[d] * c;
+            tot += src[HEAD_DIM + 1] * c;
+        }
+        part_o[(part + g) * HEAD_DIM + d] = acc;
+        if (d == 0) part_ml[(part + g) * 2] = mm, part_ml[(part + g) * 2 + 1] = tot;
+    }
+    consumer_bar();
+    if (cx.tid == 0) {
+        __threadfence();
+        uint32_t* arrive = param<uint32_t>(cx, P_COUNTERS) + field(in, F_SIG_CTR);
+        const uint32_t want = static_cast<uint32_t>(field(in, F_ARRIVE_TARGET)) * (cx.epoch + 1);
+        flags_smem(cx)[1] = add_acq_rel(arrive, field(in, F_SIG_AMOUNT)) + field(in, F_SIG_AMOUNT) == want;
+    }
+    consumer_bar();
+    if (!flags_smem(cx)[1]) return;
+    // Last split of the group: merge all splits in split order.
+    const size_t first = (size_t)(b * KV_HEADS + kvh) * nsplit * GROUP;
+    bf16* out = param<bf16>(cx, P_ATTN_OUT) + b * Q_SIZE + kvh * GROUP * HEAD_DIM;
+    for (int idx = cx.tid; idx < GROUP * HEAD_DIM; idx += NCT) {
+        const int g = idx / HEAD_DIM, d = idx % HEAD_DIM;
+        float mm = NEG_INF;
+        for (int sp = 0; sp < nsplit; ++sp) mm = fmaxf(mm, ld_cg(part_ml + (first + sp * GROUP + g) * 2));
+        float acc = 0.f, tot = 0.f;
+        for (int sp = 0; sp < nsplit; ++sp) {
+            const size_t p = first + sp * GROUP + g;
+            const float ms = ld_cg(part_ml + p * 2);
+            const float c = ms == NEG_INF ? 0.f : exp2f(ms - mm);
+            acc += ld_cg(part_o + p * HEAD_DIM + d) * c;
+            tot += ld_cg(part_ml + p * 2 + 1) * c;
+        }
+        out[idx] = __float2bfloat16(acc / tot);
+    }
+    signal(cx, field(in, F_DONE_CTR), 1);
+}
+
+}  // namespace mk

@@ -1,0 +1,214 @@
+// Per-CTA context, shared-memory layout, cross-SM synchronization and activation staging.
+//
+// Every size comes from #defines that build.py emits for one (model, batch size): HIDDEN, HEADS, ...,
+// the shared-memory offsets SM_*, the parameter slots P_* and the instruction fields F_* / OP_*.
+#pragma once
+#include "ptx.cuh"
+
+namespace mk {
+
+using bf16 = __nv_bfloat16;
+
+constexpr int NCT = NUM_CONSUMER_WARPS * 32;  // consumer threads
+constexpr int GROUP = HEADS / KV_HEADS;
+constexpr int Q_SIZE = HEADS * HEAD_DIM;
+constexpr int QKV_ROWS = (HEADS + 2 * KV_HEADS) * HEAD_DIM;
+constexpr int ROW_STRIDE = 2 * KC_MAX + 16;  // bytes per weight row in a ring stage: 16 B of padding
+constexpr int STAGE_BYTES = TILE * ROW_STRIDE;
+constexpr uint64_t TIMEOUT_NS = 500ull * 1000 * 1000;
+
+static_assert(TILE == 16, "a weight tile is one 16-row tensor-core fragment");
+static_assert(BATCH >= 1 && BATCH <= 8, "batch columns live in one n=8 mma fragment");
+static_assert(HEAD_DIM % 16 == 0 && HIDDEN % 16 == 0 && INTER % 16 == 0, "k-steps of 16");
+static_assert(SM_RING % 128 == 0 && STAGE_BYTES % 128 == 0, "bulk-copy destinations stay aligned");
+static_assert(SM_ACT % 16 == 0 && (ACT_STRIDE * 2) % 16 == 0, "16-byte activation stores");
+static_assert(SMEM_BYTES <= 232448, "Hopper gives a CTA at most 227 KiB of shared memory");
+
+// A weight matrix is cut into k-chunks of kc columns; kc divides K and fits a ring stage.
+__host__ __device__ constexpr int kc_for(int K) {
+    int kc = K < KC_MAX ? K : KC_MAX;
+    kc -= kc % 16;
+    while (K % kc != 0) kc -= 16;
+    return kc;
+}
+
+struct Ctx {
+    const uint64_t* prm;
+    unsigned char* smem;
+    uint32_t epoch;
+    int tid, warp, lane;  // consumer thread id (0..NCT-1) and its warp/lane
+    int stage;            // ring position, identical in every consumer thread and in the loader
+    uint32_t phase;
+    int rbuf;             // which half of the double-buffered reduction scratch is next
+    int index;            // global index of the current instruction (diagnostics)
+    int op;
+};
+
+template <class T>
+__device__ __forceinline__ T* param(const Ctx& cx, int slot) {
+    return reinterpret_cast<T*>(__ldg(cx.prm + slot));
+}
+
+__device__ __forceinline__ int field(const int* in, int f) { return __ldg(in + f); }
+
+// ---- shared memory ----------------------------------------------------------------------------------
+__device__ __forceinline__ unsigned char* ring_stage(const Ctx& cx, int s) { return cx.smem + SM_RING + s * STAGE_BYTES; }
+__device__ __forceinline__ bf16* act_smem(const Ctx& cx) { return reinterpret_cast<bf16*>(cx.smem + SM_ACT); }
+__device__ __forceinline__ float* attn_smem(const Ctx& cx) { return reinterpret_cast<float*>(cx.smem + SM_ACT); }
+__device__ __forceinline__ float* red_smem(const Ctx& cx, int buf) {
+    return reinterpret_cast<float*>(cx.smem + SM_RED) + buf * (NUM_CONSUMER_WARPS * TILE * 8);
+}
+__device__ __forceinline__ float* head_smem(const Ctx& cx) { return reinterpret_cast<float*>(cx.smem + SM_HEAD); }
+__device__ __forceinline__ float* stat_smem(const Ctx& cx) { return reinterpret_cast<float*>(cx.smem + SM_STAT); }
+__device__ __forceinline__ unsigned long long* key_smem(const Ctx& cx) {
+    return reinterpret_cast<unsigned long long*>(cx.smem + SM_KEYS);
+}
+__device__ __forceinline__ uint64_t* full_bar(const Ctx& cx, int s) {
+    return reinterpret_cast<uint64_t*>(cx.smem + SM_BARS) + s;
+}
+__device__ __forceinline__ uint64_t* empty_bar(const Ctx& cx, int s) {
+    return reinterpret_cast<uint64_t*>(cx.smem + SM_BARS) + NSTAGES + s;
+}
+__device__ __forceinline__ volatile int* flags_smem(const Ctx& cx) {
+    return reinterpret_cast<volatile int*>(cx.smem + SM_FLAGS);
+}
+
+__device__ __forceinline__ void advance(Ctx& cx) {
+    if (++cx.stage == NSTAGES) {
+        cx.stage = 0;
+        cx.phase ^= 1;
+    }
+}
+
+// Named barrier 1: the consumer warps only (the loader warp never joins it).
+__device__ __forceinline__ void consumer_bar() { asm volatile("bar.sync 1, %0;" ::"n"(NCT) : "memory"); }
+
+// ---- diagnostics -----------------------------------------------------------------------------------
+enum { DIAG_COUNTER = 1, DIAG_FULL = 2, DIAG_EMPTY = 3 };
+
+// The first failure claims the abort flag and writes its story to host-mapped memory.
+__device__ void report(const Ctx& cx, int kind, int ctr, uint32_t value, uint32_t target) {
+    int* state = param<int>(cx, P_STATE);
+    if (atomicCAS(state + 2, 0, kind) == 0) {
+        volatile int* diag = param<int>(cx, P_DIAG);
+        diag[1] = blockIdx.x;
+        diag[2] = cx.index;
+        diag[3] = cx.op;
+        diag[4] = ctr;
+        diag[5] = static_cast<int>(value);
+        diag[6] = static_cast<int>(target);
+        diag[7] = static_cast<int>(cx.epoch);
+        __threadfence_system();
+        diag[0] = kind;
+        __threadfence_system();
+    }
+}
+
+__device__ __forceinline__ bool aborted(const Ctx& cx) {
+    return *reinterpret_cast<volatile int*>(param<int>(cx, P_STATE) + 2) != 0;
+}
+
+// ---- cross-SM counters ---------------------------------------------------------------------------
+// Wait until counter `ctr` reaches target * (epoch + 1). One thread spins with acquire loads, then the
+// consumer barrier releases the others, whose later reads go through L2 (ld.cg). Returns false if the
+// step was aborted (timeout here or anywhere): the caller then leaves the instruction loop.
+__device__ bool wait_counter(Ctx& cx, int ctr, uint32_t target) {
+    if (cx.tid == 0) {
+        const uint32_t* c = param<uint32_t>(cx, P_COUNTERS) + ctr;
+        const uint32_t want = target * (cx.epoch + 1);
+        const uint64_t t0 = global_timer();
+        int stop = 0;
+        uint32_t v;
+        for (uint32_t iter = 1; static_cast<int32_t>((v = load_acquire(c)) - want) < 0; ++iter) {
+            if ((iter & 255) == 0) {
+                if (aborted(cx)) {
+                    stop = 1;
+                    break;
+                }
+                if (global_timer() - t0 > TIMEOUT_NS) {
+                    report(cx, DIAG_COUNTER, ctr, v, want);
+                    stop = 1;
+                    break;
+                }
+            }
+        }
+        flags_smem(cx)[0] = stop;
+    }
+    consumer_bar();
+    return flags_smem(cx)[0] == 0;
+}
+
+// After every consumer thread has stored its outputs: make them visible, then add to the counter.
+__device__ void signal(const Ctx& cx, int ctr, uint32_t amount) {
+    consumer_bar();
+    if (cx.tid == 0 && ctr >= 0) {
+        __threadfence();
+        add_release(param<uint32_t>(cx, P_COUNTERS) + ctr, amount);
+    }
+}
+
+__device__ void wait_full(const Ctx& cx) {
+    uint64_t* bar = full_bar(cx, cx.stage);
+    if (mbar_try_wait(bar, cx.phase)) return;
+    const uint64_t t0 = global_timer();
+    while (!mbar_try_wait(bar, cx.phase)) {
+        if (global_timer() - t0 > TIMEOUT_NS) {
+            report(cx, DIAG_FULL, cx.stage, cx.phase, 0);
+            __trap();
+        }
+    }
+}
+
+// ---- activation staging --------------------------------------------------------------------------
+// RMSNorm of the fp32 residual (or, in layer 0, of the token's embedding row), times the norm weight,
+// rounded to bf16 into act_smem [BATCH][ACT_STRIDE]. Sums run in a fixed order: deterministic.
+__device__ __forceinline__ float4 load_input4(const Ctx& cx, bool from_embed, int b, int e) {
+    if (from_embed) {
+        const int tok = __ldg(param<int>(cx, P_TOKENS) + b);
+        const uint2 raw = __ldg(reinterpret_cast<const uint2*>(param<bf16>(cx, P_EMBED) + (size_t)tok * HIDDEN + e));
+        return make_float4(bf16_lo(raw.x), bf16_hi(raw.x), bf16_lo(raw.y), bf16_hi(raw.y));
+    }
+    return ld_cg(reinterpret_cast<const float4*>(param<float>(cx, P_RESID) + b * HIDDEN + e));
+}
+
+__device__ void stage_norm(const Ctx& cx, bool from_embed, const bf16* norm_w) {
+    float* stat = stat_smem(cx);
+    for (int b = 0; b < BATCH; ++b) {
+        float ss = 0.f;
+        for (int e = cx.tid * 4; e < HIDDEN; e += NCT * 4) {
+            const float4 x = load_input4(cx, from_embed, b, e);
+            ss += x.x * x.x + x.y * x.y + x.z * x.z + x.w * x.w;
+        }
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, off);
+        if (cx.lane == 0) stat[cx.warp * BATCH + b] = ss;
+    }
+    consumer_bar();
+    bf16* act = act_smem(cx);
+    for (int b = 0; b < BATCH; ++b) {
+        float total = 0.f;
+        for (int w = 0; w < NUM_CONSUMER_WARPS; ++w) total += stat[w * BATCH + b];
+        const float r = rsqrtf(total / HIDDEN + EPS);
+        for (int e = cx.tid * 4; e < HIDDEN; e += NCT * 4) {
+            const float4 x = load_input4(cx, from_embed, b, e);
+            const uint2 wr = __ldg(reinterpret_cast<const uint2*>(norm_w + e));
+            bf16* dst = act + b * ACT_STRIDE + e;
+            dst[0] = __float2bfloat16(x.x * r * bf16_lo(wr.x));
+            dst[1] = __float2bfloat16(x.y * r * bf16_hi(wr.x));
+            dst[2] = __float2bfloat16(x.z * r * bf16_lo(wr.y));
+            dst[3] = __float2bfloat16(x.w * r * bf16_hi(wr.y));
+        }
+    }
+    consumer_bar();
+}
+
+// A bf16 activation [BATCH][K] written by other SMs this step, copied as is.
+__device__ void stage_copy(const Ctx& cx, const bf16* src, int K) {
+    bf16* act = act_smem(cx);
+    for (int b = 0; b < BATCH; ++b)
+        for (int e = cx.tid * 8; e < K; e += NCT * 8)
+            *reinterpret_cast<uint4*>(act + b * ACT_STRIDE + e) = ld_cg(reinterpret_cast<const uint4*>(src + b * K + e));
+    consumer_bar();
+}
+
+}  // namespace mk

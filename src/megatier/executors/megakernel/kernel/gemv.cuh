@@ -1,0 +1,147 @@
+// Weight streaming: the loader warp and the consumer warps walk the same sequence of weight chunks.
+//
+// An instruction's weights are a list of 16-row tiles of row-major [M, K] bf16 matrices; a tile is
+// cut into K/kc chunks of 16 x kc, and each chunk fills one ring stage (one bulk copy per row). The
+// loader runs ahead across instruction boundaries: it never waits for activations, only for a free
+// stage. Consumers multiply each chunk by the staged activations with tensor cores (each warp owns
+// every NUM_CONSUMER_WARPS-th k-step), then reduce the warps' partial sums in a fixed order.
+#pragma once
+#include "common.cuh"
+
+namespace mk {
+
+struct WTile {
+    const bf16* w;  // first row of the tile
+    int rows;       // valid rows (the last tile of a matrix may be short)
+    int K;
+};
+
+__device__ __forceinline__ int num_tiles(const int* in) {
+    switch (field(in, F_OP)) {
+        case OP_QKV: return HEAD_DIM / TILE;
+        case OP_GATEUP: return 2 * (field(in, F_A1) - field(in, F_A0));
+        case OP_OPROJ:
+        case OP_DOWN:
+        case OP_LMHEAD: return field(in, F_A1) - field(in, F_A0);
+        default: return 0;
+    }
+}
+
+__device__ __forceinline__ int min_rows(int m, int row0) { return m - row0 < TILE ? m - row0 : TILE; }
+
+// Tile k of an instruction. GATEUP alternates gate tile t and up tile t, so SiLU(gate) * up is local.
+__device__ WTile tile_at(const Ctx& cx, const int* in, int k) {
+    const size_t l = field(in, F_LAYER);
+    const int t0 = field(in, F_A0);
+    switch (field(in, F_OP)) {
+        case OP_QKV: {
+            const size_t row = (size_t)field(in, F_A0) * HEAD_DIM + k * TILE;
+            return {param<bf16>(cx, P_QKV) + (l * QKV_ROWS + row) * HIDDEN, TILE, HIDDEN};
+        }
+        case OP_OPROJ: {
+            const int row = (t0 + k) * TILE;
+            return {param<bf16>(cx, P_O) + (l * HIDDEN + row) * Q_SIZE, min_rows(HIDDEN, row), Q_SIZE};
+        }
+        case OP_GATEUP: {
+            const int row = (t0 + k / 2) * TILE;
+            const size_t full_row = l * 2 * INTER + (k & 1) * INTER + row;
+            return {param<bf16>(cx, P_GATE_UP) + full_row * HIDDEN, min_rows(INTER, row), HIDDEN};
+        }
+        case OP_DOWN: {
+            const int row = (t0 + k) * TILE;
+            return {param<bf16>(cx, P_DOWN) + (l * HIDDEN + row) * INTER, min_rows(HIDDEN, row), INTER};
+        }
+        default: {
+            const int row = (t0 + k) * TILE;
+            return {param<bf16>(cx, P_LM_HEAD) + (size_t)row * HIDDEN, min_rows(VOCAB, row), HIDDEN};
+        }
+    }
+}
+
+// Loader warp: issue every chunk of every instruction of this SM's queue, in order.
+__device__ void run_loader(Ctx& cx, const int* queue, int n, unsigned long long* timeline) {
+    const uint64_t policy = evict_first_policy();
+    for (int i = 0; i < n; ++i) {
+        const int* in = queue + i * WORDS;
+        const int tiles = num_tiles(in);
+        if (TIMELINE && cx.lane == 0 && tiles) timeline[i * 4 + 3] = global_timer();
+        for (int k = 0; k < tiles; ++k) {
+            const WTile t = tile_at(cx, in, k);
+            const int kc = kc_for(t.K);
+            for (int c = 0; c < t.K / kc; ++c) {
+                int ok = 1;
+                if (cx.lane == 0) {
+                    uint64_t* bar = empty_bar(cx, cx.stage);
+                    const uint64_t t0 = global_timer();
+                    while (!mbar_try_wait(bar, cx.phase ^ 1)) {
+                        if (flags_smem(cx)[0] != 0) {
+                            ok = 0;  // the consumers gave up on a counter: leave quietly
+                            break;
+                        }
+                        if (global_timer() - t0 > 4 * TIMEOUT_NS) {
+                            cx.index = field(in, F_INDEX);
+                            report(cx, DIAG_EMPTY, cx.stage, cx.phase, 0);
+                            __trap();
+                        }
+                    }
+                    if (ok) mbar_arrive_expect_tx(full_bar(cx, cx.stage), t.rows * kc * 2);
+                }
+                if (!__shfl_sync(0xffffffffu, ok, 0)) return;
+                if (cx.lane < t.rows)
+                    bulk_copy(ring_stage(cx, cx.stage) + cx.lane * ROW_STRIDE, t.w + (size_t)cx.lane * t.K + c * kc,
+                              kc * 2, full_bar(cx, cx.stage), policy);
+                advance(cx);
+            }
+        }
+    }
+}
+
+// Consumers: y[row][b] = sum_k W[row][k] * act[b][k] for each tile of the instruction, then
+// epi(k, tile, row, b, y) on thread row * BATCH + b for rows < 16 (the epilogue checks tile.rows).
+template <class Epilogue>
+__device__ void run_tiles(Ctx& cx, const int* in, Epilogue&& epi) {
+    const int tiles = num_tiles(in);
+    const int g = cx.lane >> 2, t4 = cx.lane & 3;
+    const int lrow = (cx.lane & 7) + ((cx.lane >> 3) & 1) * 8;  // ldmatrix: row this lane addresses
+    const int lcol = (cx.lane >> 4) * 8;
+    const bf16* act = act_smem(cx);
+    for (int k = 0; k < tiles; ++k) {
+        const WTile t = tile_at(cx, in, k);
+        const int kc = kc_for(t.K);
+        float acc[4] = {0.f, 0.f, 0.f, 0.f};
+        for (int c = 0; c < t.K / kc; ++c) {
+            wait_full(cx);
+            const unsigned char* stage = ring_stage(cx, cx.stage);
+            const bf16* a_col = act + c * kc + 2 * t4;
+            for (int ks = cx.warp; ks < kc / 16; ks += NUM_CONSUMER_WARPS) {
+                uint32_t a[4];
+                ldmatrix_x4(a, stage + lrow * ROW_STRIDE + (ks * 16 + lcol) * 2);
+                uint32_t b0 = 0, b1 = 0;
+                if (g < BATCH) {
+                    const uint32_t* ap = reinterpret_cast<const uint32_t*>(a_col + g * ACT_STRIDE + ks * 16);
+                    b0 = ap[0];
+                    b1 = ap[4];
+                }
+                mma_bf16(acc, a, b0, b1);
+            }
+            __syncwarp();
+            if (cx.lane == 0) mbar_arrive(empty_bar(cx, cx.stage));
+            advance(cx);
+        }
+        float* red = red_smem(cx, cx.rbuf);
+        red[(cx.warp * TILE + g) * 8 + 2 * t4] = acc[0];
+        red[(cx.warp * TILE + g) * 8 + 2 * t4 + 1] = acc[1];
+        red[(cx.warp * TILE + g + 8) * 8 + 2 * t4] = acc[2];
+        red[(cx.warp * TILE + g + 8) * 8 + 2 * t4 + 1] = acc[3];
+        consumer_bar();
+        if (cx.tid < TILE * BATCH) {
+            const int row = cx.tid / BATCH, b = cx.tid % BATCH;
+            float y = 0.f;
+            for (int w = 0; w < NUM_CONSUMER_WARPS; ++w) y += red[(w * TILE + row) * 8 + b];
+            epi(k, t, row, b, y);
+        }
+        cx.rbuf ^= 1;
+    }
+}
+
+}  // namespace mk

@@ -1,0 +1,97 @@
+// The megakernel: one persistent CTA per SM runs that SM's instruction queue for one decode step.
+//
+// Warp roles: NUM_CONSUMER_WARPS consumer warps execute instructions (wait for counters, stage
+// activations, multiply, epilogue, signal); one loader warp streams every weight chunk of the queue
+// into the shared-memory ring ahead of them. The last CTA to finish feeds the greedy token back, moves
+// every sequence one position on and bumps the epoch, so the next launch (or CUDA-graph replay) is the
+// next step with no host involvement.
+#include "attention.cuh"
+#include "ops.cuh"
+
+namespace mk {
+
+// Last CTA out: argmax -> next token, position + 1, epoch + 1 (counters never reset between steps).
+__device__ void finalize_step(const Ctx& cx) {
+    int* state = param<int>(cx, P_STATE);
+    const int step = state[1];
+    unsigned long long* argmax = param<unsigned long long>(cx, P_ARGMAX);
+    for (int b = 0; b < BATCH; ++b) {
+        const unsigned long long key = __ldcg(reinterpret_cast<const unsigned long long*>(argmax + b));
+        const int token = static_cast<int>(0xffffffffu - static_cast<uint32_t>(key));
+        if (step < static_cast<int>(__ldg(cx.prm + P_OUT_CAP)))
+            param<long long>(cx, P_OUT_TOKENS)[(size_t)step * BATCH + b] = token;
+        param<int>(cx, P_TOKENS)[b] = token;
+        param<int>(cx, P_POS)[b] += 1;
+        argmax[b] = 0;
+    }
+    state[1] = step + 1;
+    state[0] = static_cast<int>(cx.epoch) + 1;
+}
+
+__device__ void run_consumers(Ctx& cx, const int* queue, int n, unsigned long long* timeline) {
+    for (int i = 0; i < n; ++i) {
+        const int* in = queue + i * WORDS;
+        cx.op = field(in, F_OP);
+        cx.index = field(in, F_INDEX);
+        if (cx.op == OP_NOOP) continue;
+        if (TIMELINE && cx.tid == 0) timeline[i * 4] = global_timer();
+        const int wait = field(in, F_WAIT_CTR);
+        if (wait >= 0 && !wait_counter(cx, wait, field(in, F_WAIT_TARGET))) return;
+        if (TIMELINE && cx.tid == 0) timeline[i * 4 + 1] = global_timer();
+        switch (cx.op) {
+            case OP_QKV: op_qkv(cx, in); break;
+            case OP_ATTN: op_attn(cx, in); break;
+            case OP_OPROJ: op_oproj(cx, in); break;
+            case OP_GATEUP: op_gateup(cx, in); break;
+            case OP_DOWN: op_down(cx, in); break;
+            case OP_LMHEAD: op_lmhead(cx, in); break;
+            default: break;
+        }
+        if (TIMELINE && cx.tid == 0) timeline[i * 4 + 2] = global_timer();
+    }
+    if (cx.tid == 0) {
+        __threadfence();
+        const uint32_t done = add_acq_rel(param<uint32_t>(cx, P_COUNTERS) + EXIT_CTR, 1) + 1;
+        if (done == gridDim.x * (cx.epoch + 1) && !aborted(cx)) finalize_step(cx);
+    }
+}
+
+}  // namespace mk
+
+extern "C" __global__ void __launch_bounds__((NUM_CONSUMER_WARPS + 1) * 32, 1)
+    megakernel(const mk::uint64_t* __restrict__ prm) {
+    using namespace mk;
+    extern __shared__ __align__(1024) unsigned char smem[];
+    Ctx cx;
+    cx.prm = prm;
+    cx.smem = smem;
+    cx.warp = threadIdx.x / 32;
+    cx.lane = threadIdx.x % 32;
+    cx.tid = threadIdx.x;
+    cx.stage = 0;
+    cx.phase = 0;
+    cx.rbuf = 0;
+    cx.index = -1;
+    cx.op = 0;
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < NSTAGES; ++s) {
+            mbar_init(full_bar(cx, s), 1);
+            mbar_init(empty_bar(cx, s), NUM_CONSUMER_WARPS);
+        }
+        flags_smem(cx)[0] = 0;
+        flags_smem(cx)[1] = 0;
+        mbar_fence_init();
+    }
+    __syncthreads();
+    cx.epoch = static_cast<uint32_t>(param<int>(cx, P_STATE)[0]);
+    const int maxlen = static_cast<int>(__ldg(prm + P_MAXLEN));
+    const int* queue = param<int>(cx, P_PROGRAM) + (size_t)blockIdx.x * maxlen * WORDS;
+    const int n = param<int>(cx, P_QLEN)[blockIdx.x];
+    unsigned long long* timeline = TIMELINE ? param<unsigned long long>(cx, P_TIMELINE) + (size_t)blockIdx.x * maxlen * 4
+                                            : nullptr;
+    if (cx.warp == NUM_CONSUMER_WARPS) {
+        run_loader(cx, queue, n, timeline);
+    } else {
+        run_consumers(cx, queue, n, timeline);
+    }
+}

@@ -1,0 +1,64 @@
+"""The CUDA source compiles with NVRTC for sm_90a (no GPU needed), without spills, and is cached."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import re
+
+import pytest
+
+from megakernel_helpers import llama_1b_config, toy_config
+from megatier.errors import MegatierError
+from megatier.executors.megakernel.build import KernelConfig, check_supported, compile_cubin
+
+pytest.importorskip("cuda.core")
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEGATIER_CACHE", str(tmp_path))
+
+
+def _compile(cfg, batch: int, timeline: bool = False) -> tuple[bytes, str]:
+    log = io.StringIO()
+    return compile_cubin(KernelConfig(cfg, batch, 16, 64, timeline), log), log.getvalue()
+
+
+@pytest.mark.parametrize(("name", "batch"), [("llama-1b", 1), ("llama-1b", 8), ("qwen3", 2), ("llama-tied-bias", 3)])
+def test_compiles_for_sm90a_without_spills(name, batch):
+    cfg = llama_1b_config() if name == "llama-1b" else toy_config(name)
+    cubin, log = _compile(cfg, batch)
+    assert cubin[:4] == b"\x7fELF"
+    assert "0 bytes spill stores" in log, log
+    regs = int(re.search(r"Used (\d+) registers", log).group(1))
+    assert regs <= 65536 // KernelConfig(cfg, batch, 16, 64).threads  # one CTA of 288 threads per SM
+
+
+def test_timeline_variant_compiles_and_cache_hits():
+    cfg = toy_config("qwen2")
+    first, log = _compile(cfg, 1, timeline=True)
+    assert log  # compiled: ptxas reported
+    again, log = _compile(cfg, 1, timeline=True)
+    assert again == first and log == ""  # from the disk cache
+
+
+def test_llama_1b_ring_keeps_six_stages_of_32k_chunks():
+    layout = KernelConfig(llama_1b_config(), 1, 16, 1024).layout
+    assert layout["KC_MAX"] == 1024 and layout["NSTAGES"] == 6
+    assert layout["SMEM_BYTES"] <= 227 * 1024
+
+
+@pytest.mark.parametrize(
+    ("change", "batch", "message"),
+    [
+        (dict(head_dim=24), 1, "head_dim"),
+        (dict(hidden_size=72), 1, "hidden_size"),
+        ({}, 9, "batch"),
+        (dict(num_heads=32, num_kv_heads=2), 1, "query heads per kv head"),
+    ],
+)
+def test_unsupported_configs_fail_clearly(change, batch, message):
+    cfg = dataclasses.replace(toy_config("llama-mqa"), **change)
+    with pytest.raises(MegatierError, match=message):
+        check_supported(cfg, batch)
