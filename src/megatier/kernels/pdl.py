@@ -12,8 +12,8 @@ import os
 
 import torch
 
-# The decode benchmark switches this off to measure what PDL buys; nothing else should.
-enabled = True
+# MEGATIER_PDL=0 turns PDL off (to measure what it buys, or to rule it out); so does setting this False.
+enabled = os.environ.get("MEGATIER_PDL", "1") != "0"
 
 
 def use_pdl(device: torch.device) -> bool:

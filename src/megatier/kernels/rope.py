@@ -87,18 +87,18 @@ def _rope_append_kernel(
 
     if pos >= 0:
         kv_heads = tl.arange(0, BLOCK_KV_HEADS)[:, None]
-        mask = (kv_heads < num_kv_heads) & (i < half)[None, :]
+        kv_mask = (kv_heads < num_kv_heads) & (i < half)[None, :]
         k_src = src + (num_heads + kv_heads) * head_dim
-        r1, r2 = _rotate(k_src, k_norm_ptr, cos, sin, half, eps, mask, QK_NORM, BLOCK_HALF)
+        k1, k2 = _rotate(k_src, k_norm_ptr, cos, sin, half, eps, kv_mask, QK_NORM, BLOCK_HALF)
         seq = tl.load(seq_ids_ptr + token)
         page = tl.load(block_tables_ptr + seq.to(tl.int64) * stride_table + pos // page_size).to(tl.int64)
-        dst = kv_ptr + page * stride_kv_page + kv_heads * stride_kv_head + (pos % page_size) * stride_kv_row
-        dst += i[None, :]
-        tl.store(dst, r1, mask=mask)
-        tl.store(dst + half, r2, mask=mask)
+        row = page * stride_kv_page + kv_heads * stride_kv_head + (pos % page_size) * stride_kv_row
+        k_dst = kv_ptr + row + i[None, :]
+        tl.store(k_dst, k1, mask=kv_mask)
+        tl.store(k_dst + half, k2, mask=kv_mask)
         v_src = k_src + num_kv_heads * head_dim + i[None, :]
-        tl.store(dst + stride_kv_v, tl.load(v_src, mask=mask), mask=mask)
-        tl.store(dst + stride_kv_v + half, tl.load(v_src + half, mask=mask), mask=mask)
+        tl.store(k_dst + stride_kv_v, tl.load(v_src, mask=kv_mask), mask=kv_mask)
+        tl.store(k_dst + stride_kv_v + half, tl.load(v_src + half, mask=kv_mask), mask=kv_mask)
 
 
 def rope_append(
