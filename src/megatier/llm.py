@@ -103,6 +103,7 @@ class LLM:
             raise MegatierError(f"unknown load_format {load_format!r}: expected one of {', '.join(LOAD_FORMATS)}")
         if page_size < 1 or max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise MegatierError("page_size, max_num_seqs and max_num_batched_tokens must be >= 1")
+        self.seed = seed
         self.device = resolve_device(device)
         resolve_backend(backend, self.device)
         self.model_path = resolve_model(model)

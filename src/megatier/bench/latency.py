@@ -14,7 +14,8 @@ import time
 
 import torch
 
-from megatier.bench.common import copy_bandwidth, record, write_json
+from megatier.bench.common import copy_bandwidth, cuda_time, record, write_json
+from megatier.errors import MegatierError
 from megatier.sampling import SamplingParams
 
 
@@ -72,6 +73,11 @@ def run_latency(args: argparse.Namespace) -> dict:
         results["copy_GBps"] = bw / 1e9
         results["pct_of_copy_bw"] = 100 * (weight_bytes + kv_bytes) / step / bw
         results["floor_us"] = (weight_bytes + kv_bytes) / bw * 1e6
+    baselines = [b for b in (args.baselines or "").split(",") if b]
+    if baselines:
+        results["baselines"] = run_baselines(llm, baselines, prompts, args.output_len)
+        for b in results["baselines"].values():
+            b["megatier_speedup"] = b["decode_step_us"] / results["decode_step_us"]
     config = {
         "model": str(llm.model_path),
         "dtype": str(llm.dtype).removeprefix("torch."),
@@ -91,6 +97,43 @@ def run_latency(args: argparse.Namespace) -> dict:
         )
     else:
         print()
+    for name, b in results.get("baselines", {}).items():
+        print(f"  {name:13} {b['decode_step_us']:9.1f} us   (megatier is {b['megatier_speedup']:.2f}x faster)")
     if args.json:
         write_json(args.json, rec)
     return rec
+
+
+def run_baselines(llm, names: list[str], prompts: list[list[int]], output_len: int) -> dict[str, dict]:
+    """Decode-step time of each named baseline on the same weights and workload, in this process."""
+    from megatier.bench import baselines
+    from megatier.loader import dummy_weights, load_safetensors_weights
+
+    if llm.device.type != "cuda":
+        raise MegatierError("baselines are timed on CUDA only")
+    cfg = llm.config
+    if llm.model_path.suffix == ".json":
+        weights = dummy_weights(cfg, llm.seed, llm.dtype, llm.device)
+    else:
+        weights = load_safetensors_weights(llm.model_path, cfg)
+    ids = torch.tensor(prompts, device=llm.device)
+    out = {}
+    for name in names:
+        if name == "hf":
+            model = baselines.hf_model(llm.model_path, weights, llm.device, llm.dtype)
+            step = baselines.hf_decode_step(model, ids, output_len)
+            del model
+        elif name == "torch-graph":
+            dec = baselines.TorchGraphDecoder(
+                cfg, weights, len(prompts), ids.shape[1] + output_len + 1, llm.device, llm.dtype
+            )
+            dec.fill_context(ids.shape[1])
+            dec.capture()
+            times = cuda_time(lambda dec=dec: dec.replay(output_len), iters=5)
+            step = statistics.median(times) / output_len
+            del dec
+        else:
+            raise MegatierError(f"unknown baseline {name!r}: choose from hf, torch-graph")
+        out[name] = {"decode_step_us": step * 1e6, "tokens_per_s": len(prompts) / step}
+        torch.cuda.empty_cache()
+    return out
