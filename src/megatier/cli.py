@@ -37,6 +37,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, help="seed for dummy weights and unseeded sampling")
     g.add_argument("--max-model-len", type=int, help="longest context (prompt + output) in tokens")
     g.add_argument("--kv-cache-gb", type=float, help="memory for the KV cache (default: 2 GiB on CPU, most of the GPU)")
+    g = p.add_argument_group("tiered KV cache (any of these turns it on)")
+    g.add_argument("--kv-hbm", type=float, help="GiB of KV in GPU memory (default: --kv-cache-gb's default)")
+    g.add_argument("--kv-dram", type=float, help="GiB of KV in pinned host memory")
+    g.add_argument("--kv-disk", type=float, help="GiB of KV on disk (needs --kv-dram)")
+    g.add_argument("--kv-disk-dir", help="directory for disk KV pages (default: a temporary directory)")
+    g.add_argument("--kv-mode", default="dense", choices=["dense", "sparse"], help="dense: lossless; sparse: top pages")
+    g.add_argument("--kv-sparse-budget", type=float, default=0.125, help="sparse: fraction of the context read")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -62,6 +69,12 @@ def build_llm(args: argparse.Namespace, **engine_args):
         seed=args.seed,
         max_model_len=args.max_model_len,
         kv_cache_gb=args.kv_cache_gb,
+        kv_hbm=args.kv_hbm,
+        kv_dram=args.kv_dram,
+        kv_disk=args.kv_disk,
+        kv_disk_dir=args.kv_disk_dir,
+        kv_mode=args.kv_mode,
+        kv_sparse_budget=args.kv_sparse_budget,
         **engine_args,
     )
 
@@ -136,6 +149,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
     run_server(args)
 
 
+def cmd_bench_tiers(args: argparse.Namespace) -> None:
+    from megatier.bench.tiers import run_tiers
+
+    run_tiers(args)
+
+
 def cmd_bench_serve(args: argparse.Namespace) -> None:
     from megatier.bench.serve import run_bench_serve
 
@@ -173,6 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", type=int, default=3, help="timed repetitions; the median is reported")
     p.add_argument("--json", help="write the result record to this file")
     p.set_defaults(func=cmd_bench_latency)
+
+    p = bench.add_parser("tiers", help="tiered KV decode against GPU-only, offload-and-fetch and static placement")
+    add_bench_tiers_args(p)
+    p.set_defaults(func=cmd_bench_tiers)
 
     p = bench.add_parser("serve", help="load-test an OpenAI-compatible server (ours or any other)")
     add_bench_serve_args(p)
@@ -244,3 +267,21 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def add_bench_tiers_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="llama-3.2-1b", help="built-in shape, dummy weights (default llama-3.2-1b)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=16, help="sequences decoded together (default 16)")
+    p.add_argument("--context", type=int, nargs="+", default=[32768], help="context length(s) to measure")
+    p.add_argument("--hbm-fraction", type=float, nargs="+", default=[0.125], help="HBM budget / total KV")
+    p.add_argument("--budget", type=float, default=0.125, help="sparse token budget (fraction of the context)")
+    p.add_argument("--methods", nargs="+", default=None, help="subset of the methods (default: all)")
+    p.add_argument("--steps", type=int, default=6, help="timed decode steps per method (sparse: 4x)")
+    p.add_argument(
+        "--warmup", type=int, help="untimed steps per method (default: 3; sparse migration: until it settles)"
+    )
+    p.add_argument("--micro", action="store_true", help="also run the micro-benchmarks (PCIe, CPU, GPU, disk)")
+    p.add_argument("--check", action="store_true", help="also check tiered logits against GPU-only on a small case")
+    p.add_argument("--json", help="write the result record to this file")
+    p.add_argument("--plot-dir", help="write throughput plots (PNG) here")

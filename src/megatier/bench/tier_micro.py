@@ -1,0 +1,171 @@
+"""Micro-benchmarks behind the tier bandwidth split: PCIe copies, CPU attention, GPU split-KV, disk.
+
+Each figure is bytes of KV (or copy) per second, measured on this machine in this process.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import threading
+import time
+
+import numpy as np
+import torch
+
+from megatier.bench.common import cuda_time
+from megatier.kv.cpu_attention import cpu_attention, default_threads
+from megatier.kv.disk import DiskPool
+
+PAGE_SIZE = 16
+
+
+def _wall(fn, reps: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def pcie(cfg, device) -> dict:
+    """Pinned H2D / D2H GB/s by size, and the strided per-layer fetch (one 2D DMA per run)."""
+    n = 1 << 28
+    host = torch.randint(0, 255, (n,), dtype=torch.uint8).pin_memory()
+    dev = torch.randint(0, 255, (n,), dtype=torch.uint8, device=device)
+    out = {"h2d_GBps": {}, "d2h_GBps": {}}
+    for size in (1 << 16, 1 << 18, 1 << 20, 1 << 22, 1 << 24, 1 << 26, 1 << 28):
+        h2d = statistics.median(cuda_time(lambda s=size: dev[:s].copy_(host[:s], non_blocking=True), 10))
+        d2h = statistics.median(cuda_time(lambda s=size: host[:s].copy_(dev[:s], non_blocking=True), 10))
+        out["h2d_GBps"][size] = size / h2d / 1e9
+        out["d2h_GBps"][size] = size / d2h / 1e9
+    from cuda.bindings import runtime as cudart
+
+    page = cfg.kv_bytes_per_token(torch.bfloat16) * PAGE_SIZE
+    piece = page // cfg.num_layers
+    rows = n // page
+    stream = torch.cuda.current_stream(device).cuda_stream
+
+    def strided():
+        cudart.cudaMemcpy2DAsync(
+            dev.data_ptr(),
+            piece,
+            host.data_ptr(),
+            page,
+            piece,
+            rows,
+            cudart.cudaMemcpyKind.cudaMemcpyHostToDevice,
+            stream,
+        )
+
+    out["strided_layer_fetch_GBps"] = rows * piece / statistics.median(cuda_time(strided, 10)) / 1e9
+    out["strided_slice_bytes"] = piece
+    return out
+
+
+def cpu_attention_bw(cfg, device) -> dict:
+    """GB/s of KV read by the CPU kernel (C and torch) by thread count, and C under a concurrent PCIe copy."""
+    heads, kv_heads, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    slice_bytes = 2 * kv_heads * PAGE_SIZE * d * 2
+    num = (1 << 30) // slice_bytes
+    batch = 16
+    pool = torch.empty((num, 2, kv_heads, PAGE_SIZE, d), dtype=torch.bfloat16)
+    pool.view(-1).normal_()
+    q = torch.randn(batch, heads, d)
+    offsets = np.linspace(0, num, batch + 1).astype(np.int64)
+    pages = np.random.default_rng(0).permutation(num).astype(np.int32)
+    rows = np.full(num, PAGE_SIZE, dtype=np.int32)
+    nbytes = num * slice_bytes
+    cores = default_threads() + (1 if torch.cuda.is_available() else 0)
+    out: dict = {"c_GBps": {}, "torch_GBps": {}}
+    for t in sorted({1, 2, 4, 8, cores - 1, cores}):
+        sec = _wall(lambda t=t: cpu_attention(q, pool, offsets, pages, rows, d**-0.5, threads=t, impl="c"))
+        out["c_GBps"][t] = nbytes / sec / 1e9
+    torch_threads = torch.get_num_threads()
+    for t in sorted({1, 4, cores}):
+        torch.set_num_threads(t)
+        sec = _wall(lambda: cpu_attention(q, pool, offsets, pages, rows, d**-0.5, impl="torch"), reps=2)
+        out["torch_GBps"][t] = nbytes / sec / 1e9
+    torch.set_num_threads(torch_threads)
+    # Contention: the DRAM share of a dense step is read by the CPU while PCIe reads another share.
+    host = torch.empty(1 << 28, dtype=torch.uint8).pin_memory()
+    dev = torch.empty(1 << 28, dtype=torch.uint8, device=device)
+    stop = threading.Event()
+    copied = [0]
+
+    def pump():
+        stream = torch.cuda.Stream(device)
+        with torch.cuda.stream(stream):
+            while not stop.is_set():
+                for _ in range(8):
+                    dev.copy_(host, non_blocking=True)
+                stream.synchronize()
+                copied[0] += 8 * host.numel()
+
+    thread = threading.Thread(target=pump)
+    thread.start()
+    time.sleep(0.2)
+    t0, c0 = time.perf_counter(), copied[0]
+    sec = _wall(lambda: cpu_attention(q, pool, offsets, pages, rows, d**-0.5, impl="c"))
+    window = time.perf_counter() - t0
+    stop.set()
+    thread.join()
+    out["c_GBps_during_pcie"] = nbytes / sec / 1e9
+    out["pcie_GBps_during_c"] = (copied[0] - c0) / window / 1e9
+    out["threads_default"] = default_threads()
+    return out
+
+
+def gpu_split_kv(cfg, device) -> dict:
+    """GB/s of KV read by the Triton split-KV kernel over 4 GiB of pages (one layer view)."""
+    from megatier.kernels.decode_attention import paged_decode_attention
+
+    kv_heads, d = cfg.num_kv_heads, cfg.head_dim
+    slice_bytes = 2 * kv_heads * PAGE_SIZE * d * 2
+    num = (4 << 30) // slice_bytes
+    batch = 16
+    kv = torch.randn((num, 1, 2, kv_heads, PAGE_SIZE, d), dtype=torch.bfloat16, device=device)
+    q = torch.randn(batch, cfg.num_heads, d, dtype=torch.bfloat16, device=device)
+    per = num // batch
+    tables = torch.randperm(num, device=device)[: per * batch].view(batch, per).int()
+    lens = torch.full((batch,), per * PAGE_SIZE, dtype=torch.int32, device=device)
+    out = {}
+    for splits in (1, 4, 16):
+        sec = statistics.median(cuda_time(lambda s=splits: paged_decode_attention(q, kv, 0, tables, lens, s, 0.1), 10))
+        out[f"splits_{splits}_GBps"] = per * batch * slice_bytes / sec / 1e9
+    return out
+
+
+def disk(cfg) -> dict:
+    """GB/s of whole-page writes and verified reads through the disk pool (page cache included)."""
+    page = cfg.kv_bytes_per_token(torch.bfloat16) * PAGE_SIZE
+    count = max(8, (256 << 20) // page)
+    with tempfile.TemporaryDirectory() as tmp:
+        pool = DiskPool(tmp, count, cfg.num_layers, page // cfg.num_layers)
+        data = np.random.default_rng(0).integers(0, 255, page, dtype=np.uint8)
+        t0 = time.perf_counter()
+        for i in range(count):
+            pool.write(i, data)
+        write = time.perf_counter() - t0
+        buf = np.empty(page, dtype=np.uint8)
+        t0 = time.perf_counter()
+        for i in range(count):
+            pool.read(i, buf)
+        read = time.perf_counter() - t0
+    return {"write_GBps": count * page / write / 1e9, "read_verified_GBps": count * page / read / 1e9}
+
+
+def run_micro(cfg, device) -> dict:
+    out = {}
+    for name, fn in (
+        ("pcie", lambda: pcie(cfg, device)),
+        ("cpu_attention", lambda: cpu_attention_bw(cfg, device)),
+        ("gpu_split_kv", lambda: gpu_split_kv(cfg, device)),
+        ("disk", lambda: disk(cfg)),
+    ):
+        out[name] = fn()
+        print(f"  micro {name}: {out[name]}", flush=True)
+        torch.cuda.empty_cache()
+    return out

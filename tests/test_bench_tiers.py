@@ -1,0 +1,36 @@
+"""`megatier bench tiers` runs every method end to end (on CPU: a smoke run) and writes its record and plots."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import make_hf_model
+from megatier.bench.tiers import METHODS
+from megatier.cli import main
+
+
+def test_bench_tiers_smoke(tmp_path):
+    path, _ = make_hf_model(tmp_path / "model", "llama-mqa-untied")
+    argv = [
+        "bench",
+        "tiers",
+        "--model",
+        str(path),
+        "--batch",
+        "2",
+        "--context",
+        "64",
+        "128",
+        "--steps",
+        "1",
+        "--warmup",
+        "1",
+    ]
+    argv += ["--hbm-fraction", "0.25", "0.5", "--json", str(tmp_path / "r.json"), "--plot-dir", str(tmp_path / "p")]
+    assert main(argv) == 0
+    runs = json.loads((tmp_path / "r.json").read_text())["results"]["runs"]
+    assert {r["method"] for r in runs} == set(METHODS)
+    assert all(r["tokens_per_s"] > 0 and 0 <= r["hbm_hit_rate"] <= 1 for r in runs)
+    dense = [r for r in runs if r["method"] == "static-dense" and r["hbm_fraction"] == 0.25 and r["context"] == 128]
+    assert dense and dense[0]["bytes_read_per_step"]["dram"] > 0  # HBM holds a quarter: the rest is read in DRAM
+    assert len(list((tmp_path / "p").glob("*.png"))) == 3
