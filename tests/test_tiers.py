@@ -243,13 +243,13 @@ def test_greedy_tokens_identical_all_hbm_vs_tiered(tiny_model, tmp_path):
     common = dict(device="cpu", max_num_batched_tokens=32, max_num_seqs=4)
     want = [o.token_ids for o in LLM(str(tiny_model), **common).generate(prompts, params)]
     page_gib = LLM(str(tiny_model), **common).config.kv_bytes_per_token(torch.float32) * 16 / 2**30
-    # 11 pages of context in all: 8 HBM slots and 4 DRAM slots (one of each kept free), so pages spill.
+    # 11 pages of context in all: 8 HBM slots and 3 DRAM slots (one of each kept free), so pages spill.
     for mode, budget in (("dense", 0.125), ("sparse", 1.0)):
         llm = LLM(
             str(tiny_model),
             **common,
             kv_hbm=8 * page_gib,
-            kv_dram=4 * page_gib,
+            kv_dram=3 * page_gib,
             kv_disk=8 * page_gib,
             kv_disk_dir=str(tmp_path / mode),
             kv_mode=mode,
@@ -258,7 +258,7 @@ def test_greedy_tokens_identical_all_hbm_vs_tiered(tiny_model, tmp_path):
         got = [o.token_ids for o in llm.generate(prompts, params)]
         assert got == want, mode
         tiers = llm.engine.executor.tiers
-        assert tiers.moved_bytes[DRAM][DISK] > 0  # it did spill
+        assert tiers.moved_bytes[DRAM][DISK] > 0, (mode, tiers.moved_bytes)  # it did spill
         assert llm.engine.executor.stats.bytes_read["disk"] > 0
 
 

@@ -77,10 +77,8 @@ class TieredExecutor(ReferenceExecutor):
         self._decode = batch.is_decode()
         if self._decode:
             attn.begin_step(batch)
-        hbm_tables = [
-            [int(s) if t == HBM else 0 for t, s in zip(tiers.tier[tb], tiers.slot[tb], strict=True)]
-            for tb in batch.page_tables
-        ]
+        hbm_tables = [np.where(tiers.tier[tb] == HBM, tiers.slot[tb], 0).tolist() for tb in batch.page_tables]
+
         try:
             logits = super().forward(replace(batch, page_tables=hbm_tables))
             if self._decode:

@@ -18,6 +18,7 @@ scored from GPU metadata, so pages that are not selected are never touched.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -41,6 +42,11 @@ from megatier.kv.tiers import DISK, DRAM, HBM, TieredKV
 MODES = ("dense", "sparse")
 
 
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def paged_partial(
     q: torch.Tensor, kv: torch.Tensor, layer: int, tables: torch.Tensor, lens: torch.Tensor, scale: float, threads=None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,7 +55,7 @@ def paged_partial(
     if q.is_cuda:
         from megatier.kernels.decode_attention import paged_decode_attention
 
-        sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+        sms = _num_sms(q.device)
         splits = max(1, min(16, 2 * sms // max(1, q.shape[0] * kv.shape[3]), tables.shape[1] // 4 or 1))
         return paged_decode_attention(q, kv, layer, tables, lens, splits, scale)
     lens_np = lens.numpy().astype(np.int64)
@@ -79,13 +85,12 @@ def merge(parts: list[tuple[torch.Tensor, torch.Tensor]], out_dtype: torch.dtype
     return merge_attention_states_reference(outs, lses)[0].to(out_dtype)
 
 
-def _csr(lists: list[list[tuple[int, int]]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(offsets, slots, rows) of per-sequence lists of (slot, rows)."""
+def _csr(lists: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(offsets, slots, rows) of per-sequence (slots, rows) arrays."""
     offsets = np.zeros(len(lists) + 1, dtype=np.int64)
-    offsets[1:] = np.cumsum([len(x) for x in lists])
-    flat = [it for x in lists for it in x]
-    slots = np.array([s for s, _ in flat], dtype=np.int32)
-    rows = np.array([r for _, r in flat], dtype=np.int32)
+    offsets[1:] = np.cumsum([len(s) for s, _ in lists])
+    slots = np.concatenate([s for s, _ in lists] + [np.zeros(0)]).astype(np.int32)
+    rows = np.concatenate([r for _, r in lists] + [np.zeros(0)]).astype(np.int32)
     return offsets, slots, rows
 
 
@@ -185,26 +190,28 @@ class TieredAttention:
         for b in range(len(self.num_pages)):
             n = int(self.num_pages[b])
             pages = self.tables[b, :n]
-            rows = [p] * (n - 1) + [int(self.last_rows[b])]
+            rows = np.full(n, p, dtype=np.int32)
+            rows[-1] = self.last_rows[b]
             tier, slot = tiers.tier[pages], tiers.slot[pages]
-            # The partial last page must come last in a GPU page list.
-            hbm.append([(int(slot[i]), rows[i]) for i in range(n) if tier[i] == HBM])
-            dram = [i for i in range(n) if tier[i] == DRAM]
-            full = [i for i in dram if rows[i] == p]
-            take = set(full[: round(share * len(full))]) if self.device.type == "cuda" else set()
-            fetch.append([(int(slot[i]), p) for i in dram if i in take])
-            cpu.append([(int(slot[i]), rows[i]) for i in dram if i not in take])
-            disk.append([(int(slot[i]), rows[i]) for i in range(n) if tier[i] == DISK])
+            on = {t: np.flatnonzero(tier == t) for t in (HBM, DRAM, DISK)}
+            # In column order, so a partial last page comes last, as the GPU kernel requires.
+            hbm.append((slot[on[HBM]], rows[on[HBM]]))
+            full = on[DRAM][rows[on[DRAM]] == p]
+            take = full[: round(share * len(full))] if self.device.type == "cuda" else full[:0]
+            rest = np.setdiff1d(on[DRAM], take)
+            fetch.append((slot[take], rows[take]))
+            cpu.append((slot[rest], rows[rest]))
+            disk.append((slot[on[DISK]], rows[on[DISK]]))
         self._hbm_tables = self._gpu_tables(hbm)
         self._cpu_lists, self._disk_lists = _csr(cpu), _csr(disk)
         self._fetch_tables = None
-        fetch_slots = np.array(sorted(s for x in fetch for s, _ in x), dtype=np.int64)
+        fetch_slots = np.sort(np.concatenate([s for s, _ in fetch]))
         if len(fetch_slots):
-            index = {int(s): i for i, s in enumerate(fetch_slots)}
-            self._fetch_tables = self._gpu_tables([[(index[s], r) for s, r in x] for x in fetch])
+            index = [(np.searchsorted(fetch_slots, s).astype(np.int32), r) for s, r in fetch]
+            self._fetch_tables = self._gpu_tables(index)
             self._ensure_fetcher(len(fetch_slots)).set_pages(fetch_slots)
             self.fetcher.start(0)
-        self._dense_counts = [sum(len(x) for x in lists) for lists in (hbm, fetch, cpu, disk)]
+        self._dense_counts = [sum(len(s) for s, _ in lists) for lists in (hbm, fetch, cpu, disk)]
         self.stats.selected_pages += sum(self._dense_counts) * self.cfg.num_layers
         self.stats.hbm_hits += self._dense_counts[0] * self.cfg.num_layers
 
@@ -233,6 +240,8 @@ class TieredAttention:
             for name, n in zip(("hbm", "pcie", "dram", "disk"), self._dense_counts, strict=True):
                 self.stats.bytes_read[name] += n * self.tiers.slice_bytes * self.cfg.num_layers
         cpu_total = gpu_total = 0.0
+        if self._layer_stats and self._layer_stats[-1][2] is not None:
+            self._layer_stats[-1][2].synchronize()  # the step's GPU work is done: its timings can be read
         for cpu_s, start, end in self._layer_stats:
             gpu_s = start.elapsed_time(end) / 1e3 if start is not None else 0.0
             cpu_total, gpu_total = cpu_total + cpu_s, gpu_total + gpu_s
@@ -316,8 +325,8 @@ class TieredAttention:
                 row = missed[b][missed[b] >= 0]
                 tier, slot = self.tiers.tier[row], self.tiers.slot[row]
                 rows = np.where(row == self.tables[b, self.num_pages[b] - 1], self.last_rows[b], self.page_size)
-                dram.append([(int(s), int(r)) for t, s, r in zip(tier, slot, rows, strict=True) if t == DRAM])
-                disk.append([(int(s), int(r)) for t, s, r in zip(tier, slot, rows, strict=True) if t == DISK])
+                dram.append((slot[tier == DRAM], rows[tier == DRAM]))
+                disk.append((slot[tier == DISK], rows[tier == DISK]))
             dram_l, disk_l = _csr(dram), _csr(disk)
             self.stats.bytes_read["dram"] += len(dram_l[1]) * self.tiers.slice_bytes
             self.stats.bytes_read["disk"] += len(disk_l[1]) * self.tiers.slice_bytes
@@ -356,7 +365,7 @@ class TieredAttention:
                 self._missed_host = misses.numpy()
             return q.float(), None
         q_host = self._pinned("q", q.shape, torch.float32)
-        q_host.copy_(q, non_blocking=True)
+        q_host.copy_(q.float(), non_blocking=True)
         if misses is not None:
             host = self._pinned("misses", misses.shape, torch.int64)
             host.copy_(misses, non_blocking=True)
@@ -379,16 +388,16 @@ class TieredAttention:
         start.record()
         return start, end
 
-    def _gpu_tables(self, lists: list[list[tuple[int, int]]]):
-        """(tables [B, W] int32, lens [B] int32) on the device for per-sequence (slot, rows) lists."""
-        if not any(lists):
+    def _gpu_tables(self, lists: list[tuple[np.ndarray, np.ndarray]]):
+        """(tables [B, W] int32, lens [B] int32) on the device for per-sequence (slots, rows) arrays."""
+        if not any(len(s) for s, _ in lists):
             return None
-        width = max(len(x) for x in lists) or 1
+        width = max(len(s) for s, _ in lists)
         tables = np.zeros((len(lists), width), dtype=np.int32)
         lens = np.zeros(len(lists), dtype=np.int32)
-        for b, x in enumerate(lists):
-            tables[b, : len(x)] = [s for s, _ in x]
-            lens[b] = sum(r for _, r in x)
+        for b, (slots, rows) in enumerate(lists):
+            tables[b, : len(slots)] = slots
+            lens[b] = rows.sum()
         return torch.from_numpy(tables).to(self.device), torch.from_numpy(lens).to(self.device)
 
     def _ensure_fetcher(self, pages: int):

@@ -35,9 +35,11 @@ _lock = threading.Lock()
 
 
 def _cache_dir() -> Path:
-    from megatier.gguf_import import cache_root
-
-    return cache_root() / "cpu_attention"
+    """$MEGATIER_CACHE_DIR, else $XDG_CACHE_HOME/megatier, else ~/.cache/megatier (as gguf_import)."""
+    root = os.environ.get("MEGATIER_CACHE_DIR")
+    if not root:
+        root = str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "megatier")
+    return Path(root).expanduser() / "cpu_attention"
 
 
 def load_library() -> ctypes.CDLL | None:

@@ -90,20 +90,22 @@ class Importance:
     def __init__(self, num_pages: int, num_layers: int, device: torch.device):
         self.value = torch.zeros(num_pages, dtype=torch.float32, device=device)
         self._step = torch.zeros_like(self.value)
-        self._seen = torch.zeros(num_pages, dtype=torch.bool, device=device)
+        self._count = torch.zeros_like(self.value)
         self.num_layers = num_layers
 
     def add(self, tables: torch.Tensor, valid: torch.Tensor, mass: torch.Tensor, num_pages: torch.Tensor) -> None:
-        """Accumulate one layer's mass; relative to a uniform share (1 / pages of the sequence)."""
-        rel = mass * num_pages[:, None].float()
-        self._step.index_add_(0, tables[valid], rel[valid])
-        self._seen[tables[valid]] = True
+        """Accumulate one layer's mass; relative to a uniform share (1 / pages of the sequence). Padding
+        entries add zero (no boolean indexing: that would make the host wait for the GPU)."""
+        rel = mass * num_pages[:, None].float() * valid
+        self._step.index_add_(0, tables.flatten(), rel.flatten())
+        self._count.index_add_(0, tables.flatten(), valid.flatten().float())
 
     def end_step(self) -> None:
-        seen = self._seen
-        self.value[seen] = EMA * self._step[seen] / self.num_layers + (1 - EMA) * self.value[seen]
+        seen = self._count > 0
+        update = EMA * self._step / self.num_layers + (1 - EMA) * self.value
+        self.value = torch.where(seen, update, self.value)
         self._step.zero_()
-        self._seen.zero_()
+        self._count.zero_()
 
     def reset(self, pages: torch.Tensor) -> None:
         self.value[pages] = 0.0
@@ -117,40 +119,40 @@ def plan_migrations(tiers: TieredKV, byte_budget: int) -> int:
     tier beats the least important page of the faster one by HYSTERESIS, swap them. Nothing waits."""
     started = 0
     prio = tiers.priority
+    busy = np.zeros(tiers.num_pages, dtype=bool)
+    busy[list(tiers.inflight) + list(tiers.writing)] = True
     for upper in (DRAM, HBM):
         lower = upper + 1
         if tiers.capacity(lower) == 0 or tiers.capacity(upper) == 0:
             continue
-        busy = set(tiers.inflight) | tiers.writing
-        ups = [p for p in tiers.pages_in(upper) if p not in busy]
-        downs = [p for p in tiers.pages_in(lower) if p not in busy]
-        ups.sort(key=lambda p: prio[p])  # least important first: demotion candidates
-        downs.sort(key=lambda p: -prio[p])  # most important first: promotion candidates
+        ups = np.flatnonzero((tiers.tier == upper) & ~busy)
+        ups = ups[np.argsort(prio[ups], kind="stable")]  # least important first: demotion candidates
+        downs = np.flatnonzero((tiers.tier == lower) & ~busy)
+        downs = downs[np.argsort(-prio[downs], kind="stable")]  # most important first: promotion candidates
         free_up, free_low = len(tiers.slots[upper]), len(tiers.slots[lower])
-        demote, promote = [], []
         budget_pages = (byte_budget - started) // tiers.page_bytes
+        demote, promote, u = [], [], 0
         # Restore the reserve: new pages of the next steps land in the fastest tier.
-        while free_up < tiers.reserve[upper] and ups and free_low > 0 and budget_pages > 0:
-            demote.append(ups.pop(0))
-            free_low -= 1
-            budget_pages -= 1
+        while free_up + len(demote) < tiers.reserve[upper] and u < len(ups) and free_low > 0 and budget_pages > 0:
+            demote.append(int(ups[u]))
+            u, free_low, budget_pages = u + 1, free_low - 1, budget_pages - 1
         for page in downs:
             if budget_pages <= 0 or free_up == 0:
                 break
             if free_up > tiers.reserve[upper]:  # room to spare: promote without displacing anyone
-                promote.append(page)
-                free_up -= 1
-                budget_pages -= 1
+                promote.append(int(page))
+                free_up, budget_pages = free_up - 1, budget_pages - 1
                 continue
-            if not ups or free_low == 0 or budget_pages < 2 or prio[page] <= HYSTERESIS * prio[ups[0]] + 1e-6:
+            if u >= len(ups) or free_low == 0 or budget_pages < 2 or prio[page] <= HYSTERESIS * prio[ups[u]] + 1e-6:
                 break
-            demote.append(ups.pop(0))
-            promote.append(page)
-            free_up, free_low, budget_pages = free_up - 1, free_low - 1, budget_pages - 2
+            demote.append(int(ups[u]))
+            promote.append(int(page))
+            u, free_up, free_low, budget_pages = u + 1, free_up - 1, free_low - 1, budget_pages - 2
         if demote:
             started += tiers.move(demote, lower)
         if promote:
             started += tiers.move(promote, upper)
+        busy[demote + promote] = True
     return started
 
 
