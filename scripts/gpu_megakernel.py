@@ -64,10 +64,9 @@ def time_decode(ex: MegakernelExecutor, batch: StepBatch, steps: int, reps: int)
     return {"us_per_step": times[len(times) // 2], "min_us": times[0], "max_us": times[-1], "tokens": tokens}
 
 
-def prefilled_batch(cfg, weights, lengths: list[int], steps: int, cache: KVCache, seed: int) -> StepBatch:
+def prefilled_batch(cfg, weights, lengths: list[int], tables: list[list[int]], cache: KVCache, seed: int) -> StepBatch:
     """Prompts written into the cache by the reference; the decode batch that follows them."""
     prompts = random_prompts(lengths, cfg.vocab_size, seed=seed)
-    tables = page_tables([n + steps for n in lengths], PAGE, cache.num_pages, seed=seed)
     ReferenceExecutor(cfg, weights, cache=cache).forward(
         StepBatch([t for p in prompts for t in p[:-1]], [0] * len(prompts), [len(p) - 1 for p in prompts], tables)
     )
@@ -127,21 +126,16 @@ def main() -> None:
     garbage_kv(cache)
     ex = MegakernelExecutor(cfg, weights, cache=cache)
 
-    b1 = prefilled_batch(cfg, weights, [32], 128, cache, seed=1)
+    lengths8 = [32, 5, 200, 77, 1, 128, 64, 9]
+    tables = page_tables([n + 128 for n in [32, *lengths8]], PAGE, cache.num_pages)  # disjoint pages
+    b1 = prefilled_batch(cfg, weights, [32], tables[:1], cache, seed=1)
+    b8 = prefilled_batch(cfg, weights, lengths8, tables[1:], cache, seed=8)
     saved = cache.kv.clone()
-
-    def batch1():
-        r = time_decode(ex, b1, 128, reps)
-        r["floor_us_at_copy_bw"] = WEIGHT_BYTES / (res["copy_bw_GBps"] * 1e9) * 1e6
-        r["graph_error"] = ex.graph_error
-        r["tokens"] = r["tokens"][:, 0].tolist()
-        return r
-
-    stage("batch1_ctx32_128steps", batch1)
+    floor = WEIGHT_BYTES / (res["copy_bw_GBps"] * 1e9) * 1e6
 
     def agreement():
-        mk = torch.tensor(res["batch1_ctx32_128steps"]["tokens"])[:, None]
-        out = {}
+        mk = ex.decode_greedy(b1, 128)
+        out = {"tokens": mk[:, 0].tolist(), "distinct_tokens": len(set(mk[:, 0].tolist()))}
         for name, dtype in (("bf16_reference", torch.bfloat16), ("fp32_reference", torch.float32)):
             c = KVCache(saved.to(dtype, copy=True))
             ref = greedy_reference(cfg, weights.to(CUDA, dtype), c, b1, 128)
@@ -150,32 +144,50 @@ def main() -> None:
 
     stage("greedy_agreement_128", agreement)
 
-    lengths8 = [32, 5, 200, 77, 1, 128, 64, 9]
-    b8 = prefilled_batch(cfg, weights, lengths8, 128, cache, seed=8)
+    def sweep(batch, distances):
+        out = {}
+        for pf in distances:
+            ex.set_schedule("balanced", prefetch_chunks=pf)
+            r = time_decode(ex, batch, 128, reps)
+            r.pop("tokens")
+            out[f"prefetch_{pf}"] = r
+        return out
 
-    def batch8():
-        r = time_decode(ex, b8, 128, reps)
-        r.pop("tokens")
-        r["ratio_to_batch1"] = r["us_per_step"] / res["batch1_ctx32_128steps"]["us_per_step"]
-        return r
+    stage("batch1_ctx32_sweep", lambda: sweep(b1, (0, 4, 8, 12, 16, 24)))
+    best = min(res["batch1_ctx32_sweep"].items(), key=lambda kv: kv[1]["us_per_step"])
+    best_pf = int(best[0].split("_")[1])
+    res["batch1_best"] = {**best[1], "prefetch": best_pf, "floor_us_at_copy_bw": floor, "graph_error": ex.graph_error}
+    stage("batch8_mixed_sweep", lambda: sweep(b8, (0, 8, best_pf, 16)))
 
-    stage("batch8_mixed_128steps", batch8)
+    def strategies():
+        out = {}
+        for strategy in ("round_robin", "random"):
+            ex.set_schedule(strategy, seed=1, prefetch_chunks=best_pf)
+            out[strategy] = time_decode(ex, b1, 128, reps)["us_per_step"]
+        ex.set_schedule("balanced", prefetch_chunks=best_pf)
+        return out
 
-    if not args.quick:
+    stage("batch1_strategies", strategies)
 
-        def long_context():
-            tables = page_tables([16384 + 32], PAGE, cache.num_pages, seed=5)
-            batch = StepBatch([11], [16384], [1], tables)  # KV below 16K: random (no prefill needed for timing)
+    def long_context(ctx):
+        def run():
+            tables = page_tables([ctx + 32], PAGE, cache.num_pages, seed=5)
+            batch = StepBatch([11], [ctx], [1], tables)  # KV below ctx: random (no prefill needed for timing)
             return {k: v for k, v in time_decode(ex, batch, 32, reps).items() if k != "tokens"}
 
-        stage("batch1_ctx16k_32steps", long_context)
+        return run
+
+    if not args.quick:
+        stage("batch1_ctx4k_32steps", long_context(4096))
+        stage("batch1_ctx16k_32steps", long_context(16384))
 
     def timeline():
         cache.kv.copy_(saved)
-        ext = MegakernelExecutor(cfg, weights, cache=cache, timeline=True)
+        ext = MegakernelExecutor(cfg, weights, cache=cache, timeline=True, prefetch_chunks=best_pf)
         ext.decode_greedy(b1, 4)
         program, stamps = ext.timeline_data(1)
-        render_gantt(program, stamps, args.out / "megakernel_timeline.png", f"Llama-3.2-1B batch 1, {props.name}")
+        title = f"Llama-3.2-1B batch 1, {props.name}, L2 prefetch {best_pf} chunks"
+        render_gantt(program, stamps, args.out / "megakernel_timeline.png", title)
         torch.save({"stamps": stamps, "queues": [[i.encode() for i in q] for q in program.queues]},
                    args.out / "megakernel_timeline.pt")  # fmt: skip
         return summarize(program, stamps)
@@ -183,13 +195,18 @@ def main() -> None:
     stage("timeline_batch1", timeline)
 
     print("\n=== megakernel summary ===")
-    for key in ("copy_bw_GBps", "batch1_ctx32_128steps", "batch8_mixed_128steps", "batch1_ctx16k_32steps"):
-        v = res.get(key)
-        if isinstance(v, dict) and "us_per_step" in v:
-            print(f"{key:28s} {v['us_per_step']:9.1f} us/step  (min {v['min_us']:.1f}, max {v['max_us']:.1f})")
-        else:
-            print(f"{key:28s} {str(v)[:200]}")
-    print(json.dumps(res.get("greedy_agreement_128"), default=str))
+    print(f"copy bandwidth {res['copy_bw_GBps']:.0f} GB/s, weight floor {floor:.1f} us/step")
+    for key in ("batch1_ctx32_sweep", "batch8_mixed_sweep"):
+        for name, v in (res.get(key) or {}).items():
+            if isinstance(v, dict) and "us_per_step" in v:
+                print(
+                    f"{key:22s} {name:12s} {v['us_per_step']:8.1f} us/step (min {v['min_us']:.1f} max {v['max_us']:.1f})"
+                )
+    for key in ("batch1_strategies", "batch1_ctx4k_32steps", "batch1_ctx16k_32steps", "timeline_batch1"):
+        print(f"{key:22s} {str(res.get(key))[:300]}")
+    agree = dict(res.get("greedy_agreement_128") or {})
+    agree.pop("tokens", None)
+    print(json.dumps(agree, default=str))
 
 
 if __name__ == "__main__":

@@ -104,3 +104,22 @@ def test_rejects_wrong_arrival_target():
     i = _first(p, Op.ATTN)
     with pytest.raises(ScheduleError):
         validate(_replace(p, i.index, arrive_target=1))
+
+
+def test_qk_norm_keeps_whole_heads_per_instruction():
+    d = dataclasses.replace(TOY, qk_norm=True, head_dim=32)  # two tiles per head
+    p = build_program(d, 7, "random", seed=3)
+    validate(p)
+    i = _first(p, Op.QKV)
+    assert i.args[0] % d.head_tiles == 0 and i.args[1] % d.head_tiles == 0
+    with pytest.raises(ScheduleError, match="whole heads"):
+        validate(_replace(p, i.index, args=(i.args[0], i.args[1] - 1)))
+
+
+def test_qkv_tiles_hold_whole_rope_pairs():
+    for t in range(TOY.qkv_tiles):
+        j, dims = TOY.qkv_tile(t)
+        if j < TOY.heads + TOY.kv_heads:
+            half = TOY.head_dim // 2
+            assert sorted(dims) == sorted({x % half for x in dims} | {x % half + half for x in dims})
+    assert sorted(TOY.qkv_permutation()) == list(range(TOY.qkv_tiles * 16))

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from megatier.config import ModelConfig
 from megatier.executors.megakernel.isa import TILE, Instr, Op
 from megatier.executors.megakernel.layout import StepBuffers
-from megatier.executors.megakernel.schedule import Program, kv_head_of
+from megatier.executors.megakernel.schedule import Program
 from megatier.kv.pages import KVCache
 from megatier.weights import PackedWeights
 
@@ -126,38 +126,48 @@ class Interpreter:
     # -- opcodes ----------------------------------------------------------------------------------
 
     def _qkv(self, instr: Instr, program: Program, bufs: StepBuffers, epoch: int) -> None:
-        d, w, layer, j = program.dims, self.w, instr.layer, instr.args[0]
+        """Tiles of q|k|v rows; a head's results are finished (bias, q/k norm, RoPE, store) tile by tile,
+        or once the whole head is done when q/k are normed."""
+        d, w, layer = program.dims, self.w, instr.layer
         x = self._embed_rows(bufs) if layer == 0 else bufs.resid
         a = self._norm_act(x, w.input_norm[layer])
-        rows = slice(j * d.head_dim, (j + 1) * d.head_dim)
-        bias = None if w.qkv_bias is None else w.qkv_bias[layer, rows]
-        y = self._gemv(a, w.qkv[layer, rows], bias)  # [B, head_dim]
+        head = torch.full((d.batch, d.head_dim), float("nan"))
+        done: list[int] = []
+        for t in range(*instr.args):
+            j, dims = d.qkv_tile(t)
+            rows = [j * d.head_dim + x for x in dims]
+            bias = None if w.qkv_bias is None else w.qkv_bias[layer, rows]
+            head[:, dims] = self._gemv(a, w.qkv[layer, rows], bias)
+            done += dims
+            if not d.qk_norm or len(done) == d.head_dim:
+                self._finish_head(d, layer, j, head, sorted(done), bufs)
+                done = []
+        self._signal(bufs, instr.signal)
+
+    def _finish_head(self, d, layer: int, j: int, y: torch.Tensor, dims: list[int], bufs: StepBuffers) -> None:
         kind = 0 if j < d.heads else (1 if j < d.heads + d.kv_heads else 2)
-        if kind < 2 and w.q_norm is not None:
-            nw = (w.q_norm if kind == 0 else w.k_norm)[layer].float()
+        y = y.clone()
+        if kind < 2 and d.qk_norm:
+            nw = (self.w.q_norm if kind == 0 else self.w.k_norm)[layer].float()
             y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.cfg.rms_norm_eps) * nw
         if kind < 2:
             cs = self.rope[bufs.pos.long()]  # [B, head_dim/2, 2]
-            cos, sin = cs[..., 0], cs[..., 1]
             h = d.head_dim // 2
             lo, hi = y[:, :h], y[:, h:]
-            y = torch.cat((lo * cos - hi * sin, hi * cos + lo * sin), dim=-1)
+            y = torch.cat((lo * cs[..., 0] - hi * cs[..., 1], hi * cs[..., 0] + lo * cs[..., 1]), dim=-1)
         if kind == 0:
-            bufs.q[:, rows] = y
-        else:
-            kvh = kv_head_of(d, j)
-            for b in range(d.batch):
-                p = int(bufs.pos[b])
-                page = int(bufs.table[b, p // d.page_size])
-                self.cache.kv[page, layer, kind - 1, kvh, p % d.page_size] = y[b].to(self.cache.kv.dtype)
-        self._signal(bufs, instr.signal)
+            bufs.q[:, [j * d.head_dim + x for x in dims]] = y[:, dims]
+            return
+        kvh = d.kv_head_of(j)
+        for b in range(d.batch):
+            p = int(bufs.pos[b])
+            page = int(bufs.table[b, p // d.page_size])
+            self.cache.kv[page, layer, kind - 1, kvh, p % d.page_size, dims] = y[b, dims].to(self.cache.kv.dtype)
 
     def _attn(self, instr: Instr, program: Program, bufs: StepBuffers, epoch: int) -> None:
         d, layer = program.dims, instr.layer
         b, kvh, s, nsplit = instr.args
-        ctx = int(bufs.pos[b]) + 1
-        chunk = -(-ctx // nsplit)
-        lo, hi = s * chunk, min(ctx, (s + 1) * chunk)
+        lo, hi = d.split_range(int(bufs.pos[b]) + 1, s)
         heads = slice(kvh * d.group * d.head_dim, (kvh + 1) * d.group * d.head_dim)
         q = bufs.q[b, heads].view(d.group, d.head_dim) * (d.head_dim**-0.5 * LOG2E)
         m = torch.full((d.group,), float("-inf"))
@@ -176,16 +186,16 @@ class Interpreter:
         bufs.part_ml[b, kvh, s, :, 0] = m
         bufs.part_ml[b, kvh, s, :, 1] = lsum
         if self._signal(bufs, instr.signal) == instr.arrive_target * (epoch + 1):
-            self._merge(d, b, kvh, bufs)
+            self._merge(d, b, kvh, nsplit, bufs)
             self._signal(bufs, (instr.done, 1))
 
     @staticmethod
-    def _merge(d, b: int, kvh: int, bufs: StepBuffers) -> None:
-        m, lsum = bufs.part_ml[b, kvh, ..., 0], bufs.part_ml[b, kvh, ..., 1]  # [S, G]
+    def _merge(d, b: int, kvh: int, nsplit: int, bufs: StepBuffers) -> None:
+        m, lsum = bufs.part_ml[b, kvh, :nsplit, :, 0], bufs.part_ml[b, kvh, :nsplit, :, 1]  # [S, G]
         big = m.max(0).values
         scale = torch.where(m == float("-inf"), torch.zeros_like(m), torch.exp2(m - big))
         total = (lsum * scale).sum(0)
-        out = (bufs.part_o[b, kvh] * scale[..., None]).sum(0) / total[:, None]  # [G, D]
+        out = (bufs.part_o[b, kvh, :nsplit] * scale[..., None]).sum(0) / total[:, None]  # [G, D]
         heads = slice(kvh * d.group * d.head_dim, (kvh + 1) * d.group * d.head_dim)
         bufs.attn_out[b, heads] = out.reshape(-1).to(bufs.attn_out.dtype)
 

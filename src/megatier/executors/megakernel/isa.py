@@ -11,8 +11,8 @@ Word layout (the same indices are emitted into the CUDA build as #defines, see `
     8 signal counter   9 signal amount   10 arrival target (ATTN)   11 global index
     12 done counter (ATTN: the last split to arrive signals it by 1)   13-15 zero
 
-Args: QKV (head j: q heads, then k heads, then v heads); ATTN (sequence b, kv head, split s, splits S);
-OPROJ, GATEUP, DOWN, LMHEAD (first tile, end tile). A counter of -1 means none.
+Args: ATTN (sequence b, kv head, split s, splits S); QKV, OPROJ, GATEUP, DOWN, LMHEAD (first tile, end
+tile). A counter of -1 means none.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ NONE = -1
 
 class Op(IntEnum):
     NOOP = 0
-    QKV = 1  # RMSNorm + q|k|v rows of one head + bias + q/k norm + RoPE; writes q or appends K/V
+    QKV = 1  # RMSNorm + 16-row tiles of q|k|v + bias + q/k norm + RoPE; writes q or appends K/V
     ATTN = 2  # one split of one (sequence, kv head); the last split to finish merges all splits
     OPROJ = 3  # O-projection of merged attention + residual
     GATEUP = 4  # RMSNorm + gate and up rows + SiLU(gate) * up
@@ -83,7 +83,7 @@ class Instr:
     @classmethod
     def decode(cls, words: list[int]) -> Instr:
         op = Op(words[FIELDS["OP"]])
-        nargs = {Op.NOOP: 0, Op.QKV: 1, Op.ATTN: 4}.get(op, 2)
+        nargs = {Op.NOOP: 0, Op.ATTN: 4}.get(op, 2)
         wait = (words[FIELDS["WAIT_CTR"]], words[FIELDS["WAIT_TARGET"]])
         signal = (words[FIELDS["SIG_CTR"]], words[FIELDS["SIG_AMOUNT"]])
         return cls(
@@ -113,38 +113,38 @@ def encode_queues(queues: list[list[Instr]]) -> tuple[torch.Tensor, torch.Tensor
 class Counters:
     """Where each counter lives in the one uint32 counter array of a step.
 
-    qkv_done[l][kv head], arrive[l][sequence][kv head], attn_done[l], oproj_done[l], gateup_done[l],
-    down_done[l], then `exit` (every CTA adds 1 when its queue is done; the last one finalizes the step).
+    arrive[l][sequence][kv head], then per layer qkv_done, attn_done, oproj_done, gateup_done, down_done,
+    then `exit` (every CTA adds 1 when its queue is done; the last one finalizes the step).
     """
 
     layers: int
     batch: int
     kv_heads: int
 
-    def qkv_done(self, layer: int, kvh: int) -> int:
-        return layer * self.kv_heads + kvh
-
     def arrive(self, layer: int, b: int, kvh: int) -> int:
-        return self.layers * self.kv_heads + (layer * self.batch + b) * self.kv_heads + kvh
+        return (layer * self.batch + b) * self.kv_heads + kvh
 
     def _phase(self, k: int, layer: int) -> int:
-        return self.layers * self.kv_heads * (1 + self.batch) + k * self.layers + layer
+        return self.layers * self.batch * self.kv_heads + k * self.layers + layer
 
-    def attn_done(self, layer: int) -> int:
+    def qkv_done(self, layer: int) -> int:
         return self._phase(0, layer)
 
-    def oproj_done(self, layer: int) -> int:
+    def attn_done(self, layer: int) -> int:
         return self._phase(1, layer)
 
-    def gateup_done(self, layer: int) -> int:
+    def oproj_done(self, layer: int) -> int:
         return self._phase(2, layer)
 
-    def down_done(self, layer: int) -> int:
+    def gateup_done(self, layer: int) -> int:
         return self._phase(3, layer)
+
+    def down_done(self, layer: int) -> int:
+        return self._phase(4, layer)
 
     @property
     def exit(self) -> int:
-        return self._phase(4, 0)
+        return self._phase(5, 0)
 
     @property
     def size(self) -> int:

@@ -40,6 +40,7 @@ class Dims:
     splits: int
     page_size: int
     max_pages: int  # page-table width: a sequence can use every page of the cache
+    qk_norm: bool = False  # QKV instructions must then cover whole q/k heads (the norm spans a head)
 
     @classmethod
     def of(cls, cfg: ModelConfig, batch: int, splits: int, page_size: int, max_pages: int) -> Dims:
@@ -55,6 +56,7 @@ class Dims:
             splits=splits,
             page_size=page_size,
             max_pages=max_pages,
+            qk_norm=cfg.qk_norm,
         )
 
     @property
@@ -68,6 +70,38 @@ class Dims:
     @property
     def qkv_heads(self) -> int:
         return self.heads + 2 * self.kv_heads
+
+    @property
+    def head_tiles(self) -> int:
+        return ceil_div(self.head_dim, TILE)
+
+    @property
+    def qkv_tiles(self) -> int:
+        return self.qkv_heads * self.head_tiles
+
+    def qkv_tile(self, t: int) -> tuple[int, list[int]]:
+        """(head, its dims) of QKV tile t. In q and k heads tile i holds dims [8i, 8i+8) and
+        [head_dim/2 + 8i, head_dim/2 + 8i + 8), so every RoPE pair (d, d + head_dim/2) sits in one
+        tile; v heads are in natural order. The kernel's packed weights are permuted to match."""
+        j, i = divmod(t, self.head_tiles)
+        if j >= self.heads + self.kv_heads:
+            return j, list(range(i * TILE, (i + 1) * TILE))
+        half = self.head_dim // 2
+        first = list(range(i * TILE // 2, (i + 1) * TILE // 2))
+        return j, first + [half + x for x in first]
+
+    def qkv_permutation(self) -> list[int]:
+        """For every packed q|k|v row, the Hugging Face row it holds."""
+        return [j * self.head_dim + x for t in range(self.qkv_tiles) for j, dims in [self.qkv_tile(t)] for x in dims]
+
+    def kv_head_of(self, j: int) -> int:
+        """The kv group of head j (q heads, then k heads, then v heads)."""
+        return j // self.group if j < self.heads else (j - self.heads) % self.kv_heads
+
+    def split_range(self, context: int, s: int) -> tuple[int, int]:
+        """Positions [lo, hi) of attention split s: page-aligned pieces, the last ones may be empty."""
+        chunk = ceil_div(ceil_div(context, self.splits), self.page_size) * self.page_size
+        return min(context, s * chunk), min(context, (s + 1) * chunk)
 
     @property
     def hidden_tiles(self) -> int:

@@ -66,6 +66,7 @@ class MegakernelExecutor:
         seed: int = 0,
         timeline: bool = False,
         validate_programs: bool = True,
+        prefetch_chunks: int = 8,
     ):
         self.cfg, self.cache = cfg, cache
         self.device = cache.kv.device
@@ -83,7 +84,12 @@ class MegakernelExecutor:
         if not 1 <= self.num_sms <= available:
             raise MegatierError(f"megakernel: num_sms must be 1..{available}, got {num_sms}")
         self.strategy, self.seed, self.timeline, self.validate_programs = strategy, seed, timeline, validate_programs
+        self.prefetch_chunks = prefetch_chunks  # weight chunks each SM requests into L2 ahead of its ring
         self.w = pack_weights(weights, self.device, torch.bfloat16)
+        perm = torch.tensor(Dims.of(cfg, 1, 1, self.page_size, self.num_pages).qkv_permutation(), device=self.device)
+        self.w.qkv = self.w.qkv[:, perm].contiguous()  # each 16-row tile holds whole RoPE pairs
+        if self.w.qkv_bias is not None:
+            self.w.qkv_bias = self.w.qkv_bias[:, perm].contiguous()
         self.rope = rope_table(cfg, self.num_pages * self.page_size, self.device)
         self.prefill = ReferenceExecutor(cfg, weights, cache=cache)  # GraphExecutor once executors/graph.py lands
         self.diag = torch.zeros(16, dtype=torch.int32, pin_memory=True)  # host memory the kernel can write
@@ -135,10 +141,11 @@ class MegakernelExecutor:
         self._check(v)
         return v.bufs.out_tokens[:done].clone()
 
-    def set_schedule(self, strategy: str, seed: int = 0, num_sms: int | None = None) -> None:
+    def set_schedule(self, strategy: str, seed: int = 0, num_sms: int | None = None, prefetch_chunks: int = 8) -> None:
         """Assign instructions to SMs differently from the next step on (results must not change)."""
         available = torch.cuda.get_device_properties(self.device).multi_processor_count
         self.strategy, self.seed, self.num_sms = strategy, seed, num_sms or available
+        self.prefetch_chunks = prefetch_chunks
         for v in self._variants.values():
             v.program = None
 
@@ -226,7 +233,7 @@ class MegakernelExecutor:
             "q_norm": ptr(w.q_norm), "k_norm": ptr(w.k_norm), "kv": ptr(self.cache.kv), "rope": ptr(self.rope),
             "out_cap": bufs.out_tokens.shape[0], "program": ptr(v.words), "qlen": ptr(v.lengths),
             "maxlen": 0 if v.words is None else v.words.shape[1], "timeline": ptr(v.timeline),
-            "diag": self.diag.data_ptr(),
+            "diag": self.diag.data_ptr(), "prefetch": self.prefetch_chunks,
         }  # fmt: skip
         for name in ("resid", "q", "part_o", "part_ml", "attn_out", "act", "logits", "argmax", "counters", "state"):
             values[name] = ptr(getattr(bufs, name))

@@ -1,8 +1,8 @@
 """Build one decode step as a program: the instruction DAG, its assignment to SMs, per-SM queues.
 
-Phases per layer: QKV (one instruction per q/k/v head) -> ATTN (one per sequence, kv head and split)
--> OPROJ -> GATEUP -> DOWN, then LMHEAD. The tiled phases are cut into contiguous tile ranges, one
-instruction per SM that gets any. Dependencies go through counters (isa.Counters): an instruction
+Phases per layer: QKV -> ATTN (one instruction per sequence, kv head and split) -> OPROJ -> GATEUP ->
+DOWN, then LMHEAD. The tiled phases are cut into contiguous ranges of 16-row weight tiles, one
+instruction per SM that gets any (QKV ranges cover whole heads when q/k are RMS-normed). Dependencies go through counters (isa.Counters): an instruction
 waits until a counter reaches the sum of everything signalled into it, i.e. until all of its producers
 have finished. The global order lists phases in dependency order; every SM's queue is a subsequence of
 it, so with all CTAs resident the earliest unfinished instruction can always run (no deadlock).
@@ -44,13 +44,6 @@ class Program:
         return encode_queues(self.queues)
 
 
-def kv_head_of(d: Dims, j: int) -> int:
-    """The kv group of QKV head j (q heads, then k heads, then v heads)."""
-    if j < d.heads:
-        return j // d.group
-    return (j - d.heads) % d.kv_heads
-
-
 def _tile_phases(d: Dims) -> list[tuple[Op, int, int]]:
     """(op, tiles, bytes per tile) of the tiled phases of one layer."""
     w = 2  # bf16 bytes
@@ -82,8 +75,13 @@ class _Assigner:
             return sm
         return self.rng.randrange(self.n)
 
-    def ranges(self, tiles: int, cost: int) -> list[tuple[int, int, int]]:
-        """(sm, first tile, end tile) covering [0, tiles) with contiguous ranges, at most one per SM."""
+    def ranges(self, tiles: int, cost: int, unit: int = 1) -> list[tuple[int, int, int]]:
+        """(sm, first tile, end tile) covering [0, tiles) with contiguous ranges of whole `unit`s, at most
+        one range per SM."""
+        out = self._unit_ranges(tiles // unit, cost * unit)
+        return [(sm, a * unit, b * unit) for sm, a, b in out]
+
+    def _unit_ranges(self, tiles: int, cost: int) -> list[tuple[int, int, int]]:
         counts = [0] * self.n
         if self.strategy == "balanced":
             heap = [(self.load[s] + INSTR_OVERHEAD_BYTES, s) for s in range(self.n)]
@@ -119,6 +117,8 @@ def build_program(d: Dims, num_sms: int, strategy: str = "balanced", seed: int =
     """The whole decode step for `d` on `num_sms` SMs."""
     if num_sms < 1:
         raise ScheduleError(f"num_sms must be >= 1, got {num_sms}")
+    if d.head_dim % TILE:
+        raise ScheduleError(f"head_dim must be a multiple of {TILE} (RoPE pairs are kept inside 16-row tiles)")
     ctr = d.counters
     assign = _Assigner(strategy, num_sms, seed)
     placed: list[tuple[Instr, int]] = []
@@ -126,12 +126,12 @@ def build_program(d: Dims, num_sms: int, strategy: str = "balanced", seed: int =
     def add(sm: int, instr: Instr) -> None:
         placed.append((instr, sm))
 
-    qkv_bytes = d.head_dim * d.hidden * 2
     attn_bytes = 2 * min(ATTN_CHUNK, d.page_size * d.max_pages) * d.head_dim * 2
+    qkv_unit = d.head_tiles if d.qk_norm else 1
     for layer in range(d.layers):
         prev = (ctr.down_done(layer - 1), d.hidden_tiles) if layer else None
-        for j in range(d.qkv_heads):
-            add(assign.item(qkv_bytes), Instr(Op.QKV, layer, (j,), prev, (ctr.qkv_done(layer, kv_head_of(d, j)), 1)))
+        for sm, t0, t1 in sorted(assign.ranges(d.qkv_tiles, TILE * d.hidden * 2, qkv_unit), key=lambda r: r[1]):
+            add(sm, Instr(Op.QKV, layer, (t0, t1), prev, (ctr.qkv_done(layer), t1 - t0)))
         for b in range(d.batch):
             for kvh in range(d.kv_heads):
                 for s in range(d.splits):
@@ -139,7 +139,7 @@ def build_program(d: Dims, num_sms: int, strategy: str = "balanced", seed: int =
                         Op.ATTN,
                         layer,
                         (b, kvh, s, d.splits),
-                        wait=(ctr.qkv_done(layer, kvh), d.group + 2),
+                        wait=(ctr.qkv_done(layer), d.qkv_tiles),
                         signal=(ctr.arrive(layer, b, kvh), 1),
                         arrive_target=d.splits,
                         done=ctr.attn_done(layer),
@@ -176,7 +176,7 @@ def accesses(instr: Instr, d: Dims) -> list[tuple[str, int, int, str]]:
     resid, act and logits are indexed feature-major (element i of sequence b at i * B + b), because
     their accesses cover every sequence at once; q, part and attn_out are indexed sequence-major.
     Weights, the embedding and KV of earlier positions are immutable during a step and not listed; the
-    K/V rows of the current position are ('kvnew', one element per (layer, K|V, kv head, sequence)).
+    K/V rows of the current position are ('kvnew', [layer, K|V, kv head, sequence, dim]).
     """
     op, layer, a, nb = instr.op, instr.layer, instr.args, d.batch
     out: list[tuple[str, int, int, str]] = []
@@ -187,20 +187,26 @@ def accesses(instr: Instr, d: Dims) -> list[tuple[str, int, int, str]]:
     if op == Op.QKV:
         if layer:
             out.append(("resid", 0, d.hidden * nb, "r"))
-        j = a[0]
-        if j < d.heads:
-            out += [("q", b * d.q_size + j * d.head_dim, b * d.q_size + (j + 1) * d.head_dim, "w") for b in range(nb)]
-        else:
-            kv = 0 if j < d.heads + d.kv_heads else 1
-            base = ((layer * 2 + kv) * d.kv_heads + kv_head_of(d, j)) * nb
-            out.append(("kvnew", base, base + nb, "w"))
+        for t in range(a[0], a[1]):
+            j, dims = d.qkv_tile(t)
+            runs = [(dims[0], dims[7] + 1), (dims[8], dims[15] + 1)]
+            for b in range(nb):
+                if j < d.heads:
+                    out += [
+                        ("q", b * d.q_size + j * d.head_dim + x, b * d.q_size + j * d.head_dim + y, "w")
+                        for x, y in runs
+                    ]
+                else:
+                    kv = 0 if j < d.heads + d.kv_heads else 1
+                    base = (((layer * 2 + kv) * d.kv_heads + d.kv_head_of(j)) * nb + b) * d.head_dim
+                    out += [("kvnew", base + x, base + y, "w") for x, y in runs]
     elif op == Op.ATTN:
         b, kvh, s = a[0], a[1], a[2]
         lo = (b * d.heads + kvh * d.group) * d.head_dim
         out.append(("q", lo, lo + d.group * d.head_dim, "r"))
         for kv in (0, 1):
-            k = ((layer * 2 + kv) * d.kv_heads + kvh) * nb + b
-            out.append(("kvnew", k, k + 1, "r"))
+            k = (((layer * 2 + kv) * d.kv_heads + kvh) * nb + b) * d.head_dim
+            out.append(("kvnew", k, k + d.head_dim, "r"))
         p = (b * d.kv_heads + kvh) * d.splits + s
         out.append(("part", p, p + 1, "w"))
     elif op == Op.OPROJ:
@@ -241,8 +247,14 @@ class _Node:
 
 def _check_fields(p: Program) -> None:
     d, size = p.dims, p.dims.counters.size
-    limits = {Op.QKV: (d.qkv_heads,), Op.ATTN: (d.batch, d.kv_heads, d.splits, d.splits + 1)}
-    tiles = {Op.OPROJ: d.hidden_tiles, Op.GATEUP: d.inter_tiles, Op.DOWN: d.hidden_tiles, Op.LMHEAD: d.vocab_tiles}
+    limits = {Op.ATTN: (d.batch, d.kv_heads, d.splits, d.splits + 1)}
+    tiles = {
+        Op.QKV: d.qkv_tiles,
+        Op.OPROJ: d.hidden_tiles,
+        Op.GATEUP: d.inter_tiles,
+        Op.DOWN: d.hidden_tiles,
+        Op.LMHEAD: d.vocab_tiles,
+    }
     for i, instr in enumerate(p.instrs):
         if instr.index != i:
             raise ScheduleError(f"instruction {i} carries index {instr.index}")
@@ -252,6 +264,8 @@ def _check_fields(p: Program) -> None:
             raise ScheduleError(f"instruction {i}: argument out of range {instr}")
         if instr.op in tiles and not 0 <= instr.args[0] < instr.args[1] <= tiles[instr.op]:
             raise ScheduleError(f"instruction {i}: bad tile range {instr.args}")
+        if instr.op == Op.QKV and d.qk_norm and (instr.args[0] % d.head_tiles or instr.args[1] % d.head_tiles):
+            raise ScheduleError(f"instruction {i}: q/k norm needs QKV ranges of whole heads, got {instr.args}")
         for c in (instr.wait, instr.signal):
             if c is not None and not 0 <= c[0] < size:
                 raise ScheduleError(f"instruction {i}: counter {c[0]} out of range")
@@ -262,14 +276,14 @@ def _check_coverage(p: Program) -> None:
     d = p.dims
     seen: dict[tuple, int] = defaultdict(int)
     for instr in p.instrs:
-        if instr.op in (Op.QKV, Op.ATTN):
+        if instr.op == Op.ATTN:
             seen[(instr.op, instr.layer, *instr.args)] += 1
         else:
             for t in range(instr.args[0], instr.args[1]):
                 seen[(instr.op, instr.layer, t)] += 1
     want: list[tuple] = []
     for layer in range(d.layers):
-        want += [(Op.QKV, layer, j) for j in range(d.qkv_heads)]
+        want += [(Op.QKV, layer, t) for t in range(d.qkv_tiles)]
         want += [
             (Op.ATTN, layer, b, k, s, d.splits)
             for b in range(d.batch)

@@ -1,11 +1,12 @@
 // Split-KV decode attention for one (sequence, kv head, split), and the merge of all splits done by
 // whichever split finishes last.
 //
-// HEAD_DIM/8 lanes share one key (16 bytes of K and of V each); a warp covers 32*8/HEAD_DIM keys per
-// iteration; each lane keeps an online softmax (max in log2 units, sum, 8 output dims) for the GROUP
-// query heads of the kv head. Lanes, then warps, are merged in a fixed order, so results do not depend
-// on timing. The split writes (unnormalized output, max, sum) to global memory; the last split to
-// arrive at the group's counter merges every split in split order and writes the bf16 attention output.
+// The loader streams the split's K/V of earlier positions into ring stages like weights. HEAD_DIM/8
+// lanes share one key (16 bytes of K and of V each); a warp covers 32*8/HEAD_DIM keys per iteration;
+// each lane keeps an online softmax (max in log2 units, sum, 8 output dims) for the GROUP query heads
+// of the kv head. Lanes, then warps, are merged in a fixed order, so results do not depend on timing.
+// With several splits each writes (unnormalized output, max, sum) to global memory and the last one to
+// arrive at the group's counter merges every split in split order into the bf16 attention output.
 #pragma once
 #include <cuda/std/limits>
 
@@ -35,12 +36,68 @@ __device__ __forceinline__ void merge_into(float& m1, float& l1, float (&o1)[8],
     m1 = m;
 }
 
-__device__ void op_attn(Ctx& cx, const int* in) {
-    const int l = field(in, F_LAYER), b = field(in, F_A0), kvh = field(in, F_A1);
+// Positions of one split: [lo, hi) attended, [lo, old_hi) streamed through the ring by the loader (KV
+// written by earlier steps is immutable now); the current position, appended this step by a QKV
+// instruction, is read from global memory after the counter wait.
+struct Span {
+    int b, kvh, lo, hi, old_hi, chunks;
+};
+
+constexpr int KV_ROW = HEAD_DIM * 2;                     // bytes of one position's K (or V)
+constexpr int KVC = (STAGE_BYTES / (2 * KV_ROW)) / 8 * 8;  // positions per ring stage (K block, then V)
+static_assert(KVC >= 8, "a ring stage holds K and V of at least 8 positions");
+
+__device__ Span attn_span(const Ctx& cx, const int* in) {
+    Span sp;
+    sp.b = field(in, F_A0);
+    sp.kvh = field(in, F_A1);
     const int s = field(in, F_A2), nsplit = field(in, F_A3);
-    const int ctx = param<int>(cx, P_POS)[b] + 1;
-    const int chunk = (ctx + nsplit - 1) / nsplit;
-    const int lo = s * chunk, hi = min(ctx, lo + chunk);
+    const int ctx = param<int>(cx, P_POS)[sp.b] + 1;
+    const int per = ((ctx + nsplit - 1) / nsplit + PAGE_SIZE - 1) / PAGE_SIZE * PAGE_SIZE;  // = Dims.split_range
+    sp.lo = min(ctx, s * per);
+    sp.hi = min(ctx, (s + 1) * per);
+    sp.old_hi = max(sp.lo, min(sp.hi, ctx - 1));
+    sp.chunks = (sp.old_hi - sp.lo + KVC - 1) / KVC;
+    return sp;
+}
+
+// Loader side: each chunk is copied page run by page run (K then V), lanes taking turns.
+__device__ bool load_kv(Ctx& cx, const int* in, uint64_t policy) {
+    const Span sp = attn_span(cx, in);
+    const size_t l = field(in, F_LAYER);
+    const int* table = param<int>(cx, P_TABLE) + sp.b * MAX_PAGES;
+    const bf16* kv = param<bf16>(cx, P_KV);
+    for (int c = 0; c < sp.chunks; ++c) {
+        const int c0 = sp.lo + c * KVC, c1 = min(sp.old_hi, c0 + KVC);
+        if (!claim_stage(cx, in, 2 * (c1 - c0) * KV_ROW)) return false;
+        unsigned char* stage = ring_stage(cx, cx.stage);
+        int copy = 0;
+        for (int p = c0; p < c1; copy += 2) {
+            const int e = min(c1, (p / PAGE_SIZE + 1) * PAGE_SIZE);
+            const size_t page = table[p / PAGE_SIZE];
+            const bf16* k = kv + ((((page * LAYERS + l) * 2) * KV_HEADS + sp.kvh) * PAGE_SIZE + p % PAGE_SIZE) * HEAD_DIM;
+            if (cx.lane == copy % 32)
+                bulk_copy(stage + (p - c0) * KV_ROW, k, (e - p) * KV_ROW, full_bar(cx, cx.stage), policy);
+            if (cx.lane == (copy + 1) % 32)
+                bulk_copy(stage + (KVC + p - c0) * KV_ROW, k + KV_HEADS * PAGE_SIZE * HEAD_DIM, (e - p) * KV_ROW,
+                          full_bar(cx, cx.stage), policy);
+            p = e;
+        }
+        advance(cx);
+    }
+    return true;
+}
+
+__device__ __forceinline__ void unpack8(uint4 raw, float (&f)[8]) {
+    const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) f[2 * i] = bf16_lo(w[i]), f[2 * i + 1] = bf16_hi(w[i]);
+}
+
+__device__ void op_attn(Ctx& cx, const int* in) {
+    const int l = field(in, F_LAYER), s = field(in, F_A2), nsplit = field(in, F_A3);
+    const Span sp = attn_span(cx, in);
+    const int b = sp.b, kvh = sp.kvh;
     const int sub = cx.lane / LPK, dl = cx.lane % LPK;
 
     float q[GROUP][8], o[GROUP][8], m[GROUP], lsum[GROUP];
@@ -56,28 +113,8 @@ __device__ void op_attn(Ctx& cx, const int* in) {
 #pragma unroll
         for (int i = 0; i < 8; ++i) o[g][i] = 0.f;
     }
-
-    const bf16* kv = param<bf16>(cx, P_KV);
-    const int* table = param<int>(cx, P_TABLE) + b * MAX_PAGES;
-    for (int base = lo + cx.warp * KPW; base < hi; base += NUM_CONSUMER_WARPS * KPW) {
-        const int key = base + sub;
-        const bool valid = key < hi;
-        float kf[8], vf[8];
-        if (valid) {
-            const size_t page = table[key / PAGE_SIZE];
-            const size_t row = ((page * LAYERS + l) * 2 * KV_HEADS + kvh) * PAGE_SIZE + key % PAGE_SIZE;
-            const uint4 kr = ld_cg(reinterpret_cast<const uint4*>(kv + row * HEAD_DIM + dl * 8));
-            const uint4 vr = ld_cg(reinterpret_cast<const uint4*>(kv + (row + KV_HEADS * PAGE_SIZE) * HEAD_DIM + dl * 8));
-            const uint32_t kw[4] = {kr.x, kr.y, kr.z, kr.w}, vw[4] = {vr.x, vr.y, vr.z, vr.w};
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                kf[2 * i] = bf16_lo(kw[i]), kf[2 * i + 1] = bf16_hi(kw[i]);
-                vf[2 * i] = bf16_lo(vw[i]), vf[2 * i + 1] = bf16_hi(vw[i]);
-            }
-        } else {
-#pragma unroll
-            for (int i = 0; i < 8; ++i) kf[i] = vf[i] = 0.f;
-        }
+    // One key per group of LPK lanes: scores reduced over the group, online softmax per lane.
+    auto consume = [&](const float (&kf)[8], const float (&vf)[8], bool valid) {
 #pragma unroll
         for (int g = 0; g < GROUP; ++g) {
             float sc = 0.f;
@@ -94,6 +131,31 @@ __device__ void op_attn(Ctx& cx, const int* in) {
                 m[g] = mn;
             }
         }
+    };
+    for (int c = 0; c < sp.chunks; ++c) {
+        wait_full(cx);
+        const unsigned char* stage = ring_stage(cx, cx.stage);
+        const int n = min(sp.old_hi, sp.lo + (c + 1) * KVC) - (sp.lo + c * KVC);
+        for (int base = cx.warp * KPW; base < n; base += NUM_CONSUMER_WARPS * KPW) {
+            const int key = base + sub;
+            float kf[8], vf[8];
+            const bool valid = key < n;
+            const int at = valid ? key : 0;
+            unpack8(*reinterpret_cast<const uint4*>(stage + at * KV_ROW + dl * 16), kf);
+            unpack8(*reinterpret_cast<const uint4*>(stage + (KVC + at) * KV_ROW + dl * 16), vf);
+            consume(kf, vf, valid);
+        }
+        release_stage(cx);
+    }
+    if (cx.warp == 0 && sp.old_hi < sp.hi) {  // the current position, written this step
+        const int p = sp.hi - 1;
+        const size_t page = param<int>(cx, P_TABLE)[b * MAX_PAGES + p / PAGE_SIZE];
+        const size_t row = ((page * LAYERS + l) * 2 * KV_HEADS + kvh) * PAGE_SIZE + p % PAGE_SIZE;
+        const bf16* kv = param<bf16>(cx, P_KV);
+        float kf[8], vf[8];
+        unpack8(ld_cg(reinterpret_cast<const uint4*>(kv + row * HEAD_DIM + dl * 8)), kf);
+        unpack8(ld_cg(reinterpret_cast<const uint4*>(kv + (row + KV_HEADS * PAGE_SIZE) * HEAD_DIM + dl * 8)), vf);
+        consume(kf, vf, sub == 0);
     }
     // Merge the key slots of the warp (lanes with the same dims), butterfly in a fixed order.
 #pragma unroll
@@ -123,6 +185,7 @@ __device__ void op_attn(Ctx& cx, const int* in) {
     const size_t part = ((size_t)(b * KV_HEADS + kvh) * nsplit + s) * GROUP;
     float* part_o = param<float>(cx, P_PART_O);
     float* part_ml = param<float>(cx, P_PART_ML);
+    bf16* out = param<bf16>(cx, P_ATTN_OUT) + b * Q_SIZE + kvh * GROUP * HEAD_DIM;
     for (int idx = cx.tid; idx < GROUP * HEAD_DIM; idx += NCT) {
         const int g = idx / HEAD_DIM, d = idx % HEAD_DIM;
         float mm = NEG_INF;
@@ -134,12 +197,19 @@ __device__ void op_attn(Ctx& cx, const int* in) {
             acc += src[d] * c;
             tot += src[HEAD_DIM + 1] * c;
         }
-        part_o[(part + g) * HEAD_DIM + d] = acc;
-        if (d == 0) part_ml[(part + g) * 2] = mm, part_ml[(part + g) * 2 + 1] = tot;
+        if (nsplit == 1) {  // the only split is the last: no partials to merge
+            out[idx] = __float2bfloat16(acc / tot);
+        } else {
+            part_o[(part + g) * HEAD_DIM + d] = acc;
+            if (d == 0) part_ml[(part + g) * 2] = mm, part_ml[(part + g) * 2 + 1] = tot;
+        }
+    }
+    if (nsplit == 1) {
+        signal(cx, field(in, F_DONE_CTR), 1);
+        return;
     }
     consumer_bar();
     if (cx.tid == 0) {
-        __threadfence();
         uint32_t* arrive = param<uint32_t>(cx, P_COUNTERS) + field(in, F_SIG_CTR);
         const uint32_t want = static_cast<uint32_t>(field(in, F_ARRIVE_TARGET)) * (cx.epoch + 1);
         flags_smem(cx)[1] = add_acq_rel(arrive, field(in, F_SIG_AMOUNT)) + field(in, F_SIG_AMOUNT) == want;
@@ -148,14 +218,13 @@ __device__ void op_attn(Ctx& cx, const int* in) {
     if (!flags_smem(cx)[1]) return;
     // Last split of the group: merge all splits in split order.
     const size_t first = (size_t)(b * KV_HEADS + kvh) * nsplit * GROUP;
-    bf16* out = param<bf16>(cx, P_ATTN_OUT) + b * Q_SIZE + kvh * GROUP * HEAD_DIM;
     for (int idx = cx.tid; idx < GROUP * HEAD_DIM; idx += NCT) {
         const int g = idx / HEAD_DIM, d = idx % HEAD_DIM;
         float mm = NEG_INF;
-        for (int sp = 0; sp < nsplit; ++sp) mm = fmaxf(mm, ld_cg(part_ml + (first + sp * GROUP + g) * 2));
+        for (int sp2 = 0; sp2 < nsplit; ++sp2) mm = fmaxf(mm, ld_cg(part_ml + (first + sp2 * GROUP + g) * 2));
         float acc = 0.f, tot = 0.f;
-        for (int sp = 0; sp < nsplit; ++sp) {
-            const size_t p = first + sp * GROUP + g;
+        for (int sp2 = 0; sp2 < nsplit; ++sp2) {
+            const size_t p = first + sp2 * GROUP + g;
             const float ms = ld_cg(part_ml + p * 2);
             const float c = ms == NEG_INF ? 0.f : exp2f(ms - mm);
             acc += ld_cg(part_o + p * HEAD_DIM + d) * c;

@@ -138,13 +138,41 @@ __device__ bool wait_counter(Ctx& cx, int ctr, uint32_t target) {
     return flags_smem(cx)[0] == 0;
 }
 
-// After every consumer thread has stored its outputs: make them visible, then add to the counter.
+// After every consumer thread has stored its outputs: make them visible at GPU scope, then add to the
+// counter (fence.acq_rel + relaxed add, the release pattern; no sequentially consistent fence needed).
 __device__ void signal(const Ctx& cx, int ctr, uint32_t amount) {
     consumer_bar();
-    if (cx.tid == 0 && ctr >= 0) {
-        __threadfence();
-        add_release(param<uint32_t>(cx, P_COUNTERS) + ctr, amount);
+    if (cx.tid == 0 && ctr >= 0) add_release(param<uint32_t>(cx, P_COUNTERS) + ctr, amount);
+}
+
+// Loader warp: claim the next ring stage for a chunk of `bytes` (lane 0 waits for the consumers to free
+// it, then arms its full barrier). False when the consumers gave up on a counter: leave quietly.
+__device__ bool claim_stage(Ctx& cx, const int* in, uint32_t bytes) {
+    int ok = 1;
+    if (cx.lane == 0) {
+        uint64_t* bar = empty_bar(cx, cx.stage);
+        const uint64_t t0 = global_timer();
+        while (!mbar_try_wait(bar, cx.phase ^ 1)) {
+            if (flags_smem(cx)[0] != 0) {
+                ok = 0;
+                break;
+            }
+            if (global_timer() - t0 > 4 * TIMEOUT_NS) {
+                cx.index = field(in, F_INDEX);
+                report(cx, DIAG_EMPTY, cx.stage, cx.phase, 0);
+                __trap();
+            }
+        }
+        if (ok) mbar_arrive_expect_tx(full_bar(cx, cx.stage), bytes);
     }
+    return __shfl_sync(0xffffffffu, ok, 0) != 0;
+}
+
+// Consumers: done reading the current stage; hand it back to the loader.
+__device__ __forceinline__ void release_stage(Ctx& cx) {
+    __syncwarp();
+    if (cx.lane == 0) mbar_arrive(empty_bar(cx, cx.stage));
+    advance(cx);
 }
 
 __device__ void wait_full(const Ctx& cx) {
@@ -172,31 +200,43 @@ __device__ __forceinline__ float4 load_input4(const Ctx& cx, bool from_embed, in
 }
 
 __device__ void stage_norm(const Ctx& cx, bool from_embed, const bf16* norm_w) {
+    constexpr int NV = (HIDDEN / 4 + NCT - 1) / NCT;  // float4s per thread and sequence, kept in registers
+    float4 x[BATCH][NV];
     float* stat = stat_smem(cx);
+#pragma unroll
+    for (int b = 0; b < BATCH; ++b) {
+#pragma unroll
+        for (int v = 0; v < NV; ++v) {
+            const int e = (cx.tid + v * NCT) * 4;
+            x[b][v] = e < HIDDEN ? load_input4(cx, from_embed, b, e) : make_float4(0.f, 0.f, 0.f, 0.f);
+        }
+    }
+#pragma unroll
     for (int b = 0; b < BATCH; ++b) {
         float ss = 0.f;
-        for (int e = cx.tid * 4; e < HIDDEN; e += NCT * 4) {
-            const float4 x = load_input4(cx, from_embed, b, e);
-            ss += x.x * x.x + x.y * x.y + x.z * x.z + x.w * x.w;
-        }
+#pragma unroll
+        for (int v = 0; v < NV; ++v) ss += x[b][v].x * x[b][v].x + x[b][v].y * x[b][v].y + x[b][v].z * x[b][v].z + x[b][v].w * x[b][v].w;
 #pragma unroll
         for (int off = 16; off > 0; off >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, off);
         if (cx.lane == 0) stat[cx.warp * BATCH + b] = ss;
     }
     consumer_bar();
     bf16* act = act_smem(cx);
+#pragma unroll
     for (int b = 0; b < BATCH; ++b) {
         float total = 0.f;
         for (int w = 0; w < NUM_CONSUMER_WARPS; ++w) total += stat[w * BATCH + b];
         const float r = rsqrtf(total / HIDDEN + EPS);
-        for (int e = cx.tid * 4; e < HIDDEN; e += NCT * 4) {
-            const float4 x = load_input4(cx, from_embed, b, e);
+#pragma unroll
+        for (int v = 0; v < NV; ++v) {
+            const int e = (cx.tid + v * NCT) * 4;
+            if (e >= HIDDEN) continue;
             const uint2 wr = __ldg(reinterpret_cast<const uint2*>(norm_w + e));
             bf16* dst = act + b * ACT_STRIDE + e;
-            dst[0] = __float2bfloat16(x.x * r * bf16_lo(wr.x));
-            dst[1] = __float2bfloat16(x.y * r * bf16_hi(wr.x));
-            dst[2] = __float2bfloat16(x.z * r * bf16_lo(wr.y));
-            dst[3] = __float2bfloat16(x.w * r * bf16_hi(wr.y));
+            dst[0] = __float2bfloat16(x[b][v].x * r * bf16_lo(wr.x));
+            dst[1] = __float2bfloat16(x[b][v].y * r * bf16_hi(wr.x));
+            dst[2] = __float2bfloat16(x[b][v].z * r * bf16_lo(wr.y));
+            dst[3] = __float2bfloat16(x[b][v].w * r * bf16_hi(wr.y));
         }
     }
     consumer_bar();

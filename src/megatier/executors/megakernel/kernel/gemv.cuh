@@ -18,8 +18,8 @@ struct WTile {
 
 __device__ __forceinline__ int num_tiles(const int* in) {
     switch (field(in, F_OP)) {
-        case OP_QKV: return HEAD_DIM / TILE;
         case OP_GATEUP: return 2 * (field(in, F_A1) - field(in, F_A0));
+        case OP_QKV:
         case OP_OPROJ:
         case OP_DOWN:
         case OP_LMHEAD: return field(in, F_A1) - field(in, F_A0);
@@ -30,12 +30,13 @@ __device__ __forceinline__ int num_tiles(const int* in) {
 __device__ __forceinline__ int min_rows(int m, int row0) { return m - row0 < TILE ? m - row0 : TILE; }
 
 // Tile k of an instruction. GATEUP alternates gate tile t and up tile t, so SiLU(gate) * up is local.
+// QKV rows are packed so that each 16-row tile holds whole RoPE pairs (see layout.Dims.qkv_tile).
 __device__ WTile tile_at(const Ctx& cx, const int* in, int k) {
     const size_t l = field(in, F_LAYER);
     const int t0 = field(in, F_A0);
     switch (field(in, F_OP)) {
         case OP_QKV: {
-            const size_t row = (size_t)field(in, F_A0) * HEAD_DIM + k * TILE;
+            const size_t row = (size_t)(t0 + k) * TILE;
             return {param<bf16>(cx, P_QKV) + (l * QKV_ROWS + row) * HIDDEN, TILE, HIDDEN};
         }
         case OP_OPROJ: {
@@ -58,55 +59,64 @@ __device__ WTile tile_at(const Ctx& cx, const int* in, int k) {
     }
 }
 
-// Loader warp: issue every chunk of every instruction of this SM's queue, in order.
-__device__ void run_loader(Ctx& cx, const int* queue, int n, unsigned long long* timeline) {
-    const uint64_t policy = evict_first_policy();
-    for (int i = 0; i < n; ++i) {
-        const int* in = queue + i * WORDS;
-        const int tiles = num_tiles(in);
-        if (TIMELINE && cx.lane == 0 && tiles) timeline[i * 4 + 3] = global_timer();
-        for (int k = 0; k < tiles; ++k) {
+// A position in the queue's sequence of weight chunks (instruction, tile, chunk), for the loader's L2
+// prefetch cursor, which runs `ahead` chunks in front of the copies into the ring.
+struct Prefetcher {
+    const int* queue;
+    int n, i, k, c;
+    int issued, ahead;
+
+    // Prefetch weight chunks until `target` of them have been requested.
+    __device__ void pump(const Ctx& cx, int target) {
+        while (issued < target && i < n) {
+            const int* in = queue + i * WORDS;
+            if (k >= num_tiles(in)) {
+                ++i, k = 0, c = 0;
+                continue;
+            }
             const WTile t = tile_at(cx, in, k);
             const int kc = kc_for(t.K);
-            for (int c = 0; c < t.K / kc; ++c) {
-                int ok = 1;
-                if (cx.lane == 0) {
-                    uint64_t* bar = empty_bar(cx, cx.stage);
-                    const uint64_t t0 = global_timer();
-                    while (!mbar_try_wait(bar, cx.phase ^ 1)) {
-                        if (flags_smem(cx)[0] != 0) {
-                            ok = 0;  // the consumers gave up on a counter: leave quietly
-                            break;
-                        }
-                        if (global_timer() - t0 > 4 * TIMEOUT_NS) {
-                            cx.index = field(in, F_INDEX);
-                            report(cx, DIAG_EMPTY, cx.stage, cx.phase, 0);
-                            __trap();
-                        }
-                    }
-                    if (ok) mbar_arrive_expect_tx(full_bar(cx, cx.stage), t.rows * kc * 2);
-                }
-                if (!__shfl_sync(0xffffffffu, ok, 0)) return;
-                if (cx.lane < t.rows)
-                    bulk_copy(ring_stage(cx, cx.stage) + cx.lane * ROW_STRIDE, t.w + (size_t)cx.lane * t.K + c * kc,
-                              kc * 2, full_bar(cx, cx.stage), policy);
-                advance(cx);
-            }
+            if (cx.lane < t.rows) prefetch_l2(t.w + (size_t)cx.lane * t.K + c * kc, kc * 2);
+            if (++c == t.K / kc) ++k, c = 0;
+            ++issued;
         }
     }
+};
+
+// Loader side: every chunk of every weight tile of one instruction, in order.
+__device__ bool load_weights(Ctx& cx, const int* in, uint64_t policy, Prefetcher& pf, int& copied) {
+    const int tiles = num_tiles(in);
+    for (int k = 0; k < tiles; ++k) {
+        const WTile t = tile_at(cx, in, k);
+        const int kc = kc_for(t.K);
+        for (int c = 0; c < t.K / kc; ++c) {
+            pf.pump(cx, copied + pf.ahead);
+            if (!claim_stage(cx, in, t.rows * kc * 2)) return false;
+            if (cx.lane < t.rows)
+                bulk_copy(ring_stage(cx, cx.stage) + cx.lane * ROW_STRIDE, t.w + (size_t)cx.lane * t.K + c * kc, kc * 2,
+                          full_bar(cx, cx.stage), policy);
+            advance(cx);
+            ++copied;
+        }
+    }
+    return true;
 }
 
-// Consumers: y[row][b] = sum_k W[row][k] * act[b][k] for each tile of the instruction, then
-// epi(k, tile, row, b, y) on thread row * BATCH + b for rows < 16 (the epilogue checks tile.rows).
-template <class Epilogue>
-__device__ void run_tiles(Ctx& cx, const int* in, Epilogue&& epi) {
+// Consumers: y[row][b] = sum_k W[row][k] * act[b][k] for each tile of the instruction. On thread
+// row * BATCH + b (rows < 16): pre(k, tile, row, b) before the tile's products (to prefetch epilogue
+// inputs), then epi(k, tile, row, b, y, pre's value). Then every consumer thread calls after(k).
+template <class Pre, class Epilogue, class After>
+__device__ void run_tiles(Ctx& cx, const int* in, Pre&& pre, Epilogue&& epi, After&& after) {
     const int tiles = num_tiles(in);
     const int g = cx.lane >> 2, t4 = cx.lane & 3;
     const int lrow = (cx.lane & 7) + ((cx.lane >> 3) & 1) * 8;  // ldmatrix: row this lane addresses
     const int lcol = (cx.lane >> 4) * 8;
     const bf16* act = act_smem(cx);
+    const bool owner = cx.tid < TILE * BATCH;
+    const int row = cx.tid / BATCH, b = cx.tid % BATCH;
     for (int k = 0; k < tiles; ++k) {
         const WTile t = tile_at(cx, in, k);
+        const float early = owner ? pre(k, t, row, b) : 0.f;
         const int kc = kc_for(t.K);
         float acc[4] = {0.f, 0.f, 0.f, 0.f};
         for (int c = 0; c < t.K / kc; ++c) {
@@ -124,9 +134,7 @@ __device__ void run_tiles(Ctx& cx, const int* in, Epilogue&& epi) {
                 }
                 mma_bf16(acc, a, b0, b1);
             }
-            __syncwarp();
-            if (cx.lane == 0) mbar_arrive(empty_bar(cx, cx.stage));
-            advance(cx);
+            release_stage(cx);
         }
         float* red = red_smem(cx, cx.rbuf);
         red[(cx.warp * TILE + g) * 8 + 2 * t4] = acc[0];
@@ -134,14 +142,21 @@ __device__ void run_tiles(Ctx& cx, const int* in, Epilogue&& epi) {
         red[(cx.warp * TILE + g + 8) * 8 + 2 * t4] = acc[2];
         red[(cx.warp * TILE + g + 8) * 8 + 2 * t4 + 1] = acc[3];
         consumer_bar();
-        if (cx.tid < TILE * BATCH) {
-            const int row = cx.tid / BATCH, b = cx.tid % BATCH;
+        if (owner) {
             float y = 0.f;
             for (int w = 0; w < NUM_CONSUMER_WARPS; ++w) y += red[(w * TILE + row) * 8 + b];
-            epi(k, t, row, b, y);
+            epi(k, t, row, b, y, early);
         }
+        after(k);
         cx.rbuf ^= 1;
     }
 }
+
+struct NoPrefetch {
+    __device__ float operator()(int, const WTile&, int, int) const { return 0.f; }
+};
+struct NothingAfter {
+    __device__ void operator()(int) const {}
+};
 
 }  // namespace mk

@@ -28,6 +28,20 @@ __device__ void finalize_step(const Ctx& cx) {
     state[0] = static_cast<int>(cx.epoch) + 1;
 }
 
+// Loader warp: every weight chunk and every KV chunk of the queue, in order, as far ahead as the ring
+// allows; weight chunks are also prefetched into L2 `prefetch` chunks ahead of the ring.
+__device__ void run_loader(Ctx& cx, const int* queue, int n, unsigned long long* timeline) {
+    const uint64_t policy = evict_first_policy();
+    Prefetcher pf{queue, n, 0, 0, 0, 0, static_cast<int>(__ldg(cx.prm + P_PREFETCH))};
+    int copied = 0;
+    for (int i = 0; i < n; ++i) {
+        const int* in = queue + i * WORDS;
+        if (TIMELINE && cx.lane == 0) timeline[i * 4 + 3] = global_timer();
+        const bool ok = field(in, F_OP) == OP_ATTN ? load_kv(cx, in, policy) : load_weights(cx, in, policy, pf, copied);
+        if (!ok) return;
+    }
+}
+
 __device__ void run_consumers(Ctx& cx, const int* queue, int n, unsigned long long* timeline) {
     for (int i = 0; i < n; ++i) {
         const int* in = queue + i * WORDS;
@@ -50,7 +64,6 @@ __device__ void run_consumers(Ctx& cx, const int* queue, int n, unsigned long lo
         if (TIMELINE && cx.tid == 0) timeline[i * 4 + 2] = global_timer();
     }
     if (cx.tid == 0) {
-        __threadfence();
         const uint32_t done = add_acq_rel(param<uint32_t>(cx, P_COUNTERS) + EXIT_CTR, 1) + 1;
         if (done == gridDim.x * (cx.epoch + 1) && !aborted(cx)) finalize_step(cx);
     }

@@ -4,79 +4,111 @@
 
 namespace mk {
 
-// One q, k or v head: RMSNorm -> head_dim rows -> bias -> q/k RMSNorm (Qwen3) -> RoPE -> store q, or
-// append K/V at each sequence's current position (pages from its page table).
-__device__ void op_qkv(Ctx& cx, const int* in) {
-    const int l = field(in, F_LAYER), j = field(in, F_A0);
-    stage_norm(cx, l == 0, param<bf16>(cx, P_IN_NORM) + l * HIDDEN);
+// Finish rows [r0, r0 + nrows) of QKV head j, buffered in head_smem in packed order: bias, q/k RMSNorm
+// (whole heads only), RoPE on the pairs (r, r + 8) of each tile, then store q or append K/V at each
+// sequence's position. Packed row r of a q/k head is dim 8 * (r / 16) + r % 16, plus head_dim/2 if r % 16
+// >= 8; v heads are in natural order.
+__device__ void finish_head(Ctx& cx, int l, int j, int r0, int nrows) {
     float* y = head_smem(cx);  // [HEAD_DIM][BATCH]
-    run_tiles(cx, in, [&](int k, const WTile&, int row, int b, float v) { y[(k * TILE + row) * BATCH + b] = v; });
     consumer_bar();
     const int kind = j < HEADS ? 0 : (j < HEADS + KV_HEADS ? 1 : 2);  // q, k, v
+    auto dim = [&](int r) { return kind == 2 ? r : 8 * (r / 16) + (r % 16) % 8 + (r % 16 >= 8 ? HEAD_DIM / 2 : 0); };
     if (QKV_BIAS) {
         const bf16* bias = param<bf16>(cx, P_QKV_BIAS) + (size_t)l * QKV_ROWS + j * HEAD_DIM;
-        for (int idx = cx.tid; idx < HEAD_DIM * BATCH; idx += NCT) y[idx] += bf16_to_float(bias[idx / BATCH]);
+        for (int idx = cx.tid; idx < nrows * BATCH; idx += NCT) {
+            const int r = r0 + idx / BATCH;
+            y[r * BATCH + idx % BATCH] += bf16_to_float(bias[r]);
+        }
         consumer_bar();
     }
     if (QK_NORM && kind < 2) {
         float* rn = stat_smem(cx);
         if (cx.tid < BATCH) {
             float ss = 0.f;
-            for (int i = 0; i < HEAD_DIM; ++i) ss += y[i * BATCH + cx.tid] * y[i * BATCH + cx.tid];
+            for (int r = 0; r < HEAD_DIM; ++r) ss += y[r * BATCH + cx.tid] * y[r * BATCH + cx.tid];
             rn[cx.tid] = rsqrtf(ss / HEAD_DIM + EPS);
         }
         consumer_bar();
         const bf16* nw = param<bf16>(cx, kind == 0 ? P_Q_NORM : P_K_NORM) + l * HEAD_DIM;
         for (int idx = cx.tid; idx < HEAD_DIM * BATCH; idx += NCT)
-            y[idx] *= rn[idx % BATCH] * bf16_to_float(nw[idx / BATCH]);
+            y[idx] *= rn[idx % BATCH] * bf16_to_float(nw[dim(idx / BATCH)]);
         consumer_bar();
     }
     const int* pos = param<int>(cx, P_POS);
     const int* table = param<int>(cx, P_TABLE);
     const int kvh = kind == 0 ? 0 : j - HEADS - (kind - 1) * KV_HEADS;
-    auto store = [&](int b, int i, float v) {
+    auto store = [&](int b, int d, float v) {
         if (kind == 0) {
-            param<float>(cx, P_Q)[b * Q_SIZE + j * HEAD_DIM + i] = v;
+            param<float>(cx, P_Q)[b * Q_SIZE + j * HEAD_DIM + d] = v;
         } else {
             const int p = pos[b];
             const size_t page = table[b * MAX_PAGES + p / PAGE_SIZE];
             const size_t off = (((page * LAYERS + l) * 2 + (kind - 1)) * KV_HEADS + kvh) * PAGE_SIZE + p % PAGE_SIZE;
-            param<bf16>(cx, P_KV)[off * HEAD_DIM + i] = __float2bfloat16(v);
+            param<bf16>(cx, P_KV)[off * HEAD_DIM + d] = __float2bfloat16(v);
         }
     };
     if (kind < 2) {
-        const float* rope = param<float>(cx, P_ROPE);  // [position][HEAD_DIM/2][cos, sin]
-        for (int idx = cx.tid; idx < (HEAD_DIM / 2) * BATCH; idx += NCT) {
-            const int i = idx / BATCH, b = idx % BATCH;
-            const float2 cs = __ldg(reinterpret_cast<const float2*>(rope) + (size_t)pos[b] * (HEAD_DIM / 2) + i);
-            const float lo = y[i * BATCH + b], hi = y[(i + HEAD_DIM / 2) * BATCH + b];
+        const float2* rope = reinterpret_cast<const float2*>(param<float>(cx, P_ROPE));  // [position][HEAD_DIM/2]
+        for (int idx = cx.tid; idx < (nrows / 2) * BATCH; idx += NCT) {
+            const int p = idx / BATCH, b = idx % BATCH;
+            const int r = r0 + (p / 8) * 16 + p % 8, i = dim(r);
+            const float2 cs = __ldg(rope + (size_t)pos[b] * (HEAD_DIM / 2) + i);
+            const float lo = y[r * BATCH + b], hi = y[(r + 8) * BATCH + b];
             store(b, i, lo * cs.x - hi * cs.y);
             store(b, i + HEAD_DIM / 2, hi * cs.x + lo * cs.y);
         }
     } else {
-        for (int idx = cx.tid; idx < HEAD_DIM * BATCH; idx += NCT) store(idx % BATCH, idx / BATCH, y[idx]);
+        for (int idx = cx.tid; idx < nrows * BATCH; idx += NCT) {
+            const int r = r0 + idx / BATCH;
+            store(idx % BATCH, r, y[r * BATCH + idx % BATCH]);
+        }
     }
+    consumer_bar();
+}
+
+// 16-row tiles of the packed q|k|v matrix after one RMSNorm; heads are finished tile by tile (whole
+// heads when q/k are normed, which the schedule guarantees to be in one instruction).
+__device__ void op_qkv(Ctx& cx, const int* in) {
+    constexpr int TPH = HEAD_DIM / TILE;
+    const int l = field(in, F_LAYER), t0 = field(in, F_A0);
+    stage_norm(cx, l == 0, param<bf16>(cx, P_IN_NORM) + l * HIDDEN);
+    float* y = head_smem(cx);
+    run_tiles(
+        cx, in, NoPrefetch{},
+        [&](int k, const WTile&, int row, int b, float v, float) {
+            y[(((t0 + k) % TPH) * TILE + row) * BATCH + b] = v;
+        },
+        [&](int k) {
+            const int tile = t0 + k, lt = tile % TPH;
+            if (!QK_NORM) finish_head(cx, l, tile / TPH, lt * TILE, TILE);
+            else if (lt == TPH - 1) finish_head(cx, l, tile / TPH, 0, HEAD_DIM);
+        });
     signal(cx, field(in, F_SIG_CTR), field(in, F_SIG_AMOUNT));
 }
 
-// Merged attention (bf16) times O rows, plus the residual (the embedding row in layer 0).
+// Merged attention (bf16) times O rows, plus the residual (the embedding row in layer 0) and bias.
 __device__ void op_oproj(Ctx& cx, const int* in) {
     const int l = field(in, F_LAYER), t0 = field(in, F_A0);
     stage_copy(cx, param<bf16>(cx, P_ATTN_OUT), Q_SIZE);
     float* resid = param<float>(cx, P_RESID);
-    run_tiles(cx, in, [&](int k, const WTile& t, int row, int b, float v) {
-        if (row >= t.rows) return;
-        const int r = (t0 + k) * TILE + row;
-        if (O_BIAS) v += bf16_to_float(param<bf16>(cx, P_O_BIAS)[l * HIDDEN + r]);
-        float base;
-        if (l == 0) {
-            const int tok = __ldg(param<int>(cx, P_TOKENS) + b);
-            base = bf16_to_float(param<bf16>(cx, P_EMBED)[(size_t)tok * HIDDEN + r]);
-        } else {
-            base = ld_cg(resid + b * HIDDEN + r);
-        }
-        resid[b * HIDDEN + r] = base + v;
-    });
+    run_tiles(
+        cx, in,
+        [&](int k, const WTile& t, int row, int b) {  // the residual and bias, loaded during the products
+            if (row >= t.rows) return 0.f;
+            const int r = (t0 + k) * TILE + row;
+            float base;
+            if (l == 0) {
+                const int tok = __ldg(param<int>(cx, P_TOKENS) + b);
+                base = bf16_to_float(param<bf16>(cx, P_EMBED)[(size_t)tok * HIDDEN + r]);
+            } else {
+                base = ld_cg(resid + b * HIDDEN + r);
+            }
+            return O_BIAS ? base + bf16_to_float(param<bf16>(cx, P_O_BIAS)[l * HIDDEN + r]) : base;
+        },
+        [&](int k, const WTile& t, int row, int b, float v, float base) {
+            if (row < t.rows) resid[b * HIDDEN + (t0 + k) * TILE + row] = base + v;
+        },
+        NothingAfter{});
     signal(cx, field(in, F_SIG_CTR), field(in, F_SIG_AMOUNT));
 }
 
@@ -86,16 +118,22 @@ __device__ void op_gateup(Ctx& cx, const int* in) {
     stage_norm(cx, false, param<bf16>(cx, P_POST_NORM) + l * HIDDEN);
     bf16* act = param<bf16>(cx, P_ACT);
     float gate = 0.f;  // kept by the thread that owns (row, b) from the gate tile to the up tile
-    run_tiles(cx, in, [&](int k, const WTile& t, int row, int b, float v) {
-        if (row >= t.rows) return;
-        const int r = (t0 + k / 2) * TILE + row;
-        if (MLP_BIAS) v += bf16_to_float(param<bf16>(cx, P_GATE_UP_BIAS)[(size_t)l * 2 * INTER + (k & 1) * INTER + r]);
-        if ((k & 1) == 0) {
-            gate = v;
-        } else {
-            act[b * INTER + r] = __float2bfloat16(gate / (1.f + expf(-gate)) * v);
-        }
-    });
+    run_tiles(
+        cx, in,
+        [&](int k, const WTile& t, int row, int) {
+            const int r = (t0 + k / 2) * TILE + row;
+            if (!MLP_BIAS || row >= t.rows) return 0.f;
+            return bf16_to_float(param<bf16>(cx, P_GATE_UP_BIAS)[(size_t)l * 2 * INTER + (k & 1) * INTER + r]);
+        },
+        [&](int k, const WTile& t, int row, int b, float v, float bias) {
+            if (row >= t.rows) return;
+            if ((k & 1) == 0) {
+                gate = v + bias;
+            } else {
+                act[b * INTER + (t0 + k / 2) * TILE + row] = __float2bfloat16(gate / (1.f + expf(-gate)) * (v + bias));
+            }
+        },
+        NothingAfter{});
     signal(cx, field(in, F_SIG_CTR), field(in, F_SIG_AMOUNT));
 }
 
@@ -104,12 +142,18 @@ __device__ void op_down(Ctx& cx, const int* in) {
     const int l = field(in, F_LAYER), t0 = field(in, F_A0);
     stage_copy(cx, param<bf16>(cx, P_ACT), INTER);
     float* resid = param<float>(cx, P_RESID);
-    run_tiles(cx, in, [&](int k, const WTile& t, int row, int b, float v) {
-        if (row >= t.rows) return;
-        const int r = (t0 + k) * TILE + row;
-        if (MLP_BIAS) v += bf16_to_float(param<bf16>(cx, P_DOWN_BIAS)[l * HIDDEN + r]);
-        resid[b * HIDDEN + r] = ld_cg(resid + b * HIDDEN + r) + v;
-    });
+    run_tiles(
+        cx, in,
+        [&](int k, const WTile& t, int row, int b) {
+            if (row >= t.rows) return 0.f;
+            const int r = (t0 + k) * TILE + row;
+            const float base = ld_cg(resid + b * HIDDEN + r);
+            return MLP_BIAS ? base + bf16_to_float(param<bf16>(cx, P_DOWN_BIAS)[l * HIDDEN + r]) : base;
+        },
+        [&](int k, const WTile& t, int row, int b, float v, float base) {
+            if (row < t.rows) resid[b * HIDDEN + (t0 + k) * TILE + row] = base + v;
+        },
+        NothingAfter{});
     signal(cx, field(in, F_SIG_CTR), field(in, F_SIG_AMOUNT));
 }
 
@@ -126,13 +170,16 @@ __device__ void op_lmhead(Ctx& cx, const int* in) {
     stage_norm(cx, false, param<bf16>(cx, P_FINAL_NORM));
     float* logits = param<float>(cx, P_LOGITS);
     unsigned long long best = 0;
-    run_tiles(cx, in, [&](int k, const WTile& t, int row, int b, float v) {
-        if (row >= t.rows) return;
-        const int r = (t0 + k) * TILE + row;
-        logits[(size_t)b * VOCAB + r] = v;
-        const unsigned long long key = argmax_key(v, r);
-        best = key > best ? key : best;
-    });
+    run_tiles(
+        cx, in, NoPrefetch{},
+        [&](int k, const WTile& t, int row, int b, float v, float) {
+            if (row >= t.rows) return;
+            const int r = (t0 + k) * TILE + row;
+            logits[(size_t)b * VOCAB + r] = v;
+            const unsigned long long key = argmax_key(v, r);
+            best = key > best ? key : best;
+        },
+        NothingAfter{});
     unsigned long long* keys = key_smem(cx);
     if (cx.tid < TILE * BATCH) keys[cx.tid] = best;
     consumer_bar();

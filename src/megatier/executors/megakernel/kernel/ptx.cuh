@@ -74,6 +74,11 @@ __device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t b
         : "memory");
 }
 
+// Start pulling bytes into L2 (no completion to wait for): extends the ring's look-ahead into L2.
+__device__ __forceinline__ void prefetch_l2(const void* src, uint32_t bytes) {
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(src), "r"(bytes) : "memory");
+}
+
 // ---- tensor cores: D[16x8] += A[16x16] (weights, row-major) * B[16x8] (activations) -------------
 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&a)[4], const void* row_addr) {
@@ -99,7 +104,7 @@ __device__ __forceinline__ uint32_t load_acquire(const uint32_t* p) {
 }
 
 __device__ __forceinline__ void add_release(uint32_t* p, uint32_t v) {
-    asm volatile("red.release.gpu.global.add.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+    asm volatile("fence.acq_rel.gpu;\n\tred.relaxed.gpu.global.add.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
 }
 
 __device__ __forceinline__ uint32_t add_acq_rel(uint32_t* p, uint32_t v) {
