@@ -15,8 +15,13 @@ from megatier.serve.server import Server, make_server
 MAX_MODEL_LEN = 256
 
 
-def make_app(model_dir, max_num_seqs: int = 256, **kw):
-    llm = LLM(str(model_dir), max_model_len=MAX_MODEL_LEN, max_num_seqs=max_num_seqs)
+def make_app(model_dir, max_num_seqs: int = 256, max_num_batched_tokens: int = 2048, **kw):
+    llm = LLM(
+        str(model_dir),
+        max_model_len=MAX_MODEL_LEN,
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max_num_batched_tokens,
+    )
     return create_app(llm, served_model_name="tiny", **kw)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import threading
 import time
 
 import httpx
@@ -358,6 +359,33 @@ def test_disconnect_while_waiting_for_a_whole_response_frees_the_pages(slow_serv
         httpx.post(f"{url}/v1/completions", json=body, timeout=httpx.Timeout(5, read=0.3))
     assert steps.count > 0
     assert_cancelled(app, steps)
+
+
+def test_a_long_prompt_joins_in_chunks_while_a_stream_keeps_its_pace(model_dir):
+    """With 32 tokens per step, a 200-token prompt is prefilled over 7 steps; the running stream gets a
+    token in each of them instead of stalling for one long prefill."""
+    app = make_app(model_dir, max_num_batched_tokens=32)
+    SlowSteps(app, 0.01)
+    arrivals: list[float] = []
+    with live_server(app) as (url, _):
+        body = {"prompt": "runner", "max_tokens": 150, "ignore_eos": True, "stream": True}
+
+        def run_stream() -> None:
+            with httpx.stream("POST", f"{url}/v1/completions", json=body) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: {"):
+                        arrivals.append(time.monotonic())
+
+        reader = threading.Thread(target=run_stream)
+        reader.start()
+        wait_for(lambda: len(arrivals) >= 3)  # the stream is decoding
+        sent = time.monotonic()
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": list(range(3, 203)), "max_tokens": 1})
+        done = time.monotonic()
+        assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 200
+        reader.join(timeout=30)
+    assert len(arrivals) == 150  # one chunk per token
+    assert sum(sent < t < done for t in arrivals) >= 6
 
 
 def test_64_concurrent_streams_match_lone_requests(url, reference):
