@@ -109,12 +109,14 @@ def test_tiered_attention_equals_dense_attention(data, tmp_path_factory):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_c_kernel_matches_torch(dtype):
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(8, 2, 64), (9, 3, 64), (18, 1, 24), (16, 2, 128)])
+def test_c_kernel_matches_torch(dtype, heads, kv_heads, head_dim):
+    """Every GQA group size the kernel specializes (and the generic and chunked ones) in both dtypes."""
     if load_library() is None:
         pytest.skip("no C compiler")
     gen = torch.Generator().manual_seed(0)
-    pool = torch.randn(20, 2, 2, 16, 64, generator=gen).to(dtype)
-    q = torch.randn(3, 8, 64, generator=gen)
+    pool = torch.randn(20, 2, kv_heads, 16, head_dim, generator=gen).to(dtype)
+    q = torch.randn(3, heads, head_dim, generator=gen)
     offsets = np.array([0, 7, 7, 12])  # the middle sequence reads nothing
     pages = np.random.default_rng(0).permutation(20)[:12].astype(np.int32)
     rows = np.full(12, 16, dtype=np.int32)

@@ -27,7 +27,7 @@ from megatier.errors import MegatierError
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_attention.c")
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC", "-std=c11"]
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-ffp-contract=fast", "-shared", "-fPIC", "-std=gnu11"]
 
 _lib: ctypes.CDLL | None = None
 _lib_error: str | None = None
@@ -103,8 +103,10 @@ def cpu_attention(
     lib = load_library() if impl in ("auto", "c") else None
     if impl == "c" and lib is None:
         raise MegatierError(f"the C CPU attention kernel is unavailable: {_lib_error}")
-    if lib is not None and pool.dtype in (torch.bfloat16, torch.float32):
+    if lib is not None and pool.dtype in (torch.bfloat16, torch.float32) and q.shape[-1] % 8 == 0:
         return _attend_c(lib, q, pool, offsets, pages, rows, scale, threads or default_threads())
+    if impl == "c":
+        raise MegatierError("the C CPU attention kernel needs bf16 or fp32 KV and head_dim % 8 == 0")
     return _attend_torch(q, pool, offsets, pages, rows, scale)
 
 
@@ -142,8 +144,10 @@ def _attend_c(lib, q, pool, offsets, pages, rows, scale, threads):
         chunk,
         threads,
     )
-    if rc != 0:
+    if rc == -1:
         raise MemoryError("CPU attention: out of host memory for its work buffers")
+    if rc != 0:
+        raise ValueError(f"CPU attention: unsupported shape (head_dim {head_dim})")
     return out, lse
 
 
