@@ -296,6 +296,29 @@ def test_model_without_tokenizer_takes_token_ids_only(tmp_path):
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
 
 
+def test_an_engine_failure_fails_the_requests_in_flight_and_the_server_recovers(model_dir):
+    app = make_app(model_dir)
+    executor = app.state.megatier.llm.engine.executor
+    forward, broken = executor.forward, [True]
+
+    def failing_forward(batch):
+        if broken[0]:
+            raise RuntimeError("simulated device fault")
+        return forward(batch)
+
+    executor.forward = failing_forward
+    with live_server(app) as (url, _):
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": "a", "max_tokens": 4})
+        assert r.status_code == 500 and "simulated device fault" in r.json()["error"]["message"]
+        with httpx.stream("POST", f"{url}/v1/completions", json={"prompt": "b", "stream": True}) as s:
+            events = sse_events(s)
+        assert "simulated device fault" in json.loads(events[0])["error"]["message"] and events[-1] == "[DONE]"
+        assert pages_in_use(app) == 0
+        broken[0] = False
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": "c", "max_tokens": 4, "ignore_eos": True})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+
+
 # -- disconnects, concurrency, limits -----------------------------------------------------------------------
 
 

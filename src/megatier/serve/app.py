@@ -125,7 +125,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     with bad_input("messages"):
         prompt = body.prompt_ids(tokenizer)
     with bad_input("top_logprobs"):
-        top_n = body.top_n
+        top_n = body.num_logprobs()
     with bad_input(None):
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         params = body.sampling_params(state.llm.default_sampling_params(), max_tokens, top_n)

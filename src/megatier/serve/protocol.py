@@ -126,8 +126,7 @@ class ChatCompletionRequest(GenerationRequest):
     logprobs: bool = False
     top_logprobs: int | None = None
 
-    @property
-    def top_n(self) -> int | None:
+    def num_logprobs(self) -> int | None:
         """SamplingParams.logprobs: how many alternatives per token, None for no logprobs at all."""
         if self.top_logprobs is not None and not self.logprobs:
             raise MegatierError("top_logprobs needs logprobs=true")

@@ -60,7 +60,8 @@ class _Format:
     """What both endpoints share: ids, envelopes and token names for logprobs."""
 
     id_prefix = ""
-    object = ""
+    # The "object" field of whole responses and of stream chunks.
+    response_object = ""
     chunk_object = ""
 
     def __init__(self, model: str, n: int, top_n: int | None, tokenizer: Tokenizer | None, include_usage: bool):
@@ -77,10 +78,10 @@ class _Format:
             return f"token_id:{token_id}"
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
-    def _envelope(self, object: str, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    def _envelope(self, kind: str, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         return {
             "id": self.id,
-            "object": object,
+            "object": kind,
             "created": self.created,
             "model": self.model,
             "choices": choices,
@@ -98,7 +99,7 @@ class _Format:
 
 class CompletionFormat(_Format):
     id_prefix = "cmpl"
-    object = chunk_object = "text_completion"
+    response_object = chunk_object = "text_completion"
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -142,12 +143,14 @@ class CompletionFormat(_Format):
             }
             for i, c in enumerate(choices)
         ]
-        return self._envelope(self.object, body, usage=usage(prompt_tokens, sum(len(c.token_ids) for c in choices)))
+        return self._envelope(
+            self.response_object, body, usage=usage(prompt_tokens, sum(len(c.token_ids) for c in choices))
+        )
 
 
 class ChatFormat(_Format):
     id_prefix = "chatcmpl"
-    object = "chat.completion"
+    response_object = "chat.completion"
     chunk_object = "chat.completion.chunk"
 
     def _entry(self, token_id: int, logprob: float) -> dict[str, Any]:
@@ -196,4 +199,6 @@ class ChatFormat(_Format):
             }
             for i, c in enumerate(choices)
         ]
-        return self._envelope(self.object, body, usage=usage(prompt_tokens, sum(len(c.token_ids) for c in choices)))
+        return self._envelope(
+            self.response_object, body, usage=usage(prompt_tokens, sum(len(c.token_ids) for c in choices))
+        )
