@@ -114,7 +114,11 @@ class TieredExecutor(ReferenceExecutor):
     def _set_priorities(self, batch: StepBatch) -> None:
         """Placement priority: importance, plus a bonus that keeps sinks and recent windows in HBM."""
         tiers, attn = self.tiers, self.attn
-        prio = attn.importance.value.cpu().numpy() if attn.mode == "sparse" else np.zeros(tiers.num_pages, np.float32)
+        prio = (
+            attn.importance.value.cpu().numpy().copy()
+            if attn.mode == "sparse"
+            else np.zeros(tiers.num_pages, np.float32)
+        )
         num_pages = -(-np.array(batch.context_lens) // self.page_size)
         width = int(num_pages.max())
         forced = forced_columns(num_pages, width, attn.sink_pages, attn.recent_pages)
