@@ -86,7 +86,9 @@ def test_batch_of_variable_prompts_equals_each_alone(tmp_path):
     prompts = [torch.randint(0, 300, (n,), generator=g).tolist() for n in (3, 13, 8, 1)]
     tables = [list(range(i * 10, i * 10 + 10)) for i in range(4)]
 
-    alone = [make_executor(path).forward(StepBatch(p, [0], [len(p)], [t]))[0] for p, t in zip(prompts, tables, strict=True)]
+    alone = [
+        make_executor(path).forward(StepBatch(p, [0], [len(p)], [t]))[0] for p, t in zip(prompts, tables, strict=True)
+    ]
     ex = make_executor(path)
     batched = ex.forward(StepBatch([t for p in prompts for t in p], [0] * 4, [len(p) for p in prompts], tables))
     torch.testing.assert_close(batched, torch.stack(alone), rtol=1e-5, atol=1e-5)
