@@ -79,10 +79,6 @@ class RequestStream:
             raise item
         return item
 
-    @property
-    def num_unfinished(self) -> int:
-        return sum(len(seqs) for seqs in self.unfinished.values())
-
     def deliver(self, update: SequenceUpdate) -> None:
         """Event loop only: queue one update and record its latencies."""
         metrics, now = self._owner.metrics, time.monotonic()
@@ -104,26 +100,28 @@ class RequestStream:
             self._finish_sequence(update.request_id, update.index)
 
     def fail(self, error: Exception) -> None:
-        """Event loop only: end the iteration with `error`."""
-        for rid in list(self.unfinished):
-            for index in list(self.unfinished[rid]):
-                self._finish_sequence(rid, index)
+        """Event loop only: end the iteration with `error` (the request's other prompts are cancelled)."""
+        self._abort_unfinished()
         self._queue.put_nowait(error)
 
-    def cancel(self, reason: str = "abort") -> None:
-        """End every unfinished sequence now with `reason`, as if the engine had finished it."""
+    def cancel(self) -> None:
+        """End every unfinished sequence now with finish_reason "abort", as if the engine had finished it,
+        so the client still gets a well-formed ending."""
         for rid, seqs in list(self.unfinished.items()):
             for index in sorted(seqs):
-                self.deliver(SequenceUpdate(rid, index, [], "", True, reason))
+                self.deliver(SequenceUpdate(rid, index, [], "", True, "abort"))
             self._owner.abort(rid)
 
     def close(self) -> None:
         """Cancel what has not finished, silently (the client is gone or has what it needs). Idempotent."""
+        self._abort_unfinished()
+        self._queue.put_nowait(_CLOSED)
+
+    def _abort_unfinished(self) -> None:
         for rid in list(self.unfinished):
             self._owner.abort(rid)
             for index in list(self.unfinished.get(rid, ())):
                 self._finish_sequence(rid, index)
-        self._queue.put_nowait(_CLOSED)
 
     def _finish_sequence(self, rid: str, index: int) -> None:
         seqs = self.unfinished.get(rid)
