@@ -212,7 +212,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     g.add_argument("--port", type=int, default=8000)
-    g.add_argument("--api-key", help="require 'Authorization: Bearer KEY' but on /health, /metrics, /version")
+    g.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (not on /health, /metrics, /version)")
     g.add_argument("--served-model-name", help="the model name clients send (default: --model as given)")
     g.add_argument("--max-num-seqs", type=int, default=256, help="sequences in the running batch at most")
     g.add_argument(
