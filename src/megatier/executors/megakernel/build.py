@@ -62,6 +62,15 @@ def _align(x: int, a: int) -> int:
     return -(-x // a) * a
 
 
+def kc_for(k: int, kc_max: int) -> int:
+    """Columns per weight chunk: the widest multiple of 16 that divides k, at most kc_max (as in C++)."""
+    kc = min(k, kc_max)
+    kc -= kc % 16
+    while k % kc:
+        kc -= 16
+    return kc
+
+
 @dataclass(frozen=True)
 class KernelConfig:
     """One compiled variant: model shapes, batch, KV paging, and whether to record a timeline."""
@@ -74,26 +83,39 @@ class KernelConfig:
 
     @cached_property
     def layout(self) -> dict[str, int]:
-        """Shared-memory offsets and the ring geometry: the widest chunks that still leave MIN_STAGES."""
+        """Shared-memory offsets and the ring geometry: the widest chunks that still leave MIN_STAGES, and
+        whether DOWN streams its activations by k-chunk (when that frees room for more stages)."""
         c, b = self.cfg, self.batch
-        kmax = max(c.hidden_size, c.q_size, c.intermediate_size)
-        act_stride = kmax + 8  # 16 bytes of padding per row: conflict-free fragment loads
         group = c.num_heads // c.num_kv_heads
-        act = max(b * act_stride * 2, CONSUMER_WARPS * group * (c.head_dim + 2) * 4)
+        attn = CONSUMER_WARPS * group * (c.head_dim + 2) * 4
         for kc_max in (1024, 512, 256, 128):
             stage = TILE * (2 * kc_max + 16)
-            rest = [
-                ("SM_ACT", act),
-                ("SM_RED", 2 * CONSUMER_WARPS * TILE * 8 * 4),
-                ("SM_HEAD", c.head_dim * b * 4),
-                ("SM_STAT", max(CONSUMER_WARPS * b, 8) * 4),
-                ("SM_KEYS", TILE * b * 8),
-            ]
-            fixed = sum(_align(n, 16) for _, n in rest) + 64
-            stages = (SMEM_LIMIT - fixed - 256) // (stage + 16)
+            options = []
+            for stream in (False, True):
+                kmax = max(c.hidden_size, c.q_size, 0 if stream else c.intermediate_size)
+                stream_stride = kc_for(c.intermediate_size, kc_max) + 8
+                act = max(b * (kmax + 8) * 2, 2 * b * stream_stride * 2 if stream else 0, attn)
+                rest = [
+                    ("SM_ACT", act),
+                    ("SM_RED", 2 * CONSUMER_WARPS * TILE * 8 * 4),
+                    ("SM_HEAD", c.head_dim * b * 4),
+                    ("SM_STAT", max(CONSUMER_WARPS * b, 8) * 4),
+                    ("SM_KEYS", TILE * b * 8),
+                ]
+                fixed = sum(_align(n, 16) for _, n in rest) + 64
+                stages = (SMEM_LIMIT - fixed - 256) // (stage + 16)
+                options.append((stages, not stream, stream, kmax + 8, stream_stride, rest))
+            stages, _, stream, act_stride, stream_stride, rest = max(options)
             if stages >= MIN_STAGES:
                 break
-        out = {"KC_MAX": kc_max, "NSTAGES": stages, "ACT_STRIDE": act_stride, "SM_RING": 0}
+        out = {
+            "KC_MAX": kc_max,
+            "NSTAGES": stages,
+            "ACT_STRIDE": act_stride,
+            "STREAM_DOWN_ACT": int(stream),
+            "STREAM_STRIDE": stream_stride,
+            "SM_RING": 0,
+        }
         at = stages * stage
         for name, n in rest:
             out[name] = at
@@ -176,7 +198,7 @@ def compile_cubin(kc: KernelConfig, log: io.StringIO | None = None) -> bytes:
 
     src = source(kc)
     includes = _include_dirs()
-    options = {"arch": ARCH, "std": "c++17", "ptxas_options": "-v", "lineinfo": True}
+    options = {"arch": ARCH, "std": "c++17", "ptxas_options": "-v", "lineinfo": True, "max_register_count": 224}
     files = sorted(KERNEL_DIR.glob("*.cu*"))
     key = hashlib.sha256()
     for part in (src, repr(sorted(options.items())), ARCH, _nvrtc_version(), *(f.read_text() for f in files)):

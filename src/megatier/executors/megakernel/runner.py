@@ -66,7 +66,7 @@ class MegakernelExecutor:
         seed: int = 0,
         timeline: bool = False,
         validate_programs: bool = True,
-        prefetch_chunks: int = 8,
+        prefetch_chunks: int = 0,
     ):
         self.cfg, self.cache = cfg, cache
         self.device = cache.kv.device
@@ -84,7 +84,7 @@ class MegakernelExecutor:
         if not 1 <= self.num_sms <= available:
             raise MegatierError(f"megakernel: num_sms must be 1..{available}, got {num_sms}")
         self.strategy, self.seed, self.timeline, self.validate_programs = strategy, seed, timeline, validate_programs
-        self.prefetch_chunks = prefetch_chunks  # weight chunks each SM requests into L2 ahead of its ring
+        self.prefetch_chunks = prefetch_chunks  # weight chunks an SM asks L2 for ahead of its ring (0 = none)
         self.w = pack_weights(weights, self.device, torch.bfloat16)
         perm = torch.tensor(Dims.of(cfg, 1, 1, self.page_size, self.num_pages).qkv_permutation(), device=self.device)
         self.w.qkv = self.w.qkv[:, perm].contiguous()  # each 16-row tile holds whole RoPE pairs
@@ -141,11 +141,14 @@ class MegakernelExecutor:
         self._check(v)
         return v.bufs.out_tokens[:done].clone()
 
-    def set_schedule(self, strategy: str, seed: int = 0, num_sms: int | None = None, prefetch_chunks: int = 8) -> None:
+    def set_schedule(
+        self, strategy: str, seed: int = 0, num_sms: int | None = None, prefetch_chunks: int | None = None
+    ) -> None:
         """Assign instructions to SMs differently from the next step on (results must not change)."""
         available = torch.cuda.get_device_properties(self.device).multi_processor_count
         self.strategy, self.seed, self.num_sms = strategy, seed, num_sms or available
-        self.prefetch_chunks = prefetch_chunks
+        if prefetch_chunks is not None:
+            self.prefetch_chunks = prefetch_chunks
         for v in self._variants.values():
             v.program = None
 

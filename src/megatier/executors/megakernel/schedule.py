@@ -7,15 +7,14 @@ waits until a counter reaches the sum of everything signalled into it, i.e. unti
 have finished. The global order lists phases in dependency order; every SM's queue is a subsequence of
 it, so with all CTAs resident the earliest unfinished instruction can always run (no deadlock).
 
-Assignment strategies: "balanced" (greedy by bytes moved, the default), "round_robin" and "random"
-(seeded). Numerics do not depend on the assignment: each output element is computed by the same code in
+Assignment strategies: "balanced" (each phase spread evenly, remainders to the SMs with the fewest bytes
+so far; the default), "round_robin" and "random" (seeded). Numerics do not depend on the assignment: each output element is computed by the same code in
 the same order whichever SM runs it, so logits are bitwise identical across strategies.
 """
 
 from __future__ import annotations
 
 import bisect
-import heapq
 import random
 from collections import defaultdict
 from dataclasses import dataclass
@@ -84,12 +83,12 @@ class _Assigner:
     def _unit_ranges(self, tiles: int, cost: int) -> list[tuple[int, int, int]]:
         counts = [0] * self.n
         if self.strategy == "balanced":
-            heap = [(self.load[s] + INSTR_OVERHEAD_BYTES, s) for s in range(self.n)]
-            heapq.heapify(heap)
-            for _ in range(tiles):
-                load, s = heapq.heappop(heap)
+            # Every phase ends in a dependency everyone waits for, so spread each phase evenly; the
+            # SMs with the least work so far take the remainder.
+            base, extra = divmod(tiles, self.n)
+            counts = [base] * self.n
+            for s in sorted(range(self.n), key=lambda s: (self.load[s], s))[:extra]:
                 counts[s] += 1
-                heapq.heappush(heap, (load + cost, s))
             for s in range(self.n):
                 if counts[s]:
                     self.load[s] += counts[s] * cost + INSTR_OVERHEAD_BYTES

@@ -200,22 +200,20 @@ __device__ __forceinline__ float4 load_input4(const Ctx& cx, bool from_embed, in
 }
 
 __device__ void stage_norm(const Ctx& cx, bool from_embed, const bf16* norm_w) {
-    constexpr int NV = (HIDDEN / 4 + NCT - 1) / NCT;  // float4s per thread and sequence, kept in registers
-    float4 x[BATCH][NV];
+    constexpr int NV = (HIDDEN / 4 + NCT - 1) / NCT;  // float4s per thread and sequence
+    constexpr int KEEP = BATCH <= 2 ? BATCH : 0;      // sequences whose inputs stay in registers
+    float4 x[KEEP ? KEEP : 1][NV];
     float* stat = stat_smem(cx);
-#pragma unroll
-    for (int b = 0; b < BATCH; ++b) {
-#pragma unroll
-        for (int v = 0; v < NV; ++v) {
-            const int e = (cx.tid + v * NCT) * 4;
-            x[b][v] = e < HIDDEN ? load_input4(cx, from_embed, b, e) : make_float4(0.f, 0.f, 0.f, 0.f);
-        }
-    }
 #pragma unroll
     for (int b = 0; b < BATCH; ++b) {
         float ss = 0.f;
 #pragma unroll
-        for (int v = 0; v < NV; ++v) ss += x[b][v].x * x[b][v].x + x[b][v].y * x[b][v].y + x[b][v].z * x[b][v].z + x[b][v].w * x[b][v].w;
+        for (int v = 0; v < NV; ++v) {
+            const int e = (cx.tid + v * NCT) * 4;
+            const float4 xi = e < HIDDEN ? load_input4(cx, from_embed, b, e) : make_float4(0.f, 0.f, 0.f, 0.f);
+            if (b < KEEP) x[b][v] = xi;
+            ss += xi.x * xi.x + xi.y * xi.y + xi.z * xi.z + xi.w * xi.w;
+        }
 #pragma unroll
         for (int off = 16; off > 0; off >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, off);
         if (cx.lane == 0) stat[cx.warp * BATCH + b] = ss;
@@ -231,12 +229,13 @@ __device__ void stage_norm(const Ctx& cx, bool from_embed, const bf16* norm_w) {
         for (int v = 0; v < NV; ++v) {
             const int e = (cx.tid + v * NCT) * 4;
             if (e >= HIDDEN) continue;
+            const float4 xi = b < KEEP ? x[b < KEEP ? b : 0][v] : load_input4(cx, from_embed, b, e);
             const uint2 wr = __ldg(reinterpret_cast<const uint2*>(norm_w + e));
             bf16* dst = act + b * ACT_STRIDE + e;
-            dst[0] = __float2bfloat16(x[b][v].x * r * bf16_lo(wr.x));
-            dst[1] = __float2bfloat16(x[b][v].y * r * bf16_hi(wr.x));
-            dst[2] = __float2bfloat16(x[b][v].z * r * bf16_lo(wr.y));
-            dst[3] = __float2bfloat16(x[b][v].w * r * bf16_hi(wr.y));
+            dst[0] = __float2bfloat16(xi.x * r * bf16_lo(wr.x));
+            dst[1] = __float2bfloat16(xi.y * r * bf16_hi(wr.x));
+            dst[2] = __float2bfloat16(xi.z * r * bf16_lo(wr.y));
+            dst[3] = __float2bfloat16(xi.w * r * bf16_hi(wr.y));
         }
     }
     consumer_bar();

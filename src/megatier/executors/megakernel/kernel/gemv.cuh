@@ -59,24 +59,23 @@ __device__ WTile tile_at(const Ctx& cx, const int* in, int k) {
     }
 }
 
-// A position in the queue's sequence of weight chunks (instruction, tile, chunk), for the loader's L2
-// prefetch cursor, which runs `ahead` chunks in front of the copies into the ring.
+// The loader's second cursor over the queue's weight chunks: it asks L2 for the chunk `ahead` places in
+// front of the next copy into the ring, line by line from the lanes (0 = off).
 struct Prefetcher {
     const int* queue;
-    int n, i, k, c;
-    int issued, ahead;
+    int n, i, k, c, issued, ahead;
 
-    // Prefetch weight chunks until `target` of them have been requested.
-    __device__ void pump(const Ctx& cx, int target) {
-        while (issued < target && i < n) {
+    __device__ void pump(const Ctx& cx, int copied) {
+        while (issued < copied + ahead && i < n) {
             const int* in = queue + i * WORDS;
             if (k >= num_tiles(in)) {
                 ++i, k = 0, c = 0;
                 continue;
             }
             const WTile t = tile_at(cx, in, k);
-            const int kc = kc_for(t.K);
-            if (cx.lane < t.rows) prefetch_l2(t.w + (size_t)cx.lane * t.K + c * kc, kc * 2);
+            const int kc = kc_for(t.K), lines = kc / 64;  // 128-byte lines per row of the chunk
+            for (int x = cx.lane; x < t.rows * lines; x += 32)
+                prefetch_line(t.w + (size_t)(x / lines) * t.K + c * kc + (x % lines) * 64);
             if (++c == t.K / kc) ++k, c = 0;
             ++issued;
         }
@@ -90,13 +89,12 @@ __device__ bool load_weights(Ctx& cx, const int* in, uint64_t policy, Prefetcher
         const WTile t = tile_at(cx, in, k);
         const int kc = kc_for(t.K);
         for (int c = 0; c < t.K / kc; ++c) {
-            pf.pump(cx, copied + pf.ahead);
+            pf.pump(cx, copied++);
             if (!claim_stage(cx, in, t.rows * kc * 2)) return false;
             if (cx.lane < t.rows)
                 bulk_copy(ring_stage(cx, cx.stage) + cx.lane * ROW_STRIDE, t.w + (size_t)cx.lane * t.K + c * kc, kc * 2,
                           full_bar(cx, cx.stage), policy);
             advance(cx);
-            ++copied;
         }
     }
     return true;
@@ -105,30 +103,58 @@ __device__ bool load_weights(Ctx& cx, const int* in, uint64_t policy, Prefetcher
 // Consumers: y[row][b] = sum_k W[row][k] * act[b][k] for each tile of the instruction. On thread
 // row * BATCH + b (rows < 16): pre(k, tile, row, b) before the tile's products (to prefetch epilogue
 // inputs), then epi(k, tile, row, b, y, pre's value). Then every consumer thread calls after(k).
-template <class Pre, class Epilogue, class After>
-__device__ void run_tiles(Ctx& cx, const int* in, Pre&& pre, Epilogue&& epi, After&& after) {
+// Activations are staged in act_smem beforehand, or with STREAM read from `src` [BATCH][K] chunk by
+// chunk into two alternating buffers, the next chunk's loads in flight while this one is multiplied.
+template <bool STREAM, class Pre, class Epilogue, class After>
+__device__ void run_tiles(Ctx& cx, const int* in, Pre&& pre, Epilogue&& epi, After&& after, const bf16* src = nullptr) {
+    constexpr int STRIDE = STREAM ? STREAM_STRIDE : ACT_STRIDE;
+    constexpr int SK = kc_for(INTER);                                     // streamed chunk width
+    constexpr int PER = (BATCH * SK / 8 + NCT - 1) / NCT;                 // 16-byte pieces per thread
     const int tiles = num_tiles(in);
     const int g = cx.lane >> 2, t4 = cx.lane & 3;
     const int lrow = (cx.lane & 7) + ((cx.lane >> 3) & 1) * 8;  // ldmatrix: row this lane addresses
     const int lcol = (cx.lane >> 4) * 8;
-    const bf16* act = act_smem(cx);
+    bf16* act = act_smem(cx);
     const bool owner = cx.tid < TILE * BATCH;
     const int row = cx.tid / BATCH, b = cx.tid % BATCH;
+    uint4 pend[STREAM ? PER : 1];
+    auto fetch = [&](int c) {
+#pragma unroll
+        for (int v = 0; v < PER; ++v) {
+            const int idx = cx.tid + v * NCT;
+            if (idx < BATCH * SK / 8)
+                pend[v] = ld_cg(reinterpret_cast<const uint4*>(src + (idx / (SK / 8)) * INTER + c * SK + idx % (SK / 8) * 8));
+        }
+    };
+    if (STREAM && tiles) fetch(0);
+    int n = 0;  // chunks multiplied so far: picks the streamed buffer
     for (int k = 0; k < tiles; ++k) {
         const WTile t = tile_at(cx, in, k);
         const float early = owner ? pre(k, t, row, b) : 0.f;
-        const int kc = kc_for(t.K);
+        const int kc = kc_for(t.K), chunks = t.K / kc;
         float acc[4] = {0.f, 0.f, 0.f, 0.f};
-        for (int c = 0; c < t.K / kc; ++c) {
+        for (int c = 0; c < chunks; ++c, ++n) {
+            const bf16* a_col = act + c * kc + 2 * t4;
+            if (STREAM) {
+                bf16* buf = act + (n & 1) * BATCH * STRIDE;
+#pragma unroll
+                for (int v = 0; v < PER; ++v) {
+                    const int idx = cx.tid + v * NCT;
+                    if (idx < BATCH * SK / 8) *reinterpret_cast<uint4*>(buf + (idx / (SK / 8)) * STRIDE + idx % (SK / 8) * 8) = pend[v];
+                }
+                consumer_bar();
+                if (c + 1 < chunks) fetch(c + 1);
+                else if (k + 1 < tiles) fetch(0);
+                a_col = buf + 2 * t4;
+            }
             wait_full(cx);
             const unsigned char* stage = ring_stage(cx, cx.stage);
-            const bf16* a_col = act + c * kc + 2 * t4;
             for (int ks = cx.warp; ks < kc / 16; ks += NUM_CONSUMER_WARPS) {
                 uint32_t a[4];
                 ldmatrix_x4(a, stage + lrow * ROW_STRIDE + (ks * 16 + lcol) * 2);
                 uint32_t b0 = 0, b1 = 0;
                 if (g < BATCH) {
-                    const uint32_t* ap = reinterpret_cast<const uint32_t*>(a_col + g * ACT_STRIDE + ks * 16);
+                    const uint32_t* ap = reinterpret_cast<const uint32_t*>(a_col + g * STRIDE + ks * 16);
                     b0 = ap[0];
                     b1 = ap[4];
                 }

@@ -29,7 +29,7 @@ __device__ void finalize_step(const Ctx& cx) {
 }
 
 // Loader warp: every weight chunk and every KV chunk of the queue, in order, as far ahead as the ring
-// allows; weight chunks are also prefetched into L2 `prefetch` chunks ahead of the ring.
+// allows; optionally weight chunks further ahead are requested into L2.
 __device__ void run_loader(Ctx& cx, const int* queue, int n, unsigned long long* timeline) {
     const uint64_t policy = evict_first_policy();
     Prefetcher pf{queue, n, 0, 0, 0, 0, static_cast<int>(__ldg(cx.prm + P_PREFETCH))};

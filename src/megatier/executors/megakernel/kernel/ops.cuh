@@ -73,7 +73,7 @@ __device__ void op_qkv(Ctx& cx, const int* in) {
     const int l = field(in, F_LAYER), t0 = field(in, F_A0);
     stage_norm(cx, l == 0, param<bf16>(cx, P_IN_NORM) + l * HIDDEN);
     float* y = head_smem(cx);
-    run_tiles(
+    run_tiles<false>(
         cx, in, NoPrefetch{},
         [&](int k, const WTile&, int row, int b, float v, float) {
             y[(((t0 + k) % TPH) * TILE + row) * BATCH + b] = v;
@@ -91,7 +91,7 @@ __device__ void op_oproj(Ctx& cx, const int* in) {
     const int l = field(in, F_LAYER), t0 = field(in, F_A0);
     stage_copy(cx, param<bf16>(cx, P_ATTN_OUT), Q_SIZE);
     float* resid = param<float>(cx, P_RESID);
-    run_tiles(
+    run_tiles<false>(
         cx, in,
         [&](int k, const WTile& t, int row, int b) {  // the residual and bias, loaded during the products
             if (row >= t.rows) return 0.f;
@@ -118,7 +118,7 @@ __device__ void op_gateup(Ctx& cx, const int* in) {
     stage_norm(cx, false, param<bf16>(cx, P_POST_NORM) + l * HIDDEN);
     bf16* act = param<bf16>(cx, P_ACT);
     float gate = 0.f;  // kept by the thread that owns (row, b) from the gate tile to the up tile
-    run_tiles(
+    run_tiles<false>(
         cx, in,
         [&](int k, const WTile& t, int row, int) {
             const int r = (t0 + k / 2) * TILE + row;
@@ -137,12 +137,13 @@ __device__ void op_gateup(Ctx& cx, const int* in) {
     signal(cx, field(in, F_SIG_CTR), field(in, F_SIG_AMOUNT));
 }
 
-// SiLU output times down rows, added to the residual.
+// SiLU output times down rows, added to the residual. The SiLU output is staged whole, or streamed by
+// k-chunk when that leaves room for more ring stages (large batches).
 __device__ void op_down(Ctx& cx, const int* in) {
     const int l = field(in, F_LAYER), t0 = field(in, F_A0);
-    stage_copy(cx, param<bf16>(cx, P_ACT), INTER);
+    if (!STREAM_DOWN_ACT) stage_copy(cx, param<bf16>(cx, P_ACT), INTER);
     float* resid = param<float>(cx, P_RESID);
-    run_tiles(
+    run_tiles<STREAM_DOWN_ACT != 0>(
         cx, in,
         [&](int k, const WTile& t, int row, int b) {
             if (row >= t.rows) return 0.f;
@@ -153,7 +154,7 @@ __device__ void op_down(Ctx& cx, const int* in) {
         [&](int k, const WTile& t, int row, int b, float v, float base) {
             if (row < t.rows) resid[b * HIDDEN + (t0 + k) * TILE + row] = base + v;
         },
-        NothingAfter{});
+        NothingAfter{}, param<bf16>(cx, P_ACT));
     signal(cx, field(in, F_SIG_CTR), field(in, F_SIG_AMOUNT));
 }
 
@@ -170,7 +171,7 @@ __device__ void op_lmhead(Ctx& cx, const int* in) {
     stage_norm(cx, false, param<bf16>(cx, P_FINAL_NORM));
     float* logits = param<float>(cx, P_LOGITS);
     unsigned long long best = 0;
-    run_tiles(
+    run_tiles<false>(
         cx, in, NoPrefetch{},
         [&](int k, const WTile& t, int row, int b, float v, float) {
             if (row >= t.rows) return;

@@ -74,10 +74,8 @@ __device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t b
         : "memory");
 }
 
-// Start pulling bytes into L2 (no completion to wait for): extends the ring's look-ahead into L2.
-__device__ __forceinline__ void prefetch_l2(const void* src, uint32_t bytes) {
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(src), "r"(bytes) : "memory");
-}
+// Ask L2 for one 128-byte line (no completion, no copy engine): look-ahead beyond the ring.
+__device__ __forceinline__ void prefetch_line(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
 
 // ---- tensor cores: D[16x8] += A[16x16] (weights, row-major) * B[16x8] (activations) -------------
 
