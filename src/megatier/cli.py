@@ -252,23 +252,6 @@ def add_bench_serve_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--plot", help="write a PNG of the latency distributions (default: next to --json)")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
-    try:
-        args.func(args)
-    except MegatierError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def add_bench_tiers_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="llama-3.2-1b", help="built-in shape, dummy weights (default llama-3.2-1b)")
     p.add_argument("--seed", type=int, default=0)
@@ -285,3 +268,20 @@ def add_bench_tiers_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--check", action="store_true", help="also check tiered logits against GPU-only on a small case")
     p.add_argument("--json", help="write the result record to this file")
     p.add_argument("--plot-dir", help="write throughput plots (PNG) here")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        args.func(args)
+    except MegatierError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
