@@ -15,7 +15,7 @@ from megatier.loader import load_safetensors_weights
 def make_executor(path, dtype=torch.float32, num_pages=64, page_size=4) -> ReferenceExecutor:
     cfg = load_config(path)
     cache = KVCache.allocate(cfg, num_pages, page_size, dtype, torch.device("cpu"))
-    cache.kv.normal_(0, 100)  # garbage everywhere a read could wrongly reach
+    cache.kv.fill_(float("nan"))  # poison: any read of an unwritten position shows up in the logits
     return ReferenceExecutor(cfg, load_safetensors_weights(path, cfg), cache=cache)
 
 

@@ -83,7 +83,7 @@ class LLM:
         backend: str = "auto",
         max_model_len: int | None = None,
         max_num_seqs: int = 256,
-        max_num_batched_tokens: int = 2048,
+        max_num_batched_tokens: int | None = None,
         page_size: int = 16,
         kv_cache_gb: float | None = None,
         decode_steps_per_sync: int = 8,
@@ -101,10 +101,14 @@ class LLM:
         t0 = time.perf_counter()
         if load_format not in LOAD_FORMATS:
             raise MegatierError(f"unknown load_format {load_format!r}: expected one of {', '.join(LOAD_FORMATS)}")
-        if page_size < 1 or max_num_seqs < 1 or max_num_batched_tokens < 1:
-            raise MegatierError("page_size, max_num_seqs and max_num_batched_tokens must be >= 1")
         self.seed = seed
         self.device = resolve_device(device)
+        if max_num_batched_tokens is None:
+            # A step's token budget bounds how long running streams wait for a prompt chunk: on a CPU a
+            # 2048-token chunk takes seconds, so use a small one there.
+            max_num_batched_tokens = 2048 if self.device.type == "cuda" else 256
+        if page_size < 1 or max_num_seqs < 1 or max_num_batched_tokens < 1:
+            raise MegatierError("page_size, max_num_seqs and max_num_batched_tokens must be >= 1")
         resolve_backend(backend, self.device)
         self.model_path = resolve_model(model)
         self.config = load_config(self.model_path)

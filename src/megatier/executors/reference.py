@@ -115,15 +115,45 @@ class ReferenceExecutor:
             k = rms_norm(k, layer.k_norm, cfg.rms_norm_eps)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
+    def _gather(self, layer_idx: int, tables: list[list[int]], length: int) -> torch.Tensor:
+        """K and V of the first `length` positions of each page table: [2, B, length, Hkv, D]."""
+        n = -(-length // self.page_size)
+        pages = torch.tensor([t[:n] + [t[0]] * (n - len(t[:n])) for t in tables], dtype=torch.long, device=self.device)
+        kv = self.cache.kv[pages, layer_idx]  # [B, pages, 2, Hkv, P, D]
+        kv = kv.permute(2, 0, 1, 4, 3, 5).reshape(2, len(tables), n * self.page_size, self.cfg.num_kv_heads, -1)
+        return kv[:, :, :length]
+
     def _attention(self, layer_idx: int, q: torch.Tensor, batch: StepBatch) -> torch.Tensor:
-        """Gather each sequence's K/V from its pages and attend; q [T, H, D] -> [T, H, D]."""
+        """Gather each sequence's K/V from its pages and attend; q [T, H, D] -> [T, H, D].
+
+        Prompt chunks attend one by one; single-token (decode) rows attend together, padded to the longest
+        context, with every position past a row's length masked out."""
         out = torch.empty_like(q)
-        offset = 0
-        for start, n, table in zip(batch.starts, batch.query_lens, batch.page_tables, strict=True):
-            ctx = start + n
-            pages = torch.tensor(table[: -(-ctx // self.page_size)], dtype=torch.long, device=self.device)
-            kv = self.cache.kv[pages, layer_idx]  # [pages, 2, Hkv, P, D]
-            kv = kv.permute(1, 0, 3, 2, 4).reshape(2, -1, self.cfg.num_kv_heads, self.cfg.head_dim)[:, :ctx]
-            out[offset : offset + n] = attention(q[offset : offset + n], kv[0], kv[1], start)
-            offset += n
+        ends = torch.tensor(batch.query_lens).cumsum(0).tolist()
+        decode = [i for i, n in enumerate(batch.query_lens) if n == 1]
+        for i, (start, n) in enumerate(zip(batch.starts, batch.query_lens, strict=True)):
+            if n > 1:
+                k, v = self._gather(layer_idx, [batch.page_tables[i]], start + n)[:, 0]
+                out[ends[i] - n : ends[i]] = attention(q[ends[i] - n : ends[i]], k, v, start)
+        if decode:
+            lens = torch.tensor([batch.starts[i] + 1 for i in decode], device=self.device)
+            k, v = self._gather(layer_idx, [batch.page_tables[i] for i in decode], int(lens.max()))
+            rows = torch.tensor([ends[i] - 1 for i in decode], device=self.device)
+            out[rows] = decode_attention(q[rows], k, v, lens)
         return out
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+    """One query per sequence over its first lens[b] keys: q [B, H, D], k and v [B, T, Hkv, D] -> [B, H, D].
+
+    Positions past a sequence's length hold whatever the cache holds (even NaN): their scores become -inf
+    and their values 0, so they contribute nothing."""
+    b, heads, d = q.shape
+    kv_heads = k.shape[2]
+    valid = torch.arange(k.shape[1], device=q.device)[None, :] < lens[:, None]  # [B, T]
+    kf = k.float().masked_fill(~valid[:, :, None, None], 0)
+    vf = v.float().masked_fill(~valid[:, :, None, None], 0)
+    qf = q.float().reshape(b, kv_heads, heads // kv_heads, d)
+    scores = torch.einsum("bhgd,bkhd->bhgk", qf, kf) * d**-0.5
+    probs = scores.masked_fill(~valid[:, None, None, :], float("-inf")).softmax(dim=-1)
+    return torch.einsum("bhgk,bkhd->bhgd", probs, vf).reshape(b, heads, d).to(q.dtype)
