@@ -149,6 +149,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
     run_server(args)
 
 
+def cmd_bench_throughput(args: argparse.Namespace) -> None:
+    from megatier.bench.throughput import run_throughput
+
+    run_throughput(args)
+
+
 def cmd_bench_tiers(args: argparse.Namespace) -> None:
     from megatier.bench.tiers import run_tiers
 
@@ -190,8 +196,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-len", type=int, default=32, help="prompt tokens per sequence (default 32)")
     p.add_argument("--output-len", type=int, default=128, help="tokens generated per sequence (default 128)")
     p.add_argument("--iters", type=int, default=3, help="timed repetitions; the median is reported")
+    p.add_argument("--baselines", default="", help="also time these on the same weights (CUDA): hf,torch-graph")
     p.add_argument("--json", help="write the result record to this file")
     p.set_defaults(func=cmd_bench_latency)
+
+    p = bench.add_parser("throughput", help="decode tokens/s as the batch grows, at a fixed context")
+    add_model_args(p)
+    p.add_argument(
+        "--batches",
+        type=lambda s: [int(b) for b in s.split(",")],
+        default=[1, 8, 64, 256],
+        help="comma-separated batch sizes (default 1,8,64,256)",
+    )
+    p.add_argument("--input-len", type=int, default=1024, help="prompt tokens per sequence (default 1024)")
+    p.add_argument("--output-len", type=int, default=64, help="tokens generated per sequence (default 64)")
+    p.add_argument("--json", help="write the result record to this file")
+    p.add_argument("--plot", help="write a PNG of latency and tokens/s against the batch size")
+    p.set_defaults(func=cmd_bench_throughput)
 
     p = bench.add_parser("tiers", help="tiered KV decode against GPU-only, offload-and-fetch and static placement")
     add_bench_tiers_args(p)
@@ -216,7 +237,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--served-model-name", help="the model name clients send (default: --model as given)")
     g.add_argument("--max-num-seqs", type=int, default=256, help="sequences in the running batch at most")
     g.add_argument(
-        "--max-num-batched-tokens", type=int, default=2048, help="tokens per engine step (prompts are chunked)"
+        "--max-num-batched-tokens",
+        type=int,
+        help="tokens per engine step; longer prompts are prefilled in chunks (default 2048 on GPU, 256 on CPU)",
     )
     g.add_argument(
         "--max-queue-len", type=int, default=1024, help="sequences that may wait for the batch; beyond that, HTTP 503"
