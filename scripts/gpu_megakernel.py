@@ -144,30 +144,49 @@ def main() -> None:
 
     stage("greedy_agreement_128", agreement)
 
-    def sweep(batch, distances):
+    def strategies(batch):
         out = {}
-        for pf in distances:
-            ex.set_schedule("balanced", prefetch_chunks=pf)
+        for strategy in ("balanced", "round_robin"):
+            ex.set_schedule(strategy)
             r = time_decode(ex, batch, 128, reps)
             r.pop("tokens")
-            out[f"prefetch_{pf}"] = r
+            out[strategy] = r
         return out
 
-    stage("batch1_ctx32_sweep", lambda: sweep(b1, (0, 2, 4, 8, 16)))
-    best = min(res["batch1_ctx32_sweep"].items(), key=lambda kv: kv[1]["us_per_step"])
-    best_pf = int(best[0].split("_")[1])
-    res["batch1_best"] = {**best[1], "prefetch": best_pf, "floor_us_at_copy_bw": floor, "graph_error": ex.graph_error}
-    stage("batch8_mixed_sweep", lambda: sweep(b8, sorted({0, 4, best_pf})))
+    stage("batch1_ctx32", lambda: strategies(b1))
+    best_strategy = min(res["batch1_ctx32"].items(), key=lambda kv: kv[1]["us_per_step"])[0]
+    res["batch1_best"] = {
+        **res["batch1_ctx32"][best_strategy],
+        "strategy": best_strategy,
+        "floor_us_at_copy_bw": floor,
+        "graph_error": ex.graph_error,
+    }
+    stage("batch8_mixed", lambda: strategies(b8))
+    ex.set_schedule(best_strategy)
 
-    def strategies():
+    def first_kernel():
+        """The first GPU-tested kernel (commit 6333591), carried as .mk_run1/, in this same process."""
+        root = Path(__file__).resolve().parents[1] / ".mk_run1"
+        if not root.is_dir():
+            return None
+        sys.path.insert(0, str(root))
+        from mk_run1.runner import MegakernelExecutor as FirstExecutor
+
+        old = FirstExecutor(cfg, weights, cache=cache)
         out = {}
-        for strategy in ("round_robin", "random"):
-            ex.set_schedule(strategy, seed=1, prefetch_chunks=best_pf)
-            out[strategy] = time_decode(ex, b1, 128, reps)["us_per_step"]
-        ex.set_schedule("balanced", prefetch_chunks=best_pf)
+        for name, batch in (("batch1_ctx32", b1), ("batch8_mixed", b8)):
+            out[name] = {k: v for k, v in time_decode(old, batch, 128, reps).items() if k != "tokens"}
         return out
 
-    stage("batch1_strategies", strategies)
+    stage("first_kernel_same_process", first_kernel)
+
+    def half_chunks():
+        small = MegakernelExecutor(cfg, weights, cache=cache, strategy=best_strategy, chunk_columns=512)
+        r = time_decode(small, b1, 128, reps)
+        r.pop("tokens")
+        return {"batch1_ctx32": r, "layout": small._variants[1].kc.layout}
+
+    stage("chunk_columns_512", half_chunks)
 
     def long_context(ctx):
         def run():
@@ -183,10 +202,10 @@ def main() -> None:
 
     def timeline():
         cache.kv.copy_(saved)
-        ext = MegakernelExecutor(cfg, weights, cache=cache, timeline=True, prefetch_chunks=best_pf)
+        ext = MegakernelExecutor(cfg, weights, cache=cache, timeline=True, strategy=best_strategy)
         ext.decode_greedy(b1, 4)
         program, stamps = ext.timeline_data(1)
-        title = f"Llama-3.2-1B batch 1, {props.name}, L2 prefetch {best_pf} chunks"
+        title = f"Llama-3.2-1B batch 1, {props.name}, {best_strategy} schedule"
         render_gantt(program, stamps, args.out / "megakernel_timeline.png", title)
         torch.save({"stamps": stamps, "queues": [[i.encode() for i in q] for q in program.queues]},
                    args.out / "megakernel_timeline.pt")  # fmt: skip
@@ -196,14 +215,14 @@ def main() -> None:
 
     print("\n=== megakernel summary ===")
     print(f"copy bandwidth {res['copy_bw_GBps']:.0f} GB/s, weight floor {floor:.1f} us/step")
-    for key in ("batch1_ctx32_sweep", "batch8_mixed_sweep"):
+    for key in ("batch1_ctx32", "batch8_mixed", "first_kernel_same_process", "chunk_columns_512"):
         for name, v in (res.get(key) or {}).items():
             if isinstance(v, dict) and "us_per_step" in v:
                 print(
-                    f"{key:22s} {name:12s} {v['us_per_step']:8.1f} us/step (min {v['min_us']:.1f} max {v['max_us']:.1f})"
+                    f"{key:26s} {name:12s} {v['us_per_step']:8.1f} us/step (min {v['min_us']:.1f} max {v['max_us']:.1f})"
                 )
-    for key in ("batch1_strategies", "batch1_ctx4k_32steps", "batch1_ctx16k_32steps", "timeline_batch1"):
-        print(f"{key:22s} {str(res.get(key))[:300]}")
+    for key in ("batch1_ctx4k_32steps", "batch1_ctx16k_32steps", "timeline_batch1"):
+        print(f"{key:26s} {str(res.get(key))[:300]}")
     agree = dict(res.get("greedy_agreement_128") or {})
     agree.pop("tokens", None)
     print(json.dumps(agree, default=str))

@@ -27,12 +27,12 @@ MIN_STAGES = 4
 MAX_BATCH = 8
 MAX_GROUP = 8
 
-# Slots of the uint64 parameter array the kernel receives (pointers, except out_cap, maxlen, prefetch).
+# Slots of the uint64 parameter array the kernel receives (pointers, except out_cap and maxlen).
 PARAMS = (
     "embed", "qkv", "o", "gate_up", "down", "in_norm", "post_norm", "final_norm", "lm_head", "qkv_bias", "o_bias",
     "gate_up_bias", "down_bias", "q_norm", "k_norm", "kv", "rope", "resid", "q", "part_o", "part_ml", "attn_out",
     "act", "logits", "argmax", "counters", "state", "tokens", "pos", "table", "out_tokens", "out_cap", "program",
-    "qlen", "maxlen", "timeline", "diag", "prefetch",
+    "qlen", "maxlen", "timeline", "diag",
 )  # fmt: skip
 
 
@@ -80,6 +80,7 @@ class KernelConfig:
     page_size: int
     max_pages: int
     timeline: bool = False
+    chunk_columns: int = 1024  # widest weight chunk (16 rows of it fill one ring stage)
 
     @cached_property
     def layout(self) -> dict[str, int]:
@@ -88,7 +89,7 @@ class KernelConfig:
         c, b = self.cfg, self.batch
         group = c.num_heads // c.num_kv_heads
         attn = CONSUMER_WARPS * group * (c.head_dim + 2) * 4
-        for kc_max in (1024, 512, 256, 128):
+        for kc_max in (k for k in (1024, 512, 256, 128) if k <= self.chunk_columns):
             stage = TILE * (2 * kc_max + 16)
             options = []
             for stream in (False, True):

@@ -66,7 +66,7 @@ class MegakernelExecutor:
         seed: int = 0,
         timeline: bool = False,
         validate_programs: bool = True,
-        prefetch_chunks: int = 0,
+        chunk_columns: int = 1024,
     ):
         self.cfg, self.cache = cfg, cache
         self.device = cache.kv.device
@@ -84,7 +84,7 @@ class MegakernelExecutor:
         if not 1 <= self.num_sms <= available:
             raise MegatierError(f"megakernel: num_sms must be 1..{available}, got {num_sms}")
         self.strategy, self.seed, self.timeline, self.validate_programs = strategy, seed, timeline, validate_programs
-        self.prefetch_chunks = prefetch_chunks  # weight chunks an SM asks L2 for ahead of its ring (0 = none)
+        self.chunk_columns = chunk_columns
         self.w = pack_weights(weights, self.device, torch.bfloat16)
         perm = torch.tensor(Dims.of(cfg, 1, 1, self.page_size, self.num_pages).qkv_permutation(), device=self.device)
         self.w.qkv = self.w.qkv[:, perm].contiguous()  # each 16-row tile holds whole RoPE pairs
@@ -141,14 +141,10 @@ class MegakernelExecutor:
         self._check(v)
         return v.bufs.out_tokens[:done].clone()
 
-    def set_schedule(
-        self, strategy: str, seed: int = 0, num_sms: int | None = None, prefetch_chunks: int | None = None
-    ) -> None:
+    def set_schedule(self, strategy: str, seed: int = 0, num_sms: int | None = None) -> None:
         """Assign instructions to SMs differently from the next step on (results must not change)."""
         available = torch.cuda.get_device_properties(self.device).multi_processor_count
         self.strategy, self.seed, self.num_sms = strategy, seed, num_sms or available
-        if prefetch_chunks is not None:
-            self.prefetch_chunks = prefetch_chunks
         for v in self._variants.values():
             v.program = None
 
@@ -196,7 +192,7 @@ class MegakernelExecutor:
             self._write_params(v)
             self._graphs = {key: g for key, g in self._graphs.items() if key[0] != b}
         if v is None:
-            kc = KernelConfig(self.cfg, b, self.page_size, self.num_pages, self.timeline)
+            kc = KernelConfig(self.cfg, b, self.page_size, self.num_pages, self.timeline, self.chunk_columns)
             kernel = _load_kernel(compile_cubin(kc), kc, self.device)
             dims = Dims.of(self.cfg, b, MAX_SPLITS, self.page_size, self.num_pages)
             bufs = StepBuffers.allocate(dims, torch.bfloat16, self.device, max_steps=max(steps, 1))
@@ -236,7 +232,7 @@ class MegakernelExecutor:
             "q_norm": ptr(w.q_norm), "k_norm": ptr(w.k_norm), "kv": ptr(self.cache.kv), "rope": ptr(self.rope),
             "out_cap": bufs.out_tokens.shape[0], "program": ptr(v.words), "qlen": ptr(v.lengths),
             "maxlen": 0 if v.words is None else v.words.shape[1], "timeline": ptr(v.timeline),
-            "diag": self.diag.data_ptr(), "prefetch": self.prefetch_chunks,
+            "diag": self.diag.data_ptr(),
         }  # fmt: skip
         for name in ("resid", "q", "part_o", "part_ml", "attn_out", "act", "logits", "argmax", "counters", "state"):
             values[name] = ptr(getattr(bufs, name))

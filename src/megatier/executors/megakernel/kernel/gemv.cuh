@@ -59,37 +59,13 @@ __device__ WTile tile_at(const Ctx& cx, const int* in, int k) {
     }
 }
 
-// The loader's second cursor over the queue's weight chunks: it asks L2 for the chunk `ahead` places in
-// front of the next copy into the ring, line by line from the lanes (0 = off).
-struct Prefetcher {
-    const int* queue;
-    int n, i, k, c, issued, ahead;
-
-    __device__ void pump(const Ctx& cx, int copied) {
-        while (issued < copied + ahead && i < n) {
-            const int* in = queue + i * WORDS;
-            if (k >= num_tiles(in)) {
-                ++i, k = 0, c = 0;
-                continue;
-            }
-            const WTile t = tile_at(cx, in, k);
-            const int kc = kc_for(t.K), lines = kc / 64;  // 128-byte lines per row of the chunk
-            for (int x = cx.lane; x < t.rows * lines; x += 32)
-                prefetch_line(t.w + (size_t)(x / lines) * t.K + c * kc + (x % lines) * 64);
-            if (++c == t.K / kc) ++k, c = 0;
-            ++issued;
-        }
-    }
-};
-
 // Loader side: every chunk of every weight tile of one instruction, in order.
-__device__ bool load_weights(Ctx& cx, const int* in, uint64_t policy, Prefetcher& pf, int& copied) {
+__device__ bool load_weights(Ctx& cx, const int* in, uint64_t policy) {
     const int tiles = num_tiles(in);
     for (int k = 0; k < tiles; ++k) {
         const WTile t = tile_at(cx, in, k);
         const int kc = kc_for(t.K);
         for (int c = 0; c < t.K / kc; ++c) {
-            pf.pump(cx, copied++);
             if (!claim_stage(cx, in, t.rows * kc * 2)) return false;
             if (cx.lane < t.rows)
                 bulk_copy(ring_stage(cx, cx.stage) + cx.lane * ROW_STRIDE, t.w + (size_t)cx.lane * t.K + c * kc, kc * 2,

@@ -29,15 +29,13 @@ __device__ void finalize_step(const Ctx& cx) {
 }
 
 // Loader warp: every weight chunk and every KV chunk of the queue, in order, as far ahead as the ring
-// allows; optionally weight chunks further ahead are requested into L2.
+// allows. (L2 prefetching further ahead, as bulk or per-line requests, measured slower on an H200.)
 __device__ void run_loader(Ctx& cx, const int* queue, int n, unsigned long long* timeline) {
     const uint64_t policy = evict_first_policy();
-    Prefetcher pf{queue, n, 0, 0, 0, 0, static_cast<int>(__ldg(cx.prm + P_PREFETCH))};
-    int copied = 0;
     for (int i = 0; i < n; ++i) {
         const int* in = queue + i * WORDS;
         if (TIMELINE && cx.lane == 0) timeline[i * 4 + 3] = global_timer();
-        const bool ok = field(in, F_OP) == OP_ATTN ? load_kv(cx, in, policy) : load_weights(cx, in, policy, pf, copied);
+        const bool ok = field(in, F_OP) == OP_ATTN ? load_kv(cx, in, policy) : load_weights(cx, in, policy);
         if (!ok) return;
     }
 }

@@ -74,9 +74,6 @@ __device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t b
         : "memory");
 }
 
-// Ask L2 for one 128-byte line (no completion, no copy engine): look-ahead beyond the ring.
-__device__ __forceinline__ void prefetch_line(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
-
 // ---- tensor cores: D[16x8] += A[16x16] (weights, row-major) * B[16x8] (activations) -------------
 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&a)[4], const void* row_addr) {
