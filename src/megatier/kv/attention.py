@@ -19,6 +19,7 @@ scored from GPU metadata, so pages that are not selected are never touched.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ from megatier.kv.locality import (
 )
 from megatier.kv.tiers import DISK, DRAM, HBM, TieredKV
 
+log = logging.getLogger(__name__)
 MODES = ("dense", "sparse")
 
 
@@ -137,10 +139,12 @@ class TieredAttention:
         cpu_threads: int | None = None,
         pcie_share: float | None = None,
         fetch_all: bool = False,
+        sparse_misses: str = "gpu",
     ):
         """pcie_share: the share of DRAM pages a dense step fetches to the GPU (None: balance by measured
         bandwidths; 0: the CPU reads them all). fetch_all: the offload-and-fetch baseline (every DRAM page
-        goes over PCIe, no CPU attention)."""
+        goes over PCIe, no CPU attention). sparse_misses: who reads the selected pages that are not in HBM
+        in sparse mode on CUDA: "gpu" (zero-copy over PCIe, no host sync) or "cpu" (the CPU kernel)."""
         if mode not in MODES:
             raise ValueError(f"kv_mode must be one of {MODES}, not {mode!r}")
         self.cfg, self.tiers, self.mode = cfg, tiers, mode
@@ -151,7 +155,7 @@ class TieredAttention:
         self.sink_pages = sink_pages
         self.recent_pages = recent_pages_for(recent_tokens, self.page_size)
         self.cpu_threads = cpu_threads
-        self.pcie_share, self.fetch_all = pcie_share, fetch_all
+        self.pcie_share, self.fetch_all, self.sparse_misses = pcie_share, fetch_all, sparse_misses
         self.bw = {"cpu": 50e9, "pcie": 25e9}  # running estimates (bytes/s), refined from every step
         self.meta = PageMeta(tiers.num_pages, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, tiers.dtype, self.device)
         self.importance = Importance(tiers.num_pages, cfg.num_layers, self.device)
@@ -159,6 +163,7 @@ class TieredAttention:
         self.stats = TierStats()
         self.timing = self.device.type == "cuda"
         self._buffers: dict[str, torch.Tensor] = {}
+        self._zero_copy_ok: bool | None = None
 
     # -- per step ----------------------------------------------------------------------------------------
 
@@ -176,7 +181,7 @@ class TieredAttention:
         self.valid = np.arange(width)[None, :] < self.num_pages[:, None]
         forced = forced_columns(self.num_pages, width, self.sink_pages, self.recent_pages) & self.valid
         self._layer_stats: list[tuple[float, torch.cuda.Event | None, torch.cuda.Event | None]] = []
-        self._device_counts = torch.zeros(2, dtype=torch.int64, device=self.device)  # hits, selected
+        self._device_counts = torch.zeros(3, dtype=torch.int64, device=self.device)  # hits, selected, zero-copy
         if self.mode == "dense":
             self._plan_dense()
         else:
@@ -217,6 +222,12 @@ class TieredAttention:
 
     def _plan_sparse(self, forced: np.ndarray) -> None:
         dev = self.device
+        # Selected DRAM pages are few when placement works: reading them from the GPU over PCIe beats a
+        # host round trip per layer. Disk pages still need the host (read, verify, CPU kernel).
+        self._zero_copy = self.sparse_misses == "gpu" and dev.type == "cuda" and self.tiers.used(DISK) == 0
+        if self._zero_copy and self._zero_copy_ok is None:
+            self._zero_copy_ok = self._try_zero_copy()
+        self._zero_copy = self._zero_copy and self._zero_copy_ok
         self._tables_dev = torch.from_numpy(self.tables).to(dev)
         self._valid_dev = torch.from_numpy(self.valid).to(dev)
         self._forced_dev = torch.from_numpy(forced).to(dev)
@@ -232,10 +243,11 @@ class TieredAttention:
         """Fold the step's measurements into the stats and the bandwidth estimates."""
         if self.mode == "sparse":
             self.importance.end_step()
-            hits, selected = self._device_counts.tolist()
+            hits, selected, zero_copy = self._device_counts.tolist()
             self.stats.hbm_hits += hits
             self.stats.selected_pages += selected
             self.stats.bytes_read["hbm"] += hits * self.tiers.slice_bytes
+            self.stats.bytes_read["pcie"] += zero_copy * self.tiers.slice_bytes
         else:
             for name, n in zip(("hbm", "pcie", "dram", "disk"), self._dense_counts, strict=True):
                 self.stats.bytes_read[name] += n * self.tiers.slice_bytes * self.cfg.num_layers
@@ -300,16 +312,13 @@ class TieredAttention:
         self.importance.add(tables, valid, mass, self._npages_dev)
         cols, chosen = select_pages(scores, self._forced_dev, valid, self._budget_dev, self._k_max)
         pages = tables.gather(1, cols)
-        in_hbm = (self._tier_dev[pages] == HBM) & chosen
+        tier = self._tier_dev[pages]
         is_last = cols == (self._npages_dev - 1)[:, None]
-        # HBM pages first, the partial last page at the end of them: the layout the GPU kernel reads.
-        order = ((~in_hbm).long() * 2 + is_last.long()).argsort(dim=1, stable=True)
-        gpu_tables = self._slot_dev[pages].gather(1, order).int()
-        n_hbm = in_hbm.sum(1)
-        last_in = (in_hbm & is_last).any(1)
-        lens = (n_hbm * self.page_size - last_in * (self.page_size - self._last_rows_dev)).int()
-        self._device_counts += torch.stack((n_hbm.sum(), chosen.sum()))
-        misses = torch.where(chosen & ~in_hbm, pages, -1)
+        gpu_tables, lens, n_hbm = self._select_tier(pages, tier, chosen, is_last, HBM)
+        self._device_counts[:2] += torch.stack((n_hbm.sum(), chosen.sum()))
+        if self._zero_copy:
+            return self._sparse_zero_copy(layer, q, pages, tier, chosen, is_last, gpu_tables, lens)
+        misses = torch.where(chosen & (tier != HBM), pages, -1)
         q_host, ready = self._to_host(q, misses)
         start, end = self._gpu_events()
         parts = [paged_partial(q, self.tiers.hbm.kv, layer, gpu_tables, lens, self.scale, self.cpu_threads)]
@@ -323,10 +332,10 @@ class TieredAttention:
             dram, disk = [], []
             for b in range(missed.shape[0]):
                 row = missed[b][missed[b] >= 0]
-                tier, slot = self.tiers.tier[row], self.tiers.slot[row]
+                where, slot = self.tiers.tier[row], self.tiers.slot[row]
                 rows = np.where(row == self.tables[b, self.num_pages[b] - 1], self.last_rows[b], self.page_size)
-                dram.append((slot[tier == DRAM], rows[tier == DRAM]))
-                disk.append((slot[tier == DISK], rows[tier == DISK]))
+                dram.append((slot[where == DRAM], rows[where == DRAM]))
+                disk.append((slot[where == DISK], rows[where == DISK]))
             dram_l, disk_l = _csr(dram), _csr(disk)
             self.stats.bytes_read["dram"] += len(dram_l[1]) * self.tiers.slice_bytes
             self.stats.bytes_read["disk"] += len(disk_l[1]) * self.tiers.slice_bytes
@@ -334,6 +343,42 @@ class TieredAttention:
             parts += parts_cpu
         self._layer_stats.append((cpu_s, start, end))
         return merge(parts, q.dtype)
+
+    def _sparse_zero_copy(self, layer, q, pages, tier, chosen, is_last, gpu_tables, lens) -> torch.Tensor:
+        """Sparse step without a host round trip: the GPU kernel reads the few selected DRAM pages
+        straight from pinned host memory over PCIe (zero-copy), next to its HBM partial."""
+        dram_tables, dram_lens, n_dram = self._select_tier(pages, tier, chosen, is_last, DRAM)
+        self._device_counts[2] += n_dram.sum()
+        start, end = self._gpu_events()
+        parts = [paged_partial(q, self.tiers.hbm.kv, layer, gpu_tables, lens, self.scale)]
+        parts.append(paged_partial(q, self.tiers.dram, layer, dram_tables, dram_lens, self.scale))
+        if end is not None:
+            end.record()
+        self._layer_stats.append((0.0, start, end))
+        return merge(parts, q.dtype)
+
+    def _try_zero_copy(self) -> bool:
+        """Whether the GPU kernel accepts the pinned DRAM pool as a (zero-copy) KV pool."""
+        heads = self.cfg.num_heads
+        q = torch.zeros((1, heads, self.cfg.head_dim), dtype=self.tiers.dtype, device=self.device)
+        table = torch.zeros((1, 1), dtype=torch.int32, device=self.device)
+        try:
+            paged_partial(q, self.tiers.dram, 0, table, torch.zeros(1, dtype=torch.int32, device=self.device), 1.0)
+        except (RuntimeError, ValueError) as e:
+            log.warning("the GPU cannot read pinned host KV directly (%s); the CPU reads sparse misses", e)
+            return False
+        return True
+
+    def _select_tier(self, pages, tier, chosen, is_last, which: int):
+        """Device block table of the chosen pages in tier `which` (partial last page at the end), their
+        token counts and page counts; no host sync."""
+        mine = (tier == which) & chosen
+        order = ((~mine).long() * 2 + is_last.long()).argsort(dim=1, stable=True)
+        table = self._slot_dev[pages].gather(1, order).int()
+        count = mine.sum(1)
+        last_in = (mine & is_last).any(1)
+        lens = (count * self.page_size - last_in * (self.page_size - self._last_rows_dev)).int()
+        return table, lens, count
 
     # -- helpers -----------------------------------------------------------------------------------------
 

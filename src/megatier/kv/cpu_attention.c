@@ -7,10 +7,10 @@
  * of its GQA group, so K and V are read once per group; a second pass merges the tasks of each
  * (sequence, kv head) exactly and writes the normalized output and the natural-log LSE.
  *
- * Speed: the inner loops use 8-wide vectors (GCC vector extensions, so no intrinsics and any target):
+ * Speed: the inner loops use 8- or 16-wide vectors (GCC vector extensions: no intrinsics, any target):
  * bf16 is widened on the fly, every loaded K or V vector feeds all heads of the group, the
  * accumulators stay in registers across the rows of a block, and exp is a vectorized polynomial.
- * Needs head_dim % 8 == 0 (returns -2 otherwise: the caller falls back to torch).
+ * Needs head_dim % vector_width() == 0 (returns -2 otherwise: the caller falls back to torch).
  * Called through ctypes, which releases the GIL while it runs.
  */
 #include <math.h>
@@ -22,53 +22,76 @@ enum { BF16 = 0, F32 = 1 };
 #define BLOCK 16 /* rows scored at once */
 #define MAX_G 16 /* query heads per kv head handled in one pass */
 
-typedef float v8f __attribute__((vector_size(32)));
-typedef int32_t v8i __attribute__((vector_size(32)));
-typedef uint16_t v8h __attribute__((vector_size(16)));
-typedef uint32_t v8u __attribute__((vector_size(32)));
+/* The vector width: 16 lanes where AVX-512 is there, else 8 (AVX2 and most other targets). */
+#ifndef W
+#if defined(__AVX512F__)
+#define W 16
+#else
+#define W 8
+#endif
+#endif
+typedef float vf __attribute__((vector_size(W * 4)));
+typedef int32_t vi __attribute__((vector_size(W * 4)));
+typedef uint16_t vh __attribute__((vector_size(W * 2)));
+typedef uint32_t vu __attribute__((vector_size(W * 4)));
 
-/* 8 elements at p (bf16 or fp32) as fp32. */
-static inline v8f load8(const void *p, int dtype) {
-    v8f out;
+int vector_width(void) { return W; }
+
+/* W elements at p (bf16 or fp32) as fp32. */
+static inline vf loadv(const void *p, int dtype) {
+    vf out;
     if (dtype == F32) {
         memcpy(&out, p, sizeof out);
     } else {
-        v8h h;
+        vh h;
         memcpy(&h, p, sizeof h);
-        v8u u = __builtin_convertvector(h, v8u) << 16;
+        vu u = __builtin_convertvector(h, vu) << 16;
         memcpy(&out, &u, sizeof out);
     }
     return out;
 }
 
-static inline float hsum(v8f v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
+static inline float hsum(vf v) {
+#if W == 16
+    return (((v[0] + v[8]) + (v[1] + v[9])) + ((v[2] + v[10]) + (v[3] + v[11]))) +
+           (((v[4] + v[12]) + (v[5] + v[13])) + ((v[6] + v[14]) + (v[7] + v[15])));
+#else
+    return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+#endif
+}
 
-static inline v8f splat(float x) { return (v8f){x, x, x, x, x, x, x, x}; }
+static inline vf splat(float x) {
+#if W == 16
+    return (vf){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x};
+#else
+    return (vf){x, x, x, x, x, x, x, x};
+#endif
+}
 
 /* mask ? a : b, lane by lane (mask lanes are all ones or all zeros, as comparisons give). */
-static inline v8f select8(v8i mask, v8f a, v8f b) { return (v8f)((mask & (v8i)a) | (~mask & (v8i)b)); }
+static inline vf selectv(vi mask, vf a, vf b) { return (vf)((mask & (vi)a) | (~mask & (vi)b)); }
 
 /* exp(x) for x <= 0 (Cephes' expf polynomial, about 1 ulp; x < -87 gives 0). */
-static inline v8f vexp(v8f x) {
-    v8f lo = splat(-87.0f);
-    v8i under = x <= lo;
-    x = select8(under, lo, x);
-    v8f t = x * splat(1.44269504088896341f) - splat(0.5f);
-    v8i k = __builtin_convertvector(t, v8i); /* t < 0: truncation rounds x/ln2 to nearest */
-    v8f kf = __builtin_convertvector(k, v8f);
-    v8f f = x - kf * splat(0.693359375f) - kf * splat(-2.12194440e-4f);
-    v8f p = splat(1.9875691500e-4f);
+static inline vf vexp(vf x) {
+    vf lo = splat(-87.0f);
+    vi under = x <= lo;
+    x = selectv(under, lo, x);
+    vf t = x * splat(1.44269504088896341f) - splat(0.5f);
+    vi k = __builtin_convertvector(t, vi); /* t < 0: truncation rounds x/ln2 to nearest */
+    vf kf = __builtin_convertvector(k, vf);
+    vf f = x - kf * splat(0.693359375f) - kf * splat(-2.12194440e-4f);
+    vf p = splat(1.9875691500e-4f);
     p = p * f + splat(1.3981999507e-3f);
     p = p * f + splat(8.3334519073e-3f);
     p = p * f + splat(4.1665795894e-2f);
     p = p * f + splat(1.6666665459e-1f);
     p = p * f + splat(5.0000001201e-1f);
     p = p * f * f + f + splat(1.0f);
-    v8i bits = (k + 127) << 23;
-    v8f scale;
+    vi bits = (k + 127) << 23;
+    vf scale;
     memcpy(&scale, &bits, sizeof scale);
-    v8f out = p * scale;
-    return select8(under, splat(0.0f), out);
+    vf out = p * scale;
+    return selectv(under, splat(0.0f), out);
 }
 
 typedef struct {
@@ -84,19 +107,19 @@ typedef struct {
 
 /* One block of n <= BLOCK rows for ng heads: scores, online softmax, V accumulation. Inlined per
  * common ng (below) so the per-head accumulators live in registers; two rows (scores) and two
- * 8-lane chunks (V) advance together, giving the FMA units independent chains. */
+ * vector chunks (V) advance together, giving the FMA units independent chains. */
 static inline __attribute__((always_inline)) void block_impl(const pool_t *p, const char *kb, const char *vb, int n,
-                                                           const v8f *q, v8f *acc, float *m, float *l,
+                                                           const vf *q, vf *acc, float *m, float *l,
                                                            const int ng) {
-    const int C = p->D / 8, row = p->D * p->elem;
+    const int C = p->D / W, row = p->D * p->elem;
     float s[MAX_G][BLOCK];
     for (int r = 0; r < n; r += 2) {
         const int two = r + 1 < n;
-        v8f d0[MAX_G], d1[MAX_G];
+        vf d0[MAX_G], d1[MAX_G];
         for (int g = 0; g < ng; g++) d0[g] = d1[g] = splat(0.0f);
         const char *k0 = kb + (int64_t)r * row, *k1 = two ? k0 + row : k0;
         for (int c = 0; c < C; c++) {
-            v8f x0 = load8(k0 + c * 8 * p->elem, p->dtype), x1 = load8(k1 + c * 8 * p->elem, p->dtype);
+            vf x0 = loadv(k0 + c * W * p->elem, p->dtype), x1 = loadv(k1 + c * W * p->elem, p->dtype);
             for (int g = 0; g < ng; g++) {
                 d0[g] += q[g * C + c] * x0;
                 d1[g] += q[g * C + c] * x1;
@@ -112,27 +135,28 @@ static inline __attribute__((always_inline)) void block_impl(const pool_t *p, co
         for (int r = 0; r < n; r++) mx = s[g][r] > mx ? s[g][r] : mx;
         float alpha = m[g] == -INFINITY ? 0.0f : expf(m[g] - mx);
         for (int r = n; r < BLOCK; r++) s[g][r] = -INFINITY;
-        v8f x0, x1;
-        memcpy(&x0, s[g], sizeof x0);
-        memcpy(&x1, s[g] + 8, sizeof x1);
-        x0 = vexp(x0 - splat(mx));
-        x1 = vexp(x1 - splat(mx));
-        memcpy(s[g], &x0, sizeof x0);
-        memcpy(s[g] + 8, &x1, sizeof x1);
-        l[g] = l[g] * alpha + hsum(x0 + x1);
+        vf sum = splat(0.0f);
+        for (int r = 0; r < BLOCK; r += W) {
+            vf x;
+            memcpy(&x, s[g] + r, sizeof x);
+            x = vexp(x - splat(mx));
+            memcpy(s[g] + r, &x, sizeof x);
+            sum += x;
+        }
+        l[g] = l[g] * alpha + hsum(sum);
         m[g] = mx;
         for (int c = 0; c < C; c++) acc[g * C + c] *= splat(alpha);
     }
     for (int c = 0; c < C; c += 2) {
         const int two = c + 1 < C;
-        v8f a0[MAX_G], a1[MAX_G];
+        vf a0[MAX_G], a1[MAX_G];
         for (int g = 0; g < ng; g++) {
             a0[g] = acc[g * C + c];
             a1[g] = two ? acc[g * C + c + 1] : splat(0.0f);
         }
         for (int r = 0; r < n; r++) {
-            const char *v = vb + (int64_t)r * row + c * 8 * p->elem;
-            v8f y0 = load8(v, p->dtype), y1 = two ? load8(v + 8 * p->elem, p->dtype) : splat(0.0f);
+            const char *v = vb + (int64_t)r * row + c * W * p->elem;
+            vf y0 = loadv(v, p->dtype), y1 = two ? loadv(v + W * p->elem, p->dtype) : splat(0.0f);
             for (int g = 0; g < ng; g++) {
                 a0[g] += splat(s[g][r]) * y0;
                 a1[g] += splat(s[g][r]) * y1;
@@ -146,7 +170,7 @@ static inline __attribute__((always_inline)) void block_impl(const pool_t *p, co
 }
 
 #define BLOCK_FOR(G)                                                                                             \
-    static void block_g##G(const pool_t *p, const char *kb, const char *vb, int n, const v8f *q, v8f *acc,     \
+    static void block_g##G(const pool_t *p, const char *kb, const char *vb, int n, const vf *q, vf *acc,     \
                            float *m, float *l) {                                                               \
         block_impl(p, kb, vb, n, q, acc, m, l, G);                                                             \
     }
@@ -156,7 +180,7 @@ BLOCK_FOR(3)
 BLOCK_FOR(4)
 BLOCK_FOR(8)
 
-static void attend_block(const pool_t *p, const char *kb, const char *vb, int n, const v8f *q, int ng, v8f *acc,
+static void attend_block(const pool_t *p, const char *kb, const char *vb, int n, const vf *q, int ng, vf *acc,
                          float *m, float *l) {
     switch (ng) {
     case 1: block_g1(p, kb, vb, n, q, acc, m, l); break;
@@ -172,7 +196,7 @@ static void attend_block(const pool_t *p, const char *kb, const char *vb, int n,
 static void run_task(const pool_t *p, const float *q, const task_t *t, float *state) {
     const int D = p->D, G = p->G;
     float *acc = state, *m = state + G * D, *l = m + G;
-    v8f qv[MAX_G * (512 / 8)], av[MAX_G * (512 / 8)];
+    vf qv[MAX_G * (512 / W)], av[MAX_G * (512 / W)];
     for (int g0 = 0; g0 < G; g0 += MAX_G) {
         int ng = G - g0 < MAX_G ? G - g0 : MAX_G;
         memcpy(qv, q + g0 * D, sizeof(float) * ng * D);
@@ -224,7 +248,7 @@ static void merge_states(const float *states, int64_t num, int64_t state_size, i
 int attend(const float *q, const void *kv, int dtype, int64_t page_stride, int64_t v_offset, int64_t head_stride,
            int D, int num_kv_heads, int G, int num_seqs, const int64_t *offsets, const int32_t *pages,
            const int32_t *rows, float scale, float *out, float *lse, int chunk_pages, int num_threads) {
-    if (D % 8 != 0 || D > 512) return -2;
+    if (D % W != 0 || D > 512) return -2;
     pool_t pool = {kv, page_stride, v_offset, head_stride, dtype, dtype == F32 ? 4 : 2, D, G, pages, rows};
     int64_t num_pairs = (int64_t)num_seqs * num_kv_heads, num_tasks = 0;
     for (int b = 0; b < num_seqs; b++) {

@@ -72,6 +72,7 @@ def load_library() -> ctypes.CDLL | None:
         lib.attend.restype = ctypes.c_int
         lib.attend.argtypes = [ptr, ptr, i32, i64, i64, i64, i32, i32, i32, i32, ptr, ptr, ptr, ctypes.c_float]
         lib.attend.argtypes += [ptr, ptr, i32, i32]
+        lib.vector_width.restype = ctypes.c_int
         _lib = lib
         return lib
 
@@ -103,10 +104,10 @@ def cpu_attention(
     lib = load_library() if impl in ("auto", "c") else None
     if impl == "c" and lib is None:
         raise MegatierError(f"the C CPU attention kernel is unavailable: {_lib_error}")
-    if lib is not None and pool.dtype in (torch.bfloat16, torch.float32) and q.shape[-1] % 8 == 0:
+    if lib is not None and pool.dtype in (torch.bfloat16, torch.float32) and q.shape[-1] % lib.vector_width() == 0:
         return _attend_c(lib, q, pool, offsets, pages, rows, scale, threads or default_threads())
     if impl == "c":
-        raise MegatierError("the C CPU attention kernel needs bf16 or fp32 KV and head_dim % 8 == 0")
+        raise MegatierError("the C CPU attention kernel needs bf16 or fp32 KV and head_dim % vector_width() == 0")
     return _attend_torch(q, pool, offsets, pages, rows, scale)
 
 

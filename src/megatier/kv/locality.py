@@ -125,12 +125,11 @@ def plan_migrations(tiers: TieredKV, byte_budget: int) -> int:
         lower = upper + 1
         if tiers.capacity(lower) == 0 or tiers.capacity(upper) == 0:
             continue
-        ups = np.flatnonzero((tiers.tier == upper) & ~busy)
-        ups = ups[np.argsort(prio[ups], kind="stable")]  # least important first: demotion candidates
-        downs = np.flatnonzero((tiers.tier == lower) & ~busy)
-        downs = downs[np.argsort(-prio[downs], kind="stable")]  # most important first: promotion candidates
         free_up, free_low = len(tiers.slots[upper]), len(tiers.slots[lower])
         budget_pages = (byte_budget - started) // tiers.page_bytes
+        # Only the budget's worth of candidates at each end can move: partial sorts keep this O(pages).
+        ups = _ends(np.flatnonzero((tiers.tier == upper) & ~busy), prio, budget_pages + 1)  # least important
+        downs = _ends(np.flatnonzero((tiers.tier == lower) & ~busy), -prio, budget_pages + 1)  # most important
         demote, promote, u = [], [], 0
         # Restore the reserve: new pages of the next steps land in the fastest tier.
         while free_up + len(demote) < tiers.reserve[upper] and u < len(ups) and free_low > 0 and budget_pages > 0:
@@ -154,6 +153,13 @@ def plan_migrations(tiers: TieredKV, byte_budget: int) -> int:
             started += tiers.move(promote, upper)
         busy[demote + promote] = True
     return started
+
+
+def _ends(pages: np.ndarray, key: np.ndarray, k: int) -> np.ndarray:
+    """The k pages with the smallest key, in increasing key order."""
+    if len(pages) > k:
+        pages = pages[np.argpartition(key[pages], k)[:k]]
+    return pages[np.argsort(key[pages], kind="stable")]
 
 
 def forced_columns(num_pages: np.ndarray, width: int, sink_pages: int, recent_pages: int) -> np.ndarray:
