@@ -164,29 +164,28 @@ def main() -> None:
     stage("batch8_mixed", lambda: strategies(b8))
     ex.set_schedule(best_strategy)
 
-    def first_kernel():
-        """The first GPU-tested kernel (commit 6333591), carried as .mk_run1/, in this same process."""
-        root = Path(__file__).resolve().parents[1] / ".mk_run1"
-        if not root.is_dir():
-            return None
-        sys.path.insert(0, str(root))
-        from mk_run1.runner import MegakernelExecutor as FirstExecutor
+    def earlier_kernel(package: str, **options):
+        """An earlier kernel, carried as .<package>/<package>/ with its imports renamed, in this process."""
 
-        old = FirstExecutor(cfg, weights, cache=cache)
-        out = {}
-        for name, batch in (("batch1_ctx32", b1), ("batch8_mixed", b8)):
-            out[name] = {k: v for k, v in time_decode(old, batch, 128, reps).items() if k != "tokens"}
-        return out
+        def run():
+            root = Path(__file__).resolve().parents[1] / f".{package}"
+            if not root.is_dir():
+                return None
+            sys.path.insert(0, str(root))
+            old = __import__(f"{package}.runner", fromlist=["MegakernelExecutor"]).MegakernelExecutor(
+                cfg, weights, cache=cache, **options
+            )
+            out = {}
+            for name, batch in (("batch1_ctx32", b1), ("batch8_mixed", b8)):
+                out[name] = {k: v for k, v in time_decode(old, batch, 128, reps).items() if k != "tokens"}
+            del old
+            torch.cuda.empty_cache()
+            return out
 
-    stage("first_kernel_same_process", first_kernel)
+        return run
 
-    def half_chunks():
-        small = MegakernelExecutor(cfg, weights, cache=cache, strategy=best_strategy, chunk_columns=512)
-        r = time_decode(small, b1, 128, reps)
-        r.pop("tokens")
-        return {"batch1_ctx32": r, "layout": small._variants[1].kc.layout}
-
-    stage("chunk_columns_512", half_chunks)
+    stage("first_kernel_6333591", earlier_kernel("mk_run1"))
+    stage("run4_kernel_04d780c", earlier_kernel("mk_run4", strategy="round_robin"))
 
     def long_context(ctx):
         def run():
@@ -215,7 +214,7 @@ def main() -> None:
 
     print("\n=== megakernel summary ===")
     print(f"copy bandwidth {res['copy_bw_GBps']:.0f} GB/s, weight floor {floor:.1f} us/step")
-    for key in ("batch1_ctx32", "batch8_mixed", "first_kernel_same_process", "chunk_columns_512"):
+    for key in ("batch1_ctx32", "batch8_mixed", "first_kernel_6333591", "run4_kernel_04d780c"):
         for name, v in (res.get(key) or {}).items():
             if isinstance(v, dict) and "us_per_step" in v:
                 print(

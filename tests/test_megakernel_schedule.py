@@ -37,10 +37,11 @@ def test_built_programs_validate(strategy, num_sms):
 def test_llama_1b_shapes_validate_on_132_sms():
     d = dataclasses.replace(TOY, hidden=2048, heads=32, kv_heads=8, head_dim=64, inter=8192, vocab=128256)
     d = dataclasses.replace(d, layers=2, batch=1, splits=1, page_size=16, max_pages=64)
-    p = build_program(d, 132)
-    validate(p)
-    lengths = [len(q) for q in p.queues]
-    assert max(lengths) - min(lengths) <= 4  # the balanced strategy spreads instructions evenly
+    for strategy in ("round_robin", "balanced"):
+        p = build_program(d, 132, strategy)
+        validate(p)
+        lengths = [len(q) for q in p.queues]
+        assert max(lengths) - min(lengths) <= 4  # every phase is spread evenly
 
 
 def test_encoding_round_trips():

@@ -62,7 +62,7 @@ class MegakernelExecutor:
         *,
         cache: KVCache,
         num_sms: int | None = None,
-        strategy: str = "balanced",
+        strategy: str = "round_robin",
         seed: int = 0,
         timeline: bool = False,
         validate_programs: bool = True,

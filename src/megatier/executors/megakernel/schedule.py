@@ -7,8 +7,9 @@ waits until a counter reaches the sum of everything signalled into it, i.e. unti
 have finished. The global order lists phases in dependency order; every SM's queue is a subsequence of
 it, so with all CTAs resident the earliest unfinished instruction can always run (no deadlock).
 
-Assignment strategies: "balanced" (each phase spread evenly, remainders to the SMs with the fewest bytes
-so far; the default), "round_robin" and "random" (seeded). Numerics do not depend on the assignment: each output element is computed by the same code in
+Assignment strategies: "round_robin" (each phase spread evenly, a cursor rotating over the SMs; the
+default, measured fastest on an H200), "balanced" (each phase even, remainders to the SMs with the
+fewest bytes so far) and "random" (seeded, for tests). Numerics do not depend on the assignment: each output element is computed by the same code in
 the same order whichever SM runs it, so logits are bitwise identical across strategies.
 """
 
@@ -24,7 +25,7 @@ import torch
 from megatier.executors.megakernel.isa import TILE, Instr, Op, encode_queues
 from megatier.executors.megakernel.layout import ATTN_CHUNK, Dims
 
-STRATEGIES = ("balanced", "round_robin", "random")
+STRATEGIES = ("round_robin", "balanced", "random")
 INSTR_OVERHEAD_BYTES = 16 * 1024  # fixed cost of starting an instruction, in bytes of weight streaming
 
 
@@ -112,7 +113,7 @@ class _Assigner:
         return out
 
 
-def build_program(d: Dims, num_sms: int, strategy: str = "balanced", seed: int = 0) -> Program:
+def build_program(d: Dims, num_sms: int, strategy: str = "round_robin", seed: int = 0) -> Program:
     """The whole decode step for `d` on `num_sms` SMs."""
     if num_sms < 1:
         raise ScheduleError(f"num_sms must be >= 1, got {num_sms}")

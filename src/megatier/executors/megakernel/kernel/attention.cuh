@@ -132,6 +132,18 @@ __device__ void op_attn(Ctx& cx, const int* in) {
             }
         }
     };
+    // The current position's K/V (written this step by another SM) are requested before the streamed
+    // chunks are processed, so their latency overlaps that work.
+    const bool current = cx.warp == 0 && sp.old_hi < sp.hi;
+    uint4 kr = make_uint4(0, 0, 0, 0), vr = kr;
+    if (current) {
+        const int p = sp.hi - 1;
+        const size_t page = param<int>(cx, P_TABLE)[b * MAX_PAGES + p / PAGE_SIZE];
+        const size_t row = ((page * LAYERS + l) * 2 * KV_HEADS + kvh) * PAGE_SIZE + p % PAGE_SIZE;
+        const bf16* kv = param<bf16>(cx, P_KV);
+        kr = ld_cg(reinterpret_cast<const uint4*>(kv + row * HEAD_DIM + dl * 8));
+        vr = ld_cg(reinterpret_cast<const uint4*>(kv + (row + KV_HEADS * PAGE_SIZE) * HEAD_DIM + dl * 8));
+    }
     for (int c = 0; c < sp.chunks; ++c) {
         wait_full(cx);
         const unsigned char* stage = ring_stage(cx, cx.stage);
@@ -147,14 +159,10 @@ __device__ void op_attn(Ctx& cx, const int* in) {
         }
         release_stage(cx);
     }
-    if (cx.warp == 0 && sp.old_hi < sp.hi) {  // the current position, written this step
-        const int p = sp.hi - 1;
-        const size_t page = param<int>(cx, P_TABLE)[b * MAX_PAGES + p / PAGE_SIZE];
-        const size_t row = ((page * LAYERS + l) * 2 * KV_HEADS + kvh) * PAGE_SIZE + p % PAGE_SIZE;
-        const bf16* kv = param<bf16>(cx, P_KV);
+    if (current) {
         float kf[8], vf[8];
-        unpack8(ld_cg(reinterpret_cast<const uint4*>(kv + row * HEAD_DIM + dl * 8)), kf);
-        unpack8(ld_cg(reinterpret_cast<const uint4*>(kv + (row + KV_HEADS * PAGE_SIZE) * HEAD_DIM + dl * 8)), vf);
+        unpack8(kr, kf);
+        unpack8(vr, vf);
         consume(kf, vf, sub == 0);
     }
     // Merge the key slots of the warp (lanes with the same dims), butterfly in a fixed order.

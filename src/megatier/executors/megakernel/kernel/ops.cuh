@@ -4,6 +4,20 @@
 
 namespace mk {
 
+// Element d of head j (kind 0 q, 1 k, 2 v) for sequence b: into q, or appended to the KV cache at the
+// sequence's position.
+__device__ __forceinline__ void store_qkv(const Ctx& cx, int l, int j, int kind, int b, int d, float v) {
+    if (kind == 0) {
+        param<float>(cx, P_Q)[b * Q_SIZE + j * HEAD_DIM + d] = v;
+        return;
+    }
+    const int kvh = j - HEADS - (kind - 1) * KV_HEADS;
+    const int p = param<int>(cx, P_POS)[b];
+    const size_t page = param<int>(cx, P_TABLE)[b * MAX_PAGES + p / PAGE_SIZE];
+    const size_t off = (((page * LAYERS + l) * 2 + (kind - 1)) * KV_HEADS + kvh) * PAGE_SIZE + p % PAGE_SIZE;
+    param<bf16>(cx, P_KV)[off * HEAD_DIM + d] = __float2bfloat16(v);
+}
+
 // Finish rows [r0, r0 + nrows) of QKV head j, buffered in head_smem in packed order: bias, q/k RMSNorm
 // (whole heads only), RoPE on the pairs (r, r + 8) of each tile, then store q or append K/V at each
 // sequence's position. Packed row r of a q/k head is dim 8 * (r / 16) + r % 16, plus head_dim/2 if r % 16
@@ -35,18 +49,7 @@ __device__ void finish_head(Ctx& cx, int l, int j, int r0, int nrows) {
         consumer_bar();
     }
     const int* pos = param<int>(cx, P_POS);
-    const int* table = param<int>(cx, P_TABLE);
-    const int kvh = kind == 0 ? 0 : j - HEADS - (kind - 1) * KV_HEADS;
-    auto store = [&](int b, int d, float v) {
-        if (kind == 0) {
-            param<float>(cx, P_Q)[b * Q_SIZE + j * HEAD_DIM + d] = v;
-        } else {
-            const int p = pos[b];
-            const size_t page = table[b * MAX_PAGES + p / PAGE_SIZE];
-            const size_t off = (((page * LAYERS + l) * 2 + (kind - 1)) * KV_HEADS + kvh) * PAGE_SIZE + p % PAGE_SIZE;
-            param<bf16>(cx, P_KV)[off * HEAD_DIM + d] = __float2bfloat16(v);
-        }
-    };
+    auto store = [&](int b, int d, float v) { store_qkv(cx, l, j, kind, b, d, v); };
     if (kind < 2) {
         const float2* rope = reinterpret_cast<const float2*>(param<float>(cx, P_ROPE));  // [position][HEAD_DIM/2]
         for (int idx = cx.tid; idx < (nrows / 2) * BATCH; idx += NCT) {
@@ -66,20 +69,47 @@ __device__ void finish_head(Ctx& cx, int l, int j, int r0, int nrows) {
     consumer_bar();
 }
 
-// 16-row tiles of the packed q|k|v matrix after one RMSNorm; heads are finished tile by tile (whole
-// heads when q/k are normed, which the schedule guarantees to be in one instruction).
+// 16-row tiles of the packed q|k|v matrix after one RMSNorm. Without q/k norms and with at most two
+// sequences, the 16 * BATCH epilogue threads are lanes of warp 0 and each RoPE pair (rows r, r ^ 8) is
+// finished right there with a shuffle; otherwise heads are finished through shared memory, tile by tile
+// (whole heads when q/k are normed, which the schedule guarantees to be in one instruction).
 __device__ void op_qkv(Ctx& cx, const int* in) {
     constexpr int TPH = HEAD_DIM / TILE;
+    constexpr bool DIRECT = !QK_NORM && BATCH <= 2;
     const int l = field(in, F_LAYER), t0 = field(in, F_A0);
     stage_norm(cx, l == 0, param<bf16>(cx, P_IN_NORM) + l * HIDDEN);
     float* y = head_smem(cx);
+    const int* pos = param<int>(cx, P_POS);
     run_tiles<false>(
-        cx, in, NoPrefetch{},
-        [&](int k, const WTile&, int row, int b, float v, float) {
-            y[(((t0 + k) % TPH) * TILE + row) * BATCH + b] = v;
+        cx, in,
+        [&](int k, const WTile&, int row, int) {
+            if (!DIRECT || !QKV_BIAS) return 0.f;
+            return bf16_to_float(param<bf16>(cx, P_QKV_BIAS)[(size_t)l * QKV_ROWS + (t0 + k) * TILE + row]);
+        },
+        [&](int k, const WTile&, int row, int b, float v, float bias) {
+            const int tile = t0 + k, lt = tile % TPH;
+            if (!DIRECT) {
+                y[(lt * TILE + row) * BATCH + b] = v;
+                return;
+            }
+            v += bias;
+            const float partner = __shfl_xor_sync(BATCH == 1 ? 0xffffu : 0xffffffffu, v, 8 * BATCH);
+            const int j = tile / TPH, kind = j < HEADS ? 0 : (j < HEADS + KV_HEADS ? 1 : 2);
+            const bool first = row < 8;
+            const int i = 8 * lt + (first ? row : row - 8);  // RoPE pair index, < HEAD_DIM / 2
+            int d = lt * TILE + row;                          // v rows are in natural order
+            if (kind < 2) {
+                const float2 cs = __ldg(reinterpret_cast<const float2*>(param<float>(cx, P_ROPE)) +
+                                        (size_t)pos[b] * (HEAD_DIM / 2) + i);
+                const float lo = first ? v : partner, hi = first ? partner : v;
+                v = first ? lo * cs.x - hi * cs.y : hi * cs.x + lo * cs.y;
+                d = first ? i : i + HEAD_DIM / 2;
+            }
+            store_qkv(cx, l, j, kind, b, d, v);
         },
         [&](int k) {
             const int tile = t0 + k, lt = tile % TPH;
+            if (DIRECT) return;
             if (!QK_NORM) finish_head(cx, l, tile / TPH, lt * TILE, TILE);
             else if (lt == TPH - 1) finish_head(cx, l, tile / TPH, 0, HEAD_DIM);
         });
