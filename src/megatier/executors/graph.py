@@ -4,6 +4,11 @@ Per layer: fused residual-add + RMSNorm, the stacked qkv matmul, RoPE fused with
 paged attention, the o matmul, residual-add + RMSNorm, the stacked gate|up matmul, SiLU*up, the down
 matmul. The residual stream stays in fp32.
 
+A decode batch of at most `gemv_max_batch` rows takes the fused GEMV path instead (kernels/gemv.py,
+gemv_qkv.py): per layer one kernel for norm + qkv + RoPE + KV append, attention, one for o + residual
+add, one for norm + gate|up + SiLU*up, one for down + residual add; then norm + LM head, whose argmax
+partials one small kernel reduces and feeds back (argmax.py). Larger decode batches keep cuBLAS.
+
 Batches that are not pure decode (prefill chunks, mixed) run eagerly, split into passes of at most
 `max_prefill_tokens` tokens so long prompts need bounded activation memory. A decode batch is padded to
 a bucket size (padding rows have length 0: they read no KV and write none) and replayed as a CUDA graph
@@ -25,6 +30,10 @@ import triton
 from megatier.config import ModelConfig, rope_inv_freq
 from megatier.executors.base import StepBatch
 from megatier.kernels import add_rms_norm, paged_decode_attention, paged_prefill_attention, rope_append, silu_mul
+from megatier.kernels.argmax import greedy_feedback
+from megatier.kernels.embed import embed_rows
+from megatier.kernels.gemv import gemv_norm_logits, gemv_norm_silu, gemv_residual_add
+from megatier.kernels.gemv_qkv import gemv_qkv_rope
 from megatier.kernels.rope import rope_cos_sin_table
 from megatier.kv.pages import KVCache, block_table_tensor, pages_for
 from megatier.weights import ModelWeights, pack_weights
@@ -39,6 +48,7 @@ class GraphExecutor:
     name = "graph"
     max_prefill_tokens = 4096  # tokens per eager pass; longer batches are chunked
     split_tokens = 256  # a decode-attention split covers at least this many KV tokens
+    gemv_max_batch = 16  # decode buckets up to this size use the fused GEMV kernels, larger ones cuBLAS
 
     def __init__(self, cfg: ModelConfig, weights: ModelWeights, *, cache: KVCache):
         self.cfg = cfg
@@ -149,29 +159,54 @@ class GraphExecutor:
 
     # ---- decode (CUDA graphs) ----------------------------------------------------------------------
 
-    def _decode_step(self, bucket: int, num_splits: int) -> torch.Tensor:
-        """One decode step over the persistent buffers' first `bucket` rows: writes KV, returns logits."""
+    def _decode_step(self, bucket: int, attn: tuple[int, int], greedy: bool = False) -> torch.Tensor | None:
+        """One decode step over the persistent buffers' first `bucket` rows: writes KV; returns logits, or
+        with `greedy` feeds the argmax back as the next step's input (all on the device) and returns
+        None. attn: (splits per sequence, keys per attention iteration)."""
         seq_lens, tables = self.seq_lens[:bucket], self.block_tables[:bucket]
-        positions = seq_lens - 1  # padding rows get -1: no KV write
+        splits, block_n = attn
 
         def attend(q: torch.Tensor, layer: int) -> torch.Tensor:
-            return paged_decode_attention(q, self.cache.kv, layer, tables, seq_lens, num_splits, self.scale)[0]
+            return paged_decode_attention(q, self.cache.kv, layer, tables, seq_lens, splits, self.scale, block_n)[0]
 
-        return self._logits(*self._layers(self.tokens[:bucket], positions, self.seq_ids[:bucket], tables, attend))
+        if bucket <= self.gemv_max_batch:
+            residual = self._gemv_layers(bucket, attend)
+            logits, parts = gemv_norm_logits(
+                residual, self.w.final_norm, self.w.lm_head, self.cfg.rms_norm_eps, logits=not greedy, argmax=greedy
+            )
+            if greedy:
+                greedy_feedback(*parts, self.tokens[:bucket], seq_lens, self.history, self.step, self.cfg.vocab_size)
+            return logits
+        positions = seq_lens - 1  # padding rows get -1: no KV write
+        logits = self._logits(*self._layers(self.tokens[:bucket], positions, self.seq_ids[:bucket], tables, attend))
+        if greedy:
+            next_tokens = logits.argmax(dim=-1)
+            self.tokens[:bucket].copy_(next_tokens)
+            self.history[:, :bucket].index_copy_(0, self.step, next_tokens[None])
+            self.step.add_(1)
+            seq_lens.add_((seq_lens > 0).to(torch.int32))
+            return None
+        return logits
 
-    def _greedy_step(self, bucket: int, num_splits: int) -> None:
-        """A decode step that feeds its argmax back as the next input, all on the device."""
-        next_tokens = self._decode_step(bucket, num_splits).argmax(dim=-1)
-        self.tokens[:bucket].copy_(next_tokens)
-        self.history[:, :bucket].index_copy_(0, self.step, next_tokens[None])
-        self.step.add_(1)
-        seq_lens = self.seq_lens[:bucket]
-        seq_lens.add_((seq_lens > 0).to(torch.int32))
+    def _gemv_layers(self, bucket: int, attend: Attend) -> torch.Tensor:
+        """Every layer of a decode step through the fused GEMV kernels; returns the final fp32 residual."""
+        cfg, w, eps = self.cfg, self.w, self.cfg.rms_norm_eps
+        seq_lens, tables = self.seq_lens[:bucket], self.block_tables[:bucket]
+        residual = embed_rows(self.tokens[:bucket], w.embed)
+        for layer in range(cfg.num_layers):
+            q = gemv_qkv_rope(
+                residual, w.input_norm[layer], w.qkv[layer], _row(w.qkv_bias, layer), seq_lens, tables,
+                self.cache.kv, layer, self.cos_sin, cfg.num_heads, _row(w.q_norm, layer), _row(w.k_norm, layer), eps,
+            )  # fmt: skip
+            gemv_residual_add(attend(q, layer).view(bucket, cfg.q_size), w.o[layer], _row(w.o_bias, layer), residual)
+            act = gemv_norm_silu(residual, w.post_norm[layer], w.gate_up[layer], _row(w.gate_up_bias, layer), eps)
+            gemv_residual_add(act, w.down[layer], _row(w.down_bias, layer), residual)
+        return residual
 
     def _decode_logits(self, batch: StepBatch) -> torch.Tensor:
         bucket = self._load_decode_batch(batch)
-        splits = self._num_splits(bucket, max(batch.context_lens))
-        logits = self._run(("logits", bucket, splits), lambda: self._decode_step(bucket, splits), bucket, splits)
+        attn = self._attention_shape(bucket, max(batch.context_lens))
+        logits = self._run(("logits", bucket, attn), lambda: self._decode_step(bucket, attn))
         return logits[: batch.num_seqs].float()
 
     @torch.inference_mode()
@@ -191,9 +226,9 @@ class GraphExecutor:
             self.history = torch.zeros((rows, BATCH_BUCKETS[-1]), dtype=torch.int64, device=self.device)
             self.graphs = {k: v for k, v in self.graphs.items() if k[0] != "greedy"}  # they wrote the old buffer
         self.step.zero_()
-        splits = self._num_splits(bucket, max(last.context_lens))
+        attn = self._attention_shape(bucket, max(last.context_lens))
         for _ in range(num_steps):
-            self._run(("greedy", bucket, splits), lambda: self._greedy_step(bucket, splits), bucket, splits)
+            self._run(("greedy", bucket, attn), lambda: self._decode_step(bucket, attn, greedy=True))
         return self.history[:num_steps, : batch.num_seqs].clone()
 
     def _load_decode_batch(self, batch: StepBatch) -> int:
@@ -216,18 +251,31 @@ class GraphExecutor:
         by_occupancy = triton.cdiv(2 * self.num_sms, batch_size * self.cfg.num_kv_heads)
         return triton.next_power_of_2(max(1, min(by_length, by_occupancy)))
 
-    def _run(self, key: tuple, step: Callable[[], torch.Tensor | None], bucket: int, splits: int):
+    def _attention_shape(self, batch_size: int, max_context: int) -> tuple[int, int]:
+        """(splits, keys per iteration) for decode attention. While there are fewer programs than SMs, a
+        program covers its split in one wide iteration (up to 256 keys): at short contexts attention time
+        is the latency of dependent loads, not bytes."""
+        splits = self._num_splits(batch_size, max_context)
+        per_split = triton.cdiv(max_context, splits)
+        if batch_size * self.cfg.num_kv_heads * splits >= self.num_sms:
+            return splits, 64
+        return splits, min(256, max(64, triton.next_power_of_2(per_split)))
+
+    def _run(self, key: tuple, step: Callable[[], torch.Tensor | None]):
         """Run `step` eagerly without CUDA; else replay its graph, captured on first use."""
         if not self.use_graphs:
             return step()
         if key not in self.graphs:
-            # Warm up outside capture (Triton compiles, cuBLAS plans) with a plain decode step: it writes
-            # the same KV the captured step will write, so running it changes nothing.
+            # Warm up outside capture (Triton compiles, cuBLAS plans) with the step itself, then restore
+            # the inputs it advanced: it wrote the same KV the captured step will write.
+            state = [buf.clone() for buf in (self.tokens, self.seq_lens, self.step)]
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
-                self._decode_step(bucket, splits)
+                step()
             torch.cuda.current_stream(self.device).wait_stream(side)
+            for buf, saved in zip((self.tokens, self.seq_lens, self.step), state, strict=True):
+                buf.copy_(saved)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.graph_pool):
                 out = step()
