@@ -58,6 +58,7 @@ def main() -> None:
     compiled: set = set()
     compile_instead_of_launch(compiled)
 
+    import megatier.executors.graph  # every kernel module, before tests/conftest sets TRITON_INTERPRET
     import megatier.kernels.pdl
 
     megatier.kernels.pdl.use_pdl = lambda device: True

@@ -95,6 +95,15 @@ def test_mixed_batches_match_reference(case, chunks_and_splits):
     assert rel_err(ours, theirs) < 1e-4
 
 
+def test_cublas_decode_path_matches_reference():
+    """Decode batches above gemv_max_batch take cuBLAS and the separate norm/RoPE/SiLU kernels."""
+    cfg = tiny_config("llama-llama3rope-tied-bias")
+    graph, ref = executors(cfg, dummy_weights(cfg, 0, torch.float32, DEVICE), torch.float32)
+    graph.gemv_max_batch = 0
+    theirs, ours = run_mixed_script([ref, graph], cfg.vocab_size, shuffled_tables(24, [5, 4, 4], seed=1))
+    assert rel_err(ours, theirs) < 1e-4
+
+
 def test_splits_and_prefill_passes_are_exercised():
     """The chunks_and_splits variant above must really use several splits and passes."""
     cfg = tiny_config("llama-mqa-untied")
@@ -104,31 +113,33 @@ def test_splits_and_prefill_passes_are_exercised():
     assert GraphExecutor._num_splits(graph, 1, 100) <= 2 * graph.num_sms
 
 
-def test_decode_greedy_matches_reference_greedy():
+@pytest.mark.parametrize("num_seqs", [3, 1])  # the fused GEMV kernels' dot path and FMA path
+def test_decode_greedy_matches_reference_greedy(num_seqs):
     cfg = tiny_config("llama-mqa-untied")
     graph, ref = executors(cfg, dummy_weights(cfg, 3, torch.float32, DEVICE), torch.float32, num_pages=32)
     graph.split_tokens = 8
-    tables = shuffled_tables(32, [6, 5, 6], seed=2)
+    tables = shuffled_tables(32, [6, 5, 6][:num_seqs], seed=2)
     gen = torch.Generator().manual_seed(8)
-    prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=gen).tolist() for n in (9, 3, 12)]
-    prefill = StepBatch([t for p in prompts for t in p], [0, 0, 0], [len(p) for p in prompts], tables)
+    prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=gen).tolist() for n in (9, 3, 12)[:num_seqs]]
+    ones = [1] * num_seqs
+    prefill = StepBatch([t for p in prompts for t in p], [0] * num_seqs, [len(p) for p in prompts], tables)
     first = [int(r.argmax()) for r in ref.forward(prefill)]
     graph.forward(prefill)
     starts = [len(p) for p in prompts]
     num_steps = 8
 
-    tokens = graph.decode_greedy(StepBatch(first, starts, [1, 1, 1], tables), num_steps)
+    tokens = graph.decode_greedy(StepBatch(first, starts, ones, tables), num_steps)
 
     expected, feed = [], first
     for step in range(num_steps):
-        logits = ref.forward(StepBatch(feed, [s + step for s in starts], [1, 1, 1], tables))
+        logits = ref.forward(StepBatch(feed, [s + step for s in starts], ones, tables))
         feed = [int(r.argmax()) for r in logits]
         expected.append(feed)
-    assert tokens.dtype == torch.int64 and tokens.shape == (num_steps, 3)
+    assert tokens.dtype == torch.int64 and tokens.shape == (num_steps, num_seqs)
     assert tokens.tolist() == expected
     assert len({t for row in expected for t in row}) > 3  # the untied model does not just repeat a token
     # The KV that the greedy steps wrote is what the reference wrote: one more step agrees.
-    after = StepBatch(feed, [s + num_steps for s in starts], [1, 1, 1], tables)
+    after = StepBatch(feed, [s + num_steps for s in starts], ones, tables)
     assert rel_err(graph.forward(after), ref.forward(after)) < 1e-4
 
 
