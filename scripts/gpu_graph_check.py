@@ -127,6 +127,7 @@ def main() -> None:
     parser.add_argument("--skip-tests", action="store_true")
     parser.add_argument("--steps", type=int, default=128)
     parser.add_argument("--test-timeout", type=int, default=240)
+    parser.add_argument("--retry-without-pdl", action="store_true", help="rerun failing tests with PDL off")
     parser.add_argument("--sweep-s", type=float, default=90.0, help="seconds for trying GEMV configurations")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
@@ -137,7 +138,7 @@ def main() -> None:
     tests = "skipped"
     if not args.skip_tests:
         rc, tests = run_tests(args.test_timeout, "1")
-        if rc != 0:  # is programmatic dependent launch to blame?
+        if rc != 0 and args.retry_without_pdl:  # is programmatic dependent launch to blame?
             tests += "\n  " + run_tests(args.test_timeout, "0")[1]
 
     cfg = config_from_hf(json.loads((files("megatier") / "configs/llama-3.2-1b.json").read_text()))
