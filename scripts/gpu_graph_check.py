@@ -47,7 +47,7 @@ def run_tests(timeout_s: int, pdl_env: str) -> tuple[int, str]:
     try:
         import xdist  # noqa: F401
 
-        cmd += ["-n", "6"]
+        cmd += ["-n", "4"]
     except ImportError:
         pass
     t0 = time.perf_counter()
