@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from megatier.config import ModelConfig
 from megatier.executors.megakernel.isa import TILE, Instr, Op
-from megatier.executors.megakernel.layout import StepBuffers
+from megatier.executors.megakernel.layout import Dims, StepBuffers
 from megatier.executors.megakernel.schedule import Program
 from megatier.kv.pages import KVCache
 from megatier.weights import PackedWeights
@@ -144,7 +144,7 @@ class Interpreter:
                 done = []
         self._signal(bufs, instr.signal)
 
-    def _finish_head(self, d, layer: int, j: int, y: torch.Tensor, dims: list[int], bufs: StepBuffers) -> None:
+    def _finish_head(self, d: Dims, layer: int, j: int, y: torch.Tensor, dims: list[int], bufs: StepBuffers) -> None:
         kind = 0 if j < d.heads else (1 if j < d.heads + d.kv_heads else 2)
         y = y.clone()
         if kind < 2 and d.qk_norm:
@@ -190,7 +190,7 @@ class Interpreter:
             self._signal(bufs, (instr.done, 1))
 
     @staticmethod
-    def _merge(d, b: int, kvh: int, nsplit: int, bufs: StepBuffers) -> None:
+    def _merge(d: Dims, b: int, kvh: int, nsplit: int, bufs: StepBuffers) -> None:
         m, lsum = bufs.part_ml[b, kvh, :nsplit, :, 0], bufs.part_ml[b, kvh, :nsplit, :, 1]  # [S, G]
         big = m.max(0).values
         scale = torch.where(m == float("-inf"), torch.zeros_like(m), torch.exp2(m - big))
