@@ -153,7 +153,10 @@ def dummy_weights(cfg: ModelConfig, seed: int, dtype: torch.dtype, device: torch
     """Seeded random weights with a sane scale (never zeros), generated on `device` for speed.
 
     Matrices are N(0, 1/sqrt(fan_in)) so activations neither vanish nor explode through many layers;
-    norms are around 1 and biases small, so every term of the forward pass matters.
+    norms are around 1 and biases small, so every term of the forward pass matters. Embeddings and the LM
+    head are N(0, 0.1): small enough that the layers, not the input embedding, dominate the last hidden
+    state (with tied embeddings a larger scale makes the model repeat its input token forever), large
+    enough that logits spread over a few units, so greedy choices have real margins and real variety.
     """
     gen = torch.Generator(device=device).manual_seed(seed)
     out: dict[str, torch.Tensor] = {}
@@ -163,8 +166,8 @@ def dummy_weights(cfg: ModelConfig, seed: int, dtype: torch.dtype, device: torch
             t.uniform_(0.8, 1.2, generator=gen)
         elif name.endswith(".bias"):
             t.normal_(0.0, 0.02, generator=gen)
-        elif name == "model.embed_tokens.weight":
-            t.normal_(0.0, 1.0, generator=gen)
+        elif name in ("model.embed_tokens.weight", "lm_head.weight"):
+            t.normal_(0.0, 0.1, generator=gen)
         else:
             t.normal_(0.0, shape[1] ** -0.5, generator=gen)
         out[name] = t.to(dtype)
