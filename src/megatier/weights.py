@@ -200,3 +200,8 @@ def pack_weights(w: ModelWeights, device: torch.device | str, dtype: torch.dtype
         q_norm=stack(lambda layer: layer.q_norm),
         k_norm=stack(lambda layer: layer.k_norm),
     )
+
+
+def at_layer(stacked: torch.Tensor | None, layer: int) -> torch.Tensor | None:
+    """One layer's slice of an optional stacked PackedWeights tensor (None stays None)."""
+    return None if stacked is None else stacked[layer]

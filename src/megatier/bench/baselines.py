@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from megatier.config import ModelConfig, rope_inv_freq
 from megatier.executors.reference import apply_rope, rms_norm, rope_cos_sin
-from megatier.weights import ModelWeights, pack_weights
+from megatier.weights import ModelWeights, at_layer, pack_weights
 
 
 def hf_model(model_path: Path, weights: ModelWeights, device: torch.device, dtype: torch.dtype):
@@ -94,7 +94,7 @@ class TorchGraphDecoder:
         mask = (torch.arange(self.max_len, device=x.device) <= self.pos)[None, None, None, :]
         for layer in range(cfg.num_layers):
             h = rms_norm(x, w.input_norm[layer], eps)
-            qkv = F.linear(h, w.qkv[layer], None if w.qkv_bias is None else w.qkv_bias[layer])
+            qkv = F.linear(h, w.qkv[layer], at_layer(w.qkv_bias, layer))
             q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
             q = q.view(self.batch, cfg.num_heads, cfg.head_dim)
             k = k.view(self.batch, cfg.num_kv_heads, cfg.head_dim)
@@ -106,15 +106,16 @@ class TorchGraphDecoder:
             attn = F.scaled_dot_product_attention(
                 q[:, :, None], self.k_cache[layer], self.v_cache[layer], attn_mask=mask, enable_gqa=True
             )
-            x = x + F.linear(attn.reshape(self.batch, q_size), w.o[layer])
+            x = x + F.linear(attn.reshape(self.batch, q_size), w.o[layer], at_layer(w.o_bias, layer))
             h = rms_norm(x, w.post_norm[layer], eps)
-            gate, up = F.linear(h, w.gate_up[layer]).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, w.down[layer])
+            gate, up = F.linear(h, w.gate_up[layer], at_layer(w.gate_up_bias, layer)).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, w.down[layer], at_layer(w.down_bias, layer))
         logits = F.linear(rms_norm(x, w.final_norm, eps), w.lm_head)
         self.tokens.copy_(logits.argmax(-1))
         self.pos.add_(1)
 
     def capture(self) -> None:
+        """Record one step in a CUDA graph; each replay then decodes one more token."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         pos = self.pos.clone()
