@@ -137,7 +137,7 @@ def test_decode_greedy_matches_reference_greedy(num_seqs):
         expected.append(feed)
     assert tokens.dtype == torch.int64 and tokens.shape == (num_steps, num_seqs)
     assert tokens.tolist() == expected
-    assert len({t for row in expected for t in row}) > 3  # the untied model does not just repeat a token
+    assert len({t for row in expected for t in row}) > 2  # the model does not just repeat a token
     # The KV that the greedy steps wrote is what the reference wrote: one more step agrees.
     after = StepBatch(feed, [s + num_steps for s in starts], ones, tables)
     assert rel_err(graph.forward(after), ref.forward(after)) < 1e-4
