@@ -19,21 +19,40 @@ log = logging.getLogger(__name__)
 BACKENDS = {
     "reference": "megatier.executors.reference:ReferenceExecutor",
     "graph": "megatier.executors.graph:GraphExecutor",
+    "megakernel": "megatier.executors.megakernel.runner:MegakernelExecutor",
 }
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
+    """Check a backend name against the device; "auto" stays "auto" (decided once the model is known)."""
     if backend != "auto" and backend not in BACKENDS:
         raise MegatierError(f"unknown backend {backend!r}; choose auto or one of {', '.join(BACKENDS)}")
-    if backend == "auto":
-        return "graph" if device.type == "cuda" else "reference"
-    if backend != "reference" and device.type != "cuda":
+    if backend not in ("auto", "reference") and device.type != "cuda":
         raise MegatierError(f"backend {backend!r} needs a CUDA device; use backend='reference' on {device.type}")
     return backend
 
 
+def choose_backend(backend: str, cfg: ModelConfig, cache: KVCache) -> str:
+    """auto: the megakernel where it runs (Hopper, bfloat16, a supported shape; it hands prefill and
+    large decode batches to graph itself), else graph on CUDA, else the reference."""
+    device = cache.kv.device
+    backend = resolve_backend(backend, device)
+    if backend != "auto":
+        return backend
+    if device.type != "cuda":
+        return "reference"
+    from megatier.executors.megakernel.runner import check_device
+
+    try:
+        check_device(cfg, cache.kv.dtype, device)
+    except MegatierError as e:
+        log.info("backend: graph (%s)", e)
+        return "graph"
+    return "megakernel"
+
+
 def create_executor(backend: str, cfg: ModelConfig, weights: ModelWeights, cache: KVCache) -> Executor:
-    name = resolve_backend(backend, cache.kv.device)
+    name = choose_backend(backend, cfg, cache)
     module, cls = BACKENDS[name].split(":")
     log.info("backend: %s", name)
     return getattr(importlib.import_module(module), cls)(cfg, weights, cache=cache)

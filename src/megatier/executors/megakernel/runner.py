@@ -1,8 +1,8 @@
 """MegakernelExecutor: decode steps as one cooperative launch each, many steps per CUDA graph.
 
 Construct as `MegakernelExecutor(cfg, weights, cache=cache)`. `forward(batch)` runs one decode step and
-returns fp32 logits; prefill (or any batch with more than one new token per sequence) goes to the
-prefill executor, which shares the KV cache. `decode_greedy(batch, num_steps)` runs num_steps steps on
+returns fp32 logits; prefill (any batch with more than one new token per sequence) and decode batches
+larger than MAX_BATCH go to a GraphExecutor that shares the KV cache and the packed weights. `decode_greedy(batch, num_steps)` runs num_steps steps on
 the device with the greedy token fed back by the kernel itself, replaying a CUDA graph of `check_every`
 launches; the host looks at the tokens (stop ids) only between graph replays.
 """
@@ -18,12 +18,12 @@ import torch
 from megatier.config import ModelConfig
 from megatier.errors import MegatierError
 from megatier.executors.base import StepBatch
+from megatier.executors.graph import GraphExecutor
 from megatier.executors.megakernel.build import MAX_BATCH, PARAMS, KernelConfig, check_supported, compile_cubin
 from megatier.executors.megakernel.layout import MAX_SPLITS, Dims, StepBuffers, choose_splits, rope_table
 from megatier.executors.megakernel.schedule import Program, build_program, validate
-from megatier.executors.reference import ReferenceExecutor
 from megatier.kv.pages import KVCache
-from megatier.weights import ModelWeights, pack_weights
+from megatier.weights import ModelWeights
 
 DIAG_KINDS = {1: "a counter wait timed out", 2: "a weight chunk never arrived", 3: "the ring never drained"}
 
@@ -71,27 +71,22 @@ class MegakernelExecutor:
         self.cfg, self.cache = cfg, cache
         self.device = cache.kv.device
         self.page_size, self.num_pages = cache.page_size, cache.num_pages
-        if self.device.type != "cuda":
-            raise MegatierError("megakernel: needs a CUDA device (the KV cache is on the CPU)")
-        if cache.kv.dtype != torch.bfloat16:
-            raise MegatierError(f"megakernel: needs a bfloat16 KV cache, got {cache.kv.dtype}")
-        major, minor = torch.cuda.get_device_capability(self.device)
-        if (major, minor) != (9, 0):
-            raise MegatierError(f"megakernel: needs a Hopper GPU (sm_90), got sm_{major}{minor}")
-        check_supported(cfg, 1)
+        check_device(cfg, cache.kv.dtype, self.device)
         available = torch.cuda.get_device_properties(self.device).multi_processor_count
         self.num_sms = num_sms or available
         if not 1 <= self.num_sms <= available:
             raise MegatierError(f"megakernel: num_sms must be 1..{available}, got {num_sms}")
         self.strategy, self.seed, self.timeline, self.validate_programs = strategy, seed, timeline, validate_programs
         self.chunk_columns = chunk_columns
-        self.w = pack_weights(weights, self.device, torch.bfloat16)
+        self.fallback = GraphExecutor(cfg, weights, cache=cache)
         perm = torch.tensor(Dims.of(cfg, 1, 1, self.page_size, self.num_pages).qkv_permutation(), device=self.device)
-        self.w.qkv = self.w.qkv[:, perm].contiguous()  # each 16-row tile holds whole RoPE pairs
-        if self.w.qkv_bias is not None:
-            self.w.qkv_bias = self.w.qkv_bias[:, perm].contiguous()
+        shared = self.fallback.w  # every weight but qkv is shared; qkv rows are reordered so that
+        self.w = replace(  # each 16-row tile holds whole RoPE pairs
+            shared,
+            qkv=shared.qkv[:, perm].contiguous(),
+            qkv_bias=None if shared.qkv_bias is None else shared.qkv_bias[:, perm].contiguous(),
+        )
         self.rope = rope_table(cfg, self.num_pages * self.page_size, self.device)
-        self.prefill = ReferenceExecutor(cfg, weights, cache=cache)  # GraphExecutor once executors/graph.py lands
         self.diag = torch.zeros(16, dtype=torch.int32, pin_memory=True)  # host memory the kernel can write
         self._variants: dict[int, _Variant] = {}
         self._graphs: dict[tuple[int, int, int], torch.cuda.CUDAGraph | None] = {}
@@ -101,16 +96,12 @@ class MegakernelExecutor:
 
     @torch.inference_mode()
     def forward(self, batch: StepBatch) -> torch.Tensor:
-        if not batch.is_decode():
-            return self.prefill.forward(batch)
-        outs = []
-        for lo in range(0, batch.num_seqs, MAX_BATCH):
-            part = _slice(batch, lo, min(lo + MAX_BATCH, batch.num_seqs))
-            v = self._prepare(part, steps=1)
-            self._launch(v)
-            self._check(v)
-            outs.append(v.bufs.logits.clone())
-        return torch.cat(outs)
+        if not batch.is_decode() or batch.num_seqs > MAX_BATCH:
+            return self.fallback.forward(batch)
+        v = self._prepare(batch, steps=1)
+        self._launch(v)
+        self._check(v)
+        return v.bufs.logits.clone()
 
     @torch.inference_mode()
     def decode_greedy(
@@ -118,8 +109,10 @@ class MegakernelExecutor:
     ) -> torch.Tensor:
         """[steps, B] int64 greedy tokens; stops early (at a multiple of check_every) once every sequence
         has produced one of `stop_ids`. The page tables must already hold num_steps more positions."""
-        if not batch.is_decode() or batch.num_seqs > MAX_BATCH:
-            raise MegatierError(f"decode_greedy needs a decode batch of 1..{MAX_BATCH} sequences")
+        if not batch.is_decode():
+            raise MegatierError("decode_greedy needs a decode batch (one new token per sequence)")
+        if batch.num_seqs > MAX_BATCH:
+            return self.fallback.decode_greedy(batch, num_steps)
         if num_steps < 1:
             raise MegatierError(f"num_steps must be >= 1, got {num_steps}")
         v = self._prepare(batch, steps=num_steps)
@@ -274,6 +267,18 @@ class MegakernelExecutor:
             )
 
 
+def check_device(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> None:
+    """Raise MegatierError naming why the megakernel cannot run this model here (None raised: it can)."""
+    if device.type != "cuda":
+        raise MegatierError(f"megakernel: needs a CUDA device, got {device.type}")
+    if dtype != torch.bfloat16:
+        raise MegatierError(f"megakernel: needs bfloat16, got {str(dtype).removeprefix('torch.')}")
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) != (9, 0):
+        raise MegatierError(f"megakernel: needs a Hopper GPU (sm_90), got sm_{major}{minor}")
+    check_supported(cfg, 1)
+
+
 def _load_kernel(cubin: bytes, kc: KernelConfig, device: torch.device):
     from cuda.bindings import driver
     from cuda.core import Device, ObjectCode
@@ -285,13 +290,3 @@ def _load_kernel(cubin: bytes, kc: KernelConfig, device: torch.device):
     if err != driver.CUresult.CUDA_SUCCESS:
         raise MegatierError(f"megakernel: cannot reserve {kc.layout['SMEM_BYTES']} B of shared memory ({err})")
     return kernel
-
-
-def _slice(batch: StepBatch, lo: int, hi: int) -> StepBatch:
-    return replace(
-        batch,
-        token_ids=batch.token_ids[lo:hi],
-        starts=batch.starts[lo:hi],
-        query_lens=batch.query_lens[lo:hi],
-        page_tables=batch.page_tables[lo:hi],
-    )
