@@ -3,8 +3,9 @@
 The Triton interpreter that runs our kernels on CPU accepts code the real compiler rejects (a variable
 whose shape differs between the branches of a runtime `if`, for one), so a kernel can pass every CPU
 test and still fail to build on the GPU. This drives the executor through every architecture, dtype and
-code path (prefill, chunked prefill, decode with and without splits, greedy decode) with launches
-replaced by compiles for an sm_90 target, PDL on. Outputs are garbage, only compilation is checked.
+code path (prefill, chunked prefill, decode with and without splits, cuBLAS and fused GEMV decode,
+greedy decode) with launches replaced by compiles for an sm_90 target, PDL on. Outputs are garbage,
+only compilation is checked.
 
     python scripts/compile_kernels_sm90.py        (TRITON_INTERPRET must be unset; CPU only)
 
@@ -79,12 +80,15 @@ def main() -> None:
         for case in sorted(ARCH_CASES):
             cfg = tiny_config(case)
             tables = shuffled_tables(24, [5, 4, 4], seed=1)
-            for split_tokens in (256, 4):  # decode with one split (no merge) and with several
+            # Decode with one split (no merge) and several; batches of several rows through cuBLAS, then
+            # through the fused GEMV kernels; single rows always fused.
+            for split_tokens, max_fused_batch in ((256, 1), (4, 16)):
                 ex = GraphExecutor(cfg, dummy_weights(cfg, 0, dtype, device), cache=make_cache(cfg, dtype, 24, 4))
-                ex.split_tokens = split_tokens
+                ex.split_tokens, ex.gemv_max_batch = split_tokens, max_fused_batch
                 for batch, _ in mixed_script(cfg.vocab_size, tables, lambda i: i + 1):
                     ex.forward(batch)
                 ex.decode_greedy(StepBatch([1, 2, 3], [13, 6, 10], [1, 1, 1], tables), 2)
+                ex.decode_greedy(StepBatch([4], [15], [1], tables[:1]), 2)
         merge_attention_states(torch.randn(1, 3, 64, dtype=dtype), torch.randn(1, 3))
     if not all(pdl for _, _, pdl in compiled):
         sys.exit("some kernels were compiled without PDL: the use_pdl override missed a module")

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 from gemv_sweep import sweep
+from gpu_decode_diag import diagnose, variant_settings
 
 from megatier.bench.common import copy_bandwidth, device_name, git_commit
 from megatier.config import config_from_hf
@@ -135,20 +136,28 @@ def main() -> None:
     import triton
 
     print(f"{device_name(device)}, torch {torch.__version__}, triton {triton.__version__}, commit {git_commit()}")
+    cfg = config_from_hf(json.loads((files("megatier") / "configs/llama-3.2-1b.json").read_text()))
+    weights = dummy_weights(cfg, 0, torch.bfloat16, device)
+    print("decode correctness at the Llama-3.2-1B shape (rel. error vs fp32):", flush=True)
+    diagnosis, fused_variant = diagnose(cfg, weights)
+    # Time the first fused variant that is correct (graphs are needed for timing: eager counts as plain).
+    timed_variant = "fused" if fused_variant in (None, "fused eager") else fused_variant
+    print(f"correct fused variant: {fused_variant}; timing: {timed_variant}", flush=True)
+    torch.cuda.empty_cache()
+
     tests = "skipped"
     if not args.skip_tests:
         rc, tests = run_tests(args.test_timeout, "1")
         if rc != 0 and args.retry_without_pdl:  # is programmatic dependent launch to blame?
             tests += "\n  " + run_tests(args.test_timeout, "0")[1]
 
-    cfg = config_from_hf(json.loads((files("megatier") / "configs/llama-3.2-1b.json").read_text()))
-    weights = dummy_weights(cfg, 0, torch.bfloat16, device)
     weight_bytes = weights.numel() * 2  # bf16
     bandwidth = copy_bandwidth(device)
     print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s; GEMV sweep (budget {args.sweep_s:.0f} s):", flush=True)
     try:
-        sweep_ex = GraphExecutor(cfg, weights, cache=KVCache.allocate(cfg, 64, 16, torch.bfloat16, device))
-        sweep_rows = sweep(sweep_ex, (1, 8), args.sweep_s)
+        with variant_settings(timed_variant):
+            sweep_ex = GraphExecutor(cfg, weights, cache=KVCache.allocate(cfg, 64, 16, torch.bfloat16, device))
+            sweep_rows = sweep(sweep_ex, (1, 8), args.sweep_s)
         del sweep_ex
     except Exception as e:  # report and go on with the defaults
         print(f"sweep FAILED {type(e).__name__}: {e}", flush=True)
@@ -158,10 +167,16 @@ def main() -> None:
     results, profiles = [], {}
     runs = [(b, p, arm, True) for b, p in CASES for arm in ARMS] + [(1, 32, "gemv", False)]
     for batch_size, prompt_len, arm, use_pdl in runs:
-        pdl.enabled = use_pdl
+        variant = timed_variant if arm == "gemv" else "cublas"
         label = f"B={batch_size} ctx={prompt_len}+{args.steps} {arm}" + ("" if use_pdl else " pdl=off")
+        if arm == "gemv" and timed_variant != "fused":
+            label += f" [{timed_variant}]"
+        if arm == "gemv" and fused_variant is None:
+            label += " INCORRECT"
         try:
-            r = time_greedy(cfg, weights, batch_size, prompt_len, args.steps, ARMS[arm])
+            with variant_settings(variant):
+                pdl.enabled = pdl.enabled and use_pdl
+                r = time_greedy(cfg, weights, batch_size, prompt_len, args.steps, ARMS[arm])
         except Exception as e:  # report and go on: one broken case must not hide the others
             print(f"{label}: FAILED {type(e).__name__}: {e}", flush=True)
             results.append({"case": label, "error": f"{type(e).__name__}: {e}"})
@@ -208,6 +223,8 @@ def main() -> None:
         "gemv_tuned": {"|".join(map(str, k)): list(v) for k, v in gemv.tuned.items()},
         "profile_us_per_step": {arm: rows[:30] for arm, rows in profiles.items()},
         "tests": tests,
+        "diagnosis": diagnosis,
+        "fused_variant_correct": fused_variant,
     }
     (OUT / "gpu_graph_check.json").write_text(json.dumps(record, indent=2) + "\n")
 

@@ -95,11 +95,12 @@ def test_mixed_batches_match_reference(case, chunks_and_splits):
     assert rel_err(ours, theirs) < 1e-4
 
 
-def test_cublas_decode_path_matches_reference():
-    """Decode batches above gemv_max_batch take cuBLAS and the separate norm/RoPE/SiLU kernels."""
+def test_fused_decode_of_several_rows_matches_reference():
+    """Decode batches of several rows through the fused GEMV kernels (their tensor-core path), which the
+    default gemv_max_batch leaves to cuBLAS."""
     cfg = tiny_config("llama-llama3rope-tied-bias")
     graph, ref = executors(cfg, dummy_weights(cfg, 0, torch.float32, DEVICE), torch.float32)
-    graph.gemv_max_batch = 0
+    graph.gemv_max_batch = 16
     theirs, ours = run_mixed_script([ref, graph], cfg.vocab_size, shuffled_tables(24, [5, 4, 4], seed=1))
     assert rel_err(ours, theirs) < 1e-4
 
@@ -113,7 +114,7 @@ def test_splits_and_prefill_passes_are_exercised():
     assert GraphExecutor._num_splits(graph, 1, 100) <= 2 * graph.num_sms
 
 
-@pytest.mark.parametrize("num_seqs", [3, 1])  # the fused GEMV kernels' dot path and FMA path
+@pytest.mark.parametrize("num_seqs", [3, 1])  # cuBLAS decode, and the fused GEMV kernels for one row
 def test_decode_greedy_matches_reference_greedy(num_seqs):
     cfg = tiny_config("llama-mqa-untied")
     graph, ref = executors(cfg, dummy_weights(cfg, 3, torch.float32, DEVICE), torch.float32, num_pages=32)

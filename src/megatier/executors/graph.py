@@ -4,7 +4,8 @@ Per layer: fused residual-add + RMSNorm, the stacked qkv matmul, RoPE fused with
 paged attention, the o matmul, residual-add + RMSNorm, the stacked gate|up matmul, SiLU*up, the down
 matmul. The residual stream stays in fp32.
 
-A decode batch of at most `gemv_max_batch` rows takes the fused GEMV path instead (kernels/gemv.py,
+A decode batch of at most `gemv_max_batch` rows (measured: only single-row decode wins so far, see
+docs/PERF.md) takes the fused GEMV path instead (kernels/gemv.py,
 gemv_qkv.py): per layer one kernel for norm + qkv + RoPE + KV append, attention, one for o + residual
 add, one for norm + gate|up + SiLU*up, one for down + residual add; then norm + LM head, whose argmax
 partials one small kernel reduces and feeds back (argmax.py). Larger decode batches keep cuBLAS.
@@ -48,7 +49,7 @@ class GraphExecutor:
     name = "graph"
     max_prefill_tokens = 4096  # tokens per eager pass; longer batches are chunked
     split_tokens = 256  # a decode-attention split covers at least this many KV tokens
-    gemv_max_batch = 16  # decode buckets up to this size use the fused GEMV kernels, larger ones cuBLAS
+    gemv_max_batch = 1  # decode buckets up to this size use the fused GEMV kernels, larger ones cuBLAS
 
     def __init__(self, cfg: ModelConfig, weights: ModelWeights, *, cache: KVCache):
         self.cfg = cfg

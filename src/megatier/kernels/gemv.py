@@ -31,7 +31,7 @@ import triton.language as tl
 from megatier.kernels.decode_attention import dot_options
 from megatier.kernels.pdl import use_pdl
 
-PREFETCH_BYTES = 16384  # per program: the weight bytes it asks L2 for before the PDL wait
+PREFETCH_BYTES = 16384  # per program: the weight bytes it asks L2 for before the PDL wait (0: none)
 
 
 class GemvConfig(NamedTuple):
@@ -69,7 +69,10 @@ def gemv_config(kind: str, n: int, k: int, block_m: int) -> GemvConfig:
 
 
 def prefetch_lines(rows_per_program: int, k: int, element_size: int) -> int:
-    """128-byte lines of each weight row a program prefetches: PREFETCH_BYTES in all, a power of two."""
+    """128-byte lines of each weight row a program prefetches: PREFETCH_BYTES in all, a power of two
+    (0 when PREFETCH_BYTES is 0: no prefetch)."""
+    if PREFETCH_BYTES == 0:
+        return 0
     per_row = max(1, PREFETCH_BYTES // (rows_per_program * 128))
     return min(triton.next_power_of_2(triton.cdiv(k * element_size, 128)), 1 << (per_row.bit_length() - 1))
 
@@ -194,7 +197,8 @@ def _residual_add_kernel(
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     if USE_PDL:
-        prefetch_rows(w_ptr, rows, row_mask, stride_w, K, PREFETCH_LINES)
+        if PREFETCH_LINES > 0:  # 0: no prefetch
+            prefetch_rows(w_ptr, rows, row_mask, stride_w, K, PREFETCH_LINES)
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     acc, _, _ = matvec(
@@ -237,8 +241,9 @@ def _norm_silu_kernel(
     row_mask = gate_rows < width
     up_rows = gate_rows + width
     if USE_PDL:
-        prefetch_rows(w_ptr, gate_rows, row_mask, stride_w, K, PREFETCH_LINES)
-        prefetch_rows(w_ptr, up_rows, row_mask, stride_w, K, PREFETCH_LINES)
+        if PREFETCH_LINES > 0:  # 0: no prefetch
+            prefetch_rows(w_ptr, gate_rows, row_mask, stride_w, K, PREFETCH_LINES)
+            prefetch_rows(w_ptr, up_rows, row_mask, stride_w, K, PREFETCH_LINES)
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     gate, up, sum_sq = matvec(
@@ -286,7 +291,8 @@ def _norm_logits_kernel(
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     if USE_PDL:
-        prefetch_rows(w_ptr, rows, row_mask, stride_w, K, PREFETCH_LINES)
+        if PREFETCH_LINES > 0:  # 0: no prefetch
+            prefetch_rows(w_ptr, rows, row_mask, stride_w, K, PREFETCH_LINES)
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     acc, _, sum_sq = matvec(

@@ -66,8 +66,9 @@ def _qkv_rope_kernel(
     rows_a = head * head_dim + i
     rows_b = rows_a + half
     if USE_PDL:
-        prefetch_rows(w_ptr, rows_a, i_mask, stride_w, K, PREFETCH_LINES)
-        prefetch_rows(w_ptr, rows_b, i_mask, stride_w, K, PREFETCH_LINES)
+        if PREFETCH_LINES > 0:  # 0: no prefetch
+            prefetch_rows(w_ptr, rows_a, i_mask, stride_w, K, PREFETCH_LINES)
+            prefetch_rows(w_ptr, rows_b, i_mask, stride_w, K, PREFETCH_LINES)
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     y1, y2, sum_sq = matvec(
