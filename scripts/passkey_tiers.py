@@ -80,9 +80,13 @@ def run(args: argparse.Namespace) -> dict:
         row["dense_equals_all_hbm"] = row["dense"]["tokens"] == row["all-hbm"]["tokens"]
         print(json.dumps({k: v for k, v in row.items()}, default=str), flush=True)
         results.append(row)
+    if args.locality_tokens:
+        summary_locality = locality(args, kv_token)
     summary = {name: sum(r[name]["found"] for r in results) / len(results) for name in ("all-hbm", "dense", "sparse")}
     summary["dense_equals_all_hbm"] = all(r["dense_equals_all_hbm"] for r in results)
     summary["sparse_hbm_hit_rate_mean"] = sum(r["sparse"]["hbm_hit_rate"] for r in results) / len(results)
+    if args.locality_tokens:
+        summary["locality"] = summary_locality
     return {
         "model": "SmolLM2-135M-Instruct (embedded GGUF, Q4_1)",
         "budget": args.budget,
@@ -92,11 +96,47 @@ def run(args: argparse.Namespace) -> dict:
     }
 
 
+def locality(args: argparse.Namespace, kv_token: int) -> dict:
+    """HBM hit rate of selected pages, step by step, over a longer sparse generation (migration settles)."""
+    context = max(args.contexts)
+    gib, page_gib = context * kv_token / 2**30, 16 * kv_token / 2**30
+    llm = LLM(
+        device="cpu",
+        max_num_batched_tokens=128,
+        max_model_len=context + args.locality_tokens + 64,
+        kv_hbm=max(gib / 8, 24 * page_gib),
+        kv_dram=gib + 0.01,
+        kv_mode="sparse",
+        kv_sparse_budget=args.budget,
+    )
+    prompt = make_prompt(llm, context, 0.5, 12345)
+    engine, stats = llm.engine, llm.engine.executor.stats
+    engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=args.locality_tokens, ignore_eos=True))
+    curve = []
+    while engine.has_unfinished():
+        before = (stats.hbm_hits, stats.selected_pages)
+        engine.step()
+        selected = stats.selected_pages - before[1]
+        if selected:
+            curve.append((stats.hbm_hits - before[0]) / selected)
+    half = curve[len(curve) // 2 :]
+    return {
+        "context": len(prompt),
+        "decode_steps": len(curve),
+        "hbm_pages": llm.engine.executor.tiers.capacity(0),
+        "context_pages": -(-len(prompt) // 16),
+        "hit_rate_all_steps": sum(curve) / len(curve),
+        "hit_rate_second_half": sum(half) / len(half),
+        "hit_rate_per_step": [round(h, 3) for h in curve],
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--contexts", type=int, nargs="+", default=[2048, 4096])
     p.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
     p.add_argument("--budget", type=float, default=0.125)
+    p.add_argument("--locality-tokens", type=int, default=0, help="also measure the hit rate over this many tokens")
     p.add_argument("--json")
     args = p.parse_args()
     out = run(args)
