@@ -105,6 +105,21 @@ def test_fused_decode_of_several_rows_matches_reference():
     assert rel_err(ours, theirs) < 1e-4
 
 
+@pytest.mark.parametrize("gemv_max_batch", [1, 0])  # fused and cuBLAS decode
+def test_decode_logits_survive_later_steps(gemv_max_batch):
+    """Logits a decode step returned stay as they were after the next step of the same bucket (a graph
+    replay reuses its output buffer)."""
+    cfg = tiny_config("llama-mqa-untied")
+    graph, _ = executors(cfg, dummy_weights(cfg, 0, torch.float32, DEVICE), torch.float32)
+    graph.gemv_max_batch = gemv_max_batch
+    tables = shuffled_tables(24, [5], seed=4)
+    graph.forward(StepBatch([5, 6, 7], [0], [3], tables))
+    first = graph.forward(StepBatch([8], [3], [1], tables))
+    kept = first.clone()
+    graph.forward(StepBatch([9], [4], [1], tables))
+    assert torch.equal(first, kept)
+
+
 def test_splits_and_prefill_passes_are_exercised():
     """The chunks_and_splits variant above must really use several splits and passes."""
     cfg = tiny_config("llama-mqa-untied")
@@ -186,9 +201,31 @@ def llama_executor(cls, weights, dtype, num_pages=128, page_size=16):
     return cls(LLAMA_1B, weights, cache=cache)
 
 
+def assert_greedy_under_fp32(cfg, weights, device, tokens, prefill: StepBatch, num_pages: int, page_size: int):
+    """tokens [steps][seqs] came from greedy decoding after `prefill`. Feeding the same tokens to the fp32
+    and bf16 references, each chosen token's fp32 logit must be within the step's bf16 noise (twice the
+    largest |bf16 - fp32| logit difference) of the fp32 maximum: exact equality with either reference
+    would fail on near-ties that rounding decides."""
+    refs = []
+    for dtype in (torch.float32, torch.bfloat16):
+        cache = KVCache.allocate(cfg, num_pages, page_size, dtype, device)
+        cache.kv.fill_(float("nan"))
+        refs.append(ReferenceExecutor(cfg, weights, cache=cache))
+    lens, ones = prefill.query_lens, [1] * prefill.num_seqs
+    steps = [prefill] + [
+        StepBatch(tokens[s - 1], [n + s - 1 for n in lens], ones, prefill.page_tables) for s in range(1, len(tokens))
+    ]
+    for step, batch in enumerate(steps):
+        exact, plain = (ref.forward(batch) for ref in refs)
+        slack = 2 * (plain - exact).abs().amax(-1)
+        chosen = exact.gather(-1, torch.tensor(tokens[step], device=exact.device)[:, None])[:, 0]
+        assert (chosen >= exact.amax(-1) - slack).all(), (step, (exact.amax(-1) - chosen).tolist(), slack.tolist())
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("prompt_lens", [[32], [5, 17, 32, 64, 3, 48, 100, 9]])
-def test_llama_1b_greedy_tokens_equal_bf16_reference(llama_1b, prompt_lens):
+def test_llama_1b_greedy_tokens_are_greedy_under_fp32(llama_1b, prompt_lens):
+    """128 greedy steps on the device (fused GEMV decode for one row, cuBLAS for eight)."""
     num_steps = 128
     gen = torch.Generator().manual_seed(11)
     prompts = [torch.randint(0, LLAMA_1B.vocab_size, (n,), generator=gen).tolist() for n in prompt_lens]
@@ -200,14 +237,8 @@ def test_llama_1b_greedy_tokens_equal_bf16_reference(llama_1b, prompt_lens):
     first = [int(r.argmax()) for r in graph.forward(prefill)]
     ours = [first, *graph.decode_greedy(StepBatch(first, prompt_lens, ones, tables), num_steps - 1).tolist()]
     del graph
-
-    ref = llama_executor(ReferenceExecutor, llama_1b, torch.bfloat16)
-    feed = [int(r.argmax()) for r in ref.forward(prefill)]
-    theirs = [feed]
-    for step in range(num_steps - 1):
-        feed = [int(r.argmax()) for r in ref.forward(StepBatch(feed, [n + step for n in prompt_lens], ones, tables))]
-        theirs.append(feed)
-    assert ours == theirs
+    assert len({t for row in ours for t in row}) > 3  # the model does not just repeat a token
+    assert_greedy_under_fp32(LLAMA_1B, llama_1b, torch.device("cuda"), ours, prefill, 128, 16)
 
 
 @pytest.mark.gpu

@@ -160,15 +160,13 @@ class GraphExecutor:
 
     # ---- decode (CUDA graphs) ----------------------------------------------------------------------
 
-    def _decode_step(self, bucket: int, attn: tuple[int, int], greedy: bool = False) -> torch.Tensor | None:
+    def _decode_step(self, bucket: int, num_splits: int, greedy: bool = False) -> torch.Tensor | None:
         """One decode step over the persistent buffers' first `bucket` rows: writes KV; returns logits, or
-        with `greedy` feeds the argmax back as the next step's input (all on the device) and returns
-        None. attn: (splits per sequence, keys per attention iteration)."""
+        with `greedy` feeds the argmax back as the next step's input (all on the device) and returns None."""
         seq_lens, tables = self.seq_lens[:bucket], self.block_tables[:bucket]
-        splits, block_n = attn
 
         def attend(q: torch.Tensor, layer: int) -> torch.Tensor:
-            return paged_decode_attention(q, self.cache.kv, layer, tables, seq_lens, splits, self.scale, block_n)[0]
+            return paged_decode_attention(q, self.cache.kv, layer, tables, seq_lens, num_splits, self.scale)[0]
 
         if bucket <= self.gemv_max_batch:
             residual = self._gemv_layers(bucket, attend)
@@ -206,9 +204,9 @@ class GraphExecutor:
 
     def _decode_logits(self, batch: StepBatch) -> torch.Tensor:
         bucket = self._load_decode_batch(batch)
-        attn = self._attention_shape(bucket, max(batch.context_lens))
-        logits = self._run(("logits", bucket, attn), lambda: self._decode_step(bucket, attn))
-        return logits[: batch.num_seqs].float()
+        splits = self._num_splits(bucket, max(batch.context_lens))
+        logits = self._run(("logits", bucket, splits), lambda: self._decode_step(bucket, splits))
+        return logits[: batch.num_seqs].to(torch.float32, copy=True)  # the next replay overwrites `logits`
 
     @torch.inference_mode()
     def decode_greedy(self, batch: StepBatch, num_steps: int) -> torch.Tensor:
@@ -227,9 +225,9 @@ class GraphExecutor:
             self.history = torch.zeros((rows, BATCH_BUCKETS[-1]), dtype=torch.int64, device=self.device)
             self.graphs = {k: v for k, v in self.graphs.items() if k[0] != "greedy"}  # they wrote the old buffer
         self.step.zero_()
-        attn = self._attention_shape(bucket, max(last.context_lens))
+        splits = self._num_splits(bucket, max(last.context_lens))
         for _ in range(num_steps):
-            self._run(("greedy", bucket, attn), lambda: self._decode_step(bucket, attn, greedy=True))
+            self._run(("greedy", bucket, splits), lambda: self._decode_step(bucket, splits, greedy=True))
         return self.history[:num_steps, : batch.num_seqs].clone()
 
     def _load_decode_batch(self, batch: StepBatch) -> int:
@@ -251,16 +249,6 @@ class GraphExecutor:
         by_length = triton.cdiv(max_context, self.split_tokens)
         by_occupancy = triton.cdiv(2 * self.num_sms, batch_size * self.cfg.num_kv_heads)
         return triton.next_power_of_2(max(1, min(by_length, by_occupancy)))
-
-    def _attention_shape(self, batch_size: int, max_context: int) -> tuple[int, int]:
-        """(splits, keys per iteration) for decode attention. While there are fewer programs than SMs, a
-        program covers its split in one wide iteration (up to 256 keys): at short contexts attention time
-        is the latency of dependent loads, not bytes."""
-        splits = self._num_splits(batch_size, max_context)
-        per_split = triton.cdiv(max_context, splits)
-        if batch_size * self.cfg.num_kv_heads * splits >= self.num_sms:
-            return splits, 64
-        return splits, min(256, max(64, triton.next_power_of_2(per_split)))
 
     def _run(self, key: tuple, step: Callable[[], torch.Tensor | None]):
         """Run `step` eagerly without CUDA; else replay its graph, captured on first use."""

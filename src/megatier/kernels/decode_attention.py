@@ -122,12 +122,9 @@ def paged_decode_attention(
     seq_lens: torch.Tensor,
     num_splits: int,
     scale: float,
-    block_n: int = 64,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q [B, H, D] over the pages of each sequence in layer `layer` of the KV cache
     kv [pages, layers, 2, kv_heads, page_size, D]; block_tables [B, max_pages] and seq_lens [B] int32.
-    A program takes `block_n` keys per iteration (a power of two >= 16): a split of few tokens runs
-    fastest as one wide iteration, since its time is the latency of dependent loads.
 
     Returns (out [B, H, D] in q's dtype, lse [B, H] fp32, natural log). seq_lens[b] == 0 gives out 0
     and lse -inf.
@@ -170,11 +167,11 @@ def paged_decode_attention(
         part_lse.stride(1),
         GROUP=group,
         BLOCK_G=max(16, triton.next_power_of_2(group)),
-        BLOCK_N=block_n if compiled else 16,
+        BLOCK_N=64 if compiled else 16,
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         **dot_options(q.dtype),
         USE_PDL=pdl,
-        num_warps=8 if block_n > 128 else 4,
+        num_warps=4,
         launch_pdl=pdl,
     )
     if num_splits > 1:
