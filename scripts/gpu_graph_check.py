@@ -102,7 +102,7 @@ def time_greedy(cfg, weights, batch_size: int, prompt_len: int, steps: int, gemv
         "us_min": min(per_step),
         "us_max": max(per_step),
         "kv_bytes_per_step": kv_bytes,
-        "attention": ex._attention_shape(len(batch.starts), prompt_len + steps),
+        "splits": ex._num_splits(len(batch.starts), prompt_len + steps),
         "executor": ex,
         "batch": batch,
     }
@@ -198,7 +198,7 @@ def main() -> None:
                 "us_per_step": r["us_per_step"],
                 "us_min": r["us_min"],
                 "us_max": r["us_max"],
-                "attention_splits_block": r["attention"],
+                "splits": r["splits"],
                 "floor_us": moved / bandwidth * 1e6,
                 "pct_of_copy_bw": 100 * moved / step_s / bandwidth,
                 "tokens_per_s": batch_size / step_s,
