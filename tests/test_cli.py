@@ -52,24 +52,11 @@ def test_chat_repl_keeps_history(tiny, capsys, monkeypatch):
 
 def test_bench_latency_writes_a_record(tiny, tmp_path, capsys):
     out = tmp_path / "r.json"
-    args = [
-        "bench",
-        "latency",
-        "--model",
-        str(tiny),
-        "--batch",
-        "2",
-        "--input-len",
-        "5",
-        "--output-len",
-        "6",
-        "--iters",
-        "1",
-    ]
-    assert main([*args, "--json", str(out)]) == 0
-    record = json.loads(out.read_text())
-    assert record["bench"] == "latency" and record["results"]["decode_step_us"] > 0
-    assert record["config"]["batch"] == 2 and "decode step" in capsys.readouterr().out
+    args = ["bench", "latency", "--model", str(tiny), "--batch", "1,2", "--input-len", "5", "--output-len", "6"]
+    assert main([*args, "--iters", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]["rows"]
+    assert [(r["backend"], r["batch"], r["input_len"]) for r in rows] == [("reference", 1, 5), ("reference", 2, 5)]
+    assert all(r["decode_step_us"] > 0 for r in rows) and "decode step" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

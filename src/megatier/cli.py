@@ -33,7 +33,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto", help="auto (GPU if present), cpu or cuda")
     g.add_argument("--dtype", default="auto", help="auto, float32 or bfloat16 (auto: float32 on CPU, bfloat16 on GPU)")
     g.add_argument("--load-format", default="auto", choices=["auto", "dummy"], help="dummy: seeded random weights")
-    g.add_argument("--backend", default="auto", help="auto, reference, graph or megakernel")
+    g.add_argument(
+        "--backend", default="auto", help="auto, reference, graph or megakernel (bench latency: a comma list runs each)"
+    )
     g.add_argument("--seed", type=int, default=0, help="seed for dummy weights and unseeded sampling")
     g.add_argument("--max-model-len", type=int, help="longest context (prompt + output) in tokens")
     g.add_argument("--kv-cache-gb", type=float, help="memory for the KV cache (default: 2 GiB on CPU, most of the GPU)")
@@ -167,6 +169,13 @@ def cmd_bench_serve(args: argparse.Namespace) -> None:
     run_bench_serve(args)
 
 
+def int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="megatier", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -192,8 +201,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p = bench.add_parser("latency", help="per-token decode latency of one batch of sequences")
     add_model_args(p)
-    p.add_argument("--batch", type=int, default=1, help="sequences decoded together (default 1)")
-    p.add_argument("--input-len", type=int, default=32, help="prompt tokens per sequence (default 32)")
+    p.add_argument(
+        "--batch", type=int_list, default=[1], help="sequences decoded together; a comma list runs each (default 1)"
+    )
+    p.add_argument(
+        "--input-len",
+        type=int_list,
+        default=[32],
+        help="prompt tokens per sequence; a comma list runs each (default 32)",
+    )
     p.add_argument("--output-len", type=int, default=128, help="tokens generated per sequence (default 128)")
     p.add_argument("--iters", type=int, default=3, help="timed repetitions; the median is reported")
     p.add_argument("--baselines", default="", help="also time these on the same weights (CUDA): hf,torch-graph")
@@ -204,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     p.add_argument(
         "--batches",
-        type=lambda s: [int(b) for b in s.split(",")],
+        type=int_list,
         default=[1, 8, 64, 256],
         help="comma-separated batch sizes (default 1,8,64,256)",
     )

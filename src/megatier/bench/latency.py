@@ -44,64 +44,83 @@ def time_generation(llm, prompts: list[list[int]], output_len: int) -> tuple[flo
     return t_first - t0, (t_end - t_first) / max(output_len - 1, 1)
 
 
-def run_latency(args: argparse.Namespace) -> dict:
-    from megatier.cli import build_llm
-
-    llm = build_llm(args)
+def measure_case(llm, batch: int, input_len: int, output_len: int, iters: int, seed: int) -> dict:
+    """One (batch, prompt length) case on a loaded LLM: medians of `iters` timed generations."""
     cfg = llm.config
-    gen = torch.Generator().manual_seed(args.seed)
-    prompts = [torch.randint(0, cfg.vocab_size, (args.input_len,), generator=gen).tolist() for _ in range(args.batch)]
-    time_generation(llm, prompts, min(args.output_len, 8))  # warm-up: compilation, graph capture
-    runs = [time_generation(llm, prompts, args.output_len) for _ in range(args.iters)]
+    gen = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(0, cfg.vocab_size, (input_len,), generator=gen).tolist() for _ in range(batch)]
+    time_generation(llm, prompts, min(output_len, 8))  # warm-up: compilation, graph capture
+    runs = [time_generation(llm, prompts, output_len) for _ in range(iters)]
     ttft = statistics.median(r[0] for r in runs)
     step = statistics.median(r[1] for r in runs)
-
-    weight_bytes = llm.stats.weight_bytes
-    mean_context = args.input_len + args.output_len / 2
-    kv_bytes = int(args.batch * mean_context * cfg.kv_bytes_per_token(llm.dtype))
-    results = {
+    kv_bytes = int(batch * (input_len + output_len / 2) * cfg.kv_bytes_per_token(llm.dtype))
+    return {
         "backend": llm.backend,
+        "batch": batch,
+        "input_len": input_len,
         "ttft_ms": ttft * 1e3,
         "decode_step_us": step * 1e6,
-        "tokens_per_s": args.batch / step,
-        "achieved_GBps": (weight_bytes + kv_bytes) / step / 1e9,
-        "weight_bytes": weight_bytes,
+        "tokens_per_s": batch / step,
+        "achieved_GBps": (llm.stats.weight_bytes + kv_bytes) / step / 1e9,
         "kv_bytes_per_step": kv_bytes,
+        "prompts": prompts,
     }
+
+
+def run_latency(args: argparse.Namespace) -> dict:
+    """Every backend x batch x prompt length in one process, plus the copy bandwidth and the baselines
+    (timed on the first case) in the same run."""
+    from megatier.cli import build_llm
+
+    rows, baselines, llm = [], {}, None
+    for backend in args.backend.split(","):
+        del llm  # free the previous backend's weights and KV cache first
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        llm = build_llm(argparse.Namespace(**{**vars(args), "backend": backend}))
+        for batch in args.batch:
+            for input_len in args.input_len:
+                row = measure_case(llm, batch, input_len, args.output_len, args.iters, args.seed)
+                prompts = row.pop("prompts")
+                rows.append(row)
+                print_row(row, llm)
+                if args.baselines and not baselines:
+                    baselines = run_baselines(llm, args.baselines.split(","), prompts, args.output_len)
+    results = {"rows": rows, "weight_bytes": llm.stats.weight_bytes}
     if llm.device.type == "cuda":
         bw = copy_bandwidth(llm.device)
         results["copy_GBps"] = bw / 1e9
-        results["pct_of_copy_bw"] = 100 * (weight_bytes + kv_bytes) / step / bw
-        results["floor_us"] = (weight_bytes + kv_bytes) / bw * 1e6
-    baselines = [b for b in (args.baselines or "").split(",") if b]
+        for row in rows:
+            row["pct_of_copy_bw"] = 100 * row["achieved_GBps"] * 1e9 / bw
+            row["floor_us"] = (llm.stats.weight_bytes + row["kv_bytes_per_step"]) / bw * 1e6
+        print(f"copy bandwidth {bw / 1e9:.0f} GB/s (read + write)")
     if baselines:
-        results["baselines"] = run_baselines(llm, baselines, prompts, args.output_len)
-        for b in results["baselines"].values():
-            b["megatier_speedup"] = b["decode_step_us"] / results["decode_step_us"]
+        first = rows[0]
+        for name, b in baselines.items():
+            b["megatier_speedup"] = b["decode_step_us"] / first["decode_step_us"]
+            print(
+                f"  {name:13} {b['decode_step_us']:9.1f} us  (batch {first['batch']}: megatier "
+                f"{first['backend']} is {b['megatier_speedup']:.2f}x faster)"
+            )
+        results["baselines"] = baselines
     config = {
         "model": str(llm.model_path),
         "dtype": str(llm.dtype).removeprefix("torch."),
-        "batch": args.batch,
-        "input_len": args.input_len,
         "output_len": args.output_len,
         "iters": args.iters,
     }
     rec = record("latency", llm.device, config, results)
-    print(f"{rec['device']} | {llm.backend} | batch {args.batch} | {args.input_len} in / {args.output_len} out")
-    print(f"  decode step   {results['decode_step_us']:9.1f} us   ({results['tokens_per_s']:.1f} tokens/s)")
-    print(f"  first token   {results['ttft_ms']:9.2f} ms")
-    print(f"  achieved      {results['achieved_GBps']:9.1f} GB/s", end="")
-    if "copy_GBps" in results:
-        print(
-            f"   ({results['pct_of_copy_bw']:.1f}% of {results['copy_GBps']:.0f} GB/s copy; floor {results['floor_us']:.0f} us)"
-        )
-    else:
-        print()
-    for name, b in results.get("baselines", {}).items():
-        print(f"  {name:13} {b['decode_step_us']:9.1f} us   (megatier is {b['megatier_speedup']:.2f}x faster)")
     if args.json:
         write_json(args.json, rec)
     return rec
+
+
+def print_row(row: dict, llm) -> None:
+    print(
+        f"{llm.backend:10} batch {row['batch']:3} | {row['input_len']:6} in | decode step {row['decode_step_us']:9.1f} us"
+        f" ({row['tokens_per_s']:9.1f} tok/s) | first token {row['ttft_ms']:8.2f} ms | {row['achieved_GBps']:7.1f} GB/s",
+        flush=True,
+    )
 
 
 def run_baselines(llm, names: list[str], prompts: list[list[int]], output_len: int) -> dict[str, dict]:
