@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -15,6 +16,9 @@ import torch
 
 
 def git_commit() -> str | None:
+    """HEAD (with -dirty if tracked files changed); $MEGATIER_COMMIT where the tree travels without .git."""
+    if os.environ.get("MEGATIER_COMMIT"):
+        return os.environ["MEGATIER_COMMIT"]
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=5
