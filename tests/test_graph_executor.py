@@ -126,7 +126,7 @@ def test_splits_and_prefill_passes_are_exercised():
     graph, _ = executors(cfg, dummy_weights(cfg, 0, torch.float32, DEVICE), torch.float32)
     graph.split_tokens = 4
     assert graph._num_splits(4, 14) > 1 and graph._num_splits(2, 15) > 1
-    assert GraphExecutor._num_splits(graph, 1, 100) <= 2 * graph.num_sms
+    assert GraphExecutor._num_splits(graph, 1, 100) <= 8 * graph.num_sms
 
 
 @pytest.mark.parametrize("num_seqs", [3, 1])  # cuBLAS decode, and the fused GEMV kernels for one row

@@ -205,8 +205,12 @@ class Engine:
             return 1
         if len(seqs) != len(self.scheduler.running):  # someone else is waiting for a turn
             return 1
-        left = min(self._tokens_left(s) for s in seqs)
-        k = min(self.decode_steps_per_sync, left)
+        # Run until the longest-lived sequence would stop; one that stops sooner has its extra tokens
+        # dropped (the batch keeps full speed instead of falling back to one step per sync). No sequence
+        # may write KV past the context limit, though.
+        wanted = max(self._tokens_left(s) for s in seqs)
+        room = min(self.max_model_len - s.num_computed for s in seqs)
+        k = min(self.decode_steps_per_sync, wanted, room)
         if k > 1 and not self.scheduler.ensure_capacity(seqs, k):
             return 1
         return k

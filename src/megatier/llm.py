@@ -64,11 +64,13 @@ def resolve_dtype(dtype: str, cfg: ModelConfig, device: torch.device) -> torch.d
 
 
 def default_kv_bytes(device: torch.device, weight_bytes: int) -> int:
-    """KV budget: 2 GiB on the host; on a GPU, 90% of its memory minus weights and a working margin."""
+    """KV budget: 2 GiB on the host. On a GPU: what is free now, less 10% of the card, the packed
+    weights the executor is about to build (plus 10% for an executor's own reordered copies; dummy
+    weights already on the GPU are counted as used), and 1 GiB for activations and graphs."""
     if device.type == "cpu":
         return 2 << 30
-    total = torch.cuda.get_device_properties(device).total_memory
-    return max(int(total * 0.9) - weight_bytes - (2 << 30), 256 << 20)
+    free, total = torch.cuda.mem_get_info(device)
+    return max(free - total // 10 - int(1.1 * weight_bytes) - (1 << 30), 256 << 20)
 
 
 class LLM:

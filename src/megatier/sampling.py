@@ -125,8 +125,15 @@ def sample(logits: torch.Tensor, rows: list[SampleRow]) -> list[Sampled]:
     """Pick one token per row of fp32 `logits` [num_rows, vocab]."""
     if logits.shape[0] != len(rows):
         raise ValueError(f"{logits.shape[0]} logit rows for {len(rows)} sequences")
-    out = []
+    out: list[Sampled | None] = [None] * len(rows)
+    # Plain greedy rows need nothing but an argmax: one batched call (one device sync) for all of them.
+    plain = [i for i, row in enumerate(rows) if row.params.plain_greedy and not row.banned_ids]
+    if plain:
+        for i, token in zip(plain, logits[plain].argmax(-1).tolist(), strict=True):
+            out[i] = Sampled(token, None)
     for i, row in enumerate(rows):
+        if out[i] is not None:
+            continue
         p = row.params
         raw = logits[i]
         x = _apply_penalties(raw.clone(), row)
@@ -137,7 +144,7 @@ def sample(logits: torch.Tensor, rows: list[SampleRow]) -> list[Sampled]:
         else:
             probs = _filter(x, p).softmax(-1)
             token = int(torch.multinomial(probs, 1, generator=row.generator))
-        out.append(Sampled(token, _logprobs(raw, token, p.logprobs)))
+        out[i] = Sampled(token, _logprobs(raw, token, p.logprobs))
     return out
 
 

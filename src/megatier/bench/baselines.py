@@ -75,6 +75,7 @@ class TorchGraphDecoder:
         self.inv_freq = rope_inv_freq(cfg.rope, cfg.head_dim).to(device)
         self.tokens = torch.zeros(batch, dtype=torch.long, device=device)
         self.pos = torch.zeros(1, dtype=torch.long, device=device)
+        self.context = 0
         self.graph: torch.cuda.CUDAGraph | None = None
 
     def fill_context(self, length: int, seed: int = 0) -> None:
@@ -82,6 +83,7 @@ class TorchGraphDecoder:
         gen = torch.Generator(self.k_cache.device).manual_seed(seed)
         for cache in (self.k_cache, self.v_cache):
             cache[:, :, :, :length].normal_(generator=gen)
+        self.context = length
         self.pos.fill_(length)
 
     @torch.inference_mode()
@@ -129,5 +131,7 @@ class TorchGraphDecoder:
         self.pos.copy_(pos)
 
     def replay(self, steps: int) -> None:
+        """Decode `steps` tokens from the filled context (each call starts there again)."""
+        self.pos.fill_(self.context)
         for _ in range(steps):
             self.graph.replay()

@@ -25,23 +25,27 @@ def _sync(device: torch.device) -> None:
 
 
 def time_generation(llm, prompts: list[list[int]], output_len: int) -> tuple[float, float]:
-    """(seconds to the first token of every sequence, seconds per decode step after it)."""
+    """(seconds until every sequence has its first token, seconds per decode step of the whole batch
+    after that). Prompts are prefilled in chunks, so early sequences start decoding while later ones
+    prefill; the step time is therefore the time from the last first token to the end, over the tokens
+    decoded in it, times the batch size (for one sequence: (end - first token) / (output_len - 1))."""
     engine, device = llm.engine, llm.device
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
     _sync(device)
     t0 = time.perf_counter()
     ids = [engine.add_request(p, params) for p in prompts]
     produced = dict.fromkeys(ids, 0)
-    t_first = None
+    t_first, decoded = None, 0
     while engine.has_unfinished():
         for update in engine.step():
             produced[update.request_id] += len(update.new_token_ids)
+            decoded += len(update.new_token_ids) if t_first is not None else 0
         if t_first is None and all(produced.values()):
             _sync(device)
             t_first = time.perf_counter()
     _sync(device)
     t_end = time.perf_counter()
-    return t_first - t0, (t_end - t_first) / max(output_len - 1, 1)
+    return t_first - t0, (t_end - t_first) * len(prompts) / max(decoded, 1)
 
 
 def measure_case(llm, batch: int, input_len: int, output_len: int, iters: int, seed: int) -> dict:

@@ -244,10 +244,11 @@ class GraphExecutor:
         return bucket
 
     def _num_splits(self, batch_size: int, max_context: int) -> int:
-        """Attention splits per sequence: enough programs to fill the GPU twice, but no split shorter than
+        """Attention splits per sequence: about 8 programs per SM (each walks its pages with dependent
+        loads, so it takes many in flight to cover memory latency), but no split shorter than
         `split_tokens`; a power of two so few graphs are captured. 1 at short contexts (no merge pass)."""
         by_length = triton.cdiv(max_context, self.split_tokens)
-        by_occupancy = triton.cdiv(2 * self.num_sms, batch_size * self.cfg.num_kv_heads)
+        by_occupancy = triton.cdiv(8 * self.num_sms, batch_size * self.cfg.num_kv_heads)
         return triton.next_power_of_2(max(1, min(by_length, by_occupancy)))
 
     def _run(self, key: tuple, step: Callable[[], torch.Tensor | None]):
