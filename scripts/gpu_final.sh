@@ -10,7 +10,7 @@ OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
 export PYTHONPATH=src PYTHONUNBUFFERED=1 MEGATIER_CACHE_DIR=/tmp/megatier-cache
 PY=${PY:-python3}
-tag=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr -cd 'A-Za-z0-9' | tr 'A-Z' 'a-z')
+tag="$(nvidia-smi --query-gpu=name --format=csv,noheader | grep -oE 'H[0-9]+' | head -1 | tr 'H' 'h')_$(date +%F)"
 stage() {  # stage SECONDS LOGNAME COMMAND...: time-boxed, so one failure leaves the other results
   local limit=$1 log=$2
   shift 2

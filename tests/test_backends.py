@@ -1,8 +1,6 @@
-"""Backend choice: auto picks the megakernel where it runs, graph elsewhere on CUDA, reference on CPU."""
+"""Backend choice (auto: graph on CUDA, reference on CPU) and the megakernel backend inside the engine."""
 
 from __future__ import annotations
-
-import logging
 
 import pytest
 import torch
@@ -39,21 +37,25 @@ def test_unknown_backend():
 
 
 @pytest.mark.gpu
-def test_auto_falls_back_to_graph_with_a_reason(caplog):
-    cfg, cache = cache_for("qwen2.5-0.5b", torch.float32, "cuda")  # float32: not for the megakernel
-    with caplog.at_level(logging.INFO, logger="megatier.executors"):
-        assert choose_backend("auto", cfg, cache) == "graph"
-    assert "megakernel: needs bfloat16" in caplog.text
+def test_auto_is_graph_on_cuda():
+    cfg, cache = cache_for("llama-3.2-1b", torch.bfloat16, "cuda")
+    assert choose_backend("auto", cfg, cache) == "graph"
 
 
 @pytest.mark.gpu
-def test_auto_megakernel_generates_what_graph_generates():
+def test_megakernel_refuses_float32_with_a_reason():
+    with pytest.raises(MegatierError, match="megakernel: needs bfloat16"):
+        LLM("qwen2.5-0.5b", load_format="dummy", backend="megakernel", dtype="float32", kv_cache_gb=0.5)
+
+
+@pytest.mark.gpu
+def test_megakernel_generates_what_graph_generates():
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the megakernel needs sm_90")
     kw = dict(load_format="dummy", max_model_len=512, kv_cache_gb=2.0)
     prompts = [torch.randint(0, 128256, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 40, 17)]
     params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
-    mk = LLM("llama-3.2-1b", **kw)
+    mk = LLM("llama-3.2-1b", backend="megakernel", **kw)
     assert mk.backend == "megakernel"
     small = [o.token_ids for o in mk.generate(prompts, params)]
     large = [o.token_ids for o in mk.generate(prompts * 4, params)]  # 12 sequences: beyond the megakernel

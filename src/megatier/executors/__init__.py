@@ -33,22 +33,12 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 def choose_backend(backend: str, cfg: ModelConfig, cache: KVCache) -> str:
-    """auto: the megakernel where it runs (Hopper, bfloat16, a supported shape; it hands prefill and
-    large decode batches to graph itself), else graph on CUDA, else the reference."""
-    device = cache.kv.device
-    backend = resolve_backend(backend, device)
+    """auto: graph on CUDA, the reference elsewhere. The megakernel is opt-in: on an H200 it measured
+    slower than graph at batch 1 and 8 in the same run (docs/PERF.md), so it is not the default."""
+    backend = resolve_backend(backend, cache.kv.device)
     if backend != "auto":
         return backend
-    if device.type != "cuda":
-        return "reference"
-    from megatier.executors.megakernel.runner import check_device
-
-    try:
-        check_device(cfg, cache.kv.dtype, device)
-    except MegatierError as e:
-        log.info("backend: graph (%s)", e)
-        return "graph"
-    return "megakernel"
+    return "graph" if cache.kv.device.type == "cuda" else "reference"
 
 
 def create_executor(backend: str, cfg: ModelConfig, weights: ModelWeights, cache: KVCache) -> Executor:
