@@ -43,6 +43,11 @@ def device_name(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
+def model_config(llm) -> dict:
+    """The loaded model's part of a record's config."""
+    return {"model": str(llm.model_path), "dtype": str(llm.dtype).removeprefix("torch.")}
+
+
 def record(kind: str, device: torch.device, config: dict, results: dict) -> dict:
     return {
         "bench": kind,

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from megatier.bench.common import copy_bandwidth, cuda_time, record, write_json
+from megatier.bench.common import copy_bandwidth, cuda_time, model_config, record, write_json
 from megatier.errors import MegatierError
 from megatier.sampling import SamplingParams
 
@@ -107,9 +107,7 @@ def run_latency(args: argparse.Namespace) -> dict:
                 f"{first['backend']} is {b['megatier_speedup']:.2f}x faster)"
             )
         results["baselines"] = baselines
-    config = {
-        "model": str(llm.model_path),
-        "dtype": str(llm.dtype).removeprefix("torch."),
+    config = model_config(llm) | {
         "output_len": args.output_len,
         "iters": args.iters,
     }

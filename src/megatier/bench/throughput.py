@@ -11,7 +11,7 @@ import argparse
 
 import torch
 
-from megatier.bench.common import copy_bandwidth, record, write_json
+from megatier.bench.common import copy_bandwidth, model_config, record, write_json
 from megatier.bench.latency import time_generation
 
 
@@ -33,9 +33,7 @@ def run_throughput(args: argparse.Namespace) -> dict:
     results = {"backend": llm.backend, "rows": rows}
     if llm.device.type == "cuda":
         results["copy_GBps"] = copy_bandwidth(llm.device) / 1e9
-    config = {
-        "model": str(llm.model_path),
-        "dtype": str(llm.dtype).removeprefix("torch."),
+    config = model_config(llm) | {
         "input_len": args.input_len,
         "output_len": args.output_len,
     }

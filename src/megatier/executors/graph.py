@@ -37,7 +37,7 @@ from megatier.kernels.gemv import gemv_norm_logits, gemv_norm_silu, gemv_residua
 from megatier.kernels.gemv_qkv import gemv_qkv_rope
 from megatier.kernels.rope import rope_cos_sin_table
 from megatier.kv.pages import KVCache, block_table_tensor, pages_for
-from megatier.weights import ModelWeights, pack_weights
+from megatier.weights import ModelWeights, at_layer, pack_weights
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -90,15 +90,15 @@ class GraphExecutor:
         x = F.embedding(tokens, w.embed)
         for layer in range(cfg.num_layers):
             h = add_rms_norm(x, residual, w.input_norm[layer], eps, add=layer > 0)
-            qkv = F.linear(h, w.qkv[layer], _row(w.qkv_bias, layer))
-            q_norm, k_norm = _row(w.q_norm, layer), _row(w.k_norm, layer)
+            qkv = F.linear(h, w.qkv[layer], at_layer(w.qkv_bias, layer))
+            q_norm, k_norm = at_layer(w.q_norm, layer), at_layer(w.k_norm, layer)
             q = rope_append(
                 qkv, positions, seq_ids, tables, kv, layer, self.cos_sin, cfg.num_heads, q_norm, k_norm, eps
             )
             attn = attend(q, layer).view(num_tokens, cfg.q_size)
-            h = add_rms_norm(F.linear(attn, w.o[layer], _row(w.o_bias, layer)), residual, w.post_norm[layer], eps)
-            gate_up = F.linear(h, w.gate_up[layer], _row(w.gate_up_bias, layer))
-            x = F.linear(silu_mul(gate_up), w.down[layer], _row(w.down_bias, layer))
+            h = add_rms_norm(F.linear(attn, w.o[layer], at_layer(w.o_bias, layer)), residual, w.post_norm[layer], eps)
+            gate_up = F.linear(h, w.gate_up[layer], at_layer(w.gate_up_bias, layer))
+            x = F.linear(silu_mul(gate_up), w.down[layer], at_layer(w.down_bias, layer))
         return x, residual
 
     def _logits(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
@@ -194,12 +194,14 @@ class GraphExecutor:
         residual = embed_rows(self.tokens[:bucket], w.embed)
         for layer in range(cfg.num_layers):
             q = gemv_qkv_rope(
-                residual, w.input_norm[layer], w.qkv[layer], _row(w.qkv_bias, layer), seq_lens, tables,
-                self.cache.kv, layer, self.cos_sin, cfg.num_heads, _row(w.q_norm, layer), _row(w.k_norm, layer), eps,
+                residual, w.input_norm[layer], w.qkv[layer], at_layer(w.qkv_bias, layer), seq_lens, tables,
+                self.cache.kv, layer, self.cos_sin, cfg.num_heads, at_layer(w.q_norm, layer), at_layer(w.k_norm, layer), eps,
             )  # fmt: skip
-            gemv_residual_add(attend(q, layer).view(bucket, cfg.q_size), w.o[layer], _row(w.o_bias, layer), residual)
-            act = gemv_norm_silu(residual, w.post_norm[layer], w.gate_up[layer], _row(w.gate_up_bias, layer), eps)
-            gemv_residual_add(act, w.down[layer], _row(w.down_bias, layer), residual)
+            gemv_residual_add(
+                attend(q, layer).view(bucket, cfg.q_size), w.o[layer], at_layer(w.o_bias, layer), residual
+            )
+            act = gemv_norm_silu(residual, w.post_norm[layer], w.gate_up[layer], at_layer(w.gate_up_bias, layer), eps)
+            gemv_residual_add(act, w.down[layer], at_layer(w.down_bias, layer), residual)
         return residual
 
     def _decode_logits(self, batch: StepBatch) -> torch.Tensor:
@@ -283,7 +285,3 @@ class GraphExecutor:
                 raise ValueError(f"sequence {i}: context {end} exceeds this executor's limit {self.max_context}")
             if len(table) * self.page_size < end:
                 raise ValueError(f"sequence {i}: {len(table)} pages cannot hold {end} tokens")
-
-
-def _row(stacked: torch.Tensor | None, layer: int) -> torch.Tensor | None:
-    return None if stacked is None else stacked[layer]
