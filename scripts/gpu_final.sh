@@ -22,7 +22,7 @@ case "${1:-}" in
   tests)
     pytest=("$PY" -m pytest -q -p no:cacheprovider -rfEs)
     stage 300 gpu_tests.log "${pytest[@]}" -n 4 tests/test_kernels.py tests/test_gemv.py tests/test_graph_executor.py
-    stage 240 gpu_tests.log "${pytest[@]}" tests/test_megakernel_gpu.py tests/test_backends.py
+    stage 240 gpu_tests.log "${pytest[@]}" tests/test_megakernel_gpu.py tests/test_backends.py tests/test_tiers.py
     ;;
   bench)
     mt=("$PY" -m megatier.cli bench)

@@ -36,14 +36,14 @@ def tiny_cfg(heads: int = 4, kv_heads: int = 2, head_dim: int = 8, layers: int =
     )
 
 
-def make_tiers(cfg: ModelConfig, pages: tuple[int, int, int], tmp_path, dtype=torch.float32) -> TieredKV:
+def make_tiers(cfg: ModelConfig, pages: tuple[int, int, int], tmp_path, dtype=torch.float32, device="cpu") -> TieredKV:
     page_bytes = cfg.kv_bytes_per_token(dtype) * PAGE
     hbm, dram, disk = (n * page_bytes for n in pages)
     return TieredKV(
         cfg,
         page_size=PAGE,
         dtype=dtype,
-        device=torch.device("cpu"),
+        device=torch.device(device),
         hbm_bytes=hbm,
         dram_bytes=dram,
         disk_bytes=disk,
@@ -233,16 +233,54 @@ def test_migration_brings_important_pages_to_hbm(tmp_path):
     assert tiers.used(HBM) <= tiers.capacity(HBM) - tiers.reserve[HBM] + 1
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode, misses", [("dense", "gpu"), ("sparse", "gpu"), ("sparse", "cpu")])
+def test_tiered_attention_on_cuda_equals_dense_attention(tmp_path, mode, misses):
+    """On the GPU machine: HBM pages through the Triton kernel, DRAM pages through the C kernel (dense)
+    or zero-copy reads / the C kernel (sparse misses), disk pages staged; the merge equals dense
+    attention in fp32."""
+    cfg = tiny_cfg(heads=8, kv_heads=2, head_dim=64)
+    lens = [37, 5, 64, 17]
+    num = sum(-(-n // PAGE) for n in lens)
+    tiers = make_tiers(cfg, (num, num, num), tmp_path, device="cuda")
+    gen = torch.Generator().manual_seed(0)
+    placement = torch.randint(0, 3, (num,), generator=gen).tolist()
+    tables, page = [], 0
+    for n in lens:
+        tables.append(list(range(page, page + -(-n // PAGE))))
+        for p in tables[-1]:
+            put(tiers, p, [HBM, DRAM, DISK][placement[p]], torch.randn(tiers.page_shape, generator=gen))
+        page += len(tables[-1])
+    q = torch.randn(len(lens), cfg.num_heads, cfg.head_dim, generator=gen)
+    batch = StepBatch([0] * len(lens), [n - 1 for n in lens], [1] * len(lens), tables)
+    attn = TieredAttention(cfg, tiers, mode=mode, sparse_fraction=1.0, sparse_misses=misses)
+    for b, table in enumerate(tables):
+        keys = torch.stack([tiers.read_page(p)[:, 0] for p in table])
+        rows = torch.full((len(table),), PAGE)
+        rows[-1] = lens[b] - (len(table) - 1) * PAGE
+        attn.meta.set_from_keys(torch.tensor(table).cuda(), keys.cuda(), rows.cuda())
+    attn.begin_step(batch)
+    for layer in range(cfg.num_layers):
+        got = attn.decode(layer, q.cuda()).cpu()
+        for b, (n, table) in enumerate(zip(lens, tables, strict=True)):
+            kv = torch.stack([tiers.read_page(p)[layer] for p in table])
+            kv = kv.permute(1, 0, 3, 2, 4).reshape(2, -1, cfg.num_kv_heads, cfg.head_dim)[:, :n]
+            want = attention(q[b : b + 1], kv[0], kv[1], n - 1)[0]
+            torch.testing.assert_close(got[b], want, atol=1e-4, rtol=1e-4)
+    attn.end_step()
+
+
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
     path, _ = make_hf_model(tmp_path_factory.mktemp("tiny"), "llama-llama3rope-tied-bias")
     return path
 
 
-def test_greedy_tokens_identical_all_hbm_vs_tiered(tiny_model, tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_greedy_tokens_identical_all_hbm_vs_tiered(tiny_model, tmp_path, device):
     prompts = [list(range(10, 80)), list(range(40, 85))]
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-    common = dict(device="cpu", max_num_batched_tokens=32, max_num_seqs=4)
+    common = dict(device=device, dtype="float32", backend="reference", max_num_batched_tokens=32, max_num_seqs=4)
     want = [o.token_ids for o in LLM(str(tiny_model), **common).generate(prompts, params)]
     page_gib = LLM(str(tiny_model), **common).config.kv_bytes_per_token(torch.float32) * 16 / 2**30
     # 11 pages of context in all: 8 HBM slots and 3 DRAM slots (one of each kept free), so pages spill.
