@@ -25,6 +25,24 @@ from megatier.kernels.pdl import use_pdl
 
 
 @triton.jit
+def load_kv_tile(
+    kv_ptr, table, t, t_mask, d, head_dim, page_size, kv_head,
+    stride_kv_page, stride_kv_v, stride_kv_head, stride_kv_row, DOT_FP32: tl.constexpr,
+):  # fmt: skip
+    """K and V [len(t), BLOCK_D] of one kv head for the sequence positions `t` (masked: t_mask), each
+    read from its page in `table` (the sequence's row of the block table); zeros where masked."""
+    page = tl.load(table + t // page_size, mask=t_mask, other=0).to(tl.int64)
+    row_offset = page * stride_kv_page + kv_head * stride_kv_head + (t % page_size) * stride_kv_row
+    kv_mask = t_mask[:, None] & (d < head_dim)[None, :]
+    k = tl.load(kv_ptr + row_offset[:, None] + d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(kv_ptr + stride_kv_v + row_offset[:, None] + d[None, :], mask=kv_mask, other=0.0)
+    if DOT_FP32:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    return k, v
+
+
+@triton.jit
 def _decode_split_kernel(
     q_ptr,
     kv_ptr,
@@ -83,14 +101,10 @@ def _decode_split_kernel(
     for start in range(begin, end, BLOCK_N):
         t = start + tl.arange(0, BLOCK_N)
         t_mask = t < end
-        page = tl.load(table + t // page_size, mask=t_mask, other=0).to(tl.int64)
-        row_offset = page * stride_kv_page + kv_head * stride_kv_head + (t % page_size) * stride_kv_row
-        kv_mask = t_mask[:, None] & (d < head_dim)[None, :]
-        k = tl.load(kv_ptr + row_offset[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(kv_ptr + stride_kv_v + row_offset[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        if DOT_FP32:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k, v = load_kv_tile(
+            kv_ptr, table, t, t_mask, d, head_dim, page_size, kv_head,
+            stride_kv_page, stride_kv_v, stride_kv_head, stride_kv_row, DOT_FP32,
+        )  # fmt: skip
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale
         scores = tl.where(t_mask[None, :], scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))

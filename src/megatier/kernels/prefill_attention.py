@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from megatier.kernels.decode_attention import dot_options
+from megatier.kernels.decode_attention import dot_options, load_kv_tile
 from megatier.kernels.pdl import use_pdl
 
 
@@ -78,14 +78,10 @@ def _prefill_kernel(
     for key0 in range(0, kv_end, BLOCK_N):
         t = key0 + tl.arange(0, BLOCK_N)
         t_mask = t < kv_end
-        page = tl.load(table + t // page_size, mask=t_mask, other=0).to(tl.int64)
-        row_offset = page * stride_kv_page + kv_head * stride_kv_head + (t % page_size) * stride_kv_row
-        kv_mask = t_mask[:, None] & (d < head_dim)[None, :]
-        k = tl.load(kv_ptr + row_offset[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(kv_ptr + stride_kv_v + row_offset[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        if DOT_FP32:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k, v = load_kv_tile(
+            kv_ptr, table, t, t_mask, d, head_dim, page_size, kv_head,
+            stride_kv_page, stride_kv_v, stride_kv_head, stride_kv_row, DOT_FP32,
+        )  # fmt: skip
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale
         visible = t_mask[None, :] & (t[None, :] <= q_pos[:, None])
         scores = tl.where(visible, scores, float("-inf"))
