@@ -165,7 +165,8 @@ def main() -> None:
     ex.set_schedule(best_strategy)
 
     def earlier_kernel(package: str, **options):
-        """An earlier kernel, carried as .<package>/<package>/ with its imports renamed, in this process."""
+        """An earlier kernel, carried as .<package>/<package>/ with its imports renamed, in this process
+        (e.g. `cp -r src/megatier/executors/megakernel .mk_prev/mk_prev` plus a sed of the imports)."""
 
         def run():
             root = Path(__file__).resolve().parents[1] / f".{package}"
@@ -184,8 +185,20 @@ def main() -> None:
 
         return run
 
-    stage("first_kernel_6333591", earlier_kernel("mk_run1"))
-    stage("run4_kernel_04d780c", earlier_kernel("mk_run4", strategy="round_robin"))
+    stage("previous_kernel", earlier_kernel("mk_prev", strategy="round_robin"))
+
+    def graph_executor():
+        from megatier.executors.graph import GraphExecutor
+
+        g = GraphExecutor(cfg, weights, cache=cache)
+        out = {}
+        for name, batch in (("batch1_ctx32", b1), ("batch8_mixed", b8)):
+            out[name] = {k: v for k, v in time_decode(g, batch, 128, reps).items() if k != "tokens"}
+        del g
+        torch.cuda.empty_cache()
+        return out
+
+    stage("graph_executor", graph_executor)
 
     def long_context(ctx):
         def run():
@@ -214,7 +227,7 @@ def main() -> None:
 
     print("\n=== megakernel summary ===")
     print(f"copy bandwidth {res['copy_bw_GBps']:.0f} GB/s, weight floor {floor:.1f} us/step")
-    for key in ("batch1_ctx32", "batch8_mixed", "first_kernel_6333591", "run4_kernel_04d780c"):
+    for key in ("batch1_ctx32", "batch8_mixed", "previous_kernel", "graph_executor"):
         for name, v in (res.get(key) or {}).items():
             if isinstance(v, dict) and "us_per_step" in v:
                 print(

@@ -102,6 +102,7 @@ class KernelConfig:
                     ("SM_HEAD", c.head_dim * b * 4),
                     ("SM_STAT", max(CONSUMER_WARPS * b, 8) * 4),
                     ("SM_KEYS", TILE * b * 8),
+                    ("SM_STEP", 3 * b * 4),
                 ]
                 fixed = sum(_align(n, 16) for _, n in rest) + 64
                 stages = (SMEM_LIMIT - fixed - 256) // (stage + 16)

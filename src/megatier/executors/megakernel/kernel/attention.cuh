@@ -47,12 +47,14 @@ constexpr int KV_ROW = HEAD_DIM * 2;                     // bytes of one positio
 constexpr int KVC = (STAGE_BYTES / (2 * KV_ROW)) / 8 * 8;  // positions per ring stage (K block, then V)
 static_assert(KVC >= 8, "a ring stage holds K and V of at least 8 positions");
 
-__device__ Span attn_span(const Ctx& cx, const int* in) {
+// `pos` is the sequence's current position (the loader reads it from global memory, consumers from the
+// step table).
+__device__ Span attn_span(const int* in, int pos) {
     Span sp;
     sp.b = field(in, F_A0);
     sp.kvh = field(in, F_A1);
     const int s = field(in, F_A2), nsplit = field(in, F_A3);
-    const int ctx = param<int>(cx, P_POS)[sp.b] + 1;
+    const int ctx = pos + 1;
     const int per = ((ctx + nsplit - 1) / nsplit + PAGE_SIZE - 1) / PAGE_SIZE * PAGE_SIZE;  // = Dims.split_range
     sp.lo = min(ctx, s * per);
     sp.hi = min(ctx, (s + 1) * per);
@@ -63,7 +65,7 @@ __device__ Span attn_span(const Ctx& cx, const int* in) {
 
 // Loader side: each chunk is copied page run by page run (K then V), lanes taking turns.
 __device__ bool load_kv(Ctx& cx, const int* in, uint64_t policy) {
-    const Span sp = attn_span(cx, in);
+    const Span sp = attn_span(in, param<int>(cx, P_POS)[field(in, F_A0)]);
     const size_t l = field(in, F_LAYER);
     const int* table = param<int>(cx, P_TABLE) + sp.b * MAX_PAGES;
     const bf16* kv = param<bf16>(cx, P_KV);
@@ -94,11 +96,17 @@ __device__ __forceinline__ void unpack8(uint4 raw, float (&f)[8]) {
     for (int i = 0; i < 4; ++i) f[2 * i] = bf16_lo(w[i]), f[2 * i + 1] = bf16_hi(w[i]);
 }
 
-__device__ void op_attn(Ctx& cx, const int* in) {
+__device__ bool op_attn(Ctx& cx, const int* in) {
     const int l = field(in, F_LAYER), s = field(in, F_A2), nsplit = field(in, F_A3);
-    const Span sp = attn_span(cx, in);
+    const Span sp = attn_span(in, pos_of(cx, field(in, F_A0)));
     const int b = sp.b, kvh = sp.kvh;
     const int sub = cx.lane / LPK, dl = cx.lane % LPK;
+    // The current position's K/V (written this step by another SM) are requested together with q right
+    // after the wait, so their latency overlaps; the streamed chunks are processed after that.
+    const bool current = cx.warp == 0 && sp.old_hi < sp.hi;
+    const bf16* kcur = param<bf16>(cx, P_KV) + current_kv_row(cx, l, 0, kvh, b) + dl * 8;
+    const bf16* vcur = param<bf16>(cx, P_KV) + current_kv_row(cx, l, 1, kvh, b) + dl * 8;
+    if (!wait_for(cx, in)) return false;
 
     float q[GROUP][8], o[GROUP][8], m[GROUP], lsum[GROUP];
     const float* qsrc = param<float>(cx, P_Q) + b * Q_SIZE + kvh * GROUP * HEAD_DIM + dl * 8;
@@ -132,17 +140,10 @@ __device__ void op_attn(Ctx& cx, const int* in) {
             }
         }
     };
-    // The current position's K/V (written this step by another SM) are requested before the streamed
-    // chunks are processed, so their latency overlaps that work.
-    const bool current = cx.warp == 0 && sp.old_hi < sp.hi;
     uint4 kr = make_uint4(0, 0, 0, 0), vr = kr;
     if (current) {
-        const int p = sp.hi - 1;
-        const size_t page = param<int>(cx, P_TABLE)[b * MAX_PAGES + p / PAGE_SIZE];
-        const size_t row = ((page * LAYERS + l) * 2 * KV_HEADS + kvh) * PAGE_SIZE + p % PAGE_SIZE;
-        const bf16* kv = param<bf16>(cx, P_KV);
-        kr = ld_cg(reinterpret_cast<const uint4*>(kv + row * HEAD_DIM + dl * 8));
-        vr = ld_cg(reinterpret_cast<const uint4*>(kv + (row + KV_HEADS * PAGE_SIZE) * HEAD_DIM + dl * 8));
+        kr = ld_cg(reinterpret_cast<const uint4*>(kcur));
+        vr = ld_cg(reinterpret_cast<const uint4*>(vcur));
     }
     for (int c = 0; c < sp.chunks; ++c) {
         wait_full(cx);
@@ -214,7 +215,7 @@ __device__ void op_attn(Ctx& cx, const int* in) {
     }
     if (nsplit == 1) {
         signal(cx, field(in, F_DONE_CTR), 1);
-        return;
+        return true;
     }
     consumer_bar();
     if (cx.tid == 0) {
@@ -223,7 +224,7 @@ __device__ void op_attn(Ctx& cx, const int* in) {
         flags_smem(cx)[1] = add_acq_rel(arrive, field(in, F_SIG_AMOUNT)) + field(in, F_SIG_AMOUNT) == want;
     }
     consumer_bar();
-    if (!flags_smem(cx)[1]) return;
+    if (!flags_smem(cx)[1]) return true;
     // Last split of the group: merge all splits in split order.
     const size_t first = (size_t)(b * KV_HEADS + kvh) * nsplit * GROUP;
     for (int idx = cx.tid; idx < GROUP * HEAD_DIM; idx += NCT) {
@@ -241,6 +242,7 @@ __device__ void op_attn(Ctx& cx, const int* in) {
         out[idx] = __float2bfloat16(acc / tot);
     }
     signal(cx, field(in, F_DONE_CTR), 1);
+    return true;
 }
 
 }  // namespace mk

@@ -42,6 +42,7 @@ struct Ctx {
     int rbuf;             // which half of the double-buffered reduction scratch is next
     int index;            // global index of the current instruction (diagnostics)
     int op;
+    unsigned long long* stamp;  // this instruction's timeline stamps, or nullptr
 };
 
 template <class T>
@@ -71,6 +72,19 @@ __device__ __forceinline__ uint64_t* empty_bar(const Ctx& cx, int s) {
 }
 __device__ __forceinline__ volatile int* flags_smem(const Ctx& cx) {
     return reinterpret_cast<volatile int*>(cx.smem + SM_FLAGS);
+}
+
+// The launch's step table: token, position and the page holding that position, per sequence. Loaded
+// once at kernel start, so no epilogue walks pos -> page table -> cache with dependent global loads.
+__device__ __forceinline__ int* step_smem(const Ctx& cx) { return reinterpret_cast<int*>(cx.smem + SM_STEP); }
+__device__ __forceinline__ int token_of(const Ctx& cx, int b) { return step_smem(cx)[b]; }
+__device__ __forceinline__ int pos_of(const Ctx& cx, int b) { return step_smem(cx)[BATCH + b]; }
+__device__ __forceinline__ int page_of(const Ctx& cx, int b) { return step_smem(cx)[2 * BATCH + b]; }
+
+// Element (kind 0 K / 1 V, kv head, dim 0) of layer l at sequence b's current position in the cache.
+__device__ __forceinline__ size_t current_kv_row(const Ctx& cx, int l, int kind, int kvh, int b) {
+    const size_t page = page_of(cx, b);
+    return ((((page * LAYERS + l) * 2 + kind) * KV_HEADS + kvh) * PAGE_SIZE + pos_of(cx, b) % PAGE_SIZE) * HEAD_DIM;
 }
 
 __device__ __forceinline__ void advance(Ctx& cx) {
@@ -138,6 +152,19 @@ __device__ bool wait_counter(Ctx& cx, int ctr, uint32_t target) {
     return flags_smem(cx)[0] == 0;
 }
 
+// An instruction's dependency: its counter wait (if any), always ending in a consumer barrier so that
+// whatever the instruction prepared before it is visible to every consumer thread.
+__device__ bool wait_for(Ctx& cx, const int* in) {
+    const int ctr = field(in, F_WAIT_CTR);
+    if (ctr >= 0) {
+        if (!wait_counter(cx, ctr, field(in, F_WAIT_TARGET))) return false;
+    } else {
+        consumer_bar();
+    }
+    if (TIMELINE && cx.tid == 0) cx.stamp[1] = global_timer();
+    return true;
+}
+
 // After every consumer thread has stored its outputs: make them visible at GPU scope, then add to the
 // counter (fence.acq_rel + relaxed add, the release pattern; no sequentially consistent fence needed).
 __device__ void signal(const Ctx& cx, int ctr, uint32_t amount) {
@@ -190,18 +217,34 @@ __device__ void wait_full(const Ctx& cx) {
 // ---- activation staging --------------------------------------------------------------------------
 // RMSNorm of the fp32 residual (or, in layer 0, of the token's embedding row), times the norm weight,
 // rounded to bf16 into act_smem [BATCH][ACT_STRIDE]. Sums run in a fixed order: deterministic.
+constexpr int NORM_NV = (HIDDEN / 4 + NCT - 1) / NCT;  // float4s per thread and sequence
+
+// The norm weight this thread multiplies by, loaded before the instruction's counter wait.
+struct NormWeights {
+    uint2 w[NORM_NV];
+};
+
+__device__ __forceinline__ NormWeights load_norm_weights(const Ctx& cx, const bf16* norm_w) {
+    NormWeights nw;
+#pragma unroll
+    for (int v = 0; v < NORM_NV; ++v) {
+        const int e = (cx.tid + v * NCT) * 4;
+        nw.w[v] = e < HIDDEN ? __ldg(reinterpret_cast<const uint2*>(norm_w + e)) : make_uint2(0, 0);
+    }
+    return nw;
+}
+
 __device__ __forceinline__ float4 load_input4(const Ctx& cx, bool from_embed, int b, int e) {
     if (from_embed) {
-        const int tok = __ldg(param<int>(cx, P_TOKENS) + b);
-        const uint2 raw = __ldg(reinterpret_cast<const uint2*>(param<bf16>(cx, P_EMBED) + (size_t)tok * HIDDEN + e));
+        const uint2 raw = __ldg(reinterpret_cast<const uint2*>(param<bf16>(cx, P_EMBED) + (size_t)token_of(cx, b) * HIDDEN + e));
         return make_float4(bf16_lo(raw.x), bf16_hi(raw.x), bf16_lo(raw.y), bf16_hi(raw.y));
     }
     return ld_cg(reinterpret_cast<const float4*>(param<float>(cx, P_RESID) + b * HIDDEN + e));
 }
 
-__device__ void stage_norm(const Ctx& cx, bool from_embed, const bf16* norm_w) {
-    constexpr int NV = (HIDDEN / 4 + NCT - 1) / NCT;  // float4s per thread and sequence
-    constexpr int KEEP = BATCH <= 2 ? BATCH : 0;      // sequences whose inputs stay in registers
+__device__ void stage_norm(const Ctx& cx, bool from_embed, const NormWeights& nw) {
+    constexpr int NV = NORM_NV;
+    constexpr int KEEP = BATCH <= 2 ? BATCH : 0;  // sequences whose inputs stay in registers
     float4 x[KEEP ? KEEP : 1][NV];
     float* stat = stat_smem(cx);
 #pragma unroll
@@ -230,7 +273,7 @@ __device__ void stage_norm(const Ctx& cx, bool from_embed, const bf16* norm_w) {
             const int e = (cx.tid + v * NCT) * 4;
             if (e >= HIDDEN) continue;
             const float4 xi = b < KEEP ? x[b < KEEP ? b : 0][v] : load_input4(cx, from_embed, b, e);
-            const uint2 wr = __ldg(reinterpret_cast<const uint2*>(norm_w + e));
+            const uint2 wr = nw.w[v];
             bf16* dst = act + b * ACT_STRIDE + e;
             dst[0] = __float2bfloat16(xi.x * r * bf16_lo(wr.x));
             dst[1] = __float2bfloat16(xi.y * r * bf16_hi(wr.x));

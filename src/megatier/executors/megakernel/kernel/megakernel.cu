@@ -40,26 +40,36 @@ __device__ void run_loader(Ctx& cx, const int* queue, int n, unsigned long long*
     }
 }
 
+// Consumers: the step table first, then the queue. Each opcode waits for its own counter, after
+// issuing whatever loads do not depend on it.
 __device__ void run_consumers(Ctx& cx, const int* queue, int n, unsigned long long* timeline) {
+    if (cx.tid < BATCH) {
+        const int p = param<int>(cx, P_POS)[cx.tid];
+        int* st = step_smem(cx);
+        st[cx.tid] = param<int>(cx, P_TOKENS)[cx.tid];
+        st[BATCH + cx.tid] = p;
+        st[2 * BATCH + cx.tid] = param<int>(cx, P_TABLE)[cx.tid * MAX_PAGES + p / PAGE_SIZE];
+    }
+    consumer_bar();
     for (int i = 0; i < n; ++i) {
         const int* in = queue + i * WORDS;
         cx.op = field(in, F_OP);
         cx.index = field(in, F_INDEX);
         if (cx.op == OP_NOOP) continue;
-        if (TIMELINE && cx.tid == 0) timeline[i * 4] = global_timer();
-        const int wait = field(in, F_WAIT_CTR);
-        if (wait >= 0 && !wait_counter(cx, wait, field(in, F_WAIT_TARGET))) return;
-        if (TIMELINE && cx.tid == 0) timeline[i * 4 + 1] = global_timer();
+        cx.stamp = TIMELINE ? timeline + i * 4 : nullptr;
+        if (TIMELINE && cx.tid == 0) cx.stamp[0] = global_timer();
+        bool ok = true;
         switch (cx.op) {
-            case OP_QKV: op_qkv(cx, in); break;
-            case OP_ATTN: op_attn(cx, in); break;
-            case OP_OPROJ: op_oproj(cx, in); break;
-            case OP_GATEUP: op_gateup(cx, in); break;
-            case OP_DOWN: op_down(cx, in); break;
-            case OP_LMHEAD: op_lmhead(cx, in); break;
+            case OP_QKV: ok = op_qkv(cx, in); break;
+            case OP_ATTN: ok = op_attn(cx, in); break;
+            case OP_OPROJ: ok = op_oproj(cx, in); break;
+            case OP_GATEUP: ok = op_gateup(cx, in); break;
+            case OP_DOWN: ok = op_down(cx, in); break;
+            case OP_LMHEAD: ok = op_lmhead(cx, in); break;
             default: break;
         }
-        if (TIMELINE && cx.tid == 0) timeline[i * 4 + 2] = global_timer();
+        if (!ok) return;
+        if (TIMELINE && cx.tid == 0) cx.stamp[2] = global_timer();
     }
     if (cx.tid == 0) {
         const uint32_t done = add_acq_rel(param<uint32_t>(cx, P_COUNTERS) + EXIT_CTR, 1) + 1;
@@ -84,6 +94,7 @@ extern "C" __global__ void __launch_bounds__((NUM_CONSUMER_WARPS + 1) * 32, 1)
     cx.rbuf = 0;
     cx.index = -1;
     cx.op = 0;
+    cx.stamp = nullptr;
     if (threadIdx.x == 0) {
         for (int s = 0; s < NSTAGES; ++s) {
             mbar_init(full_bar(cx, s), 1);

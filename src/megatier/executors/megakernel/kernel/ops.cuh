@@ -12,10 +12,21 @@ __device__ __forceinline__ void store_qkv(const Ctx& cx, int l, int j, int kind,
         return;
     }
     const int kvh = j - HEADS - (kind - 1) * KV_HEADS;
-    const int p = param<int>(cx, P_POS)[b];
-    const size_t page = param<int>(cx, P_TABLE)[b * MAX_PAGES + p / PAGE_SIZE];
-    const size_t off = (((page * LAYERS + l) * 2 + (kind - 1)) * KV_HEADS + kvh) * PAGE_SIZE + p % PAGE_SIZE;
-    param<bf16>(cx, P_KV)[off * HEAD_DIM + d] = __float2bfloat16(v);
+    param<bf16>(cx, P_KV)[current_kv_row(cx, l, kind - 1, kvh, b) + d] = __float2bfloat16(v);
+}
+
+// The first few entries of a per-tile value computed before an instruction's counter wait (step-invariant
+// inputs, or loads issued together right after it), so that no epilogue waits on a global load.
+// Later tiles (only on very small grids) compute theirs in the epilogue.
+constexpr int PREP = 4;
+
+template <class T>
+__device__ __forceinline__ T pick(const T (&vals)[PREP], int k) {
+    T out = vals[0];
+#pragma unroll
+    for (int i = 1; i < PREP; ++i)
+        if (k == i) out = vals[i];
+    return out;
 }
 
 // Finish rows [r0, r0 + nrows) of QKV head j, buffered in head_smem in packed order: bias, q/k RMSNorm
@@ -48,14 +59,13 @@ __device__ void finish_head(Ctx& cx, int l, int j, int r0, int nrows) {
             y[idx] *= rn[idx % BATCH] * bf16_to_float(nw[dim(idx / BATCH)]);
         consumer_bar();
     }
-    const int* pos = param<int>(cx, P_POS);
     auto store = [&](int b, int d, float v) { store_qkv(cx, l, j, kind, b, d, v); };
     if (kind < 2) {
         const float2* rope = reinterpret_cast<const float2*>(param<float>(cx, P_ROPE));  // [position][HEAD_DIM/2]
         for (int idx = cx.tid; idx < (nrows / 2) * BATCH; idx += NCT) {
             const int p = idx / BATCH, b = idx % BATCH;
             const int r = r0 + (p / 8) * 16 + p % 8, i = dim(r);
-            const float2 cs = __ldg(rope + (size_t)pos[b] * (HEAD_DIM / 2) + i);
+            const float2 cs = __ldg(rope + (size_t)pos_of(cx, b) * (HEAD_DIM / 2) + i);
             const float lo = y[r * BATCH + b], hi = y[(r + 8) * BATCH + b];
             store(b, i, lo * cs.x - hi * cs.y);
             store(b, i + HEAD_DIM / 2, hi * cs.x + lo * cs.y);
@@ -69,43 +79,73 @@ __device__ void finish_head(Ctx& cx, int l, int j, int r0, int nrows) {
     consumer_bar();
 }
 
+// Where the DIRECT QKV epilogue puts output (tile, row, b), with its RoPE rotation and bias: all
+// step-invariant, so computed before the counter wait.
+struct QkvOut {
+    void* dst;  // float* into q, or bf16* into the KV cache
+    float2 cs;  // (cos, sin) of the element's RoPE pair; (1, 0) for v
+    float bias;
+};
+
+__device__ QkvOut qkv_out(const Ctx& cx, int l, int tile, int row, int b) {
+    constexpr int TPH = HEAD_DIM / TILE;
+    const int lt = tile % TPH, j = tile / TPH, kind = j < HEADS ? 0 : (j < HEADS + KV_HEADS ? 1 : 2);
+    const bool first = row < 8;
+    const int i = 8 * lt + (first ? row : row - 8);  // RoPE pair index, < HEAD_DIM / 2
+    int d = lt * TILE + row;                          // v rows are in natural order
+    QkvOut o{nullptr, make_float2(1.f, 0.f), 0.f};
+    if (kind < 2) {
+        o.cs = __ldg(reinterpret_cast<const float2*>(param<float>(cx, P_ROPE)) + (size_t)pos_of(cx, b) * (HEAD_DIM / 2) + i);
+        d = first ? i : i + HEAD_DIM / 2;
+    }
+    if (QKV_BIAS) o.bias = bf16_to_float(param<bf16>(cx, P_QKV_BIAS)[(size_t)l * QKV_ROWS + tile * TILE + row]);
+    if (kind == 0) {
+        o.dst = param<float>(cx, P_Q) + b * Q_SIZE + j * HEAD_DIM + d;
+    } else {
+        const int kvh = j - HEADS - (kind - 1) * KV_HEADS;
+        o.dst = param<bf16>(cx, P_KV) + current_kv_row(cx, l, kind - 1, kvh, b) + d;
+    }
+    return o;
+}
+
 // 16-row tiles of the packed q|k|v matrix after one RMSNorm. Without q/k norms and with at most two
 // sequences, the 16 * BATCH epilogue threads are lanes of warp 0 and each RoPE pair (rows r, r ^ 8) is
 // finished right there with a shuffle; otherwise heads are finished through shared memory, tile by tile
 // (whole heads when q/k are normed, which the schedule guarantees to be in one instruction).
-__device__ void op_qkv(Ctx& cx, const int* in) {
+__device__ bool op_qkv(Ctx& cx, const int* in) {
     constexpr int TPH = HEAD_DIM / TILE;
     constexpr bool DIRECT = !QK_NORM && BATCH <= 2;
-    const int l = field(in, F_LAYER), t0 = field(in, F_A0);
-    stage_norm(cx, l == 0, param<bf16>(cx, P_IN_NORM) + l * HIDDEN);
+    const int l = field(in, F_LAYER), t0 = field(in, F_A0), tiles = field(in, F_A1) - t0;
+    const int row = cx.tid / BATCH, b = cx.tid % BATCH;
+    QkvOut prep[PREP];
+    if (DIRECT && cx.tid < TILE * BATCH) {
+#pragma unroll
+        for (int k = 0; k < PREP; ++k)
+            if (k < tiles) prep[k] = qkv_out(cx, l, t0 + k, row, b);
+    }
+    const NormWeights nw = load_norm_weights(cx, param<bf16>(cx, P_IN_NORM) + l * HIDDEN);
+    if (!wait_for(cx, in)) return false;
+    stage_norm(cx, l == 0, nw);
     float* y = head_smem(cx);
-    const int* pos = param<int>(cx, P_POS);
     run_tiles<false>(
-        cx, in,
-        [&](int k, const WTile&, int row, int) {
-            if (!DIRECT || !QKV_BIAS) return 0.f;
-            return bf16_to_float(param<bf16>(cx, P_QKV_BIAS)[(size_t)l * QKV_ROWS + (t0 + k) * TILE + row]);
-        },
-        [&](int k, const WTile&, int row, int b, float v, float bias) {
+        cx, in, NoPrefetch{},
+        [&](int k, const WTile&, int row, int b, float v, float) {
             const int tile = t0 + k, lt = tile % TPH;
             if (!DIRECT) {
                 y[(lt * TILE + row) * BATCH + b] = v;
                 return;
             }
-            v += bias;
+            const QkvOut o = k < PREP ? pick(prep, k) : qkv_out(cx, l, tile, row, b);
+            v += o.bias;
             const float partner = __shfl_xor_sync(BATCH == 1 ? 0xffffu : 0xffffffffu, v, 8 * BATCH);
-            const int j = tile / TPH, kind = j < HEADS ? 0 : (j < HEADS + KV_HEADS ? 1 : 2);
-            const bool first = row < 8;
-            const int i = 8 * lt + (first ? row : row - 8);  // RoPE pair index, < HEAD_DIM / 2
-            int d = lt * TILE + row;                          // v rows are in natural order
-            if (kind < 2) {
-                const float2 cs = __ldg(reinterpret_cast<const float2*>(param<float>(cx, P_ROPE)) +
-                                        (size_t)pos[b] * (HEAD_DIM / 2) + i);
+            const int j = tile / TPH;
+            if (j < HEADS + KV_HEADS) {  // q or k: rotate the pair (row, row ^ 8)
+                const bool first = row < 8;
                 const float lo = first ? v : partner, hi = first ? partner : v;
-                v = first ? lo * cs.x - hi * cs.y : hi * cs.x + lo * cs.y;
-                d = first ? i : i + HEAD_DIM / 2;
+                v = first ? lo * o.cs.x - hi * o.cs.y : hi * o.cs.x + lo * o.cs.y;
             }
-            store_qkv(cx, l, j, kind, b, d, v);
+            if (j < HEADS) *static_cast<float*>(o.dst) = v;
+            else *static_cast<bf16*>(o.dst) = __float2bfloat16(v);
         },
         [&](int k) {
             const int tile = t0 + k, lt = tile % TPH;
@@ -114,38 +154,57 @@ __device__ void op_qkv(Ctx& cx, const int* in) {
             else if (lt == TPH - 1) finish_head(cx, l, tile / TPH, 0, HEAD_DIM);
         });
     signal(cx, field(in, F_SIG_CTR), field(in, F_SIG_AMOUNT));
+    return true;
+}
+
+// The residual rows (row, b) of an OPROJ or DOWN tile plus the layer's bias; in layer 0 OPROJ adds to
+// the token's embedding row instead of the residual.
+__device__ __forceinline__ float residual_base(const Ctx& cx, bool embed, const bf16* bias, int r, int b) {
+    float base = embed ? bf16_to_float(param<bf16>(cx, P_EMBED)[(size_t)token_of(cx, b) * HIDDEN + r])
+                       : ld_cg(param<float>(cx, P_RESID) + b * HIDDEN + r);
+    return bias != nullptr ? base + bf16_to_float(bias[r]) : base;
+}
+
+// OPROJ and DOWN: staged activations (attention output, or SiLU output) times weight rows, added to the
+// residual. The residual rows are loaded right after the wait, alongside the activations.
+template <bool STREAM>
+__device__ bool residual_matmul(Ctx& cx, const int* in, bool embed, const bf16* bias, const bf16* src, int K) {
+    const int t0 = field(in, F_A0), tiles = field(in, F_A1) - t0;
+    const int row = cx.tid / BATCH, b = cx.tid % BATCH;
+    const bool owner = cx.tid < TILE * BATCH;
+    float base[PREP];
+    if (!wait_for(cx, in)) return false;
+    if (owner) {
+#pragma unroll
+        for (int k = 0; k < PREP; ++k)
+            if (k < tiles) base[k] = residual_base(cx, embed, bias, (t0 + k) * TILE + row, b);
+    }
+    if (!STREAM) stage_copy(cx, src, K);
+    float* resid = param<float>(cx, P_RESID);
+    run_tiles<STREAM>(
+        cx, in, NoPrefetch{},
+        [&](int k, const WTile&, int row, int b, float v, float) {
+            const int r = (t0 + k) * TILE + row;
+            resid[b * HIDDEN + r] = (k < PREP ? pick(base, k) : residual_base(cx, embed, bias, r, b)) + v;
+        },
+        NothingAfter{}, src);
+    signal(cx, field(in, F_SIG_CTR), field(in, F_SIG_AMOUNT));
+    return true;
 }
 
 // Merged attention (bf16) times O rows, plus the residual (the embedding row in layer 0) and bias.
-__device__ void op_oproj(Ctx& cx, const int* in) {
-    const int l = field(in, F_LAYER), t0 = field(in, F_A0);
-    stage_copy(cx, param<bf16>(cx, P_ATTN_OUT), Q_SIZE);
-    float* resid = param<float>(cx, P_RESID);
-    run_tiles<false>(
-        cx, in,
-        [&](int k, const WTile& t, int row, int b) {  // the residual and bias, loaded during the products
-            if (row >= t.rows) return 0.f;
-            const int r = (t0 + k) * TILE + row;
-            float base;
-            if (l == 0) {
-                const int tok = __ldg(param<int>(cx, P_TOKENS) + b);
-                base = bf16_to_float(param<bf16>(cx, P_EMBED)[(size_t)tok * HIDDEN + r]);
-            } else {
-                base = ld_cg(resid + b * HIDDEN + r);
-            }
-            return O_BIAS ? base + bf16_to_float(param<bf16>(cx, P_O_BIAS)[l * HIDDEN + r]) : base;
-        },
-        [&](int k, const WTile& t, int row, int b, float v, float base) {
-            if (row < t.rows) resid[b * HIDDEN + (t0 + k) * TILE + row] = base + v;
-        },
-        NothingAfter{});
-    signal(cx, field(in, F_SIG_CTR), field(in, F_SIG_AMOUNT));
+__device__ bool op_oproj(Ctx& cx, const int* in) {
+    const int l = field(in, F_LAYER);
+    const bf16* bias = O_BIAS ? param<bf16>(cx, P_O_BIAS) + l * HIDDEN : nullptr;
+    return residual_matmul<false>(cx, in, l == 0, bias, param<bf16>(cx, P_ATTN_OUT), Q_SIZE);
 }
 
 // RMSNorm -> gate and up rows (alternating tiles) -> SiLU(gate) * up, rounded to bf16.
-__device__ void op_gateup(Ctx& cx, const int* in) {
+__device__ bool op_gateup(Ctx& cx, const int* in) {
     const int l = field(in, F_LAYER), t0 = field(in, F_A0);
-    stage_norm(cx, false, param<bf16>(cx, P_POST_NORM) + l * HIDDEN);
+    const NormWeights nw = load_norm_weights(cx, param<bf16>(cx, P_POST_NORM) + l * HIDDEN);
+    if (!wait_for(cx, in)) return false;
+    stage_norm(cx, false, nw);
     bf16* act = param<bf16>(cx, P_ACT);
     float gate = 0.f;  // kept by the thread that owns (row, b) from the gate tile to the up tile
     run_tiles<false>(
@@ -165,27 +224,15 @@ __device__ void op_gateup(Ctx& cx, const int* in) {
         },
         NothingAfter{});
     signal(cx, field(in, F_SIG_CTR), field(in, F_SIG_AMOUNT));
+    return true;
 }
 
 // SiLU output times down rows, added to the residual. The SiLU output is staged whole, or streamed by
 // k-chunk when that leaves room for more ring stages (large batches).
-__device__ void op_down(Ctx& cx, const int* in) {
-    const int l = field(in, F_LAYER), t0 = field(in, F_A0);
-    if (!STREAM_DOWN_ACT) stage_copy(cx, param<bf16>(cx, P_ACT), INTER);
-    float* resid = param<float>(cx, P_RESID);
-    run_tiles<STREAM_DOWN_ACT != 0>(
-        cx, in,
-        [&](int k, const WTile& t, int row, int b) {
-            if (row >= t.rows) return 0.f;
-            const int r = (t0 + k) * TILE + row;
-            const float base = ld_cg(resid + b * HIDDEN + r);
-            return MLP_BIAS ? base + bf16_to_float(param<bf16>(cx, P_DOWN_BIAS)[l * HIDDEN + r]) : base;
-        },
-        [&](int k, const WTile& t, int row, int b, float v, float base) {
-            if (row < t.rows) resid[b * HIDDEN + (t0 + k) * TILE + row] = base + v;
-        },
-        NothingAfter{}, param<bf16>(cx, P_ACT));
-    signal(cx, field(in, F_SIG_CTR), field(in, F_SIG_AMOUNT));
+__device__ bool op_down(Ctx& cx, const int* in) {
+    const int l = field(in, F_LAYER);
+    const bf16* bias = MLP_BIAS ? param<bf16>(cx, P_DOWN_BIAS) + l * HIDDEN : nullptr;
+    return residual_matmul<STREAM_DOWN_ACT != 0>(cx, in, false, bias, param<bf16>(cx, P_ACT), INTER);
 }
 
 // (logit, index) packed so that the unsigned maximum is the largest logit, then the smallest index.
@@ -196,9 +243,11 @@ __device__ __forceinline__ unsigned long long argmax_key(float v, int idx) {
 }
 
 // Final RMSNorm -> LM head rows -> fp32 logits, and this instruction's argmax merged into the global one.
-__device__ void op_lmhead(Ctx& cx, const int* in) {
+__device__ bool op_lmhead(Ctx& cx, const int* in) {
     const int t0 = field(in, F_A0);
-    stage_norm(cx, false, param<bf16>(cx, P_FINAL_NORM));
+    const NormWeights nw = load_norm_weights(cx, param<bf16>(cx, P_FINAL_NORM));
+    if (!wait_for(cx, in)) return false;
+    stage_norm(cx, false, nw);
     float* logits = param<float>(cx, P_LOGITS);
     unsigned long long best = 0;
     run_tiles<false>(
@@ -220,6 +269,7 @@ __device__ void op_lmhead(Ctx& cx, const int* in) {
         atomicMax(param<unsigned long long>(cx, P_ARGMAX) + cx.tid, m);
     }
     signal(cx, field(in, F_SIG_CTR), field(in, F_SIG_AMOUNT));
+    return true;
 }
 
 }  // namespace mk
