@@ -1,4 +1,5 @@
-"""What every executor receives: one step over a batch of sequences, each adding new tokens."""
+"""What every executor receives: one step over a batch of sequences, each adding new tokens; and the
+optional greedy fast path, k decode steps on the device per host sync."""
 
 from __future__ import annotations
 
@@ -49,3 +50,46 @@ class Executor(Protocol):
     device: torch.device
 
     def forward(self, batch: StepBatch) -> torch.Tensor: ...
+
+
+@dataclass
+class GreedyChunk:
+    """Greedy tokens [num_steps, B] that the device may still be computing: `tokens` is a host tensor
+    that a non-blocking copy fills, valid once `done` (None: already valid) has completed."""
+
+    tokens: torch.Tensor
+    done: torch.cuda.Event | None = None
+
+    @classmethod
+    def copy_of(cls, tokens: torch.Tensor) -> GreedyChunk:
+        """Start copying device `tokens` to pinned host memory behind the work queued on the current
+        stream, without waiting for it."""
+        if tokens.device.type != "cuda":
+            return cls(tokens.clone())
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(tokens.device))
+        return cls(host, done)
+
+    def result(self) -> list[list[int]]:
+        """Wait for the chunk; its tokens by step, then by sequence."""
+        if self.done is not None:
+            self.done.synchronize()
+        return self.tokens.tolist()
+
+
+class AsyncGreedyDecoder(Protocol):
+    """An executor that can queue greedy decode chunks so the host works while the device decodes.
+
+    `decode_greedy_async(batch, num_steps)` queues `num_steps` greedy steps for a decode batch (one new
+    token per sequence at `starts`, page tables sized for num_steps tokens from there) and returns at
+    once; step 0 feeds `batch.token_ids`, each later step the previous argmax. With `resume=True` the
+    same sequences, in the same order, continue from the state the previous chunk left on the device
+    (each one's next input token and position): `token_ids` is ignored, `starts` must equal the
+    previous chunk's starts + its num_steps (else MegatierError), and page tables may have grown since
+    (only the new entries need uploading). Any `forward` call in between ends what a resume can
+    continue from. Work is queued in order on one stream, so a later step that reuses the pages of a
+    sequence that finished meanwhile runs after the chunk that still writes them."""
+
+    def decode_greedy_async(self, batch: StepBatch, num_steps: int, *, resume: bool = False) -> GreedyChunk: ...

@@ -16,8 +16,10 @@ a bucket size (padding rows have length 0: they read no KV and write none) and r
 captured on first use of its (bucket, attention splits). Every per-step input lives in persistent
 device buffers filled before the replay, and positions and KV slots are derived on the device from
 seq_lens and the block tables. `decode_greedy` replays a graph that also takes the argmax and feeds it
-back, so many steps need one host sync. Without CUDA (tests, TRITON_INTERPRET=1) the same code runs
-eagerly.
+back, so many steps need one host sync; `decode_greedy_async` queues such a chunk and returns at once,
+and a resumed chunk continues from the tokens and lengths the previous one left in those buffers, so the
+host can prepare the next chunk while the device runs this one. Without CUDA (tests, TRITON_INTERPRET=1)
+the same code runs eagerly.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ import torch.nn.functional as F
 import triton
 
 from megatier.config import ModelConfig, rope_inv_freq
-from megatier.executors.base import StepBatch
+from megatier.errors import MegatierError
+from megatier.executors.base import GreedyChunk, StepBatch
 from megatier.kernels import add_rms_norm, paged_decode_attention, paged_prefill_attention, rope_append, silu_mul
 from megatier.kernels.argmax import greedy_feedback
 from megatier.kernels.embed import embed_rows
@@ -77,6 +80,9 @@ class GraphExecutor:
         self.step = torch.zeros(1, dtype=torch.int64, device=self.device)  # next row of `history`
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor | None]] = {}
         self.graph_pool = None
+        # After a greedy chunk: each row's next start and how many of its page ids the device holds,
+        # what a resumed chunk continues from. None once anything else has used the decode buffers.
+        self.resume_state: tuple[list[int], list[int]] | None = None
 
     # ---- the model -------------------------------------------------------------------------------
 
@@ -109,6 +115,7 @@ class GraphExecutor:
 
     @torch.inference_mode()
     def forward(self, batch: StepBatch) -> torch.Tensor:
+        self.resume_state = None
         self._check(batch)
         if batch.is_decode() and batch.num_seqs <= BATCH_BUCKETS[-1]:
             return self._decode_logits(batch)
@@ -214,23 +221,53 @@ class GraphExecutor:
     def decode_greedy(self, batch: StepBatch, num_steps: int) -> torch.Tensor:
         """Run `num_steps` greedy decode steps on the device: step 0 feeds the batch's tokens, each later
         step feeds the previous argmax. The page tables must have room for num_steps tokens from each
-        sequence's start. Returns the chosen tokens [num_steps, B] int64."""
+        sequence's start. Returns the chosen tokens [num_steps, B] int64 on the device, without a sync."""
+        return self._queue_greedy(batch, num_steps, resume=False).clone()
+
+    @torch.inference_mode()
+    def decode_greedy_async(self, batch: StepBatch, num_steps: int, *, resume: bool = False) -> GreedyChunk:
+        """decode_greedy queued without waiting, or with `resume` continued from the previous chunk's
+        device state (the AsyncGreedyDecoder protocol in base.py)."""
+        return GreedyChunk.copy_of(self._queue_greedy(batch, num_steps, resume))
+
+    def _queue_greedy(self, batch: StepBatch, num_steps: int, resume: bool) -> torch.Tensor:
+        """Queue the greedy steps; return the history rows they fill (overwritten by the next chunk)."""
         if not batch.is_decode() or batch.num_seqs > BATCH_BUCKETS[-1]:
             raise ValueError(f"decode_greedy needs 1..{BATCH_BUCKETS[-1]} sequences of one new token each")
-        last = StepBatch(
-            batch.token_ids, [s + num_steps - 1 for s in batch.starts], batch.query_lens, batch.page_tables
+        if num_steps < 1:
+            raise MegatierError(f"decode_greedy needs num_steps >= 1, got {num_steps}")
+        self._check(batch, num_steps, resume)
+        bucket = self._resume_decode_batch(batch) if resume else self._load_decode_batch(batch)
+        self.resume_state = (
+            [s + num_steps for s in batch.starts],
+            [min(len(t), self.max_table) for t in batch.page_tables],
         )
-        self._check(last)
-        bucket = self._load_decode_batch(batch)
         if self.history.shape[0] < num_steps:
             rows = triton.next_power_of_2(num_steps)
             self.history = torch.zeros((rows, BATCH_BUCKETS[-1]), dtype=torch.int64, device=self.device)
             self.graphs = {k: v for k, v in self.graphs.items() if k[0] != "greedy"}  # they wrote the old buffer
         self.step.zero_()
-        splits = self._num_splits(bucket, max(last.context_lens))
+        splits = self._num_splits(bucket, max(batch.context_lens) + num_steps - 1)
         for _ in range(num_steps):
             self._run(("greedy", bucket, splits), lambda: self._decode_step(bucket, splits, greedy=True))
-        return self.history[:num_steps, : batch.num_seqs].clone()
+        return self.history[:num_steps, : batch.num_seqs]
+
+    def _resume_decode_batch(self, batch: StepBatch) -> int:
+        """Check that `batch` continues the previous greedy chunk; upload only the page ids it gained
+        (tokens and lengths are already on the device). Returns its bucket."""
+        if self.resume_state is None:
+            raise MegatierError("decode_greedy_async(resume=True) must follow a greedy chunk, with no forward() since")
+        starts, known = self.resume_state
+        if len(starts) != batch.num_seqs:
+            raise MegatierError(f"resume: the batch has {batch.num_seqs} sequences, the previous chunk {len(starts)}")
+        for i, (start, expected) in enumerate(zip(batch.starts, starts, strict=True)):
+            if start != expected:
+                raise MegatierError(f"resume: sequence {i} starts at {start}, but the device state is at {expected}")
+        for i, (table, have) in enumerate(zip(batch.page_tables, known, strict=True)):
+            new = table[have : self.max_table]
+            if new:
+                self._upload(self.block_tables[i, have : have + len(new)], torch.tensor(new, dtype=torch.int32))
+        return next(b for b in BATCH_BUCKETS if b >= batch.num_seqs)
 
     def _load_decode_batch(self, batch: StepBatch) -> int:
         """Copy a decode batch into the persistent buffers; return its bucket (padding rows get length 0)."""
@@ -240,10 +277,17 @@ class GraphExecutor:
         ints[0, :num_seqs] = torch.tensor(batch.token_ids, dtype=torch.int32)
         ints[1, :num_seqs] = torch.tensor(batch.context_lens, dtype=torch.int32)
         tables = block_table_tensor([t[: self.max_table] for t in batch.page_tables], torch.device("cpu"))
-        self.tokens[:bucket].copy_(ints[0])
-        self.seq_lens[:bucket].copy_(ints[1])
-        self.block_tables[:num_seqs, : tables.shape[1]].copy_(tables)
+        self._upload(self.tokens[:bucket], ints[0])
+        self._upload(self.seq_lens[:bucket], ints[1])
+        self._upload(self.block_tables[:num_seqs, : tables.shape[1]], tables)
         return bucket
+
+    def _upload(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """Host -> device copy that never waits for queued work: from pageable memory the driver may
+        wait for the stream before it stages the copy, which would stall the host behind a chunk."""
+        if self.use_graphs:
+            src = src.pin_memory()
+        dst.copy_(src, non_blocking=True)
 
     def _num_splits(self, batch_size: int, max_context: int) -> int:
         """Attention splits per sequence: about 8 programs per SM (each walks its pages with dependent
@@ -277,10 +321,12 @@ class GraphExecutor:
         graph.replay()
         return out
 
-    def _check(self, batch: StepBatch) -> None:
-        if len(batch.token_ids) != sum(batch.query_lens) or min(batch.query_lens, default=1) < 1:
+    def _check(self, batch: StepBatch, num_steps: int = 1, resume: bool = False) -> None:
+        """`batch` must fit, run for `num_steps` greedy steps; a resumed batch's token_ids are not read."""
+        if min(batch.query_lens, default=1) < 1 or (not resume and len(batch.token_ids) != sum(batch.query_lens)):
             raise ValueError("StepBatch: every sequence needs >= 1 new token and token_ids must hold all of them")
-        for i, (end, table) in enumerate(zip(batch.context_lens, batch.page_tables, strict=True)):
+        for i, (context, table) in enumerate(zip(batch.context_lens, batch.page_tables, strict=True)):
+            end = context + num_steps - 1
             if end > self.max_context:
                 raise ValueError(f"sequence {i}: context {end} exceeds this executor's limit {self.max_context}")
             if len(table) * self.page_size < end:
