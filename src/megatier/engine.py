@@ -1,6 +1,9 @@
 """The engine: requests in, one step at a time: schedule -> executor.forward -> sample -> detokenize.
 
-It is synchronous and single-threaded on purpose; the HTTP server drives it from one background thread.
+It is single-threaded on purpose; the HTTP server drives it from one background thread. Plain-greedy
+decode batches run k steps on the device per host sync; with an executor that can queue such chunks
+(`decode_greedy_async`), the engine queues the next chunk before it reads the current one's tokens, so
+stop checks, detokenization and scheduling overlap the device's work instead of idling it.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import torch
 
 from megatier.detokenizer import IncrementalDetokenizer
 from megatier.errors import MegatierError
-from megatier.executors.base import Executor, StepBatch
+from megatier.executors.base import Executor, GreedyChunk, StepBatch
 from megatier.sampling import SampleRow, SamplingParams, sample
 from megatier.scheduler import Scheduler, Sequence, Status
 from megatier.tokenizer import Tokenizer
@@ -69,6 +72,15 @@ class SequenceUpdate:
     new_logprobs: list[dict[int, float]] = field(default_factory=list)
 
 
+@dataclass
+class _Chunk:
+    """Greedy decode steps queued on the device whose tokens the host has not taken yet."""
+
+    seqs: list[Sequence]
+    num_steps: int
+    tokens: GreedyChunk
+
+
 class Engine:
     def __init__(
         self,
@@ -97,6 +109,11 @@ class Engine:
         self.requests: dict[str, list[Sequence]] = {}
         self._seeds = torch.Generator().manual_seed(seed)
         self._ids = itertools.count()
+        # At most one chunk is in flight between steps. Its sequences' num_computed and token_ids do not
+        # count it yet; it runs for all of them, so a sequence that ends meanwhile (stop, abort) has pages
+        # freed that the chunk still writes. All device work is queued on one CUDA stream, so a later
+        # step that reuses those pages runs after the chunk; on CPU, executors run eagerly.
+        self._in_flight: _Chunk | None = None
 
     # -- request lifecycle ---------------------------------------------------------------------------------
 
@@ -156,11 +173,16 @@ class Engine:
     # -- one step -----------------------------------------------------------------------------------------
 
     def step(self) -> list[SequenceUpdate]:
+        if self._in_flight is not None:
+            chunk, self._in_flight = self._in_flight, None
+            return self._pipeline(chunk)
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return []
-        multi = self._multi_step_count(batch)
+        multi = self._greedy_steps(batch.seqs)
         if multi > 1:
+            if hasattr(self.executor, "decode_greedy_async"):
+                return self._pipeline(self._queue_chunk(batch.seqs, multi, resume=False))
             return self._decode_multi(batch.seqs, multi)
         logits = self.executor.forward(
             StepBatch(
@@ -195,31 +217,49 @@ class Engine:
             banned = tuple(p.stop_token_ids) + (() if p.ignore_eos else self.eos_token_ids)
         return SampleRow(p, seq.generator, seq.prompt_ids, seq.output_ids, banned)
 
-    def _multi_step_count(self, batch) -> int:
-        """How many greedy decode steps can run on the device before the host must look (1: no fast path)."""
-        decode_greedy = getattr(self.executor, "decode_greedy", None)
-        if decode_greedy is None or self.decode_steps_per_sync <= 1 or self.scheduler.waiting:
-            return 1
-        seqs = batch.seqs
+    def _greedy_steps(self, seqs: list[Sequence], ahead: int = 0) -> int:
+        """How many greedy decode steps the device may run for `seqs`, counted from `ahead` tokens past
+        what the host has taken (the steps of a chunk in flight, assumed kept by every sequence); 0
+        when it must not. Pages for them are ensured."""
+        if not hasattr(self.executor, "decode_greedy") or self.decode_steps_per_sync <= 1 or self.scheduler.waiting:
+            return 0
+        # Someone else waits for a turn; or, with a chunk in flight, a sequence ended (it left `running`).
+        if len(seqs) != len(self.scheduler.running):
+            return 0
         if not all(s.in_decode and s.params.plain_greedy and len(s.output_ids) >= s.params.min_tokens for s in seqs):
-            return 1
-        if len(seqs) != len(self.scheduler.running):  # someone else is waiting for a turn
-            return 1
+            return 0
         # Run until the longest-lived sequence would stop; one that stops sooner has its extra tokens
         # dropped (the batch keeps full speed instead of falling back to one step per sync). No sequence
         # may write KV past the context limit, though.
-        wanted = max(self._tokens_left(s) for s in seqs)
-        room = min(self.max_model_len - s.num_computed for s in seqs)
+        wanted = max(self._tokens_left(s) for s in seqs) - ahead
+        room = min(self.max_model_len - s.num_computed for s in seqs) - ahead
         k = min(self.decode_steps_per_sync, wanted, room)
-        if k > 1 and not self.scheduler.ensure_capacity(seqs, k):
-            return 1
+        if k < 1 or not self.scheduler.ensure_capacity(seqs, ahead + k):
+            return 0
         return k
 
     def _tokens_left(self, seq: Sequence) -> int:
         limit = self.max_model_len - len(seq.token_ids)
         if seq.params.max_tokens is not None:
             limit = min(limit, seq.params.max_tokens - len(seq.output_ids))
-        return max(limit, 1)
+        return limit
+
+    def _queue_chunk(self, seqs: list[Sequence], k: int, resume: bool, ahead: int = 0) -> _Chunk:
+        batch = StepBatch(
+            token_ids=[] if resume else [s.token_ids[-1] for s in seqs],
+            starts=[s.num_computed + ahead for s in seqs],
+            query_lens=[1] * len(seqs),
+            page_tables=[s.table.pages for s in seqs],
+        )
+        return _Chunk(seqs, k, self.executor.decode_greedy_async(batch, k, resume=resume))
+
+    def _pipeline(self, chunk: _Chunk) -> list[SequenceUpdate]:
+        """Queue the chunk after `chunk` when it is safe (the same sequences, all still running, alone,
+        plain greedy, pages ensured), then take `chunk`'s tokens while the device runs the next one."""
+        k = self._greedy_steps(chunk.seqs, ahead=chunk.num_steps)
+        if k:
+            self._in_flight = self._queue_chunk(chunk.seqs, k, resume=True, ahead=chunk.num_steps)
+        return self._take(chunk.seqs, chunk.num_steps, chunk.tokens.result())
 
     def _decode_multi(self, seqs: list[Sequence], k: int) -> list[SequenceUpdate]:
         tokens = self.executor.decode_greedy(
@@ -231,11 +271,16 @@ class Engine:
             ),
             k,
         ).tolist()
+        return self._take(seqs, k, tokens)
+
+    def _take(self, seqs: list[Sequence], k: int, tokens: list[list[int]]) -> list[SequenceUpdate]:
+        """Append k greedy steps' tokens [k][len(seqs)]; a sequence that ended (or was aborted) while
+        they were computed gets none."""
         updates = []
         for col, seq in enumerate(seqs):
-            seq.num_computed += k
-            new = [row[col] for row in tokens]
-            updates.append(self._append(seq, new, []))
+            if seq.status is Status.RUNNING:
+                seq.num_computed += k
+                updates.append(self._append(seq, [row[col] for row in tokens], []))
         return updates
 
     def _append(self, seq: Sequence, new_tokens: list[int], new_logprobs: list[dict[int, float]]) -> SequenceUpdate:
