@@ -213,7 +213,7 @@ class Engine:
     def _sample_row(self, seq: Sequence) -> SampleRow:
         p = seq.params
         banned: tuple[int, ...] = ()
-        if len(seq.output_ids) < p.min_tokens:
+        if seq.num_output < p.min_tokens:
             banned = tuple(p.stop_token_ids) + (() if p.ignore_eos else self.eos_token_ids)
         return SampleRow(p, seq.generator, seq.prompt_ids, seq.output_ids, banned)
 
@@ -226,7 +226,7 @@ class Engine:
         # Someone else waits for a turn; or, with a chunk in flight, a sequence ended (it left `running`).
         if len(seqs) != len(self.scheduler.running):
             return 0
-        if not all(s.in_decode and s.params.plain_greedy and len(s.output_ids) >= s.params.min_tokens for s in seqs):
+        if not all(s.in_decode and s.params.plain_greedy and s.num_output >= s.params.min_tokens for s in seqs):
             return 0
         # Run until the longest-lived sequence would stop; one that stops sooner has its extra tokens
         # dropped (the batch keeps full speed instead of falling back to one step per sync). No sequence
@@ -241,7 +241,7 @@ class Engine:
     def _tokens_left(self, seq: Sequence) -> int:
         limit = self.max_model_len - len(seq.token_ids)
         if seq.params.max_tokens is not None:
-            limit = min(limit, seq.params.max_tokens - len(seq.output_ids))
+            limit = min(limit, seq.params.max_tokens - seq.num_output)
         return limit
 
     def _queue_chunk(self, seqs: list[Sequence], k: int, resume: bool, ahead: int = 0) -> _Chunk:
@@ -313,7 +313,7 @@ class Engine:
 
     def _check_stop(self, seq: Sequence, token: int) -> tuple[str | None, str | int | None]:
         p = seq.params
-        n_out = len(seq.output_ids)
+        n_out = seq.num_output
         if n_out >= p.min_tokens:
             if token in p.stop_token_ids:
                 return "stop", token

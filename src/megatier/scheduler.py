@@ -53,6 +53,11 @@ class Sequence:
         return self.token_ids[len(self.prompt_ids) :]
 
     @property
+    def num_output(self) -> int:
+        """len(output_ids) without copying them: the engine asks once per token."""
+        return len(self.token_ids) - len(self.prompt_ids)
+
+    @property
     def num_uncomputed(self) -> int:
         return len(self.token_ids) - self.num_computed
 
