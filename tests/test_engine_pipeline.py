@@ -6,6 +6,7 @@ the CPU and keeps the state a resumed chunk continues from."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 
 import pytest
@@ -20,6 +21,8 @@ from megatier.executors.reference import ReferenceExecutor
 from megatier.kv.pages import KVCache
 from megatier.loader import load_safetensors_weights
 from megatier.scheduler import Scheduler
+from megatier.serve.async_engine import AsyncEngine, RequestStream
+from megatier.serve.metrics import ServerMetrics
 from megatier.tokenizer import Tokenizer
 
 PAGE = 4
@@ -306,3 +309,38 @@ def test_abort_mid_flight_frees_pages_and_drops_tokens(model):
     assert {u.request_id for u in engine.step()} == {a}  # b's tokens from chunk 2 are dropped
     engine.step()
     assert engine.executor.calls[-2][:2] == ("async", 1)  # a alone, from its own tokens again
+
+
+def test_async_engine_serves_a_pipelined_engine(model):
+    """The server's engine thread steps a pipelined engine while requests arrive and one is cancelled
+    mid-stream: the others stream exactly what lone requests get, and every page comes back."""
+    prompts = [prompt(n, n) for n in (5, 9, 3, 7)]
+    params = greedy(max_tokens=20, ignore_eos=True)
+    alone = [drive(make_engine(model, "one"), {"x": Req(p, params)})[("x", 0)].tokens for p in prompts]
+    engine = make_engine(model, "pipelined")
+
+    async def serve() -> list[list[int]]:
+        server = AsyncEngine(engine, ServerMetrics(engine.executor.num_pages), max_queue_len=16)
+        server.start()
+
+        async def collect(stream: RequestStream, cancel_after: int | None) -> list[int]:
+            tokens = []
+            async for _, update in stream:
+                tokens += update.new_token_ids
+                if cancel_after is not None and len(tokens) >= cancel_after:
+                    stream.close()
+                    break
+            return tokens
+
+        first = server.submit([prompts[0]], params)
+        await asyncio.sleep(0.05)  # the others join a running batch
+        streams = [first] + [server.submit([p], params) for p in prompts[1:]]
+        got = await asyncio.gather(*(collect(s, 6 if i == 1 else None) for i, s in enumerate(streams)))
+        await server.stop()
+        return got
+
+    got = asyncio.run(serve())
+    assert [got[i] for i in (0, 2, 3)] == [alone[i] for i in (0, 2, 3)]
+    assert len(got[1]) >= 6 and got[1] == alone[1][: len(got[1])]
+    assert "resume" in [c[0] for c in engine.executor.calls]
+    assert engine.scheduler.num_pages_in_use == 0

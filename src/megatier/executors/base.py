@@ -80,16 +80,20 @@ class GreedyChunk:
 
 
 class AsyncGreedyDecoder(Protocol):
-    """An executor that can queue greedy decode chunks so the host works while the device decodes.
+    """An executor that can queue greedy decode chunks, so the host works while the device decodes.
+    It offers the synchronous `decode_greedy(batch, num_steps) -> [num_steps, B] int64 tensor` too.
 
-    `decode_greedy_async(batch, num_steps)` queues `num_steps` greedy steps for a decode batch (one new
-    token per sequence at `starts`, page tables sized for num_steps tokens from there) and returns at
-    once; step 0 feeds `batch.token_ids`, each later step the previous argmax. With `resume=True` the
-    same sequences, in the same order, continue from the state the previous chunk left on the device
-    (each one's next input token and position): `token_ids` is ignored, `starts` must equal the
-    previous chunk's starts + its num_steps (else MegatierError), and page tables may have grown since
-    (only the new entries need uploading). Any `forward` call in between ends what a resume can
-    continue from. Work is queued in order on one stream, so a later step that reuses the pages of a
-    sequence that finished meanwhile runs after the chunk that still writes them."""
+    `decode_greedy_async(batch, num_steps)` queues `num_steps` greedy steps of a decode batch (one new
+    token per sequence at `starts`; page tables hold room for num_steps tokens from there) on the
+    current CUDA stream and returns without waiting for the device; step 0 feeds `batch.token_ids`,
+    each later step the previous argmax. `result()` gives every row's tokens, also of rows whose
+    sequence has ended since (the caller drops them).
+
+    `resume=True`: the same sequences, in the same order, continue from the state the previous chunk
+    left on the device (each one's next input token and position). `token_ids` is not read (the engine
+    passes []); `starts` must equal the previous chunk's starts + its num_steps, else MegatierError;
+    page tables may have grown (only the new entries need uploading). A `forward` call in between ends
+    what a resume can continue from. Since everything runs in order on one stream, a later step that
+    reuses the pages of a sequence that ended meanwhile runs after the chunk that still writes them."""
 
     def decode_greedy_async(self, batch: StepBatch, num_steps: int, *, resume: bool = False) -> GreedyChunk: ...
