@@ -121,7 +121,7 @@ class Dims:
 
 
 TAG_VERSIONS = 512  # versions per step of a tagged buffer (kernel/common.cuh: TAG_VERSIONS)
-TAGGED = ("resid", "q", "attn_out")
+TAGGED = {"resid": "resid_tagged", "q": "q_tagged", "attn_out": "attn_tagged", "kvnew": "kvnew"}
 
 
 def version_tag(epoch: int, version: int) -> int:
@@ -204,7 +204,7 @@ class StepBuffers:
 
     def stamp(self, name: str, tag: int) -> None:
         """Mark every value of tagged buffer `name` as written with `tag` (tests set inputs directly)."""
-        getattr(self, f"{name}_tagged" if name in TAGGED else name).view(torch.int32)[..., 1::2].fill_(tag)
+        getattr(self, TAGGED[name]).view(torch.int32)[..., 1::2].fill_(tag)
 
     def poison(self) -> None:
         """Fill every activation with NaN so an unwritten element cannot pass a test."""

@@ -101,28 +101,28 @@ __device__ bool op_attn(Ctx& cx, const int* in) {
     const Span sp = attn_span(in, pos_of(cx, field(in, F_A0)));
     const int b = sp.b, kvh = sp.kvh;
     const int sub = cx.lane / LPK, dl = cx.lane % LPK;
-    // q and the current position's K/V (written this step by other SMs) are polled as tagged words; the
-    // streamed chunks of earlier positions are processed after that.
-    const bool current = cx.warp == 0 && sp.old_hi < sp.hi;
+    // q and the current position's K/V (written this step by other SMs) are tagged words; the streamed
+    // chunks of earlier positions are processed after them. Warp 0 takes the current position.
+    const bool has_current = sp.old_hi < sp.hi;
+    const bool current = cx.warp == 0 && has_current;
     const uint32_t tag = tag_of(cx, l);
-    begin_tagged();
+    if (!wait_for(cx, in)) return false;
 
-    // Polled one word per thread into shared memory (few registers: attention keeps many live):
-    // [GROUP * HEAD_DIM] q, then the current K and V [2][HEAD_DIM]. The first K/V word is requested
-    // before q is waited for.
+    // Read (polled if late) one word per thread into shared memory (few registers: attention keeps many
+    // live): [GROUP * HEAD_DIM] q, then the current K and V [2][HEAD_DIM].
     float* st = attn_smem(cx);
     const u64* qsrc = param<u64>(cx, P_Q) + b * Q_SIZE + kvh * GROUP * HEAD_DIM;
     const u64* kvsrc = param<u64>(cx, P_KVNEW) + (((size_t)l * BATCH + b) * 2 * KV_HEADS + kvh) * HEAD_DIM;
     auto kv_word = [&](int idx) { return kvsrc + (idx / HEAD_DIM) * KV_HEADS * HEAD_DIM + idx % HEAD_DIM; };
     float first_kv[1];
-    uint32_t kv_need = current && cx.tid < 2 * HEAD_DIM ? 1u : 0u;
+    uint32_t kv_need = has_current && cx.tid < 2 * HEAD_DIM ? 1u : 0u;
     read_tagged<1>(kv_word(cx.tid), kv_need, tag, first_kv);
     for (int idx = cx.tid; idx < GROUP * HEAD_DIM; idx += NCT) {
         float v[1];
         poll_tagged<1>(cx, qsrc + idx, 1u, tag, v);
         st[idx] = v[0];
     }
-    if (current) {
+    if (has_current) {
         poll_tagged<1>(cx, kv_word(cx.tid), kv_need, tag, first_kv);
         if (cx.tid < 2 * HEAD_DIM) st[GROUP * HEAD_DIM + cx.tid] = first_kv[0];
         for (int idx = cx.tid + NCT; idx < 2 * HEAD_DIM; idx += NCT) {
@@ -133,7 +133,6 @@ __device__ bool op_attn(Ctx& cx, const int* in) {
     }
     consumer_bar();
     if (cta_failed(cx)) return false;
-    stamp_ready(cx);
 
     float q[GROUP][8], o[GROUP][8], m[GROUP], lsum[GROUP];
     const float scale = rsqrtf(static_cast<float>(HEAD_DIM)) * LOG2E;

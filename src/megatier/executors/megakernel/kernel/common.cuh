@@ -152,11 +152,6 @@ __device__ bool wait_counter(Ctx& cx, int ctr, uint32_t target) {
     return flags_smem(cx)[0] == 0;
 }
 
-// Timeline: the instruction's inputs have all arrived (after the barrier that follows the polling).
-__device__ __forceinline__ void stamp_ready(const Ctx& cx) {
-    if (TIMELINE && cx.tid == 0) cx.stamp[1] = global_timer();
-}
-
 // An instruction's dependency: its counter wait (if any), always ending in a consumer barrier so that
 // whatever the instruction prepared before it is visible to every consumer thread.
 __device__ bool wait_for(Ctx& cx, const int* in) {
@@ -166,14 +161,16 @@ __device__ bool wait_for(Ctx& cx, const int* in) {
     } else {
         consumer_bar();
     }
-    stamp_ready(cx);
+    if (TIMELINE && cx.tid == 0) cx.stamp[1] = global_timer();
     return true;
 }
 
 // ---- tagged activations ----------------------------------------------------------------------------
 // The residual, q, the current K/V and the attention output are written as tagged words (ptx.cuh); the
-// tag names the step (epoch) and the version within it, so a reader polls the words it needs until they
-// carry the version it wants, and a stale word from an earlier step or layer can never pass. Versions:
+// tag names the step (epoch) and the version within it. Their producers signal counters without a fence:
+// a reader still waits for the counter (one thread polls, so L2 sees little polling traffic; polling
+// the data from every thread measured slower), then reads the words and checks their tags, polling only
+// the few that are late. A stale word from an earlier step or layer can never pass. Versions:
 // residual 2l + 1 after OPROJ of layer l and 2l + 2 after DOWN (so QKV of layer l reads 2l); q, K/V and
 // attention output of layer l are version l. layout.py's version_tag mirrors this.
 constexpr uint32_t TAG_VERSIONS = 512;
@@ -197,6 +194,20 @@ __device__ __noinline__ bool spin_tagged(const Ctx& cx, const u64* p, uint32_t t
             }
         }
     }
+}
+
+// Read N words at once (no branch on their contents, so consecutive calls overlap); true if all carry
+// `tag`.
+template <int N>
+__device__ __forceinline__ bool fetch_tagged(const u64* base, uint32_t tag, float (&out)[N]) {
+    bool ok = true;
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+        const u64 w = ld_relaxed(base + i);
+        out[i] = value_part(w);
+        ok &= tag_part(w) == tag;
+    }
+    return ok;
 }
 
 // One round of polling: read every word still needed at once; clear the bits of those that carry `tag`,
@@ -243,10 +254,6 @@ __device__ __forceinline__ void poll_tagged(const Ctx& cx, const u64* base, uint
 
 // After a consumer barrier: did any thread give up on its data?
 __device__ __forceinline__ bool cta_failed(const Ctx& cx) { return flags_smem(cx)[0] != 0; }
-
-// The start of an instruction whose inputs are tagged: no counter to wait for, the readers poll (what
-// was prepared before is now visible to all consumer threads).
-__device__ __forceinline__ void begin_tagged() { consumer_bar(); }
 
 
 // After every consumer thread has stored its outputs: make them visible at GPU scope, then add to the
@@ -325,14 +332,18 @@ __device__ __forceinline__ NormWeights load_norm_weights(const Ctx& cx, const bf
     return nw;
 }
 
-// Sequence b's residual elements [e, e + 4) of `version`, polled; or its embedding row (layer 0).
-__device__ __forceinline__ float4 load_input4(const Ctx& cx, bool from_embed, uint32_t tag, int b, int e) {
+// Sequence b's residual elements [e, e + 4) at `tag` (`poll`: until they carry it; else one read, and
+// ok becomes false if any does not), or its embedding row (layer 0).
+__device__ __forceinline__ float4 load_input4(const Ctx& cx, bool from_embed, uint32_t tag, int b, int e, bool poll,
+                                              bool& ok) {
     if (from_embed) {
         const uint2 raw = __ldg(reinterpret_cast<const uint2*>(param<bf16>(cx, P_EMBED) + (size_t)token_of(cx, b) * HIDDEN + e));
         return make_float4(bf16_lo(raw.x), bf16_hi(raw.x), bf16_lo(raw.y), bf16_hi(raw.y));
     }
+    const u64* r = param<u64>(cx, P_RESID) + b * HIDDEN + e;
     float v[4];
-    poll_tagged<4>(cx, param<u64>(cx, P_RESID) + b * HIDDEN + e, 0xfu, tag, v);
+    if (poll) poll_tagged<4>(cx, r, 0xfu, tag, v);
+    else ok &= fetch_tagged<4>(r, tag, v);
     return make_float4(v[0], v[1], v[2], v[3]);
 }
 
@@ -342,24 +353,37 @@ __device__ bool stage_norm(const Ctx& cx, bool from_embed, int version, const No
     constexpr int KEEP = BATCH <= 2 ? BATCH : 0;  // sequences whose inputs stay in registers
     const uint32_t tag = tag_of(cx, version);
     float4 x[KEEP ? KEEP : 1][NV];
+    float ss[BATCH];
+    // One pass reads everything at once; a thread that met a late word redoes its part, polling.
+    auto sums = [&](bool poll) {
+        bool ok = true;
+#pragma unroll
+        for (int b = 0; b < BATCH; ++b) {
+            ss[b] = 0.f;
+#pragma unroll
+            for (int v = 0; v < NV; ++v) {
+                const int e = (cx.tid + v * NCT) * 4;
+                const float4 xi =
+                    e < HIDDEN ? load_input4(cx, from_embed, tag, b, e, poll, ok) : make_float4(0.f, 0.f, 0.f, 0.f);
+                if (b < KEEP) x[b < KEEP ? b : 0][v] = xi;
+                ss[b] += xi.x * xi.x + xi.y * xi.y + xi.z * xi.z + xi.w * xi.w;
+            }
+        }
+        return ok;
+    };
+    if (!sums(false)) sums(true);
     float* stat = stat_smem(cx);
 #pragma unroll
     for (int b = 0; b < BATCH; ++b) {
-        float ss = 0.f;
+        float t = ss[b];
 #pragma unroll
-        for (int v = 0; v < NV; ++v) {
-            const int e = (cx.tid + v * NCT) * 4;
-            const float4 xi = e < HIDDEN ? load_input4(cx, from_embed, tag, b, e) : make_float4(0.f, 0.f, 0.f, 0.f);
-            if (b < KEEP) x[b][v] = xi;
-            ss += xi.x * xi.x + xi.y * xi.y + xi.z * xi.z + xi.w * xi.w;
-        }
-#pragma unroll
-        for (int off = 16; off > 0; off >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, off);
-        if (cx.lane == 0) stat[cx.warp * BATCH + b] = ss;
+        for (int off = 16; off > 0; off >>= 1) t += __shfl_xor_sync(0xffffffffu, t, off);
+        if (cx.lane == 0) stat[cx.warp * BATCH + b] = t;
     }
     consumer_bar();
     if (cta_failed(cx)) return false;
     bf16* act = act_smem(cx);
+    bool unused = true;
 #pragma unroll
     for (int b = 0; b < BATCH; ++b) {
         float total = 0.f;
@@ -369,7 +393,7 @@ __device__ bool stage_norm(const Ctx& cx, bool from_embed, int version, const No
         for (int v = 0; v < NV; ++v) {
             const int e = (cx.tid + v * NCT) * 4;
             if (e >= HIDDEN) continue;
-            const float4 xi = b < KEEP ? x[b < KEEP ? b : 0][v] : load_input4(cx, from_embed, tag, b, e);
+            const float4 xi = b < KEEP ? x[b < KEEP ? b : 0][v] : load_input4(cx, from_embed, tag, b, e, false, unused);
             const uint2 wr = nw.w[v];
             bf16* dst = act + b * ACT_STRIDE + e;
             dst[0] = __float2bfloat16(xi.x * r * bf16_lo(wr.x));
@@ -382,20 +406,27 @@ __device__ bool stage_norm(const Ctx& cx, bool from_embed, int version, const No
     return true;
 }
 
-// Tagged fp32 words [BATCH][K] of `version`, polled, rounded to bf16 into act_smem.
+// Tagged fp32 words [BATCH][K] of `version`, rounded to bf16 into act_smem. One read of everything;
+// a thread that met a late word redoes its part, polling.
 __device__ bool stage_tagged(const Ctx& cx, const u64* src, int K, int version) {
     const uint32_t tag = tag_of(cx, version);
     bf16* act = act_smem(cx);
-    for (int b = 0; b < BATCH; ++b) {
-        for (int e = cx.tid * 8; e < K; e += NCT * 8) {
-            float v[8];
-            poll_tagged<8>(cx, src + b * K + e, 0xffu, tag, v);
-            __nv_bfloat162 packed[4];
+    auto pass = [&](bool poll) {
+        bool ok = true;
+        for (int b = 0; b < BATCH; ++b) {
+            for (int e = cx.tid * 8; e < K; e += NCT * 8) {
+                float v[8];
+                if (poll) poll_tagged<8>(cx, src + b * K + e, 0xffu, tag, v);
+                else ok &= fetch_tagged<8>(src + b * K + e, tag, v);
+                __nv_bfloat162 packed[4];
 #pragma unroll
-            for (int i = 0; i < 4; ++i) packed[i] = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]);
-            *reinterpret_cast<uint4*>(act + b * ACT_STRIDE + e) = *reinterpret_cast<const uint4*>(packed);
+                for (int i = 0; i < 4; ++i) packed[i] = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]);
+                *reinterpret_cast<uint4*>(act + b * ACT_STRIDE + e) = *reinterpret_cast<const uint4*>(packed);
+            }
         }
-    }
+        return ok;
+    };
+    if (!pass(false)) pass(true);
     consumer_bar();
     return !cta_failed(cx);
 }

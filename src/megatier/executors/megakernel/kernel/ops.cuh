@@ -125,9 +125,7 @@ __device__ bool op_qkv(Ctx& cx, const int* in) {
             if (k < tiles) prep[k] = qkv_out(cx, l, t0 + k, row, b);
     }
     const NormWeights nw = load_norm_weights(cx, param<bf16>(cx, P_IN_NORM) + l * HIDDEN);
-    begin_tagged();
-    if (!stage_norm(cx, l == 0, 2 * l, nw)) return false;
-    stamp_ready(cx);
+    if (!wait_for(cx, in) || !stage_norm(cx, l == 0, 2 * l, nw)) return false;
     float* y = head_smem(cx);
     run_tiles<false>(
         cx, in, NoPrefetch{},
@@ -160,8 +158,7 @@ __device__ bool op_qkv(Ctx& cx, const int* in) {
 
 // OPROJ and DOWN: staged activations (attention output, or SiLU output) times weight rows, added to the
 // residual, which they read at version `in_version` and write at in_version + 1 (tagged). In layer 0
-// OPROJ adds to the token's embedding row instead. OPROJ polls its tagged inputs; DOWN waits for the
-// GATEUP counter (its SiLU input is plain bf16). The residual rows are read alongside the activations.
+// OPROJ adds to the token's embedding row instead. The residual rows are read alongside the activations.
 template <bool STREAM>
 __device__ bool residual_matmul(Ctx& cx, const int* in, bool embed, const bf16* bias, int in_version) {
     const int t0 = field(in, F_A0), tiles = field(in, F_A1) - t0;
@@ -180,13 +177,11 @@ __device__ bool residual_matmul(Ctx& cx, const int* in, bool embed, const bf16* 
             else need |= 1u << k;
         }
     }
-    if (oproj) begin_tagged();
-    else if (!wait_for(cx, in)) return false;
+    if (!wait_for(cx, in)) return false;
     const uint32_t tag_in = tag_of(cx, in_version), tag_out = tag_of(cx, in_version + 1);
     poll_tagged<PREP, TILE>(cx, resid + b * HIDDEN + t0 * TILE + row, need, tag_in, base);
     if (oproj) {
         if (!stage_tagged(cx, param<u64>(cx, P_ATTN_OUT), Q_SIZE, l)) return false;
-        stamp_ready(cx);
     } else if (!STREAM) {
         stage_copy(cx, param<bf16>(cx, P_ACT), INTER);
     }
@@ -223,9 +218,7 @@ __device__ bool op_oproj(Ctx& cx, const int* in) {
 __device__ bool op_gateup(Ctx& cx, const int* in) {
     const int l = field(in, F_LAYER), t0 = field(in, F_A0);
     const NormWeights nw = load_norm_weights(cx, param<bf16>(cx, P_POST_NORM) + l * HIDDEN);
-    begin_tagged();
-    if (!stage_norm(cx, false, 2 * l + 1, nw)) return false;
-    stamp_ready(cx);
+    if (!wait_for(cx, in) || !stage_norm(cx, false, 2 * l + 1, nw)) return false;
     bf16* act = param<bf16>(cx, P_ACT);
     float gate = 0.f;  // kept by the thread that owns (row, b) from the gate tile to the up tile
     run_tiles<false>(
@@ -267,9 +260,7 @@ __device__ __forceinline__ unsigned long long argmax_key(float v, int idx) {
 __device__ bool op_lmhead(Ctx& cx, const int* in) {
     const int t0 = field(in, F_A0);
     const NormWeights nw = load_norm_weights(cx, param<bf16>(cx, P_FINAL_NORM));
-    begin_tagged();
-    if (!stage_norm(cx, false, 2 * LAYERS, nw)) return false;
-    stamp_ready(cx);
+    if (!wait_for(cx, in) || !stage_norm(cx, false, 2 * LAYERS, nw)) return false;
     float* logits = param<float>(cx, P_LOGITS);
     unsigned long long best = 0;
     run_tiles<false>(
