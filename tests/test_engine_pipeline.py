@@ -7,13 +7,14 @@ the CPU and keeps the state a resumed chunk continues from."""
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass, field
 
 import pytest
 import torch
 
 from conftest import make_hf_model, write_byte_tokenizer
-from megatier import MegatierError, SamplingParams
+from megatier import LLM, MegatierError, SamplingParams
 from megatier.config import load_config
 from megatier.engine import Engine, SequenceUpdate
 from megatier.executors.base import GreedyChunk, StepBatch
@@ -344,3 +345,37 @@ def test_async_engine_serves_a_pipelined_engine(model):
     assert len(got[1]) >= 6 and got[1] == alone[1][: len(got[1])]
     assert "resume" in [c[0] for c in engine.executor.calls]
     assert engine.scheduler.num_pages_in_use == 0
+
+
+class WithoutAsync:
+    """An executor seen without decode_greedy_async: the engine takes its synchronous path."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def __getattr__(self, name: str):
+        if name == "decode_greedy_async":
+            raise AttributeError(name)
+        return getattr(self._inner, name)
+
+
+@pytest.mark.gpu
+def test_graph_engine_pipelined_equals_synchronous_chunks():
+    """The graph backend at the Llama-3.2-1B shape: pipelined chunks run the very graphs synchronous ones
+    do (same chunk sizes and buckets), so the tokens are identical. Prints both timings."""
+    llm = LLM("llama-3.2-1b", backend="graph", load_format="dummy", max_model_len=512, kv_cache_gb=2.0)
+    prompts = [torch.randint(0, 128256, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 40, 17)]
+    params = [greedy(max_tokens=n, ignore_eos=True) for n in (70, 33, 101)]
+    outputs = {}
+    for mode, executor in (("pipelined", llm.engine.executor), ("synchronous", WithoutAsync(llm.engine.executor))):
+        llm.engine.executor = executor
+        for batch in ([prompts[0]], prompts):
+            llm.generate(batch, params[: len(batch)])  # warm-up: graphs captured
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            outputs[mode, len(batch)] = [o.token_ids for o in llm.generate(batch, params[: len(batch)])]
+            print(f"{mode} batch {len(batch)}: {(time.perf_counter() - t0) * 1e3:.1f} ms")
+    for batch in (1, 3):
+        assert outputs["pipelined", batch] == outputs["synchronous", batch]
+    assert [len(t) for t in outputs["pipelined", 3]] == [70, 33, 101]
+    assert len(set(outputs["pipelined", 1][0])) > 3

@@ -314,8 +314,8 @@ def test_llama_1b_resumed_chunks_queue_without_waiting(llama_1b, num_seqs):
     prefill = StepBatch([t for p in prompts for t in p], [0] * num_seqs, prompt_lens, tables)
     graph = llama_executor(GraphExecutor, llama_1b, torch.bfloat16)
     first = [int(r.argmax()) for r in graph.forward(prefill)]
-    warm_up = queue_resumed_chunks(graph, first, prompt_lens, tables, [16] * 4)  # graphs, pinned buffers
-    [chunk.result() for chunk in warm_up]
+    for chunk in queue_resumed_chunks(graph, first, prompt_lens, tables, [16] * 4):  # graphs, pinned buffers
+        chunk.result()
 
     graph.forward(prefill)
     chunks = queue_resumed_chunks(graph, first, prompt_lens, tables, [16] * 4)
