@@ -25,7 +25,7 @@ from megakernel_helpers import (
 from megatier.executors.base import StepBatch
 from megatier.executors.megakernel.interp import Interpreter, unpack_index
 from megatier.executors.megakernel.isa import Op
-from megatier.executors.megakernel.layout import Dims, StepBuffers, choose_splits, version_tag
+from megatier.executors.megakernel.layout import Dims, StepBuffers, choose_splits
 from megatier.executors.megakernel.runner import MegakernelExecutor
 from megatier.executors.megakernel.schedule import Program, build_program
 from megatier.executors.reference import ReferenceExecutor
@@ -56,18 +56,6 @@ def _only(program: Program, op: Op, layer: int) -> Program:
     return Program(program.dims, program.num_sms, keep, queues)
 
 
-def _stamp_inputs(bufs: StepBuffers, cache: KVCache, op: Op, layer: int, layers: int, batch: StepBatch) -> None:
-    """Tag the inputs of `op` as their producers would have in step 0 (the kernel polls the tags)."""
-    resid = {Op.QKV: 2 * layer, Op.OPROJ: 2 * layer, Op.GATEUP: 2 * layer + 1, Op.DOWN: 2 * layer + 1}
-    bufs.stamp("resid", version_tag(0, resid.get(op, 2 * layers)))
-    bufs.stamp("attn_out", version_tag(0, layer))
-    bufs.stamp("q", version_tag(0, layer))
-    values = bufs.kvnew.view(torch.float32)[..., 0::2]  # [layers, B, K|V, kv_heads, head_dim]
-    for b, (p, table) in enumerate(zip(batch.starts, batch.page_tables, strict=True)):
-        values[layer, b] = cache.kv[table[p // PAGE], layer, :, :, p % PAGE].float()
-    bufs.stamp("kvnew", version_tag(0, layer))
-
-
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.float().cpu(), b.float().cpu()
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
@@ -94,7 +82,6 @@ def test_single_opcode_matches_interpreter(case, lengths, op):
     for name in ("resid", "q", "attn_out", "act"):
         t = getattr(bufs, name)
         t.copy_(torch.randn(t.shape, generator=gen, device=CUDA) * (0.01 if name == "q" else 1.0))  # K ~ 100
-    _stamp_inputs(bufs, cache, op, layer, cfg.num_layers, batch)
     cpu = StepBuffers(**{k: v.cpu().clone() for k, v in bufs.tensors().items()})
     cpu_cache = KVCache(cache.kv.cpu().clone())
     written = {Op.QKV: ["q"], Op.ATTN: ["attn_out"], Op.OPROJ: ["resid"], Op.GATEUP: ["act"], Op.DOWN: ["resid"]}

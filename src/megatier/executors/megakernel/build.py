@@ -32,7 +32,7 @@ PARAMS = (
     "embed", "qkv", "o", "gate_up", "down", "in_norm", "post_norm", "final_norm", "lm_head", "qkv_bias", "o_bias",
     "gate_up_bias", "down_bias", "q_norm", "k_norm", "kv", "rope", "resid", "q", "part_o", "part_ml", "attn_out",
     "act", "logits", "argmax", "counters", "state", "tokens", "pos", "table", "out_tokens", "out_cap", "program",
-    "qlen", "maxlen", "timeline", "diag", "kvnew",
+    "qlen", "maxlen", "timeline", "diag",
 )  # fmt: skip
 
 

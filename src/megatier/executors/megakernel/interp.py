@@ -189,14 +189,15 @@ class Interpreter:
             self._merge(d, b, kvh, nsplit, bufs)
             self._signal(bufs, (instr.done, 1))
 
-    def _merge(self, d: Dims, b: int, kvh: int, nsplit: int, bufs: StepBuffers) -> None:
+    @staticmethod
+    def _merge(d: Dims, b: int, kvh: int, nsplit: int, bufs: StepBuffers) -> None:
         m, lsum = bufs.part_ml[b, kvh, :nsplit, :, 0], bufs.part_ml[b, kvh, :nsplit, :, 1]  # [S, G]
         big = m.max(0).values
         scale = torch.where(m == float("-inf"), torch.zeros_like(m), torch.exp2(m - big))
         total = (lsum * scale).sum(0)
         out = (bufs.part_o[b, kvh, :nsplit] * scale[..., None]).sum(0) / total[:, None]  # [G, D]
         heads = slice(kvh * d.group * d.head_dim, (kvh + 1) * d.group * d.head_dim)
-        bufs.attn_out[b, heads] = out.reshape(-1).to(self.wdtype).float()  # the kernel rounds as it stores
+        bufs.attn_out[b, heads] = out.reshape(-1).to(bufs.attn_out.dtype)
 
     def _rows(self, instr: Instr, m: int) -> slice:
         return slice(instr.args[0] * TILE, min(instr.args[1] * TILE, m))
@@ -205,7 +206,7 @@ class Interpreter:
         d, w, layer = program.dims, self.w, instr.layer
         rows = self._rows(instr, d.hidden)
         bias = None if w.o_bias is None else w.o_bias[layer, rows]
-        y = self._gemv(bufs.attn_out.to(self.wdtype).float(), w.o[layer, rows], bias)
+        y = self._gemv(bufs.attn_out.float(), w.o[layer, rows], bias)
         base = self._embed_rows(bufs)[:, rows] if layer == 0 else bufs.resid[:, rows]
         bufs.resid[:, rows] = base + y
         self._signal(bufs, instr.signal)

@@ -120,36 +120,15 @@ class Dims:
         return Counters(self.layers, self.batch, self.kv_heads)
 
 
-TAG_VERSIONS = 512  # versions per step of a tagged buffer (kernel/common.cuh: TAG_VERSIONS)
-TAGGED = {"resid": "resid_tagged", "q": "q_tagged", "attn_out": "attn_tagged", "kvnew": "kvnew"}
-
-
-def version_tag(epoch: int, version: int) -> int:
-    """The tag the kernel writes beside a value: step `epoch`, `version` within it. The residual is at
-    version 2l after layer l-1 (0: none yet), 2l+1 after OPROJ of layer l; q, the current K/V and the
-    attention output of layer l are version l."""
-    return 1 + epoch * TAG_VERSIONS + version
-
-
-def _values(tagged: torch.Tensor) -> torch.Tensor:
-    """The fp32 halves of int64 tagged words (low half, little-endian), as a view."""
-    return tagged.view(torch.float32)[..., 0::2]
-
-
 @dataclass
 class StepBuffers:
-    """Everything a step reads or writes besides weights and KV. Shapes are in the field comments.
+    """Everything a step reads or writes besides weights and KV. Shapes are in the field comments."""
 
-    The residual, q, the current K/V and the attention output travel between SMs as tagged words (int64:
-    fp32 value, then the tag of the version that wrote it), so a reader polls data instead of a counter;
-    `resid`, `q` and `attn_out` are fp32 views of the values."""
-
-    resid_tagged: torch.Tensor  # int64 [B, hidden]: the residual stream
-    q_tagged: torch.Tensor  # int64 [B, q_size]: queries after norm and RoPE
-    kvnew: torch.Tensor  # int64 [layers, B, 2, kv_heads, head_dim]: this step's K/V (bf16-rounded values)
+    resid: torch.Tensor  # fp32 [B, hidden]: the residual stream
+    q: torch.Tensor  # fp32 [B, q_size]: queries after norm and RoPE
     part_o: torch.Tensor  # fp32 [B, kv_heads, S, group, head_dim]: unnormalized split outputs
     part_ml: torch.Tensor  # fp32 [B, kv_heads, S, group, 2]: split max (log2 units) and sum
-    attn_tagged: torch.Tensor  # int64 [B, q_size]: merged attention output (bf16-rounded values)
+    attn_out: torch.Tensor  # weight dtype [B, q_size]: merged attention output
     act: torch.Tensor  # weight dtype [B, inter]: SiLU(gate) * up
     logits: torch.Tensor  # fp32 [B, vocab]
     argmax: torch.Tensor  # int64 [B]: packed (orderable logit bits << 32 | ~index), 0 = empty
@@ -168,17 +147,13 @@ class StepBuffers:
         def i32(*shape: int) -> torch.Tensor:
             return torch.zeros(shape, dtype=torch.int32, device=device)
 
-        def i64(*shape: int) -> torch.Tensor:
-            return torch.zeros(shape, dtype=torch.int64, device=device)
-
         b, g = d.batch, d.group
         return cls(
-            resid_tagged=i64(b, d.hidden),
-            q_tagged=i64(b, d.q_size),
-            kvnew=i64(d.layers, b, 2, d.kv_heads, d.head_dim),
+            resid=f32(b, d.hidden),
+            q=f32(b, d.q_size),
             part_o=f32(b, d.kv_heads, d.splits, g, d.head_dim),
             part_ml=f32(b, d.kv_heads, d.splits, g, 2),
-            attn_tagged=i64(b, d.q_size),
+            attn_out=torch.zeros((b, d.q_size), dtype=dtype, device=device),
             act=torch.zeros((b, d.inter), dtype=dtype, device=device),
             logits=f32(b, d.vocab),
             argmax=torch.zeros(b, dtype=torch.int64, device=device),
@@ -189,22 +164,6 @@ class StepBuffers:
             table=i32(b, d.max_pages),
             out_tokens=torch.zeros((max_steps, b), dtype=torch.int64, device=device),
         )
-
-    @property
-    def resid(self) -> torch.Tensor:
-        return _values(self.resid_tagged)
-
-    @property
-    def q(self) -> torch.Tensor:
-        return _values(self.q_tagged)
-
-    @property
-    def attn_out(self) -> torch.Tensor:
-        return _values(self.attn_tagged)
-
-    def stamp(self, name: str, tag: int) -> None:
-        """Mark every value of tagged buffer `name` as written with `tag` (tests set inputs directly)."""
-        getattr(self, TAGGED[name]).view(torch.int32)[..., 1::2].fill_(tag)
 
     def poison(self) -> None:
         """Fill every activation with NaN so an unwritten element cannot pass a test."""
@@ -224,8 +183,6 @@ class StepBuffers:
         self.counters.zero_()
         self.state.zero_()
         self.argmax.zero_()
-        for t in (self.resid_tagged, self.q_tagged, self.kvnew, self.attn_tagged):
-            t.zero_()  # epochs restart at 0: no tag from an earlier run may match
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

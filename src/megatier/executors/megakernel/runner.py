@@ -25,12 +25,7 @@ from megatier.executors.megakernel.schedule import Program, build_program, valid
 from megatier.kv.pages import KVCache
 from megatier.weights import ModelWeights
 
-DIAG_KINDS = {
-    1: "a counter wait timed out",
-    2: "a weight chunk never arrived",
-    3: "the ring never drained",
-    4: "tagged data never arrived",
-}
+DIAG_KINDS = {1: "a counter wait timed out", 2: "a weight chunk never arrived", 3: "the ring never drained"}
 
 
 class _TorchStream:
@@ -232,10 +227,7 @@ class MegakernelExecutor:
             "maxlen": 0 if v.words is None else v.words.shape[1], "timeline": ptr(v.timeline),
             "diag": self.diag.data_ptr(),
         }  # fmt: skip
-        tagged = {"resid": bufs.resid_tagged, "q": bufs.q_tagged, "attn_out": bufs.attn_tagged, "kvnew": bufs.kvnew}
-        for name, t in tagged.items():
-            values[name] = ptr(t)
-        for name in ("part_o", "part_ml", "act", "logits", "argmax", "counters", "state"):
+        for name in ("resid", "q", "part_o", "part_ml", "attn_out", "act", "logits", "argmax", "counters", "state"):
             values[name] = ptr(getattr(bufs, name))
         for name in ("tokens", "pos", "table", "out_tokens"):
             values[name] = ptr(getattr(bufs, name))

@@ -101,46 +101,25 @@ __device__ bool op_attn(Ctx& cx, const int* in) {
     const Span sp = attn_span(in, pos_of(cx, field(in, F_A0)));
     const int b = sp.b, kvh = sp.kvh;
     const int sub = cx.lane / LPK, dl = cx.lane % LPK;
-    // q and the current position's K/V (written this step by other SMs) are tagged words; the streamed
-    // chunks of earlier positions are processed after them. Warp 0 takes the current position.
-    const bool has_current = sp.old_hi < sp.hi;
-    const bool current = cx.warp == 0 && has_current;
-    const uint32_t tag = tag_of(cx, l);
+    // The current position's K/V (written this step by another SM) are requested together with q right
+    // after the wait, so their latency overlaps; the streamed chunks are processed after that.
+    const bool current = cx.warp == 0 && sp.old_hi < sp.hi;
+    const bf16* kcur = param<bf16>(cx, P_KV) + current_kv_row(cx, l, 0, kvh, b) + dl * 8;
+    const bf16* vcur = param<bf16>(cx, P_KV) + current_kv_row(cx, l, 1, kvh, b) + dl * 8;
     if (!wait_for(cx, in)) return false;
 
-    // Read (polled if late) one word per thread into shared memory (few registers: attention keeps many
-    // live): [GROUP * HEAD_DIM] q, then the current K and V [2][HEAD_DIM].
-    float* st = attn_smem(cx);
-    const u64* qsrc = param<u64>(cx, P_Q) + b * Q_SIZE + kvh * GROUP * HEAD_DIM;
-    const u64* kvsrc = param<u64>(cx, P_KVNEW) + (((size_t)l * BATCH + b) * 2 * KV_HEADS + kvh) * HEAD_DIM;
-    auto kv_word = [&](int idx) { return kvsrc + (idx / HEAD_DIM) * KV_HEADS * HEAD_DIM + idx % HEAD_DIM; };
-    float first_kv[1];
-    uint32_t kv_need = has_current && cx.tid < 2 * HEAD_DIM ? 1u : 0u;
-    read_tagged<1>(kv_word(cx.tid), kv_need, tag, first_kv);
-    for (int idx = cx.tid; idx < GROUP * HEAD_DIM; idx += NCT) {
-        float v[1];
-        poll_tagged<1>(cx, qsrc + idx, 1u, tag, v);
-        st[idx] = v[0];
-    }
-    if (has_current) {
-        poll_tagged<1>(cx, kv_word(cx.tid), kv_need, tag, first_kv);
-        if (cx.tid < 2 * HEAD_DIM) st[GROUP * HEAD_DIM + cx.tid] = first_kv[0];
-        for (int idx = cx.tid + NCT; idx < 2 * HEAD_DIM; idx += NCT) {
-            float v[1];
-            poll_tagged<1>(cx, kv_word(idx), 1u, tag, v);
-            st[GROUP * HEAD_DIM + idx] = v[0];
-        }
-    }
-    consumer_bar();
-    if (cta_failed(cx)) return false;
-
     float q[GROUP][8], o[GROUP][8], m[GROUP], lsum[GROUP];
+    const float* qsrc = param<float>(cx, P_Q) + b * Q_SIZE + kvh * GROUP * HEAD_DIM + dl * 8;
     const float scale = rsqrtf(static_cast<float>(HEAD_DIM)) * LOG2E;
 #pragma unroll
     for (int g = 0; g < GROUP; ++g) {
+        const float4 a = ld_cg(reinterpret_cast<const float4*>(qsrc + g * HEAD_DIM));
+        const float4 c = ld_cg(reinterpret_cast<const float4*>(qsrc + g * HEAD_DIM + 4));
+        q[g][0] = a.x * scale, q[g][1] = a.y * scale, q[g][2] = a.z * scale, q[g][3] = a.w * scale;
+        q[g][4] = c.x * scale, q[g][5] = c.y * scale, q[g][6] = c.z * scale, q[g][7] = c.w * scale;
         m[g] = NEG_INF, lsum[g] = 0.f;
 #pragma unroll
-        for (int i = 0; i < 8; ++i) q[g][i] = st[g * HEAD_DIM + dl * 8 + i] * scale, o[g][i] = 0.f;
+        for (int i = 0; i < 8; ++i) o[g][i] = 0.f;
     }
     // One key per group of LPK lanes: scores reduced over the group, online softmax per lane.
     auto consume = [&](const float (&kf)[8], const float (&vf)[8], bool valid) {
@@ -161,17 +140,11 @@ __device__ bool op_attn(Ctx& cx, const int* in) {
             }
         }
     };
-    // The current position first (it is polled anyway), then the streamed earlier positions.
+    uint4 kr = make_uint4(0, 0, 0, 0), vr = kr;
     if (current) {
-        float kcur[8], vcur[8];
-#pragma unroll
-        for (int i = 0; i < 8; ++i) {
-            kcur[i] = st[GROUP * HEAD_DIM + dl * 8 + i];
-            vcur[i] = st[GROUP * HEAD_DIM + HEAD_DIM + dl * 8 + i];
-        }
-        consume(kcur, vcur, sub == 0);
+        kr = ld_cg(reinterpret_cast<const uint4*>(kcur));
+        vr = ld_cg(reinterpret_cast<const uint4*>(vcur));
     }
-    consumer_bar();  // the staging area is reused for the warps' partial results below
     for (int c = 0; c < sp.chunks; ++c) {
         wait_full(cx);
         const unsigned char* stage = ring_stage(cx, cx.stage);
@@ -186,6 +159,12 @@ __device__ bool op_attn(Ctx& cx, const int* in) {
             consume(kf, vf, valid);
         }
         release_stage(cx);
+    }
+    if (current) {
+        float kf[8], vf[8];
+        unpack8(kr, kf);
+        unpack8(vr, vf);
+        consume(kf, vf, sub == 0);
     }
     // Merge the key slots of the warp (lanes with the same dims), butterfly in a fixed order.
 #pragma unroll
@@ -215,9 +194,7 @@ __device__ bool op_attn(Ctx& cx, const int* in) {
     const size_t part = ((size_t)(b * KV_HEADS + kvh) * nsplit + s) * GROUP;
     float* part_o = param<float>(cx, P_PART_O);
     float* part_ml = param<float>(cx, P_PART_ML);
-    u64* out = param<u64>(cx, P_ATTN_OUT) + b * Q_SIZE + kvh * GROUP * HEAD_DIM;
-    // The output as a tagged word holding the bf16-rounded value (OPROJ multiplies it in bf16).
-    auto emit = [&](int idx, float v) { st_relaxed(out + idx, tagged(__bfloat162float(__float2bfloat16(v)), tag)); };
+    bf16* out = param<bf16>(cx, P_ATTN_OUT) + b * Q_SIZE + kvh * GROUP * HEAD_DIM;
     for (int idx = cx.tid; idx < GROUP * HEAD_DIM; idx += NCT) {
         const int g = idx / HEAD_DIM, d = idx % HEAD_DIM;
         float mm = NEG_INF;
@@ -230,18 +207,17 @@ __device__ bool op_attn(Ctx& cx, const int* in) {
             tot += src[HEAD_DIM + 1] * c;
         }
         if (nsplit == 1) {  // the only split is the last: no partials to merge
-            emit(idx, acc / tot);
+            out[idx] = __float2bfloat16(acc / tot);
         } else {
             part_o[(part + g) * HEAD_DIM + d] = acc;
             if (d == 0) part_ml[(part + g) * 2] = mm, part_ml[(part + g) * 2 + 1] = tot;
         }
     }
     if (nsplit == 1) {
-        signal_relaxed(cx, field(in, F_DONE_CTR), 1);
-        return !cta_failed(cx);
+        signal(cx, field(in, F_DONE_CTR), 1);
+        return true;
     }
     consumer_bar();
-    if (cta_failed(cx)) return false;
     if (cx.tid == 0) {
         uint32_t* arrive = param<uint32_t>(cx, P_COUNTERS) + field(in, F_SIG_CTR);
         const uint32_t want = static_cast<uint32_t>(field(in, F_ARRIVE_TARGET)) * (cx.epoch + 1);
@@ -263,9 +239,9 @@ __device__ bool op_attn(Ctx& cx, const int* in) {
             acc += ld_cg(part_o + p * HEAD_DIM + d) * c;
             tot += ld_cg(part_ml + p * 2 + 1) * c;
         }
-        emit(idx, acc / tot);
+        out[idx] = __float2bfloat16(acc / tot);
     }
-    signal_relaxed(cx, field(in, F_DONE_CTR), 1);
+    signal(cx, field(in, F_DONE_CTR), 1);
     return true;
 }
 

@@ -98,7 +98,7 @@ __device__ __forceinline__ void advance(Ctx& cx) {
 __device__ __forceinline__ void consumer_bar() { asm volatile("bar.sync 1, %0;" ::"n"(NCT) : "memory"); }
 
 // ---- diagnostics -----------------------------------------------------------------------------------
-enum { DIAG_COUNTER = 1, DIAG_FULL = 2, DIAG_EMPTY = 3, DIAG_TAG = 4 };
+enum { DIAG_COUNTER = 1, DIAG_FULL = 2, DIAG_EMPTY = 3 };
 
 // The first failure claims the abort flag and writes its story to host-mapped memory.
 __device__ void report(const Ctx& cx, int kind, int ctr, uint32_t value, uint32_t target) {
@@ -165,109 +165,11 @@ __device__ bool wait_for(Ctx& cx, const int* in) {
     return true;
 }
 
-// ---- tagged activations ----------------------------------------------------------------------------
-// The residual, q, the current K/V and the attention output are written as tagged words (ptx.cuh); the
-// tag names the step (epoch) and the version within it. Their producers signal counters without a fence:
-// a reader still waits for the counter (one thread polls, so L2 sees little polling traffic; polling
-// the data from every thread measured slower), then reads the words and checks their tags, polling only
-// the few that are late. A stale word from an earlier step or layer can never pass. Versions:
-// residual 2l + 1 after OPROJ of layer l and 2l + 2 after DOWN (so QKV of layer l reads 2l); q, K/V and
-// attention output of layer l are version l. layout.py's version_tag mirrors this.
-constexpr uint32_t TAG_VERSIONS = 512;
-
-__device__ __forceinline__ uint32_t tag_of(const Ctx& cx, int version) {
-    return 1u + cx.epoch * TAG_VERSIONS + static_cast<uint32_t>(version);
-}
-
-// Spin on one tagged word until it carries `tag`: the slow path of poll_tagged, out of line so the
-// polling code stays small. False after a timeout (reported) or when the step is being aborted.
-__device__ __noinline__ bool spin_tagged(const Ctx& cx, const u64* p, uint32_t tag) {
-    const uint64_t t0 = global_timer();
-    for (uint32_t iter = 1;; ++iter) {
-        const u64 w = ld_relaxed(p);
-        if (tag_part(w) == tag) return true;
-        if ((iter & 63) == 0) {
-            if (aborted(cx) || flags_smem(cx)[0] != 0) return false;
-            if (global_timer() - t0 > TIMEOUT_NS) {
-                report(cx, DIAG_TAG, -1, tag_part(w), tag);
-                return false;
-            }
-        }
-    }
-}
-
-// Read N words at once (no branch on their contents, so consecutive calls overlap); true if all carry
-// `tag`.
-template <int N>
-__device__ __forceinline__ bool fetch_tagged(const u64* base, uint32_t tag, float (&out)[N]) {
-    bool ok = true;
-#pragma unroll
-    for (int i = 0; i < N; ++i) {
-        const u64 w = ld_relaxed(base + i);
-        out[i] = value_part(w);
-        ok &= tag_part(w) == tag;
-    }
-    return ok;
-}
-
-// One round of polling: read every word still needed at once; clear the bits of those that carry `tag`,
-// whose values go to out[i].
-template <int N, int STRIDE = 1>
-__device__ __forceinline__ void read_tagged(const u64* base, uint32_t& need, uint32_t tag, float (&out)[N]) {
-    u64 raw[N];
-#pragma unroll
-    for (int i = 0; i < N; ++i) raw[i] = (need >> i & 1u) ? ld_relaxed(base + i * STRIDE) : 0ull;
-#pragma unroll
-    for (int i = 0; i < N; ++i) {
-        if ((need >> i & 1u) && tag_part(raw[i]) == tag) {
-            out[i] = value_part(raw[i]);
-            need &= ~(1u << i);
-        }
-    }
-}
-
-// Read the words base[i * STRIDE] with bit i of `need` set until each carries `tag`; values go to
-// out[i]. Late data is usually late together: spin on the first late word, then read the rest again at
-// once, and only then spin word by word. (Straight-line code on purpose: a polling loop around the
-// rounds makes the compiler spill.) If the data never comes it flags the CTA; callers check
-// cta_failed() after their next consumer barrier.
-template <int N, int STRIDE = 1>
-__device__ __forceinline__ void poll_tagged(const Ctx& cx, const u64* base, uint32_t need, uint32_t tag,
-                                            float (&out)[N]) {
-    read_tagged<N, STRIDE>(base, need, tag, out);
-    if (need == 0) return;
-    if (!spin_tagged(cx, base + (__ffs(need) - 1) * STRIDE, tag)) {
-        flags_smem(cx)[0] = 1;
-        return;
-    }
-    read_tagged<N, STRIDE>(base, need, tag, out);
-#pragma unroll
-    for (int i = 0; i < N; ++i) {
-        if (!(need >> i & 1u)) continue;
-        if (!spin_tagged(cx, base + i * STRIDE, tag)) {
-            flags_smem(cx)[0] = 1;
-            return;
-        }
-        out[i] = value_part(ld_relaxed(base + i * STRIDE));
-    }
-}
-
-// After a consumer barrier: did any thread give up on its data?
-__device__ __forceinline__ bool cta_failed(const Ctx& cx) { return flags_smem(cx)[0] != 0; }
-
-
 // After every consumer thread has stored its outputs: make them visible at GPU scope, then add to the
 // counter (fence.acq_rel + relaxed add, the release pattern; no sequentially consistent fence needed).
 __device__ void signal(const Ctx& cx, int ctr, uint32_t amount) {
     consumer_bar();
     if (cx.tid == 0 && ctr >= 0) add_release(param<uint32_t>(cx, P_COUNTERS) + ctr, amount);
-}
-
-// The same for outputs whose readers poll tags: the count only documents progress (the schedule's DAG,
-// diagnostics), so it needs no fence before it.
-__device__ void signal_relaxed(const Ctx& cx, int ctr, uint32_t amount) {
-    consumer_bar();
-    if (cx.tid == 0 && ctr >= 0) atomicAdd(param<uint32_t>(cx, P_COUNTERS) + ctr, amount);
 }
 
 // Loader warp: claim the next ring stage for a chunk of `bytes` (lane 0 waits for the consumers to free
@@ -332,58 +234,35 @@ __device__ __forceinline__ NormWeights load_norm_weights(const Ctx& cx, const bf
     return nw;
 }
 
-// Sequence b's residual elements [e, e + 4) at `tag` (`poll`: until they carry it; else one read, and
-// ok becomes false if any does not), or its embedding row (layer 0).
-__device__ __forceinline__ float4 load_input4(const Ctx& cx, bool from_embed, uint32_t tag, int b, int e, bool poll,
-                                              bool& ok) {
+__device__ __forceinline__ float4 load_input4(const Ctx& cx, bool from_embed, int b, int e) {
     if (from_embed) {
         const uint2 raw = __ldg(reinterpret_cast<const uint2*>(param<bf16>(cx, P_EMBED) + (size_t)token_of(cx, b) * HIDDEN + e));
         return make_float4(bf16_lo(raw.x), bf16_hi(raw.x), bf16_lo(raw.y), bf16_hi(raw.y));
     }
-    const u64* r = param<u64>(cx, P_RESID) + b * HIDDEN + e;
-    float v[4];
-    if (poll) poll_tagged<4>(cx, r, 0xfu, tag, v);
-    else ok &= fetch_tagged<4>(r, tag, v);
-    return make_float4(v[0], v[1], v[2], v[3]);
+    return ld_cg(reinterpret_cast<const float4*>(param<float>(cx, P_RESID) + b * HIDDEN + e));
 }
 
-// False if the CTA gave up waiting for the residual (the step is being aborted).
-__device__ bool stage_norm(const Ctx& cx, bool from_embed, int version, const NormWeights& nw) {
+__device__ void stage_norm(const Ctx& cx, bool from_embed, const NormWeights& nw) {
     constexpr int NV = NORM_NV;
     constexpr int KEEP = BATCH <= 2 ? BATCH : 0;  // sequences whose inputs stay in registers
-    const uint32_t tag = tag_of(cx, version);
     float4 x[KEEP ? KEEP : 1][NV];
-    float ss[BATCH];
-    // One pass reads everything at once; a thread that met a late word redoes its part, polling.
-    auto sums = [&](bool poll) {
-        bool ok = true;
-#pragma unroll
-        for (int b = 0; b < BATCH; ++b) {
-            ss[b] = 0.f;
-#pragma unroll
-            for (int v = 0; v < NV; ++v) {
-                const int e = (cx.tid + v * NCT) * 4;
-                const float4 xi =
-                    e < HIDDEN ? load_input4(cx, from_embed, tag, b, e, poll, ok) : make_float4(0.f, 0.f, 0.f, 0.f);
-                if (b < KEEP) x[b < KEEP ? b : 0][v] = xi;
-                ss[b] += xi.x * xi.x + xi.y * xi.y + xi.z * xi.z + xi.w * xi.w;
-            }
-        }
-        return ok;
-    };
-    if (!sums(false)) sums(true);
     float* stat = stat_smem(cx);
 #pragma unroll
     for (int b = 0; b < BATCH; ++b) {
-        float t = ss[b];
+        float ss = 0.f;
 #pragma unroll
-        for (int off = 16; off > 0; off >>= 1) t += __shfl_xor_sync(0xffffffffu, t, off);
-        if (cx.lane == 0) stat[cx.warp * BATCH + b] = t;
+        for (int v = 0; v < NV; ++v) {
+            const int e = (cx.tid + v * NCT) * 4;
+            const float4 xi = e < HIDDEN ? load_input4(cx, from_embed, b, e) : make_float4(0.f, 0.f, 0.f, 0.f);
+            if (b < KEEP) x[b][v] = xi;
+            ss += xi.x * xi.x + xi.y * xi.y + xi.z * xi.z + xi.w * xi.w;
+        }
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, off);
+        if (cx.lane == 0) stat[cx.warp * BATCH + b] = ss;
     }
     consumer_bar();
-    if (cta_failed(cx)) return false;
     bf16* act = act_smem(cx);
-    bool unused = true;
 #pragma unroll
     for (int b = 0; b < BATCH; ++b) {
         float total = 0.f;
@@ -393,7 +272,7 @@ __device__ bool stage_norm(const Ctx& cx, bool from_embed, int version, const No
         for (int v = 0; v < NV; ++v) {
             const int e = (cx.tid + v * NCT) * 4;
             if (e >= HIDDEN) continue;
-            const float4 xi = b < KEEP ? x[b < KEEP ? b : 0][v] : load_input4(cx, from_embed, tag, b, e, false, unused);
+            const float4 xi = b < KEEP ? x[b < KEEP ? b : 0][v] : load_input4(cx, from_embed, b, e);
             const uint2 wr = nw.w[v];
             bf16* dst = act + b * ACT_STRIDE + e;
             dst[0] = __float2bfloat16(xi.x * r * bf16_lo(wr.x));
@@ -403,32 +282,6 @@ __device__ bool stage_norm(const Ctx& cx, bool from_embed, int version, const No
         }
     }
     consumer_bar();
-    return true;
-}
-
-// Tagged fp32 words [BATCH][K] of `version`, rounded to bf16 into act_smem. One read of everything;
-// a thread that met a late word redoes its part, polling.
-__device__ bool stage_tagged(const Ctx& cx, const u64* src, int K, int version) {
-    const uint32_t tag = tag_of(cx, version);
-    bf16* act = act_smem(cx);
-    auto pass = [&](bool poll) {
-        bool ok = true;
-        for (int b = 0; b < BATCH; ++b) {
-            for (int e = cx.tid * 8; e < K; e += NCT * 8) {
-                float v[8];
-                if (poll) poll_tagged<8>(cx, src + b * K + e, 0xffu, tag, v);
-                else ok &= fetch_tagged<8>(src + b * K + e, tag, v);
-                __nv_bfloat162 packed[4];
-#pragma unroll
-                for (int i = 0; i < 4; ++i) packed[i] = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]);
-                *reinterpret_cast<uint4*>(act + b * ACT_STRIDE + e) = *reinterpret_cast<const uint4*>(packed);
-            }
-        }
-        return ok;
-    };
-    if (!pass(false)) pass(true);
-    consumer_bar();
-    return !cta_failed(cx);
 }
 
 // A bf16 activation [BATCH][K] written by other SMs this step, copied as is.

@@ -4,23 +4,15 @@
 
 namespace mk {
 
-// The tagged copy of layer l's current K (kind 0) or V (kind 1) that this step's attention reads.
-__device__ __forceinline__ u64* kvnew_at(const Ctx& cx, int l, int kind, int kvh, int b, int d) {
-    return param<u64>(cx, P_KVNEW) + ((((size_t)l * BATCH + b) * 2 + kind) * KV_HEADS + kvh) * HEAD_DIM + d;
-}
-
 // Element d of head j (kind 0 q, 1 k, 2 v) for sequence b: into q, or appended to the KV cache at the
-// sequence's position (and, tagged, into kvnew).
+// sequence's position.
 __device__ __forceinline__ void store_qkv(const Ctx& cx, int l, int j, int kind, int b, int d, float v) {
-    const uint32_t tag = tag_of(cx, l);
     if (kind == 0) {
-        st_relaxed(param<u64>(cx, P_Q) + b * Q_SIZE + j * HEAD_DIM + d, tagged(v, tag));
+        param<float>(cx, P_Q)[b * Q_SIZE + j * HEAD_DIM + d] = v;
         return;
     }
     const int kvh = j - HEADS - (kind - 1) * KV_HEADS;
-    const bf16 r = __float2bfloat16(v);
-    param<bf16>(cx, P_KV)[current_kv_row(cx, l, kind - 1, kvh, b) + d] = r;
-    st_relaxed(kvnew_at(cx, l, kind - 1, kvh, b, d), tagged(__bfloat162float(r), tag));
+    param<bf16>(cx, P_KV)[current_kv_row(cx, l, kind - 1, kvh, b) + d] = __float2bfloat16(v);
 }
 
 // The first few entries of a per-tile value computed before an instruction's counter wait (step-invariant
@@ -87,25 +79,32 @@ __device__ void finish_head(Ctx& cx, int l, int j, int r0, int nrows) {
     consumer_bar();
 }
 
-// What the DIRECT QKV epilogue needs for output (tile, row, b) besides its value: the RoPE rotation,
-// the bias and the element's dim within its head. All step-invariant, so computed before the wait.
+// Where the DIRECT QKV epilogue puts output (tile, row, b), with its RoPE rotation and bias: all
+// step-invariant, so computed before the counter wait.
 struct QkvOut {
+    void* dst;  // float* into q, or bf16* into the KV cache
     float2 cs;  // (cos, sin) of the element's RoPE pair; (1, 0) for v
     float bias;
-    int d;      // dim within the head, after RoPE pairing
 };
 
 __device__ QkvOut qkv_out(const Ctx& cx, int l, int tile, int row, int b) {
     constexpr int TPH = HEAD_DIM / TILE;
-    const int lt = tile % TPH, j = tile / TPH;
+    const int lt = tile % TPH, j = tile / TPH, kind = j < HEADS ? 0 : (j < HEADS + KV_HEADS ? 1 : 2);
     const bool first = row < 8;
     const int i = 8 * lt + (first ? row : row - 8);  // RoPE pair index, < HEAD_DIM / 2
-    QkvOut o{make_float2(1.f, 0.f), 0.f, lt * TILE + row};  // v rows are in natural order
-    if (j < HEADS + KV_HEADS) {
+    int d = lt * TILE + row;                          // v rows are in natural order
+    QkvOut o{nullptr, make_float2(1.f, 0.f), 0.f};
+    if (kind < 2) {
         o.cs = __ldg(reinterpret_cast<const float2*>(param<float>(cx, P_ROPE)) + (size_t)pos_of(cx, b) * (HEAD_DIM / 2) + i);
-        o.d = first ? i : i + HEAD_DIM / 2;
+        d = first ? i : i + HEAD_DIM / 2;
     }
     if (QKV_BIAS) o.bias = bf16_to_float(param<bf16>(cx, P_QKV_BIAS)[(size_t)l * QKV_ROWS + tile * TILE + row]);
+    if (kind == 0) {
+        o.dst = param<float>(cx, P_Q) + b * Q_SIZE + j * HEAD_DIM + d;
+    } else {
+        const int kvh = j - HEADS - (kind - 1) * KV_HEADS;
+        o.dst = param<bf16>(cx, P_KV) + current_kv_row(cx, l, kind - 1, kvh, b) + d;
+    }
     return o;
 }
 
@@ -125,7 +124,8 @@ __device__ bool op_qkv(Ctx& cx, const int* in) {
             if (k < tiles) prep[k] = qkv_out(cx, l, t0 + k, row, b);
     }
     const NormWeights nw = load_norm_weights(cx, param<bf16>(cx, P_IN_NORM) + l * HIDDEN);
-    if (!wait_for(cx, in) || !stage_norm(cx, l == 0, 2 * l, nw)) return false;
+    if (!wait_for(cx, in)) return false;
+    stage_norm(cx, l == 0, nw);
     float* y = head_smem(cx);
     run_tiles<false>(
         cx, in, NoPrefetch{},
@@ -144,7 +144,8 @@ __device__ bool op_qkv(Ctx& cx, const int* in) {
                 const float lo = first ? v : partner, hi = first ? partner : v;
                 v = first ? lo * o.cs.x - hi * o.cs.y : hi * o.cs.x + lo * o.cs.y;
             }
-            store_qkv(cx, l, j, j < HEADS ? 0 : (j < HEADS + KV_HEADS ? 1 : 2), b, o.d, v);
+            if (j < HEADS) *static_cast<float*>(o.dst) = v;
+            else *static_cast<bf16*>(o.dst) = __float2bfloat16(v);
         },
         [&](int k) {
             const int tile = t0 + k, lt = tile % TPH;
@@ -152,73 +153,58 @@ __device__ bool op_qkv(Ctx& cx, const int* in) {
             if (!QK_NORM) finish_head(cx, l, tile / TPH, lt * TILE, TILE);
             else if (lt == TPH - 1) finish_head(cx, l, tile / TPH, 0, HEAD_DIM);
         });
-    signal_relaxed(cx, field(in, F_SIG_CTR), field(in, F_SIG_AMOUNT));
+    signal(cx, field(in, F_SIG_CTR), field(in, F_SIG_AMOUNT));
     return true;
 }
 
+// The residual rows (row, b) of an OPROJ or DOWN tile plus the layer's bias; in layer 0 OPROJ adds to
+// the token's embedding row instead of the residual.
+__device__ __forceinline__ float residual_base(const Ctx& cx, bool embed, const bf16* bias, int r, int b) {
+    float base = embed ? bf16_to_float(param<bf16>(cx, P_EMBED)[(size_t)token_of(cx, b) * HIDDEN + r])
+                       : ld_cg(param<float>(cx, P_RESID) + b * HIDDEN + r);
+    return bias != nullptr ? base + bf16_to_float(bias[r]) : base;
+}
+
 // OPROJ and DOWN: staged activations (attention output, or SiLU output) times weight rows, added to the
-// residual, which they read at version `in_version` and write at in_version + 1 (tagged). In layer 0
-// OPROJ adds to the token's embedding row instead. The residual rows are read alongside the activations.
+// residual. The residual rows are loaded right after the wait, alongside the activations.
 template <bool STREAM>
-__device__ bool residual_matmul(Ctx& cx, const int* in, bool embed, const bf16* bias, int in_version) {
+__device__ bool residual_matmul(Ctx& cx, const int* in, bool embed, const bf16* bias, const bf16* src, int K) {
     const int t0 = field(in, F_A0), tiles = field(in, F_A1) - t0;
     const int row = cx.tid / BATCH, b = cx.tid % BATCH;
     const bool owner = cx.tid < TILE * BATCH;
-    const bool oproj = field(in, F_OP) == OP_OPROJ;
-    const int l = field(in, F_LAYER);
-    u64* resid = param<u64>(cx, P_RESID);
-    float base[PREP] = {};
-    uint32_t need = 0;
-#pragma unroll
-    for (int k = 0; k < PREP; ++k) {
-        const int r = (t0 + k) * TILE + row;
-        if (owner && k < tiles) {
-            if (embed) base[k] = bf16_to_float(param<bf16>(cx, P_EMBED)[(size_t)token_of(cx, b) * HIDDEN + r]);
-            else need |= 1u << k;
-        }
-    }
+    float base[PREP];
     if (!wait_for(cx, in)) return false;
-    const uint32_t tag_in = tag_of(cx, in_version), tag_out = tag_of(cx, in_version + 1);
-    poll_tagged<PREP, TILE>(cx, resid + b * HIDDEN + t0 * TILE + row, need, tag_in, base);
-    if (oproj) {
-        if (!stage_tagged(cx, param<u64>(cx, P_ATTN_OUT), Q_SIZE, l)) return false;
-    } else if (!STREAM) {
-        stage_copy(cx, param<bf16>(cx, P_ACT), INTER);
+    if (owner) {
+#pragma unroll
+        for (int k = 0; k < PREP; ++k)
+            if (k < tiles) base[k] = residual_base(cx, embed, bias, (t0 + k) * TILE + row, b);
     }
+    if (!STREAM) stage_copy(cx, src, K);
+    float* resid = param<float>(cx, P_RESID);
     run_tiles<STREAM>(
         cx, in, NoPrefetch{},
         [&](int k, const WTile&, int row, int b, float v, float) {
             const int r = (t0 + k) * TILE + row;
-            float x;
-            if (k < PREP) {
-                x = pick(base, k);
-            } else if (embed) {
-                x = bf16_to_float(param<bf16>(cx, P_EMBED)[(size_t)token_of(cx, b) * HIDDEN + r]);
-            } else {
-                float got[1];
-                poll_tagged<1>(cx, resid + b * HIDDEN + r, 1u, tag_in, got);
-                x = got[0];
-            }
-            if (bias != nullptr) x += bf16_to_float(bias[r]);
-            st_relaxed(resid + b * HIDDEN + r, tagged(x + v, tag_out));
+            resid[b * HIDDEN + r] = (k < PREP ? pick(base, k) : residual_base(cx, embed, bias, r, b)) + v;
         },
-        NothingAfter{}, param<bf16>(cx, P_ACT));
-    signal_relaxed(cx, field(in, F_SIG_CTR), field(in, F_SIG_AMOUNT));
-    return !cta_failed(cx);
+        NothingAfter{}, src);
+    signal(cx, field(in, F_SIG_CTR), field(in, F_SIG_AMOUNT));
+    return true;
 }
 
 // Merged attention (bf16) times O rows, plus the residual (the embedding row in layer 0) and bias.
 __device__ bool op_oproj(Ctx& cx, const int* in) {
     const int l = field(in, F_LAYER);
     const bf16* bias = O_BIAS ? param<bf16>(cx, P_O_BIAS) + l * HIDDEN : nullptr;
-    return residual_matmul<false>(cx, in, l == 0, bias, 2 * l);
+    return residual_matmul<false>(cx, in, l == 0, bias, param<bf16>(cx, P_ATTN_OUT), Q_SIZE);
 }
 
 // RMSNorm -> gate and up rows (alternating tiles) -> SiLU(gate) * up, rounded to bf16.
 __device__ bool op_gateup(Ctx& cx, const int* in) {
     const int l = field(in, F_LAYER), t0 = field(in, F_A0);
     const NormWeights nw = load_norm_weights(cx, param<bf16>(cx, P_POST_NORM) + l * HIDDEN);
-    if (!wait_for(cx, in) || !stage_norm(cx, false, 2 * l + 1, nw)) return false;
+    if (!wait_for(cx, in)) return false;
+    stage_norm(cx, false, nw);
     bf16* act = param<bf16>(cx, P_ACT);
     float gate = 0.f;  // kept by the thread that owns (row, b) from the gate tile to the up tile
     run_tiles<false>(
@@ -246,7 +232,7 @@ __device__ bool op_gateup(Ctx& cx, const int* in) {
 __device__ bool op_down(Ctx& cx, const int* in) {
     const int l = field(in, F_LAYER);
     const bf16* bias = MLP_BIAS ? param<bf16>(cx, P_DOWN_BIAS) + l * HIDDEN : nullptr;
-    return residual_matmul<STREAM_DOWN_ACT != 0>(cx, in, false, bias, 2 * l + 1);
+    return residual_matmul<STREAM_DOWN_ACT != 0>(cx, in, false, bias, param<bf16>(cx, P_ACT), INTER);
 }
 
 // (logit, index) packed so that the unsigned maximum is the largest logit, then the smallest index.
@@ -260,7 +246,8 @@ __device__ __forceinline__ unsigned long long argmax_key(float v, int idx) {
 __device__ bool op_lmhead(Ctx& cx, const int* in) {
     const int t0 = field(in, F_A0);
     const NormWeights nw = load_norm_weights(cx, param<bf16>(cx, P_FINAL_NORM));
-    if (!wait_for(cx, in) || !stage_norm(cx, false, 2 * LAYERS, nw)) return false;
+    if (!wait_for(cx, in)) return false;
+    stage_norm(cx, false, nw);
     float* logits = param<float>(cx, P_LOGITS);
     unsigned long long best = 0;
     run_tiles<false>(

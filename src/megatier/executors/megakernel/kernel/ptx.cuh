@@ -108,28 +108,6 @@ __device__ __forceinline__ uint32_t add_acq_rel(uint32_t* p, uint32_t v) {
     return old;
 }
 
-// Tagged values (NCCL's LL idea): a 64-bit word holds fp32 bits (low half) and the tag of the version
-// that wrote them (high half). An aligned 64-bit access is single-copy atomic, so a reader that sees the
-// tag it wants also sees the value: no fence on the writer's side, no counter round trip on the reader's.
-using u64 = unsigned long long;
-
-__device__ __forceinline__ u64 ld_relaxed(const u64* p) {
-    u64 v;
-    asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
-    return v;
-}
-
-__device__ __forceinline__ void st_relaxed(u64* p, u64 v) {
-    asm volatile("st.relaxed.gpu.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
-}
-
-__device__ __forceinline__ u64 tagged(float v, uint32_t tag) {
-    return (static_cast<u64>(tag) << 32) | __float_as_uint(v);
-}
-
-__device__ __forceinline__ uint32_t tag_part(u64 w) { return static_cast<uint32_t>(w >> 32); }
-__device__ __forceinline__ float value_part(u64 w) { return __uint_as_float(static_cast<uint32_t>(w)); }
-
 // Mutable activations written by other SMs in this launch: read through L2, never L1 or the nc path.
 __device__ __forceinline__ float4 ld_cg(const float4* p) { return __ldcg(p); }
 __device__ __forceinline__ uint4 ld_cg(const uint4* p) { return __ldcg(p); }
