@@ -1,4 +1,5 @@
-"""Backend choice (auto: graph on CUDA, reference on CPU) and the megakernel backend inside the engine."""
+"""Backend choice (auto: the megakernel on sm_90, graph on other GPUs, reference on CPU) and the
+megakernel backend inside the engine."""
 
 from __future__ import annotations
 
@@ -37,9 +38,14 @@ def test_unknown_backend():
 
 
 @pytest.mark.gpu
-def test_auto_is_graph_on_cuda():
+def test_auto_is_the_megakernel_on_hopper_and_graph_otherwise(caplog):
     cfg, cache = cache_for("llama-3.2-1b", torch.bfloat16, "cuda")
-    assert choose_backend("auto", cfg, cache) == "graph"
+    hopper = torch.cuda.get_device_capability() == (9, 0)
+    assert choose_backend("auto", cfg, cache) == ("megakernel" if hopper else "graph")
+    cfg32, cache32 = cache_for("llama-3.2-1b", torch.float32, "cuda")
+    with caplog.at_level("INFO", logger="megatier.executors"):
+        assert choose_backend("auto", cfg32, cache32) == "graph"
+    assert "graph, not the megakernel (needs bfloat16, got float32)" in caplog.text
 
 
 @pytest.mark.gpu

@@ -22,6 +22,7 @@ from megakernel_helpers import (
     random_prompts,
     toy_config,
 )
+from megatier.errors import MegatierError
 from megatier.executors.base import StepBatch
 from megatier.executors.megakernel.interp import Interpreter, unpack_index
 from megatier.executors.megakernel.isa import Op
@@ -200,3 +201,29 @@ def test_llama1b_long_context_splits(llama):
     ex = MegakernelExecutor(cfg, weights, cache=caches[torch.bfloat16])
     want = ReferenceExecutor(cfg, weights.to(CUDA, torch.float32), cache=caches[torch.float32]).forward(batch)
     assert _rel(ex.forward(batch), want) < 2e-2
+
+
+@pytest.mark.parametrize("lengths", [[32], [40, 3, 90]])
+def test_llama1b_resumed_async_chunks_equal_one_call(llama, lengths):
+    """Chunks queued without waiting, each resumed from the device state with page tables that grow in
+    between, give exactly the tokens of one synchronous call; a resume that does not continue is refused."""
+    cfg, weights = llama
+    steps = [16, 5, 16]
+    prompts, tables, caches = _caches(cfg, weights, lengths, sum(steps))
+    cache = caches[torch.bfloat16]
+    saved = cache.kv.clone()
+    batch = decode_batch(prompts, tables)
+    ex = MegakernelExecutor(cfg, weights, cache=cache)
+    want = ex.decode_greedy(batch, sum(steps)).cpu()
+    cache.kv.copy_(saved)
+    short = [t[: -(-(s + steps[0]) // PAGE)] for t, s in zip(tables, batch.starts, strict=True)]
+    chunks = [ex.decode_greedy_async(StepBatch(batch.token_ids, batch.starts, batch.query_lens, short), steps[0])]
+    done = steps[0]
+    for n in steps[1:]:
+        starts = [s + done for s in batch.starts]
+        chunks.append(ex.decode_greedy_async(StepBatch([], starts, batch.query_lens, tables), n, resume=True))
+        done += n
+    got = torch.tensor([row for c in chunks for row in c.result()])
+    assert torch.equal(got, want)
+    with pytest.raises(MegatierError, match="resume: sequence 0 starts at"):
+        ex.decode_greedy_async(StepBatch([], batch.starts, batch.query_lens, tables), 1, resume=True)

@@ -33,12 +33,22 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 def choose_backend(backend: str, cfg: ModelConfig, cache: KVCache) -> str:
-    """auto: graph on CUDA, the reference elsewhere. The megakernel is opt-in: on an H200 it measured
-    slower than graph at batch 1 and 8 in the same run (docs/PERF.md), so it is not the default."""
+    """auto: the megakernel on Hopper GPUs (it decodes batches of up to 8 itself and hands prefill and
+    larger batches to its own graph executor), graph on other GPUs, the reference elsewhere. Why the
+    megakernel cannot run is logged in one line."""
     backend = resolve_backend(backend, cache.kv.device)
     if backend != "auto":
         return backend
-    return "graph" if cache.kv.device.type == "cuda" else "reference"
+    if cache.kv.device.type != "cuda":
+        return "reference"
+    try:
+        from megatier.executors.megakernel.runner import check_device
+
+        check_device(cfg, cache.kv.dtype, cache.kv.device)
+    except (MegatierError, ImportError) as e:
+        log.info("backend auto: graph, not the megakernel (%s)", str(e).removeprefix("megakernel: "))
+        return "graph"
+    return "megakernel"
 
 
 def create_executor(backend: str, cfg: ModelConfig, weights: ModelWeights, cache: KVCache) -> Executor:

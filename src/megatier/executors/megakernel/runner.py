@@ -2,9 +2,11 @@
 
 Construct as `MegakernelExecutor(cfg, weights, cache=cache)`. `forward(batch)` runs one decode step and
 returns fp32 logits; prefill (any batch with more than one new token per sequence) and decode batches
-larger than MAX_BATCH go to a GraphExecutor that shares the KV cache and the packed weights. `decode_greedy(batch, num_steps)` runs num_steps steps on
-the device with the greedy token fed back by the kernel itself, replaying a CUDA graph of `check_every`
-launches; the host looks at the tokens (stop ids) only between graph replays.
+larger than MAX_BATCH go to a GraphExecutor that shares the KV cache and the packed weights.
+`decode_greedy(batch, num_steps)` runs num_steps steps on the device with the greedy token fed back by
+the kernel itself, replaying a CUDA graph of `check_every` launches; `decode_greedy_async` queues them
+without waiting and can resume from the device state (base.AsyncGreedyDecoder), so the engine's host
+work overlaps the kernel.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 
 from megatier.config import ModelConfig
 from megatier.errors import MegatierError
-from megatier.executors.base import StepBatch
+from megatier.executors.base import GreedyChunk, StepBatch
 from megatier.executors.graph import GraphExecutor
 from megatier.executors.megakernel.build import MAX_BATCH, PARAMS, KernelConfig, check_supported, compile_cubin
 from megatier.executors.megakernel.layout import MAX_SPLITS, Dims, StepBuffers, choose_splits, rope_table
@@ -91,11 +93,13 @@ class MegakernelExecutor:
         self._variants: dict[int, _Variant] = {}
         self._graphs: dict[tuple[int, int, int], torch.cuda.CUDAGraph | None] = {}
         self.graph_error: str | None = None
+        self._resume: tuple[str, list[int]] | None = None  # who ran the last greedy chunk, and its ends
 
     # -- public API --------------------------------------------------------------------------------
 
     @torch.inference_mode()
     def forward(self, batch: StepBatch) -> torch.Tensor:
+        self._resume = None
         if not batch.is_decode() or batch.num_seqs > MAX_BATCH:
             return self.fallback.forward(batch)
         v = self._prepare(batch, steps=1)
@@ -115,17 +119,13 @@ class MegakernelExecutor:
             return self.fallback.decode_greedy(batch, num_steps)
         if num_steps < 1:
             raise MegatierError(f"num_steps must be >= 1, got {num_steps}")
+        self._resume = None
         v = self._prepare(batch, steps=num_steps)
         k = min(check_every, num_steps)
-        graph = self._graph(v, k)
         done = 0
         while done < num_steps:
             n = min(k, num_steps - done)
-            if n == k and graph is not None:
-                graph.replay()
-            else:
-                for _ in range(n):
-                    self._launch(v)
+            self._queue(v, n, k)
             done += n
             if stop_ids and done < num_steps:
                 out = v.bufs.out_tokens[:done]
@@ -133,6 +133,26 @@ class MegakernelExecutor:
                     break
         self._check(v)
         return v.bufs.out_tokens[:done].clone()
+
+    @torch.inference_mode()
+    def decode_greedy_async(self, batch: StepBatch, num_steps: int, *, resume: bool = False) -> GreedyChunk:
+        """num_steps greedy steps queued on the current stream without waiting; with `resume`, continued
+        from the previous chunk's device state (tokens, positions, epoch), only the page tables uploaded.
+        An abort the kernel reported in an earlier chunk raises here (its diagnostics are host memory)."""
+        self._raise_if_aborted()
+        if not batch.is_decode():
+            raise MegatierError("decode_greedy_async needs a decode batch (one new token per sequence)")
+        if num_steps < 1:
+            raise MegatierError(f"num_steps must be >= 1, got {num_steps}")
+        who = "fallback" if batch.num_seqs > MAX_BATCH else "kernel"
+        if resume:
+            self._check_resume(batch, who)
+        self._resume = (who, [s + num_steps for s in batch.starts])
+        if who == "fallback":
+            return self.fallback.decode_greedy_async(batch, num_steps, resume=resume)
+        v = self._resume_variant(batch, num_steps) if resume else self._prepare(batch, steps=num_steps)
+        self._queue(v, num_steps)
+        return GreedyChunk.copy_of(v.bufs.out_tokens[:num_steps])
 
     def set_schedule(self, strategy: str, seed: int = 0, num_sms: int | None = None) -> None:
         """Assign instructions to SMs differently from the next step on (results must not change)."""
@@ -164,7 +184,54 @@ class MegakernelExecutor:
 
     # -- internals -----------------------------------------------------------------------------------
 
-    def _prepare(self, batch: StepBatch, steps: int) -> _Variant:
+    def _queue(self, v: _Variant, num_steps: int, per_graph: int = 16) -> None:
+        """Launch num_steps steps: replays of a CUDA graph of `per_graph` launches, then single launches."""
+        k = min(per_graph, num_steps)
+        graph = self._graph(v, k)
+        for _ in range(num_steps // k):
+            if graph is not None:
+                graph.replay()
+            else:
+                for _ in range(k):
+                    self._launch(v)
+        for _ in range(num_steps % k):
+            self._launch(v)
+
+    def _check_resume(self, batch: StepBatch, who: str) -> None:
+        if self._resume is None:
+            raise MegatierError("decode_greedy_async(resume=True) must follow a greedy chunk, with no forward() since")
+        last, ends = self._resume
+        if last != who or len(ends) != batch.num_seqs:
+            raise MegatierError(f"resume: the batch has {batch.num_seqs} sequences, the previous chunk {len(ends)}")
+        for i, (start, end) in enumerate(zip(batch.starts, ends, strict=True)):
+            if start != end:
+                raise MegatierError(f"resume: sequence {i} starts at {start}, but the device state is at {end}")
+
+    def _resume_variant(self, batch: StepBatch, num_steps: int) -> _Variant:
+        """The variant the previous chunk ran, its page tables refreshed and its step rows restarted;
+        tokens, positions, counters and the epoch stay as the kernel left them."""
+        self._prepare_checks(batch, num_steps)
+        v = self._variants[batch.num_seqs]
+        self._program(v, choose_splits(max(s + num_steps for s in batch.starts)))
+        if v.bufs.out_tokens.shape[0] < num_steps:
+            raise MegatierError(f"resume: {num_steps} steps exceed the {v.bufs.out_tokens.shape[0]} of the first chunk")
+        table = torch.zeros(v.bufs.table.shape, dtype=torch.int32, pin_memory=True)
+        for b, t in enumerate(batch.page_tables):
+            table[b, : len(t)] = torch.tensor(t, dtype=torch.int32)
+        v.bufs.table.copy_(table, non_blocking=True)
+        v.bufs.state[1:2].zero_()
+        return v
+
+    def _raise_if_aborted(self) -> None:
+        d = self.diag.tolist()
+        if d[0]:
+            self.diag.zero_()
+            raise MegatierError(
+                f"megakernel aborted: {DIAG_KINDS.get(d[0], d[0])} on SM {d[1]} at instruction #{d[2]} "
+                f"(opcode {d[3]}), counter/stage {d[4]} = {d[5]}, wanted {d[6]}, epoch {d[7]}"
+            )
+
+    def _prepare_checks(self, batch: StepBatch, steps: int) -> None:
         ends = [s + steps for s in batch.starts]
         for b, (end, table) in enumerate(zip(ends, batch.page_tables, strict=True)):
             if end > len(table) * self.page_size:
@@ -172,6 +239,10 @@ class MegakernelExecutor:
                     f"sequence {b}: its page table holds {len(table) * self.page_size} positions, "
                     f"{end} needed for {steps} step(s) from position {batch.starts[b]}"
                 )
+
+    def _prepare(self, batch: StepBatch, steps: int) -> _Variant:
+        self._prepare_checks(batch, steps)
+        ends = [s + steps for s in batch.starts]
         v = self._variant(batch.num_seqs, steps)
         self._program(v, choose_splits(max(ends)))
         v.bufs.load(batch.token_ids, batch.starts, batch.page_tables)
@@ -260,11 +331,8 @@ class MegakernelExecutor:
     def _check(self, v: _Variant) -> None:
         torch.cuda.synchronize(self.device)
         if int(v.bufs.state[2]):
-            d = self.diag.tolist()
-            raise MegatierError(
-                f"megakernel aborted: {DIAG_KINDS.get(d[0], d[0])} on SM {d[1]} at instruction #{d[2]} "
-                f"(opcode {d[3]}), counter/stage {d[4]} = {d[5]}, wanted {d[6]}, epoch {d[7]}"
-            )
+            self._raise_if_aborted()
+            raise MegatierError("megakernel aborted (no diagnostics were recorded)")
 
 
 def check_device(cfg: ModelConfig, dtype: torch.dtype, device: torch.device) -> None:
