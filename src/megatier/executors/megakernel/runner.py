@@ -210,9 +210,9 @@ class MegakernelExecutor:
     def _resume_variant(self, batch: StepBatch, num_steps: int) -> _Variant:
         """The variant the previous chunk ran, its page tables refreshed and its step rows restarted;
         tokens, positions, counters and the epoch stay as the kernel left them."""
-        self._prepare_checks(batch, num_steps)
+        ends = self._check_room(batch, num_steps)
         v = self._variants[batch.num_seqs]
-        self._program(v, choose_splits(max(s + num_steps for s in batch.starts)))
+        self._program(v, choose_splits(max(ends)))
         if v.bufs.out_tokens.shape[0] < num_steps:
             raise MegatierError(f"resume: {num_steps} steps exceed the {v.bufs.out_tokens.shape[0]} of the first chunk")
         table = torch.zeros(v.bufs.table.shape, dtype=torch.int32, pin_memory=True)
@@ -231,7 +231,8 @@ class MegakernelExecutor:
                 f"(opcode {d[3]}), counter/stage {d[4]} = {d[5]}, wanted {d[6]}, epoch {d[7]}"
             )
 
-    def _prepare_checks(self, batch: StepBatch, steps: int) -> None:
+    def _check_room(self, batch: StepBatch, steps: int) -> list[int]:
+        """Each sequence's end after `steps` steps, checked against its page table."""
         ends = [s + steps for s in batch.starts]
         for b, (end, table) in enumerate(zip(ends, batch.page_tables, strict=True)):
             if end > len(table) * self.page_size:
@@ -239,10 +240,10 @@ class MegakernelExecutor:
                     f"sequence {b}: its page table holds {len(table) * self.page_size} positions, "
                     f"{end} needed for {steps} step(s) from position {batch.starts[b]}"
                 )
+        return ends
 
     def _prepare(self, batch: StepBatch, steps: int) -> _Variant:
-        self._prepare_checks(batch, steps)
-        ends = [s + steps for s in batch.starts]
+        ends = self._check_room(batch, steps)
         v = self._variant(batch.num_seqs, steps)
         self._program(v, choose_splits(max(ends)))
         v.bufs.load(batch.token_ids, batch.starts, batch.page_tables)
