@@ -32,6 +32,8 @@ def test_compiles_for_sm90a_with_at_most_a_tiny_spill(name, batch):
     assert cubin[:4] == b"\x7fELF"
     spilled = int(re.search(r"(\d+) bytes spill stores", log).group(1))
     assert spilled <= 16, log  # at most a register or so outside the inner loops (batch 8: 4 bytes)
+    frames = [int(n) for n in re.findall(r"(\d+) bytes stack frame", log)]
+    assert max(frames) == 0, log  # a stack frame means local memory (say, a struct passed by reference to a call)
     regs = int(re.search(r"Used (\d+) registers", log).group(1))
     assert regs <= 168  # 9 warps are allocated as 12: 65536 / 384 registers per thread, one CTA per SM
 

@@ -60,20 +60,39 @@ __device__ WTile tile_at(const Ctx& cx, const int* in, int k) {
 }
 
 // Loader side: every chunk of every weight tile of one instruction, in order.
-__device__ bool load_weights(Ctx& cx, const int* in, uint64_t policy) {
+__device__ bool load_weights(Ctx& cx, const int* in, uint64_t policy, Lookahead& la) {
     const int tiles = num_tiles(in);
     for (int k = 0; k < tiles; ++k) {
         const WTile t = tile_at(cx, in, k);
         const int kc = kc_for(t.K);
         for (int c = 0; c < t.K / kc; ++c) {
-            if (!claim_stage(cx, in, t.rows * kc * 2)) return false;
+            if (!claim_stage(cx, in, t.rows * kc * 2, la)) return false;
             if (cx.lane < t.rows)
                 bulk_copy(ring_stage(cx, cx.stage) + cx.lane * ROW_STRIDE, t.w + (size_t)cx.lane * t.K + c * kc, kc * 2,
                           full_bar(cx, cx.stage), policy);
             advance(cx);
+            ++la.copied;
         }
     }
     return true;
+}
+
+// Skip what the copies already took, then prefetch chunks row by row until `depth` past the copies.
+__device__ void Lookahead::pump(const Ctx& cx, uint64_t waited_ns) {
+    if (waited_ns < after_ns) return;
+    while (i < n && walked < copied + depth) {
+        const int* in = queue + i * WORDS;
+        if (k >= num_tiles(in)) {
+            ++i, k = 0, c = 0;
+            continue;
+        }
+        const WTile t = tile_at(cx, in, k);
+        const int kc = kc_for(t.K);
+        if (walked >= copied)
+            for (int r = 0; r < t.rows; ++r) bulk_prefetch_l2(t.w + (size_t)r * t.K + c * kc, kc * 2, hinted, policy);
+        if (++c == t.K / kc) ++k, c = 0;
+        ++walked;
+    }
 }
 
 // Consumers: y[row][b] = sum_k W[row][k] * act[b][k] for each tile of the instruction. On thread
@@ -81,6 +100,8 @@ __device__ bool load_weights(Ctx& cx, const int* in, uint64_t policy) {
 // inputs), then epi(k, tile, row, b, y, pre's value). Then every consumer thread calls after(k).
 // Activations are staged in act_smem beforehand, or with STREAM read from `src` [BATCH][K] chunk by
 // chunk into two alternating buffers, the next chunk's loads in flight while this one is multiplied.
+constexpr int KSW = KC_MAX / 16 / NUM_CONSUMER_WARPS;  // k-steps per warp in a full-width chunk
+
 template <bool STREAM, class Pre, class Epilogue, class After>
 __device__ void run_tiles(Ctx& cx, const int* in, Pre&& pre, Epilogue&& epi, After&& after, const bf16* src = nullptr) {
     constexpr int STRIDE = STREAM ? STREAM_STRIDE : ACT_STRIDE;
@@ -108,7 +129,7 @@ __device__ void run_tiles(Ctx& cx, const int* in, Pre&& pre, Epilogue&& epi, Aft
         const WTile t = tile_at(cx, in, k);
         const float early = owner ? pre(k, t, row, b) : 0.f;
         const int kc = kc_for(t.K), chunks = t.K / kc;
-        float acc[4] = {0.f, 0.f, 0.f, 0.f};
+        float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};  // even / odd k-steps of the warp
         for (int c = 0; c < chunks; ++c, ++n) {
             const bf16* a_col = act + c * kc + 2 * t4;
             if (STREAM) {
@@ -125,24 +146,41 @@ __device__ void run_tiles(Ctx& cx, const int* in, Pre&& pre, Epilogue&& epi, Aft
             }
             wait_full(cx);
             const unsigned char* stage = ring_stage(cx, cx.stage);
-            for (int ks = cx.warp; ks < kc / 16; ks += NUM_CONSUMER_WARPS) {
-                uint32_t a[4];
+            // The warp's k-steps of this chunk: all fragments loaded first, then the products into two
+            // accumulators, so the tensor-core latency is not one chain of dependent mma.
+            auto kstep = [&](int ks, uint32_t (&a)[4], uint32_t& b0, uint32_t& b1) {
                 ldmatrix_x4(a, stage + lrow * ROW_STRIDE + (ks * 16 + lcol) * 2);
-                uint32_t b0 = 0, b1 = 0;
+                b0 = b1 = 0;
                 if (g < BATCH) {
                     const uint32_t* ap = reinterpret_cast<const uint32_t*>(a_col + g * STRIDE + ks * 16);
                     b0 = ap[0];
                     b1 = ap[4];
                 }
-                mma_bf16(acc, a, b0, b1);
+            };
+            if (kc == KC_MAX && KSW * NUM_CONSUMER_WARPS * 16 == KC_MAX) {
+                uint32_t a[KSW][4], b0[KSW], b1[KSW];
+#pragma unroll
+                for (int j = 0; j < KSW; ++j) kstep(cx.warp + j * NUM_CONSUMER_WARPS, a[j], b0[j], b1[j]);
+#pragma unroll
+                for (int j = 0; j < KSW; ++j) mma_bf16(acc[j & 1], a[j], b0[j], b1[j]);
+            } else {
+                for (int ks = cx.warp; ks < kc / 16; ks += 2 * NUM_CONSUMER_WARPS) {
+                    uint32_t a[4], b0, b1;
+                    kstep(ks, a, b0, b1);
+                    mma_bf16(acc[0], a, b0, b1);
+                    if (ks + NUM_CONSUMER_WARPS < kc / 16) {
+                        kstep(ks + NUM_CONSUMER_WARPS, a, b0, b1);
+                        mma_bf16(acc[1], a, b0, b1);
+                    }
+                }
             }
             release_stage(cx);
         }
         float* red = red_smem(cx, cx.rbuf);
-        red[(cx.warp * TILE + g) * 8 + 2 * t4] = acc[0];
-        red[(cx.warp * TILE + g) * 8 + 2 * t4 + 1] = acc[1];
-        red[(cx.warp * TILE + g + 8) * 8 + 2 * t4] = acc[2];
-        red[(cx.warp * TILE + g + 8) * 8 + 2 * t4 + 1] = acc[3];
+        red[(cx.warp * TILE + g) * 8 + 2 * t4] = acc[0][0] + acc[1][0];
+        red[(cx.warp * TILE + g) * 8 + 2 * t4 + 1] = acc[0][1] + acc[1][1];
+        red[(cx.warp * TILE + g + 8) * 8 + 2 * t4] = acc[0][2] + acc[1][2];
+        red[(cx.warp * TILE + g + 8) * 8 + 2 * t4 + 1] = acc[0][3] + acc[1][3];
         consumer_bar();
         if (owner) {
             float y = 0.f;
