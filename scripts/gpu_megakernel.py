@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from megakernel_helpers import dummy_weights, garbage_kv, llama_1b_config, page_tables, random_prompts
 from megatier.executors.base import StepBatch
-from megatier.executors.megakernel.runner import MegakernelExecutor, Tuning
+from megatier.executors.megakernel.runner import MegakernelExecutor
 from megatier.executors.megakernel.timeline import render_gantt, summarize
 from megatier.executors.reference import ReferenceExecutor
 from megatier.kv.pages import KVCache
@@ -92,7 +92,6 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--quick", action="store_true", help="fewer repeats, no 16K context")
-    parser.add_argument("--sweep", action="store_true", help="time the Tuning knobs first, then use the best")
     parser.add_argument("--variants", default="", help="comma list of more carried kernel packages to time")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -147,24 +146,6 @@ def main() -> None:
 
     stage("greedy_agreement_128", agreement)
 
-    def sweep():
-        """Batch-1 step time for each Tuning; every variant must produce the baseline's tokens."""
-        grid = [Tuning(lookahead_chunks=d, lookahead_after_ns=a) for d in (0, 2, 4, 8, 12, 16, 24) for a in (0, 1000)]
-        grid += [Tuning(lookahead_chunks=d, lookahead_evict_last=True) for d in (4, 8, 16)]
-        out, base = [], None
-        for t in grid:
-            ex.set_tuning(t)
-            r = time_decode(ex, b1, 128, reps)
-            tokens = r.pop("tokens").cpu()
-            base = tokens if base is None else base
-            out.append({**t.__dict__, **r, "same_tokens": bool(torch.equal(tokens, base))})
-        best = min((o for o in out if o["same_tokens"]), key=lambda o: o["us_per_step"])
-        ex.set_tuning(Tuning(**{k: best[k] for k in Tuning().__dict__}))
-        return {"runs": out, "best": best}
-
-    if args.sweep:
-        stage("tuning_sweep", sweep)
-
     def strategies(batch):
         out = {}
         for strategy in ("balanced", "round_robin"):
@@ -200,10 +181,6 @@ def main() -> None:
             out = {}
             for name, batch in (("batch1_ctx32", b1), ("batch8_mixed", b8)):
                 out[name] = {k: v for k, v in time_decode(old, batch, 128, reps).items() if k != "tokens"}
-            tuning = getattr(sys.modules[f"{package}.runner"], "Tuning", None)
-            if tuning is not None:  # and with the L2 look-ahead on
-                old.set_tuning(tuning(lookahead_chunks=8))
-                out["batch1_lookahead8"] = {k: v for k, v in time_decode(old, b1, 128, reps).items() if k != "tokens"}
             del old
             torch.cuda.empty_cache()
             return out
@@ -241,7 +218,7 @@ def main() -> None:
 
     def timeline():
         cache.kv.copy_(saved)
-        ext = MegakernelExecutor(cfg, weights, cache=cache, timeline=True, strategy=best_strategy, tuning=ex.tuning)
+        ext = MegakernelExecutor(cfg, weights, cache=cache, timeline=True, strategy=best_strategy)
         ext.decode_greedy(b1, 4)
         program, stamps = ext.timeline_data(1)
         title = f"Llama-3.2-1B batch 1, {props.name}, {best_strategy} schedule"
@@ -261,10 +238,6 @@ def main() -> None:
                 print(
                     f"{key:26s} {name:12s} {v['us_per_step']:8.1f} us/step (min {v['min_us']:.1f} max {v['max_us']:.1f})"
                 )
-    for run in (res.get("tuning_sweep") or {}).get("runs", []):
-        print(
-            f"tuning { {k: run[k] for k in Tuning().__dict__}!s:110s} {run['us_per_step']:8.1f} us/step same={run['same_tokens']}"
-        )
     for key in ("batch1_ctx4k_32steps", "batch1_ctx16k_32steps", "timeline_batch1"):
         print(f"{key:26s} {str(res.get(key))[:300]}")
     agree = dict(res.get("greedy_agreement_128") or {})

@@ -27,13 +27,12 @@ MIN_STAGES = 4
 MAX_BATCH = 8
 MAX_GROUP = 8
 
-# Slots of the uint64 parameter array the kernel receives (pointers, except out_cap, maxlen and the Tuning
-# knobs from la_depth on).
+# Slots of the uint64 parameter array the kernel receives (pointers, except out_cap and maxlen).
 PARAMS = (
     "embed", "qkv", "o", "gate_up", "down", "in_norm", "post_norm", "final_norm", "lm_head", "qkv_bias", "o_bias",
     "gate_up_bias", "down_bias", "q_norm", "k_norm", "kv", "rope", "resid", "q", "part_o", "part_ml", "attn_out",
     "act", "logits", "argmax", "counters", "state", "tokens", "pos", "table", "out_tokens", "out_cap", "program",
-    "qlen", "maxlen", "timeline", "diag", "la_depth", "la_after_ns", "la_hint",
+    "qlen", "maxlen", "timeline", "diag",
 )  # fmt: skip
 
 

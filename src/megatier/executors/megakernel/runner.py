@@ -40,24 +40,6 @@ class _TorchStream:
         return (0, self.stream.cuda_stream)
 
 
-@dataclass(frozen=True)
-class Tuning:
-    """Knobs the kernel reads at every launch (no recompiling, no graph recapture): while a loader's ring
-    is full (its consumers wait on a counter, so HBM would idle), it asks L2 for up to
-    `lookahead_chunks` of its next weight chunks, once it has waited `lookahead_after_ns`, with an
-    evict_last L2 policy if `lookahead_evict_last`."""
-
-    lookahead_chunks: int = 0
-    lookahead_after_ns: int = 0
-    lookahead_evict_last: bool = False
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.lookahead_chunks <= 64:
-            raise MegatierError(f"megakernel: lookahead_chunks must be 0..64, got {self.lookahead_chunks}")
-        if not 0 <= self.lookahead_after_ns < 1 << 31:
-            raise MegatierError(f"megakernel: lookahead_after_ns must be 0..2**31-1, got {self.lookahead_after_ns}")
-
-
 @dataclass
 class _Variant:
     """What one batch size needs: the compiled kernel, persistent buffers, and the parameter block."""
@@ -87,7 +69,6 @@ class MegakernelExecutor:
         timeline: bool = False,
         validate_programs: bool = True,
         chunk_columns: int = 1024,
-        tuning: Tuning = Tuning(),
     ):
         self.cfg, self.cache = cfg, cache
         self.device = cache.kv.device
@@ -98,7 +79,7 @@ class MegakernelExecutor:
         if not 1 <= self.num_sms <= available:
             raise MegatierError(f"megakernel: num_sms must be 1..{available}, got {num_sms}")
         self.strategy, self.seed, self.timeline, self.validate_programs = strategy, seed, timeline, validate_programs
-        self.chunk_columns, self.tuning = chunk_columns, tuning
+        self.chunk_columns = chunk_columns
         self.fallback = GraphExecutor(cfg, weights, cache=cache)
         perm = torch.tensor(Dims.of(cfg, 1, 1, self.page_size, self.num_pages).qkv_permutation(), device=self.device)
         shared = self.fallback.w  # every weight but qkv is shared; qkv rows are reordered so that
@@ -179,13 +160,6 @@ class MegakernelExecutor:
         self.strategy, self.seed, self.num_sms = strategy, seed, num_sms or available
         for v in self._variants.values():
             v.program = None
-
-    @torch.inference_mode()
-    def set_tuning(self, tuning: Tuning) -> None:
-        """Change the runtime knobs from the next launch on (captured graphs keep working)."""
-        self.tuning = tuning
-        for v in self._variants.values():
-            self._write_params(v)
 
     def buffers(self, batch: StepBatch) -> StepBuffers:
         """The step buffers of `batch`'s size, loaded with its inputs (tests poke inputs in directly)."""
@@ -323,8 +297,7 @@ class MegakernelExecutor:
             "q_norm": ptr(w.q_norm), "k_norm": ptr(w.k_norm), "kv": ptr(self.cache.kv), "rope": ptr(self.rope),
             "out_cap": bufs.out_tokens.shape[0], "program": ptr(v.words), "qlen": ptr(v.lengths),
             "maxlen": 0 if v.words is None else v.words.shape[1], "timeline": ptr(v.timeline),
-            "diag": self.diag.data_ptr(), "la_depth": self.tuning.lookahead_chunks,
-            "la_after_ns": self.tuning.lookahead_after_ns, "la_hint": int(self.tuning.lookahead_evict_last),
+            "diag": self.diag.data_ptr(),
         }  # fmt: skip
         for name in ("resid", "q", "part_o", "part_ml", "attn_out", "act", "logits", "argmax", "counters", "state"):
             values[name] = ptr(getattr(bufs, name))

@@ -64,14 +64,14 @@ __device__ Span attn_span(const int* in, int pos) {
 }
 
 // Loader side: each chunk is copied page run by page run (K then V), lanes taking turns.
-__device__ bool load_kv(Ctx& cx, const int* in, uint64_t policy, Lookahead& la) {
+__device__ bool load_kv(Ctx& cx, const int* in, uint64_t policy) {
     const Span sp = attn_span(in, param<int>(cx, P_POS)[field(in, F_A0)]);
     const size_t l = field(in, F_LAYER);
     const int* table = param<int>(cx, P_TABLE) + sp.b * MAX_PAGES;
     const bf16* kv = param<bf16>(cx, P_KV);
     for (int c = 0; c < sp.chunks; ++c) {
         const int c0 = sp.lo + c * KVC, c1 = min(sp.old_hi, c0 + KVC);
-        if (!claim_stage(cx, in, 2 * (c1 - c0) * KV_ROW, la)) return false;
+        if (!claim_stage(cx, in, 2 * (c1 - c0) * KV_ROW)) return false;
         unsigned char* stage = ring_stage(cx, cx.stage);
         int copy = 0;
         for (int p = c0; p < c1; copy += 2) {

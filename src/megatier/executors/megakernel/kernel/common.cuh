@@ -124,9 +124,8 @@ __device__ __forceinline__ bool aborted(const Ctx& cx) {
 
 // ---- cross-SM counters ---------------------------------------------------------------------------
 // Wait until counter `ctr` reaches target * (epoch + 1). One thread spins with acquire loads, then the
-// consumer barrier releases the others, whose later reads go through L2 (ld.cg). (Two or four polling
-// warps measured slower: 10-18 us a step on an H200.) Returns false if the step was aborted (timeout
-// here or anywhere): the caller then leaves the instruction loop.
+// consumer barrier releases the others, whose later reads go through L2 (ld.cg). Returns false if the
+// step was aborted (timeout here or anywhere): the caller then leaves the instruction loop.
 __device__ bool wait_counter(Ctx& cx, int ctr, uint32_t target) {
     if (cx.tid == 0) {
         const uint32_t* c = param<uint32_t>(cx, P_COUNTERS) + ctr;
@@ -173,44 +172,23 @@ __device__ void signal(const Ctx& cx, int ctr, uint32_t amount) {
     if (cx.tid == 0 && ctr >= 0) add_release(param<uint32_t>(cx, P_COUNTERS) + ctr, amount);
 }
 
-// The loader's second cursor over its queue's weight chunks. While the ring is full (its consumers
-// wait on a counter, so HBM would idle), it asks L2 for the chunks the copies need next, at most
-// `depth` chunks past the copy cursor and once the loader has waited `after_ns`: HBM keeps streaming
-// through the dependency chain, and those copies then hit L2. Defined with the weight tiles (gemv.cuh).
-constexpr uint32_t LOOKAHEAD_POLL_NS = 256;  // how long the blocked loader sleeps between look-ahead checks
-
-struct Lookahead {
-    const int* queue;
-    int n, i, k, c;      // cursor: instruction, tile, chunk
-    int walked, copied;  // weight chunks passed by the cursor and by the copies into the ring
-    int depth;
-    uint32_t after_ns;
-    bool hinted;  // prefetch with an evict_last policy
-    uint64_t policy;
-    __device__ void pump(const Ctx& cx, uint64_t waited_ns);  // lane 0 only
-};
-
 // Loader warp: claim the next ring stage for a chunk of `bytes` (lane 0 waits for the consumers to free
-// it, then arms its full barrier; while it waits, it runs the look-ahead). The other lanes stay parked
-// at the shuffle: a warp-wide polling loop here measured ~10% slower per step. False when the
-// consumers gave up on a counter: leave quietly.
-__device__ bool claim_stage(Ctx& cx, const int* in, uint32_t bytes, Lookahead& la) {
+// it, then arms its full barrier). False when the consumers gave up on a counter: leave quietly.
+__device__ bool claim_stage(Ctx& cx, const int* in, uint32_t bytes) {
     int ok = 1;
     if (cx.lane == 0) {
         uint64_t* bar = empty_bar(cx, cx.stage);
         const uint64_t t0 = global_timer();
-        while (!(la.depth ? mbar_try_wait_for(bar, cx.phase ^ 1, LOOKAHEAD_POLL_NS) : mbar_try_wait(bar, cx.phase ^ 1))) {
+        while (!mbar_try_wait(bar, cx.phase ^ 1)) {
             if (flags_smem(cx)[0] != 0) {
                 ok = 0;
                 break;
             }
-            const uint64_t waited = global_timer() - t0;
-            if (waited > 4 * TIMEOUT_NS) {
+            if (global_timer() - t0 > 4 * TIMEOUT_NS) {
                 cx.index = field(in, F_INDEX);
                 report(cx, DIAG_EMPTY, cx.stage, cx.phase, 0);
                 __trap();
             }
-            la.pump(cx, waited);
         }
         if (ok) mbar_arrive_expect_tx(full_bar(cx, cx.stage), bytes);
     }

@@ -60,48 +60,29 @@ __device__ WTile tile_at(const Ctx& cx, const int* in, int k) {
 }
 
 // Loader side: every chunk of every weight tile of one instruction, in order.
-__device__ bool load_weights(Ctx& cx, const int* in, uint64_t policy, Lookahead& la) {
+__device__ bool load_weights(Ctx& cx, const int* in, uint64_t policy) {
     const int tiles = num_tiles(in);
     for (int k = 0; k < tiles; ++k) {
         const WTile t = tile_at(cx, in, k);
         const int kc = kc_for(t.K);
         for (int c = 0; c < t.K / kc; ++c) {
-            if (!claim_stage(cx, in, t.rows * kc * 2, la)) return false;
+            if (!claim_stage(cx, in, t.rows * kc * 2)) return false;
             if (cx.lane < t.rows)
                 bulk_copy(ring_stage(cx, cx.stage) + cx.lane * ROW_STRIDE, t.w + (size_t)cx.lane * t.K + c * kc, kc * 2,
                           full_bar(cx, cx.stage), policy);
             advance(cx);
-            ++la.copied;
         }
     }
     return true;
 }
 
-// Skip what the copies already took, then prefetch chunks row by row until `depth` past the copies.
-__device__ void Lookahead::pump(const Ctx& cx, uint64_t waited_ns) {
-    if (waited_ns < after_ns) return;
-    while (i < n && walked < copied + depth) {
-        const int* in = queue + i * WORDS;
-        if (k >= num_tiles(in)) {
-            ++i, k = 0, c = 0;
-            continue;
-        }
-        const WTile t = tile_at(cx, in, k);
-        const int kc = kc_for(t.K);
-        if (walked >= copied)
-            for (int r = 0; r < t.rows; ++r) bulk_prefetch_l2(t.w + (size_t)r * t.K + c * kc, kc * 2, hinted, policy);
-        if (++c == t.K / kc) ++k, c = 0;
-        ++walked;
-    }
-}
+constexpr int KSW = KC_MAX / 16 / NUM_CONSUMER_WARPS;  // k-steps per warp in a full-width chunk
 
 // Consumers: y[row][b] = sum_k W[row][k] * act[b][k] for each tile of the instruction. On thread
 // row * BATCH + b (rows < 16): pre(k, tile, row, b) before the tile's products (to prefetch epilogue
 // inputs), then epi(k, tile, row, b, y, pre's value). Then every consumer thread calls after(k).
 // Activations are staged in act_smem beforehand, or with STREAM read from `src` [BATCH][K] chunk by
 // chunk into two alternating buffers, the next chunk's loads in flight while this one is multiplied.
-constexpr int KSW = KC_MAX / 16 / NUM_CONSUMER_WARPS;  // k-steps per warp in a full-width chunk
-
 template <bool STREAM, class Pre, class Epilogue, class After>
 __device__ void run_tiles(Ctx& cx, const int* in, Pre&& pre, Epilogue&& epi, After&& after, const bf16* src = nullptr) {
     constexpr int STRIDE = STREAM ? STREAM_STRIDE : ACT_STRIDE;
