@@ -93,7 +93,6 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--quick", action="store_true", help="fewer repeats, no 16K context")
     parser.add_argument("--variants", default="", help="comma list of more carried kernel packages to time")
-    parser.add_argument("--replicas", default="", help="comma list of counter_replicas values to time")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     props = torch.cuda.get_device_properties(CUDA)
@@ -192,21 +191,6 @@ def main() -> None:
     for package in filter(None, args.variants.split(",")):
         stage(f"variant_{package}", earlier_kernel(package, strategy="round_robin"))
 
-    def replicas():
-        out = {}
-        for r in (int(x) for x in args.replicas.split(",")):
-            other = MegakernelExecutor(cfg, weights, cache=cache, counter_replicas=r)
-            out[r] = {
-                name: {k: v for k, v in time_decode(other, batch, 128, reps).items() if k != "tokens"}
-                for name, batch in (("batch1_ctx32", b1), ("batch8_mixed", b8))
-            }
-            del other
-            torch.cuda.empty_cache()
-        return out
-
-    if args.replicas:
-        stage("counter_replicas", replicas)
-
     def graph_executor():
         from megatier.executors.graph import GraphExecutor
 
@@ -254,11 +238,6 @@ def main() -> None:
                 print(
                     f"{key:26s} {name:12s} {v['us_per_step']:8.1f} us/step (min {v['min_us']:.1f} max {v['max_us']:.1f})"
                 )
-    for r, v in (res.get("counter_replicas") or {}).items():
-        if isinstance(v, dict) and "batch1_ctx32" in v:
-            print(
-                f"replicas {r:3d}: batch 1 {v['batch1_ctx32']['us_per_step']:8.1f}  batch 8 {v['batch8_mixed']['us_per_step']:8.1f}"
-            )
     for key in ("batch1_ctx4k_32steps", "batch1_ctx16k_32steps", "timeline_batch1"):
         print(f"{key:26s} {str(res.get(key))[:300]}")
     agree = dict(res.get("greedy_agreement_128") or {})

@@ -81,7 +81,6 @@ class KernelConfig:
     max_pages: int
     timeline: bool = False
     chunk_columns: int = 1024  # widest weight chunk (16 rows of it fill one ring stage)
-    replicas: int = 8  # copies of each counter, on separate L2 lines (isa.COUNTER_SLOTS)
 
     @cached_property
     def layout(self) -> dict[str, int]:
@@ -152,7 +151,6 @@ class KernelConfig:
             "QK_NORM": int(c.qk_norm),
             "NUM_CONSUMER_WARPS": CONSUMER_WARPS,
             "TIMELINE": int(self.timeline),
-            "REPLICAS": self.replicas,
             "EXIT_CTR": counters.exit,
             **self.layout,
             **c_defines(),

@@ -77,7 +77,7 @@ class Interpreter:
     def _ready(instr: Instr, bufs: StepBuffers, epoch: int) -> bool:
         if instr.wait is None:
             return True
-        return int(bufs.counter_values[instr.wait[0]]) >= instr.wait[1] * (epoch + 1)
+        return int(bufs.counters[instr.wait[0]]) >= instr.wait[1] * (epoch + 1)
 
     @staticmethod
     def _blocked(queues: list[list[Instr]], pc: list[int], bufs: StepBuffers, epoch: int) -> str:
@@ -85,9 +85,7 @@ class Interpreter:
         for s, q in enumerate(queues):
             if pc[s] < len(q):
                 c, t = q[pc[s]].wait
-                waits.append(
-                    f"SM {s} at #{q[pc[s]].index} {q[pc[s]].op.name}: counter {c} = {int(bufs.counter_values[c])}"
-                )
+                waits.append(f"SM {s} at #{q[pc[s]].index} {q[pc[s]].op.name}: counter {c} = {int(bufs.counters[c])}")
                 waits[-1] += f" < {t * (epoch + 1)}"
         return "deadlock: " + "; ".join(waits[:8])
 
@@ -95,9 +93,8 @@ class Interpreter:
     def _signal(bufs: StepBuffers, sig: tuple[int, int] | None) -> int:
         if sig is None:
             return 0
-        values = bufs.counter_values
-        values[sig[0]] += sig[1]
-        return int(values[sig[0]])
+        bufs.counters[sig[0]] += sig[1]
+        return int(bufs.counters[sig[0]])
 
     def execute(self, instr: Instr, program: Program, bufs: StepBuffers, epoch: int) -> None:
         {

@@ -25,12 +25,6 @@ import torch
 WORDS = 16
 TILE = 16  # rows of a weight tile; the kernel's tensor-core fragment height
 NONE = -1
-# Each counter owns COUNTER_SLOTS uint32 words: up to MAX_REPLICAS copies, one per 128-byte L2 line. The
-# kernel adds every signal to each of its replicas and each SM polls one of them, so no single L2 line
-# takes the polls of every SM; the interpreter uses replica 0.
-MAX_REPLICAS = 16
-LINE_WORDS = 32
-COUNTER_SLOTS = MAX_REPLICAS * LINE_WORDS
 
 
 class Op(IntEnum):
@@ -161,5 +155,5 @@ def c_defines() -> dict[str, int]:
     """Field indices and opcodes for the CUDA source, so both sides read one definition."""
     out = {f"F_{name}": idx for name, idx in FIELDS.items()}
     out |= {f"OP_{op.name}": int(op) for op in Op}
-    out |= {"WORDS": WORDS, "TILE": TILE, "COUNTER_SLOTS": COUNTER_SLOTS, "LINE_WORDS": LINE_WORDS}
+    out |= {"WORDS": WORDS, "TILE": TILE}
     return out

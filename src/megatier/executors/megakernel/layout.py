@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from megatier.config import ModelConfig, rope_inv_freq
-from megatier.executors.megakernel.isa import COUNTER_SLOTS, TILE, Counters
+from megatier.executors.megakernel.isa import TILE, Counters
 
 ATTN_CHUNK = 512  # context positions per attention split before another split is added
 MAX_SPLITS = 16
@@ -132,7 +132,7 @@ class StepBuffers:
     act: torch.Tensor  # weight dtype [B, inter]: SiLU(gate) * up
     logits: torch.Tensor  # fp32 [B, vocab]
     argmax: torch.Tensor  # int64 [B]: packed (orderable logit bits << 32 | ~index), 0 = empty
-    counters: torch.Tensor  # int32 [Counters.size * COUNTER_SLOTS], used as uint32 (isa.py: replicas)
+    counters: torch.Tensor  # int32 [Counters.size], used as uint32
     state: torch.Tensor  # int32 [4]: epoch, step, abort flag, unused
     tokens: torch.Tensor  # int32 [B]: the token each sequence feeds this step
     pos: torch.Tensor  # int32 [B]: its position
@@ -157,7 +157,7 @@ class StepBuffers:
             act=torch.zeros((b, d.inter), dtype=dtype, device=device),
             logits=f32(b, d.vocab),
             argmax=torch.zeros(b, dtype=torch.int64, device=device),
-            counters=i32(d.counters.size * COUNTER_SLOTS),
+            counters=i32(d.counters.size),
             state=i32(4),
             tokens=i32(b),
             pos=i32(b),
@@ -183,11 +183,6 @@ class StepBuffers:
         self.counters.zero_()
         self.state.zero_()
         self.argmax.zero_()
-
-    @property
-    def counter_values(self) -> torch.Tensor:
-        """int32 [Counters.size]: replica 0 of every counter (a view; writes go to the buffer)."""
-        return self.counters.view(-1, COUNTER_SLOTS)[:, 0]
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -22,7 +22,6 @@ from megatier.errors import MegatierError
 from megatier.executors.base import GreedyChunk, StepBatch
 from megatier.executors.graph import GraphExecutor
 from megatier.executors.megakernel.build import MAX_BATCH, PARAMS, KernelConfig, check_supported, compile_cubin
-from megatier.executors.megakernel.isa import MAX_REPLICAS
 from megatier.executors.megakernel.layout import MAX_SPLITS, Dims, StepBuffers, choose_splits, rope_table
 from megatier.executors.megakernel.schedule import Program, build_program, validate
 from megatier.kv.pages import KVCache
@@ -70,7 +69,6 @@ class MegakernelExecutor:
         timeline: bool = False,
         validate_programs: bool = True,
         chunk_columns: int = 1024,
-        counter_replicas: int = 8,
     ):
         self.cfg, self.cache = cfg, cache
         self.device = cache.kv.device
@@ -81,9 +79,7 @@ class MegakernelExecutor:
         if not 1 <= self.num_sms <= available:
             raise MegatierError(f"megakernel: num_sms must be 1..{available}, got {num_sms}")
         self.strategy, self.seed, self.timeline, self.validate_programs = strategy, seed, timeline, validate_programs
-        if not 1 <= counter_replicas <= MAX_REPLICAS:
-            raise MegatierError(f"megakernel: counter_replicas must be 1..{MAX_REPLICAS}, got {counter_replicas}")
-        self.chunk_columns, self.counter_replicas = chunk_columns, counter_replicas
+        self.chunk_columns = chunk_columns
         self.fallback = GraphExecutor(cfg, weights, cache=cache)
         perm = torch.tensor(Dims.of(cfg, 1, 1, self.page_size, self.num_pages).qkv_permutation(), device=self.device)
         shared = self.fallback.w  # every weight but qkv is shared; qkv rows are reordered so that
@@ -261,9 +257,7 @@ class MegakernelExecutor:
             self._write_params(v)
             self._graphs = {key: g for key, g in self._graphs.items() if key[0] != b}
         if v is None:
-            kc = KernelConfig(
-                self.cfg, b, self.page_size, self.num_pages, self.timeline, self.chunk_columns, self.counter_replicas
-            )
+            kc = KernelConfig(self.cfg, b, self.page_size, self.num_pages, self.timeline, self.chunk_columns)
             kernel = _load_kernel(compile_cubin(kc), kc, self.device)
             dims = Dims.of(self.cfg, b, MAX_SPLITS, self.page_size, self.num_pages)
             bufs = StepBuffers.allocate(dims, torch.bfloat16, self.device, max_steps=max(steps, 1))

@@ -219,7 +219,7 @@ __device__ bool op_attn(Ctx& cx, const int* in) {
     }
     consumer_bar();
     if (cx.tid == 0) {
-        uint32_t* arrive = counter(cx, field(in, F_SIG_CTR));
+        uint32_t* arrive = param<uint32_t>(cx, P_COUNTERS) + field(in, F_SIG_CTR);
         const uint32_t want = static_cast<uint32_t>(field(in, F_ARRIVE_TARGET)) * (cx.epoch + 1);
         flags_smem(cx)[1] = add_acq_rel(arrive, field(in, F_SIG_AMOUNT)) + field(in, F_SIG_AMOUNT) == want;
     }

@@ -19,7 +19,6 @@ constexpr uint64_t TIMEOUT_NS = 500ull * 1000 * 1000;
 
 static_assert(TILE == 16, "a weight tile is one 16-row tensor-core fragment");
 static_assert(BATCH >= 1 && BATCH <= 8, "batch columns live in one n=8 mma fragment");
-static_assert(REPLICAS >= 1 && REPLICAS * LINE_WORDS <= COUNTER_SLOTS && REPLICAS <= 32, "counter replicas");
 static_assert(HEAD_DIM % 16 == 0 && HIDDEN % 16 == 0 && INTER % 16 == 0, "k-steps of 16");
 static_assert(SM_RING % 128 == 0 && STAGE_BYTES % 128 == 0, "bulk-copy destinations stay aligned");
 static_assert(SM_ACT % 16 == 0 && (ACT_STRIDE * 2) % 16 == 0, "16-byte activation stores");
@@ -124,20 +123,12 @@ __device__ __forceinline__ bool aborted(const Ctx& cx) {
 }
 
 // ---- cross-SM counters ---------------------------------------------------------------------------
-// Counter `ctr` has REPLICAS copies on separate L2 lines (isa.COUNTER_SLOTS): a signal adds to each, an
-// SM polls copy blockIdx % REPLICAS, so each line takes the polls of 1/REPLICAS of the SMs. Counters
-// whose atomic's return value matters (attention arrivals, the exit counter) use replica 0 alone.
-//
 // Wait until counter `ctr` reaches target * (epoch + 1). One thread spins with acquire loads, then the
 // consumer barrier releases the others, whose later reads go through L2 (ld.cg). Returns false if the
 // step was aborted (timeout here or anywhere): the caller then leaves the instruction loop.
-__device__ __forceinline__ uint32_t* counter(const Ctx& cx, int ctr, int replica = 0) {
-    return param<uint32_t>(cx, P_COUNTERS) + (size_t)ctr * COUNTER_SLOTS + replica * LINE_WORDS;
-}
-
 __device__ bool wait_counter(Ctx& cx, int ctr, uint32_t target) {
     if (cx.tid == 0) {
-        const uint32_t* c = counter(cx, ctr, blockIdx.x % REPLICAS);
+        const uint32_t* c = param<uint32_t>(cx, P_COUNTERS) + ctr;
         const uint32_t want = target * (cx.epoch + 1);
         const uint64_t t0 = global_timer();
         int stop = 0;
@@ -174,11 +165,11 @@ __device__ bool wait_for(Ctx& cx, const int* in) {
     return true;
 }
 
-// After every consumer thread has stored its outputs: make them visible at GPU scope, then add to each
-// replica of the counter (each adding lane: fence.acq_rel + relaxed add, the release pattern).
+// After every consumer thread has stored its outputs: make them visible at GPU scope, then add to the
+// counter (fence.acq_rel + relaxed add, the release pattern; no sequentially consistent fence needed).
 __device__ void signal(const Ctx& cx, int ctr, uint32_t amount) {
     consumer_bar();
-    if (cx.tid < REPLICAS && ctr >= 0) add_release(counter(cx, ctr, cx.tid), amount);
+    if (cx.tid == 0 && ctr >= 0) add_release(param<uint32_t>(cx, P_COUNTERS) + ctr, amount);
 }
 
 // Loader warp: claim the next ring stage for a chunk of `bytes` (lane 0 waits for the consumers to free

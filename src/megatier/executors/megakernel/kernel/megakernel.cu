@@ -72,7 +72,7 @@ __device__ void run_consumers(Ctx& cx, const int* queue, int n, unsigned long lo
         if (TIMELINE && cx.tid == 0) cx.stamp[2] = global_timer();
     }
     if (cx.tid == 0) {
-        const uint32_t done = add_acq_rel(counter(cx, EXIT_CTR), 1) + 1;
+        const uint32_t done = add_acq_rel(param<uint32_t>(cx, P_COUNTERS) + EXIT_CTR, 1) + 1;
         if (done == gridDim.x * (cx.epoch + 1) && !aborted(cx)) finalize_step(cx);
     }
 }
