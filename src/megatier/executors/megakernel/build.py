@@ -17,7 +17,7 @@ from pathlib import Path
 
 from megatier.config import ModelConfig
 from megatier.errors import MegatierError
-from megatier.executors.megakernel.isa import TILE, Counters, c_defines
+from megatier.executors.megakernel.isa import TILE, WORDS, Counters, c_defines
 
 KERNEL_DIR = Path(__file__).parent / "kernel"
 ARCH = "sm_90a"
@@ -103,6 +103,8 @@ class KernelConfig:
                     ("SM_STAT", max(CONSUMER_WARPS * b, 8) * 4),
                     ("SM_KEYS", TILE * b * 8),
                     ("SM_STEP", 3 * b * 4),
+                    ("SM_PARAMS", len(PARAMS) * 8),
+                    ("SM_INSN", 2 * WORDS * 4),
                 ]
                 fixed = sum(_align(n, 16) for _, n in rest) + 64
                 stages = (SMEM_LIMIT - fixed - 256) // (stage + 16)
@@ -152,6 +154,7 @@ class KernelConfig:
             "NUM_CONSUMER_WARPS": CONSUMER_WARPS,
             "TIMELINE": int(self.timeline),
             "EXIT_CTR": counters.exit,
+            "NUM_PARAMS": len(PARAMS),
             **self.layout,
             **c_defines(),
             **{f"P_{name.upper()}": i for i, name in enumerate(PARAMS)},

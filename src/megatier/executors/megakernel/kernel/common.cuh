@@ -43,14 +43,25 @@ struct Ctx {
     int index;            // global index of the current instruction (diagnostics)
     int op;
     unsigned long long* stamp;  // this instruction's timeline stamps, or nullptr
+    int next_word;              // consumer threads < WORDS: their word of the next instruction,
+    int* next_slot;             // stored here by wait_for (see run_consumers)
 };
+
+// The parameter block (pointers and sizes) is copied to shared memory at kernel start, and consumers
+// read their instructions from shared memory too: every poll's acquire load invalidates L1 (CCTL.IVALL
+// in the SASS), so a pointer or field read through L1 after a counter wait would add a serial L2 round
+// trip (~0.5-1.5 us under load) to the critical path.
+__device__ __forceinline__ const uint64_t* params_smem(const Ctx& cx) {
+    return reinterpret_cast<const uint64_t*>(cx.smem + SM_PARAMS);
+}
 
 template <class T>
 __device__ __forceinline__ T* param(const Ctx& cx, int slot) {
-    return reinterpret_cast<T*>(__ldg(cx.prm + slot));
+    return reinterpret_cast<T*>(params_smem(cx)[slot]);
 }
 
-__device__ __forceinline__ int field(const int* in, int f) { return __ldg(in + f); }
+// A field of an instruction, in shared memory (consumers) or global memory (the loader's queue walk).
+__device__ __forceinline__ int field(const int* in, int f) { return in[f]; }
 
 // ---- shared memory ----------------------------------------------------------------------------------
 __device__ __forceinline__ unsigned char* ring_stage(const Ctx& cx, int s) { return cx.smem + SM_RING + s * STAGE_BYTES; }
@@ -77,6 +88,7 @@ __device__ __forceinline__ volatile int* flags_smem(const Ctx& cx) {
 // The launch's step table: token, position and the page holding that position, per sequence. Loaded
 // once at kernel start, so no epilogue walks pos -> page table -> cache with dependent global loads.
 __device__ __forceinline__ int* step_smem(const Ctx& cx) { return reinterpret_cast<int*>(cx.smem + SM_STEP); }
+__device__ __forceinline__ int* insn_smem(const Ctx& cx) { return reinterpret_cast<int*>(cx.smem + SM_INSN); }  // [2][WORDS]
 __device__ __forceinline__ int token_of(const Ctx& cx, int b) { return step_smem(cx)[b]; }
 __device__ __forceinline__ int pos_of(const Ctx& cx, int b) { return step_smem(cx)[BATCH + b]; }
 __device__ __forceinline__ int page_of(const Ctx& cx, int b) { return step_smem(cx)[2 * BATCH + b]; }
@@ -153,7 +165,9 @@ __device__ bool wait_counter(Ctx& cx, int ctr, uint32_t target) {
 }
 
 // An instruction's dependency: its counter wait (if any), always ending in a consumer barrier so that
-// whatever the instruction prepared before it is visible to every consumer thread.
+// whatever the instruction prepared before it is visible to every consumer thread. Then the next
+// instruction's words go to its shared-memory slot: every thread is past the previous instruction, and
+// every opcode passes another consumer barrier before it ends.
 __device__ bool wait_for(Ctx& cx, const int* in) {
     const int ctr = field(in, F_WAIT_CTR);
     if (ctr >= 0) {
@@ -162,6 +176,7 @@ __device__ bool wait_for(Ctx& cx, const int* in) {
         consumer_bar();
     }
     if (TIMELINE && cx.tid == 0) cx.stamp[1] = global_timer();
+    if (cx.tid < WORDS) cx.next_slot[cx.tid] = cx.next_word;
     return true;
 }
 

@@ -18,7 +18,7 @@ __device__ void finalize_step(const Ctx& cx) {
     for (int b = 0; b < BATCH; ++b) {
         const unsigned long long key = __ldcg(reinterpret_cast<const unsigned long long*>(argmax + b));
         const int token = static_cast<int>(0xffffffffu - static_cast<uint32_t>(key));
-        if (step < static_cast<int>(__ldg(cx.prm + P_OUT_CAP)))
+        if (step < static_cast<int>(params_smem(cx)[P_OUT_CAP]))
             param<long long>(cx, P_OUT_TOKENS)[(size_t)step * BATCH + b] = token;
         param<int>(cx, P_TOKENS)[b] = token;
         param<int>(cx, P_POS)[b] += 1;
@@ -41,8 +41,11 @@ __device__ void run_loader(Ctx& cx, const int* queue, int n, unsigned long long*
 }
 
 // Consumers: the step table first, then the queue. Each opcode waits for its own counter, after
-// issuing whatever loads do not depend on it.
+// issuing whatever loads do not depend on it. Instruction i is read from shared-memory slot i % 2; the
+// words of instruction i + 1 are requested before i's wait and stored by wait_for after it.
 __device__ void run_consumers(Ctx& cx, const int* queue, int n, unsigned long long* timeline) {
+    int* insn = insn_smem(cx);
+    if (cx.tid < WORDS && n > 0) insn[cx.tid] = __ldg(queue + cx.tid);
     if (cx.tid < BATCH) {
         const int p = param<int>(cx, P_POS)[cx.tid];
         int* st = step_smem(cx);
@@ -52,10 +55,16 @@ __device__ void run_consumers(Ctx& cx, const int* queue, int n, unsigned long lo
     }
     consumer_bar();
     for (int i = 0; i < n; ++i) {
-        const int* in = queue + i * WORDS;
+        const int* in = insn + (i & 1) * WORDS;
+        cx.next_slot = insn + ((i + 1) & 1) * WORDS;
+        cx.next_word = cx.tid < WORDS && i + 1 < n ? __ldg(queue + (i + 1) * WORDS + cx.tid) : 0;
         cx.op = field(in, F_OP);
         cx.index = field(in, F_INDEX);
-        if (cx.op == OP_NOOP) continue;
+        if (cx.op == OP_NOOP) {
+            if (cx.tid < WORDS) cx.next_slot[cx.tid] = cx.next_word;
+            consumer_bar();
+            continue;
+        }
         cx.stamp = TIMELINE ? timeline + i * 4 : nullptr;
         if (TIMELINE && cx.tid == 0) cx.stamp[0] = global_timer();
         bool ok = true;
@@ -95,6 +104,9 @@ extern "C" __global__ void __launch_bounds__((NUM_CONSUMER_WARPS + 1) * 32, 1)
     cx.index = -1;
     cx.op = 0;
     cx.stamp = nullptr;
+    cx.next_word = 0;
+    cx.next_slot = nullptr;
+    if (threadIdx.x < NUM_PARAMS) reinterpret_cast<uint64_t*>(smem + SM_PARAMS)[threadIdx.x] = prm[threadIdx.x];
     if (threadIdx.x == 0) {
         for (int s = 0; s < NSTAGES; ++s) {
             mbar_init(full_bar(cx, s), 1);
@@ -106,7 +118,7 @@ extern "C" __global__ void __launch_bounds__((NUM_CONSUMER_WARPS + 1) * 32, 1)
     }
     __syncthreads();
     cx.epoch = static_cast<uint32_t>(param<int>(cx, P_STATE)[0]);
-    const int maxlen = static_cast<int>(__ldg(prm + P_MAXLEN));
+    const int maxlen = static_cast<int>(params_smem(cx)[P_MAXLEN]);
     const int* queue = param<int>(cx, P_PROGRAM) + (size_t)blockIdx.x * maxlen * WORDS;
     const int n = param<int>(cx, P_QLEN)[blockIdx.x];
     unsigned long long* timeline = TIMELINE ? param<unsigned long long>(cx, P_TIMELINE) + (size_t)blockIdx.x * maxlen * 4
