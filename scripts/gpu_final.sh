@@ -4,6 +4,7 @@
 #   bash scripts/gpu_final.sh bench   bench latency (megakernel, graph, HF static cache, PyTorch CUDA graph,
 #                                     copy bandwidth; 1K/4K/16K contexts; batch 2/4/8), bench throughput
 #                                     (batch 1..256 at 1K context, PNG), Llama-3.1-8B batch 1
+#   bash scripts/gpu_final.sh latency the same without the throughput sweep
 # JSON, PNG and logs go to $OUT (the device tool's output folder; default bench/results).
 set -uo pipefail
 OUT=${OUT:-bench/results}
@@ -24,21 +25,23 @@ case "${1:-}" in
     stage 300 gpu_tests.log "${pytest[@]}" -n 4 tests/test_kernels.py tests/test_gemv.py tests/test_graph_executor.py
     stage 240 gpu_tests.log "${pytest[@]}" tests/test_megakernel_gpu.py tests/test_backends.py tests/test_tiers.py
     ;;
-  bench)
+  bench | latency)
     mt=("$PY" -m megatier.cli bench)
     dummy=(--load-format dummy --max-model-len 20480)
     stage 240 gpu_bench.log "${mt[@]}" latency --model llama-3.2-1b "${dummy[@]}" --backend megakernel,graph \
       --batch 1 --input-len 32,1024,4096,16384 --baselines torch-graph,hf --json "$OUT/latency_llama-3.2-1b_$tag.json"
     stage 120 gpu_bench.log "${mt[@]}" latency --model llama-3.2-1b "${dummy[@]}" --backend megakernel,graph \
       --batch 2,4,8 --json "$OUT/latency_batch_llama-3.2-1b_$tag.json"
-    stage 120 gpu_bench.log "${mt[@]}" throughput --model llama-3.2-1b --load-format dummy --backend graph \
-      --batches 1,8,64,256 --input-len 1024 --output-len 64 \
-      --json "$OUT/throughput_llama-3.2-1b_$tag.json" --plot "$OUT/throughput_llama-3.2-1b_$tag.png"
+    if [ "$1" = bench ]; then
+      stage 120 gpu_bench.log "${mt[@]}" throughput --model llama-3.2-1b --load-format dummy --backend graph \
+        --batches 1,8,64,256 --input-len 1024 --output-len 64 \
+        --json "$OUT/throughput_llama-3.2-1b_$tag.json" --plot "$OUT/throughput_llama-3.2-1b_$tag.png"
+    fi
     stage 120 gpu_bench.log "${mt[@]}" latency --model llama-3.1-8b --load-format dummy --max-model-len 4096 \
       --backend megakernel,graph --json "$OUT/latency_llama-3.1-8b_$tag.json"
     ;;
   *)
-    echo "usage: $0 tests|bench" >&2
+    echo "usage: $0 tests|bench|latency" >&2
     exit 2
     ;;
 esac
