@@ -23,6 +23,7 @@ static_assert(HEAD_DIM % 16 == 0 && HIDDEN % 16 == 0 && INTER % 16 == 0, "k-step
 static_assert(SM_RING % 128 == 0 && STAGE_BYTES % 128 == 0, "bulk-copy destinations stay aligned");
 static_assert(SM_ACT % 16 == 0 && (ACT_STRIDE * 2) % 16 == 0, "16-byte activation stores");
 static_assert(SMEM_BYTES <= 232448, "Hopper gives a CTA at most 227 KiB of shared memory");
+static_assert(NUM_PARAMS <= (NUM_CONSUMER_WARPS + 1) * 32, "one thread copies each parameter slot");
 
 // A weight matrix is cut into k-chunks of kc columns; kc divides K and fits a ring stage.
 __host__ __device__ constexpr int kc_for(int K) {
@@ -33,7 +34,6 @@ __host__ __device__ constexpr int kc_for(int K) {
 }
 
 struct Ctx {
-    const uint64_t* prm;
     unsigned char* smem;
     uint32_t epoch;
     int tid, warp, lane;  // consumer thread id (0..NCT-1) and its warp/lane

@@ -93,7 +93,6 @@ extern "C" __global__ void __launch_bounds__((NUM_CONSUMER_WARPS + 1) * 32, 1)
     using namespace mk;
     extern __shared__ __align__(1024) unsigned char smem[];
     Ctx cx;
-    cx.prm = prm;
     cx.smem = smem;
     cx.warp = threadIdx.x / 32;
     cx.lane = threadIdx.x % 32;
