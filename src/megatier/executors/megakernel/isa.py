@@ -127,8 +127,9 @@ class Counters:
     """Where each counter lives in the one uint32 counter array of a step.
 
     arrive[l][sequence][kv head], then per layer qkv_done, attn_done, oproj_done, down_done, then
-    act_ready[l][chunk], then `exit` (every CTA adds 1 when its queue is done; the last one finalizes
-    the step).
+    `exit` (every CTA adds 1 when its queue is done; the last one finalizes the step), then
+    act_ready[l][chunk]. `exit` comes before the chunk counters so that its index does not depend on
+    the chunk width (the kernel's build does not know it).
     """
 
     layers: int
@@ -154,17 +155,17 @@ class Counters:
     def down_done(self, layer: int) -> int:
         return self._phase(3, layer)
 
-    def act_ready(self, layer: int, chunk: int = 0) -> int:
-        """Counter of `act` chunk `chunk` of `layer`: gate/up tile pairs done in its columns."""
-        return self._phase(4, 0) + layer * self.act_chunks + chunk
-
     @property
     def exit(self) -> int:
-        return self.act_ready(self.layers, 0)
+        return self._phase(4, 0)
+
+    def act_ready(self, layer: int, chunk: int = 0) -> int:
+        """Counter of `act` chunk `chunk` of `layer`: gate/up tile pairs done in its columns."""
+        return self.exit + 1 + layer * self.act_chunks + chunk
 
     @property
     def size(self) -> int:
-        return self.exit + 1
+        return self.act_ready(self.layers)
 
 
 def c_defines() -> dict[str, int]:
