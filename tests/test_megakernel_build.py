@@ -11,7 +11,6 @@ import pytest
 from megakernel_helpers import llama_1b_config, toy_config
 from megatier.errors import MegatierError
 from megatier.executors.megakernel.build import KernelConfig, check_supported, compile_cubin
-from megatier.executors.megakernel.layout import Dims
 
 pytest.importorskip("cuda.core")
 
@@ -66,14 +65,3 @@ def test_unsupported_configs_fail_clearly(change, batch, message):
     cfg = dataclasses.replace(toy_config("llama-mqa"), **change)
     with pytest.raises(MegatierError, match=message):
         check_supported(cfg, batch)
-
-
-@pytest.mark.parametrize("act_chunk", [16, 1024, 4096])
-def test_kernel_and_schedule_agree_on_counter_slots(act_chunk):
-    """The build's exit counter is the schedule's, whatever the act chunk width: the kernel is compiled
-    without knowing it, and a clash would let CTAs finish a step on a gate/up counter."""
-    cfg = llama_1b_config()
-    counters = Dims.of(cfg, 2, 4, 16, 64, act_chunk).counters
-    assert int(KernelConfig(cfg, 2, 16, 64).defines()["EXIT_CTR"]) == counters.exit
-    first_chunk = counters.act_ready(0)
-    assert counters.exit < first_chunk and counters.size == first_chunk + cfg.num_layers * counters.act_chunks

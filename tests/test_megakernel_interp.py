@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
@@ -22,7 +20,7 @@ NUM_PAGES = 64
 LENGTHS = [5, 17, 1]  # prompt lengths: one sequence starts decoding at position 0
 
 
-def _setup(case: str, splits: int = 1, seed: int = 0, act_chunk: int = 32):
+def _setup(case: str, splits: int = 1, seed: int = 0):
     cfg = toy_config(case)
     weights = dummy_weights(cfg, seed, torch.float32, torch.device("cpu"))
     cache = KVCache.allocate(cfg, NUM_PAGES, PAGE, torch.float32, torch.device("cpu"))
@@ -30,7 +28,7 @@ def _setup(case: str, splits: int = 1, seed: int = 0, act_chunk: int = 32):
     prompts = random_prompts(LENGTHS, cfg.vocab_size, seed)
     tables = page_tables([n + 4 for n in LENGTHS], PAGE, NUM_PAGES, seed)
     prefill(cfg, weights, cache, prompts, tables)
-    d = Dims.of(cfg, len(LENGTHS), splits, PAGE, NUM_PAGES, act_chunk)  # 96 columns: 3 act chunks
+    d = Dims.of(cfg, len(LENGTHS), splits, PAGE, NUM_PAGES)
     interp = Interpreter(cfg, pack_weights(weights, "cpu", torch.float32), cache, rope_table(cfg, 256, "cpu"))
     return cfg, weights, cache, prompts, tables, d, interp
 
@@ -48,7 +46,7 @@ def _run(interp, program: Program, batch: StepBatch, steps: int = 1, **kw) -> St
 @pytest.mark.parametrize("splits", [1, 3])
 def test_interpreter_matches_reference_over_steps(case, splits):
     """Three greedy steps with the token fed back: logits and tokens equal the reference's."""
-    cfg, weights, cache, prompts, tables, d, interp = _setup(case, splits, act_chunk=64 if splits == 3 else 32)
+    cfg, weights, cache, prompts, tables, d, interp = _setup(case, splits)
     ref_cache = KVCache(cache.kv.clone())
     ref = ReferenceExecutor(cfg, weights, cache=ref_cache)
     batch = decode_batch(prompts, tables)
@@ -73,11 +71,9 @@ def test_logits_bitwise_identical_across_assignments():
     batch = decode_batch(prompts, tables)
     saved = cache.kv.clone()
     results = []
-    runs = [(1, "balanced", 0, 96), (7, "round_robin", 0, 32), (13, "random", 3, 48), (4, "random", 9, 16)]
-    for num_sms, strategy, seed, act_chunk in runs:
+    for num_sms, strategy, seed in [(1, "balanced", 0), (7, "round_robin", 0), (13, "random", 3), (4, "random", 9)]:
         cache.kv.copy_(saved)
-        program = build_program(dataclasses.replace(d, act_chunk=act_chunk), num_sms, strategy, seed)
-        bufs = _run(interp, program, batch, order="random", seed=seed)
+        bufs = _run(interp, build_program(d, num_sms, strategy, seed), batch, order="random", seed=seed)
         results.append(bufs.logits.clone())
     for r in results[1:]:
         assert torch.equal(r, results[0])

@@ -8,16 +8,7 @@ import pytest
 
 from megatier.executors.megakernel.isa import Instr, Op, encode_queues
 from megatier.executors.megakernel.layout import Dims
-from megatier.executors.megakernel.schedule import (
-    STRATEGIES,
-    Program,
-    ScheduleError,
-    build_program,
-    counter_signals,
-    counter_waits,
-    tiles_of,
-    validate,
-)
+from megatier.executors.megakernel.schedule import STRATEGIES, Program, ScheduleError, build_program, validate
 
 TOY = Dims(
     hidden=64, heads=4, kv_heads=2, head_dim=16, inter=96, vocab=300, layers=2, batch=2, splits=2, page_size=4,
@@ -41,44 +32,6 @@ def _first(p: Program, op: Op, layer: int = 0) -> Instr:
 @pytest.mark.parametrize("num_sms", [1, 3, 132])
 def test_built_programs_validate(strategy, num_sms):
     validate(build_program(TOY, num_sms, strategy, seed=num_sms))
-
-
-@pytest.mark.parametrize("strategy", STRATEGIES)
-@pytest.mark.parametrize("act_chunk", [16, 32, 64])
-def test_act_chunks_validate(strategy, act_chunk):
-    """DOWN waiting chunk by chunk (64: a short last chunk) on strided gate/up pairs."""
-    validate(build_program(dataclasses.replace(TOY, act_chunk=act_chunk), 5, strategy, seed=act_chunk))
-
-
-def test_down_waits_for_each_chunk_the_pairs_that_produce_it():
-    d = dataclasses.replace(TOY, act_chunk=64)  # 6 pairs: chunk 0 holds 4, chunk 1 holds 2
-    p = build_program(d, 4)
-    down = _first(p, Op.DOWN, layer=1)
-    base = d.counters.act_ready(1)
-    assert counter_waits(down, d) == [(base, 4), (base + 1, 2)]
-    pairs = sorted((t, sig) for i in p.instrs if i.op == Op.GATEUP and i.layer == 1
-                   for t, sig in zip(tiles_of(i), counter_signals(i, d), strict=True))  # fmt: skip
-    assert pairs == [(t, (base + t // 4, 1)) for t in range(6)]
-    first_pairs = [i.args[0] for i in p.instrs if i.op == Op.GATEUP and i.layer == 1]
-    assert sorted(first_pairs) == [0, 1, 2, 3]  # strided: every SM's first pair is in chunk 0
-
-
-def test_rejects_down_without_waits_as_race_on_act():
-    p = build_program(dataclasses.replace(TOY, act_chunk=32), 3)
-    i = _first(p, Op.DOWN)
-    with pytest.raises(ScheduleError, match="race on act"):
-        validate(_replace(p, i.index, wait=None))
-
-
-def test_rejects_bad_gateup_stride_and_chunk():
-    p = build_program(TOY, 3)
-    i = _first(p, Op.GATEUP)
-    with pytest.raises(ScheduleError, match="exactly once"):
-        validate(_replace(p, i.index, args=(i.args[0], i.args[1], i.args[2] + 1)))
-    with pytest.raises(ScheduleError, match="stride"):
-        validate(_replace(p, i.index, args=(i.args[0], i.args[1], 0)))
-    with pytest.raises(ScheduleError, match="act chunks"):
-        validate(_replace(p, i.index, chunk=16))
 
 
 def test_llama_1b_shapes_validate_on_132_sms():

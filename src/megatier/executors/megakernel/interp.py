@@ -1,9 +1,7 @@
 """A CPU interpreter of megakernel programs: the same per-SM queues and counters, PyTorch ops.
 
 It runs a program the way the GPU does, one instruction at a time per SM, round-robin (or in a seeded
-random order), and an instruction runs only once its counters have reached their targets (DOWN, which
-waits per act chunk on the GPU, runs here once every chunk is ready; GATEUP signals each tile pair's
-chunk as it goes). If no SM can make
+random order), and an instruction runs only once its counter has reached its target. If no SM can make
 progress the program would deadlock on the GPU too: DeadlockError names what every SM waits for.
 
 Each opcode's semantics mirror the kernel's: activations entering a matrix product are rounded to the
@@ -23,7 +21,7 @@ import torch.nn.functional as F
 from megatier.config import ModelConfig
 from megatier.executors.megakernel.isa import TILE, Instr, Op
 from megatier.executors.megakernel.layout import Dims, StepBuffers
-from megatier.executors.megakernel.schedule import Program, counter_signals, counter_waits, tiles_of
+from megatier.executors.megakernel.schedule import Program
 from megatier.kv.pages import KVCache
 from megatier.weights import PackedWeights
 
@@ -67,29 +65,28 @@ class Interpreter:
                 rng.shuffle(sms)
             progressed = False
             for s in sms:
-                if pc[s] < len(queues[s]) and self._ready(queues[s][pc[s]], program.dims, bufs, epoch):
+                if pc[s] < len(queues[s]) and self._ready(queues[s][pc[s]], bufs, epoch):
                     self.execute(queues[s][pc[s]], program, bufs, epoch)
                     pc[s] += 1
                     progressed = True
             if not progressed:
-                raise DeadlockError(self._blocked(program, pc, bufs, epoch))
+                raise DeadlockError(self._blocked(queues, pc, bufs, epoch))
         self._finalize(bufs)
 
     @staticmethod
-    def _unmet(instr: Instr, d: Dims, bufs: StepBuffers, epoch: int) -> list[tuple[int, int]]:
-        """The waits of `instr` not yet satisfied, as (counter, value it must reach)."""
-        return [(c, t * (epoch + 1)) for c, t in counter_waits(instr, d) if int(bufs.counters[c]) < t * (epoch + 1)]
+    def _ready(instr: Instr, bufs: StepBuffers, epoch: int) -> bool:
+        if instr.wait is None:
+            return True
+        return int(bufs.counters[instr.wait[0]]) >= instr.wait[1] * (epoch + 1)
 
-    def _ready(self, instr: Instr, d: Dims, bufs: StepBuffers, epoch: int) -> bool:
-        return not self._unmet(instr, d, bufs, epoch)
-
-    def _blocked(self, program: Program, pc: list[int], bufs: StepBuffers, epoch: int) -> str:
+    @staticmethod
+    def _blocked(queues: list[list[Instr]], pc: list[int], bufs: StepBuffers, epoch: int) -> str:
         waits = []
-        for s, q in enumerate(program.queues):
+        for s, q in enumerate(queues):
             if pc[s] < len(q):
-                c, want = self._unmet(q[pc[s]], program.dims, bufs, epoch)[0]
+                c, t = q[pc[s]].wait
                 waits.append(f"SM {s} at #{q[pc[s]].index} {q[pc[s]].op.name}: counter {c} = {int(bufs.counters[c])}")
-                waits[-1] += f" < {want}"
+                waits[-1] += f" < {t * (epoch + 1)}"
         return "deadlock: " + "; ".join(waits[:8])
 
     @staticmethod
@@ -215,21 +212,17 @@ class Interpreter:
         self._signal(bufs, instr.signal)
 
     def _gateup(self, instr: Instr, program: Program, bufs: StepBuffers, epoch: int) -> None:
-        """Strided tile pairs; each pair's act columns signal their chunk's counter."""
         d, w, layer = program.dims, self.w, instr.layer
+        rows = self._rows(instr, d.inter)
+        up_rows = slice(d.inter + rows.start, d.inter + rows.stop)
         a = self._norm_act(bufs.resid, w.post_norm[layer])
-        signals = counter_signals(instr, d)
-        for k, t in enumerate(tiles_of(instr)):
-            rows = slice(t * TILE, min((t + 1) * TILE, d.inter))
-            up_rows = slice(d.inter + rows.start, d.inter + rows.stop)
-            gb = ub = None
-            if w.gate_up_bias is not None:
-                gb, ub = w.gate_up_bias[layer, rows], w.gate_up_bias[layer, up_rows]
-            g = self._gemv(a, w.gate_up[layer, rows], gb)
-            u = self._gemv(a, w.gate_up[layer, up_rows], ub)
-            bufs.act[:, rows] = (F.silu(g) * u).to(bufs.act.dtype)
-            if signals:
-                self._signal(bufs, signals[k])
+        gb = ub = None
+        if w.gate_up_bias is not None:
+            gb, ub = w.gate_up_bias[layer, rows], w.gate_up_bias[layer, up_rows]
+        g = self._gemv(a, w.gate_up[layer, rows], gb)
+        u = self._gemv(a, w.gate_up[layer, up_rows], ub)
+        bufs.act[:, rows] = (F.silu(g) * u).to(bufs.act.dtype)
+        self._signal(bufs, instr.signal)
 
     def _down(self, instr: Instr, program: Program, bufs: StepBuffers, epoch: int) -> None:
         d, w, layer = program.dims, self.w, instr.layer

@@ -1,27 +1,18 @@
 """The megakernel's instruction set: what one SM is told to do, encoded as 16 int32 words.
 
-Each instruction is one fused operation over a piece of the step (a head, a range of 16-row weight
-tiles, one attention split). It names one counter to wait for and one to signal, so the kernel stays
-generic and Python owns the dependency graph (schedule.py). Counter targets are per step; the kernel
-multiplies them by (epoch + 1) because counters only ever grow between resets.
-
-One exception lets the down-projection start before the whole gate/up phase is done: the SiLU output
-`act` is cut into chunks of CHUNK columns, each with its own counter. GATEUP signals counter
-SIG_CTR + column // CHUNK by SIG_AMOUNT after each of its tile pairs, and DOWN waits, before it reads
-the columns of chunk c, until counter WAIT_CTR + c reaches WAIT_TARGET times the tile pairs in chunk c.
-With GATEUP tiles strided over the SMs (each SM's first pair in the first chunks, and so on), the early
-chunks are ready while the last pairs are still being computed.
+Each instruction is one fused operation over a contiguous piece of the step (a head, a range of 16-row
+weight tiles, one attention split). It names at most one counter to wait for and one to signal, so the
+kernel stays generic and Python owns the dependency graph (schedule.py). Counter targets are per step;
+the kernel multiplies them by (epoch + 1) because counters only ever grow between resets.
 
 Word layout (the same indices are emitted into the CUDA build as #defines, see `c_defines`):
 
     0 opcode   1 layer   2-5 args (by opcode, below)   6 wait counter   7 wait target
     8 signal counter   9 signal amount   10 arrival target (ATTN)   11 global index
-    12 done counter (ATTN: the last split to arrive signals it by 1)
-    13 chunk (GATEUP, DOWN: act columns per readiness counter, see above)   14-15 zero
+    12 done counter (ATTN: the last split to arrive signals it by 1)   13-15 zero
 
-Args: ATTN (sequence b, kv head, split s, splits S); GATEUP (first tile, end tile, stride: tiles first,
-first + stride, ... below end); QKV, OPROJ, DOWN, LMHEAD (first tile, end tile). A counter of -1 means
-none.
+Args: ATTN (sequence b, kv head, split s, splits S); QKV, OPROJ, GATEUP, DOWN, LMHEAD (first tile, end
+tile). A counter of -1 means none.
 """
 
 from __future__ import annotations
@@ -60,7 +51,6 @@ FIELDS = {
     "ARRIVE_TARGET": 10,
     "INDEX": 11,
     "DONE_CTR": 12,
-    "CHUNK": 13,
 }
 
 
@@ -76,7 +66,6 @@ class Instr:
     arrive_target: int = 0  # ATTN: number of splits that signal the same arrival counter
     done: int = NONE  # ATTN: counter the last-arriving split signals after merging
     index: int = 0  # position in the program's global order (diagnostics, timeline)
-    chunk: int = 0  # GATEUP, DOWN: act columns per readiness counter (0: one wait, one signal)
 
     def encode(self) -> list[int]:
         words = [0] * WORDS
@@ -89,13 +78,12 @@ class Instr:
         words[FIELDS["ARRIVE_TARGET"]] = self.arrive_target
         words[FIELDS["INDEX"]] = self.index
         words[FIELDS["DONE_CTR"]] = self.done
-        words[FIELDS["CHUNK"]] = self.chunk
         return words
 
     @classmethod
     def decode(cls, words: list[int]) -> Instr:
         op = Op(words[FIELDS["OP"]])
-        nargs = {Op.NOOP: 0, Op.ATTN: 4, Op.GATEUP: 3}.get(op, 2)
+        nargs = {Op.NOOP: 0, Op.ATTN: 4}.get(op, 2)
         wait = (words[FIELDS["WAIT_CTR"]], words[FIELDS["WAIT_TARGET"]])
         signal = (words[FIELDS["SIG_CTR"]], words[FIELDS["SIG_AMOUNT"]])
         return cls(
@@ -107,7 +95,6 @@ class Instr:
             arrive_target=words[FIELDS["ARRIVE_TARGET"]],
             index=words[FIELDS["INDEX"]],
             done=words[FIELDS["DONE_CTR"]],
-            chunk=words[FIELDS["CHUNK"]],
         )
 
 
@@ -126,16 +113,13 @@ def encode_queues(queues: list[list[Instr]]) -> tuple[torch.Tensor, torch.Tensor
 class Counters:
     """Where each counter lives in the one uint32 counter array of a step.
 
-    arrive[l][sequence][kv head], then per layer qkv_done, attn_done, oproj_done, down_done, then
-    `exit` (every CTA adds 1 when its queue is done; the last one finalizes the step), then
-    act_ready[l][chunk]. `exit` comes before the chunk counters so that its index does not depend on
-    the chunk width (the kernel's build does not know it).
+    arrive[l][sequence][kv head], then per layer qkv_done, attn_done, oproj_done, gateup_done, down_done,
+    then `exit` (every CTA adds 1 when its queue is done; the last one finalizes the step).
     """
 
     layers: int
     batch: int
     kv_heads: int
-    act_chunks: int = 1
 
     def arrive(self, layer: int, b: int, kvh: int) -> int:
         return (layer * self.batch + b) * self.kv_heads + kvh
@@ -152,20 +136,19 @@ class Counters:
     def oproj_done(self, layer: int) -> int:
         return self._phase(2, layer)
 
-    def down_done(self, layer: int) -> int:
+    def gateup_done(self, layer: int) -> int:
         return self._phase(3, layer)
+
+    def down_done(self, layer: int) -> int:
+        return self._phase(4, layer)
 
     @property
     def exit(self) -> int:
-        return self._phase(4, 0)
-
-    def act_ready(self, layer: int, chunk: int = 0) -> int:
-        """Counter of `act` chunk `chunk` of `layer`: gate/up tile pairs done in its columns."""
-        return self.exit + 1 + layer * self.act_chunks + chunk
+        return self._phase(5, 0)
 
     @property
     def size(self) -> int:
-        return self.act_ready(self.layers)
+        return self.exit + 1
 
 
 def c_defines() -> dict[str, int]:

@@ -16,7 +16,6 @@ from megatier.executors.megakernel.isa import TILE, Counters
 
 ATTN_CHUNK = 512  # context positions per attention split before another split is added
 MAX_SPLITS = 16
-ACT_CHUNK = 1024  # act columns per readiness counter: the kernel's down-projection weight chunk
 
 
 def ceil_div(a: int, b: int) -> int:
@@ -42,12 +41,9 @@ class Dims:
     page_size: int
     max_pages: int  # page-table width: a sequence can use every page of the cache
     qk_norm: bool = False  # QKV instructions must then cover whole q/k heads (the norm spans a head)
-    act_chunk: int = ACT_CHUNK  # act columns per readiness counter (DOWN reads a chunk once it is done)
 
     @classmethod
-    def of(
-        cls, cfg: ModelConfig, batch: int, splits: int, page_size: int, max_pages: int, act_chunk: int = ACT_CHUNK
-    ) -> Dims:
+    def of(cls, cfg: ModelConfig, batch: int, splits: int, page_size: int, max_pages: int) -> Dims:
         return cls(
             hidden=cfg.hidden_size,
             heads=cfg.num_heads,
@@ -61,7 +57,6 @@ class Dims:
             page_size=page_size,
             max_pages=max_pages,
             qk_norm=cfg.qk_norm,
-            act_chunk=act_chunk,
         )
 
     @property
@@ -121,17 +116,8 @@ class Dims:
         return ceil_div(self.vocab, TILE)
 
     @property
-    def act_chunks(self) -> int:
-        return ceil_div(self.inter, self.act_chunk)
-
-    def act_chunk_tiles(self, c: int) -> range:
-        """The gate/up tile pairs whose outputs are act chunk c."""
-        per = self.act_chunk // TILE
-        return range(c * per, min((c + 1) * per, self.inter_tiles))
-
-    @property
     def counters(self) -> Counters:
-        return Counters(self.layers, self.batch, self.kv_heads, self.act_chunks)
+        return Counters(self.layers, self.batch, self.kv_heads)
 
 
 @dataclass

@@ -2,20 +2,15 @@
 
 Phases per layer: QKV -> ATTN (one instruction per sequence, kv head and split) -> OPROJ -> GATEUP ->
 DOWN, then LMHEAD. The tiled phases are cut into contiguous ranges of 16-row weight tiles, one
-instruction per SM that gets any (QKV ranges cover whole heads when q/k are RMS-normed), except GATEUP,
-whose tile pairs are dealt out strided (SM j of m gets pairs j, j + m, ...): every SM computes its
-first pair at about the same time, so the first chunks of `act` are complete early and DOWN, which
-waits per chunk (isa.py), starts on them while the last pairs are still being computed.
-Dependencies go through counters (isa.Counters): an instruction waits until a counter reaches the sum
-of everything signalled into it, i.e. until all of its producers have finished. The global order lists
-phases in dependency order; every SM's queue is a subsequence of it, so with all CTAs resident the
-earliest unfinished instruction can always run (no deadlock).
+instruction per SM that gets any (QKV ranges cover whole heads when q/k are RMS-normed). Dependencies go through counters (isa.Counters): an instruction
+waits until a counter reaches the sum of everything signalled into it, i.e. until all of its producers
+have finished. The global order lists phases in dependency order; every SM's queue is a subsequence of
+it, so with all CTAs resident the earliest unfinished instruction can always run (no deadlock).
 
 Assignment strategies: "round_robin" (each phase spread evenly, a cursor rotating over the SMs; the
 default, measured fastest on an H200), "balanced" (each phase even, remainders to the SMs with the
-fewest bytes so far) and "random" (seeded, for tests; GATEUP then uses a random number of SMs).
-Numerics do not depend on the assignment: each output element is computed by the same code in the same
-order whichever SM runs it, so logits are bitwise identical across strategies.
+fewest bytes so far) and "random" (seeded, for tests). Numerics do not depend on the assignment: each output element is computed by the same code in
+the same order whichever SM runs it, so logits are bitwise identical across strategies.
 """
 
 from __future__ import annotations
@@ -80,20 +75,6 @@ class _Assigner:
             return sm
         return self.rng.randrange(self.n)
 
-    def strided(self, tiles: int, cost: int) -> list[tuple[int, int, int]]:
-        """(sm, first tile, stride) dealing tiles out strided: the j-th of m SMs gets j, j + m, ..."""
-        if self.strategy == "balanced":
-            order = sorted(range(self.n), key=lambda s: (self.load[s], s))[:tiles]
-        elif self.strategy == "round_robin":
-            order = [(self.cursor + j) % self.n for j in range(min(tiles, self.n))]
-            self.cursor = (self.cursor + tiles) % self.n
-        else:
-            order = self.rng.sample(range(self.n), self.rng.randint(1, min(tiles, self.n)))
-        m = len(order)
-        for j, s in enumerate(order):
-            self.load[s] += len(range(j, tiles, m)) * cost + INSTR_OVERHEAD_BYTES
-        return [(s, j, m) for j, s in enumerate(order)]
-
     def ranges(self, tiles: int, cost: int, unit: int = 1) -> list[tuple[int, int, int]]:
         """(sm, first tile, end tile) covering [0, tiles) with contiguous ranges of whole `unit`s, at most
         one range per SM."""
@@ -138,8 +119,6 @@ def build_program(d: Dims, num_sms: int, strategy: str = "round_robin", seed: in
         raise ScheduleError(f"num_sms must be >= 1, got {num_sms}")
     if d.head_dim % TILE:
         raise ScheduleError(f"head_dim must be a multiple of {TILE} (RoPE pairs are kept inside 16-row tiles)")
-    if d.act_chunk < TILE or d.act_chunk % TILE:
-        raise ScheduleError(f"act_chunk must be a positive multiple of {TILE}, got {d.act_chunk}")
     ctr = d.counters
     assign = _Assigner(strategy, num_sms, seed)
     placed: list[tuple[Instr, int]] = []
@@ -166,16 +145,15 @@ def build_program(d: Dims, num_sms: int, strategy: str = "round_robin", seed: in
                         done=ctr.attn_done(layer),
                     )
                     add(assign.item(attn_bytes), instr)
-        (_, o_tiles, o_cost), (_, gu_tiles, gu_cost), (_, down_tiles, down_cost) = _tile_phases(d)
-        for sm, t0, t1 in sorted(assign.ranges(o_tiles, o_cost), key=lambda r: r[1]):
-            o_wait = (ctr.attn_done(layer), d.batch * d.kv_heads)
-            add(sm, Instr(Op.OPROJ, layer, (t0, t1), o_wait, (ctr.oproj_done(layer), t1 - t0)))
-        act = (ctr.act_ready(layer), 1)  # one per tile pair, per chunk (isa.py)
-        for sm, first, stride in sorted(assign.strided(gu_tiles, gu_cost), key=lambda r: r[1]):
-            gu_wait = (ctr.oproj_done(layer), d.hidden_tiles)
-            add(sm, Instr(Op.GATEUP, layer, (first, gu_tiles, stride), gu_wait, act, chunk=d.act_chunk))
-        for sm, t0, t1 in sorted(assign.ranges(down_tiles, down_cost), key=lambda r: r[1]):
-            add(sm, Instr(Op.DOWN, layer, (t0, t1), act, (ctr.down_done(layer), t1 - t0), chunk=d.act_chunk))
+        waits = {
+            Op.OPROJ: (ctr.attn_done(layer), d.batch * d.kv_heads),
+            Op.GATEUP: (ctr.oproj_done(layer), d.hidden_tiles),
+            Op.DOWN: (ctr.gateup_done(layer), d.inter_tiles),
+        }
+        signals = {Op.OPROJ: ctr.oproj_done(layer), Op.GATEUP: ctr.gateup_done(layer), Op.DOWN: ctr.down_done(layer)}
+        for op, tiles, cost in _tile_phases(d):
+            for sm, t0, t1 in sorted(assign.ranges(tiles, cost), key=lambda r: r[1]):
+                add(sm, Instr(op, layer, (t0, t1), waits[op], (signals[op], t1 - t0)))
     lm_wait = (ctr.down_done(d.layers - 1), d.hidden_tiles)
     for sm, t0, t1 in sorted(assign.ranges(d.vocab_tiles, TILE * d.hidden * 2), key=lambda r: r[1]):
         add(sm, Instr(Op.LMHEAD, d.layers - 1, (t0, t1), lm_wait, None))
@@ -192,14 +170,8 @@ def build_program(d: Dims, num_sms: int, strategy: str = "round_robin", seed: in
 # Validation
 
 
-def tiles_of(instr: Instr) -> range:
-    """The weight tiles (GATEUP: tile pairs) an instruction computes."""
-    return range(instr.args[0], instr.args[1], instr.args[2] if instr.op == Op.GATEUP else 1)
-
-
 def accesses(instr: Instr, d: Dims) -> list[tuple[str, int, int, str]]:
     """(buffer, lo, hi, kind) over flattened buffers; kind r(ead), w(rite) or x (commutative reduce).
-    GATEUP and DOWN access in parts, each after its own wait or before its own signal: see `_parts`.
 
     resid, act and logits are indexed feature-major (element i of sequence b at i * B + b), because
     their accesses cover every sequence at once; q, part and attn_out are indexed sequence-major.
@@ -242,60 +214,18 @@ def accesses(instr: Instr, d: Dims) -> list[tuple[str, int, int, str]]:
         if layer:
             out.append(("resid", *tiles(d.hidden), "r"))
         out.append(("resid", *tiles(d.hidden), "w"))
+    elif op == Op.GATEUP:
+        out.append(("resid", 0, d.hidden * nb, "r"))
+        out.append(("act", *tiles(d.inter), "w"))
+    elif op == Op.DOWN:
+        out.append(("act", 0, d.inter * nb, "r"))
+        out.append(("resid", *tiles(d.hidden), "r"))
+        out.append(("resid", *tiles(d.hidden), "w"))
     elif op == Op.LMHEAD:
         out.append(("resid", 0, d.hidden * nb, "r"))
         out.append(("logits", *tiles(d.vocab), "w"))
         out.append(("argmax", 0, nb, "x"))
     return out
-
-
-@dataclass
-class _Part:
-    """A piece of an instruction with its own wait or signal, in the instruction's program order."""
-
-    wait: tuple[int, int] | None
-    signal: tuple[int, int] | None
-    acc: list[tuple[str, int, int, str]]
-    what: str
-
-
-def _parts(instr: Instr, d: Dims) -> list[_Part]:
-    """GATEUP: the norm's read of resid, then per tile pair its act columns and its chunk's signal.
-    DOWN: per act chunk its wait and read (the first also reads the resid rows), then the resid write and
-    the signal. Other opcodes are one part."""
-    nb, chunk = d.batch, max(instr.chunk, TILE)
-
-    def cols(lo: int, hi: int) -> tuple[int, int]:
-        return lo * nb, min(hi, d.inter) * nb
-
-    if instr.op == Op.GATEUP:
-        parts = [_Part(instr.wait, None, [("resid", 0, d.hidden * nb, "r")], "norm")]
-        for t in tiles_of(instr):
-            sig = None if instr.signal is None else (instr.signal[0] + t * TILE // chunk, instr.signal[1])
-            parts.append(_Part(None, sig, [("act", *cols(t * TILE, (t + 1) * TILE), "w")], f"pair {t}"))
-        return parts
-    if instr.op == Op.DOWN:
-        rows = (instr.args[0] * TILE * nb, min(instr.args[1] * TILE, d.hidden) * nb)
-        parts = []
-        for c in range(-(-d.inter // chunk)):
-            wait = None
-            if instr.wait is not None:
-                pairs = len(range(c * chunk // TILE, min((c + 1) * chunk, d.inter) // TILE))
-                wait = (instr.wait[0] + c, instr.wait[1] * pairs)
-            acc = [("act", *cols(c * chunk, (c + 1) * chunk), "r")] + ([("resid", *rows, "r")] if c == 0 else [])
-            parts.append(_Part(wait, None, acc, f"chunk {c}"))
-        return [*parts, _Part(None, instr.signal, [("resid", *rows, "w")], "epilogue")]
-    return [_Part(instr.wait, instr.signal, accesses(instr, d), "")]
-
-
-def counter_waits(instr: Instr, d: Dims) -> list[tuple[int, int]]:
-    """Every (counter, per-step target) the instruction waits for, in the order it waits."""
-    return [part.wait for part in _parts(instr, d) if part.wait is not None]
-
-
-def counter_signals(instr: Instr, d: Dims) -> list[tuple[int, int]]:
-    """Every (counter, amount) the instruction signals, in the order it signals."""
-    return [part.signal for part in _parts(instr, d) if part.signal is not None]
 
 
 def merge_accesses(layer: int, b: int, kvh: int, d: Dims) -> list[tuple[str, int, int, str]]:
@@ -307,14 +237,12 @@ def merge_accesses(layer: int, b: int, kvh: int, d: Dims) -> list[tuple[str, int
 
 @dataclass
 class _Node:
-    """A DAG node: a part of an instruction, or the merge done by whichever split of a group arrives
-    last. `prev` is the node before it in the same instruction (program order on one SM)."""
+    """A DAG node: a real instruction, or the merge done by whichever split of a group arrives last."""
 
     wait: tuple[int, int] | None
     signal: tuple[int, int] | None
     acc: list[tuple[str, int, int, str]]
     name: str
-    prev: int | None = None
 
 
 def _check_fields(p: Program) -> None:
@@ -336,16 +264,11 @@ def _check_fields(p: Program) -> None:
             raise ScheduleError(f"instruction {i}: argument out of range {instr}")
         if instr.op in tiles and not 0 <= instr.args[0] < instr.args[1] <= tiles[instr.op]:
             raise ScheduleError(f"instruction {i}: bad tile range {instr.args}")
-        if instr.op == Op.GATEUP and instr.args[2] < 1:
-            raise ScheduleError(f"instruction {i}: GATEUP stride must be >= 1, got {instr.args[2]}")
-        if instr.chunk != (d.act_chunk if instr.op in (Op.GATEUP, Op.DOWN) else 0):
-            raise ScheduleError(f"instruction {i}: chunk {instr.chunk}, but act chunks are {d.act_chunk} columns")
         if instr.op == Op.QKV and d.qk_norm and (instr.args[0] % d.head_tiles or instr.args[1] % d.head_tiles):
             raise ScheduleError(f"instruction {i}: q/k norm needs QKV ranges of whole heads, got {instr.args}")
-        for part in _parts(instr, d):
-            for c in (part.wait, part.signal):
-                if c is not None and not 0 <= c[0] < size:
-                    raise ScheduleError(f"instruction {i}: counter {c[0]} out of range")
+        for c in (instr.wait, instr.signal):
+            if c is not None and not 0 <= c[0] < size:
+                raise ScheduleError(f"instruction {i}: counter {c[0]} out of range")
 
 
 def _check_coverage(p: Program) -> None:
@@ -356,7 +279,7 @@ def _check_coverage(p: Program) -> None:
         if instr.op == Op.ATTN:
             seen[(instr.op, instr.layer, *instr.args)] += 1
         else:
-            for t in tiles_of(instr):
+            for t in range(instr.args[0], instr.args[1]):
                 seen[(instr.op, instr.layer, t)] += 1
     want: list[tuple] = []
     for layer in range(d.layers):
@@ -403,11 +326,9 @@ def _nodes(p: Program) -> list[_Node]:
         if len({i.arrive_target for i in members}) != 1:
             raise ScheduleError(f"#{members[0].index}: the splits of one group disagree on the arrival target")
         last[members[-1].index] = members[-1]
-    nodes: list[_Node] = []
+    nodes = []
     for instr in p.instrs:
-        for k, part in enumerate(_parts(instr, d)):
-            name = f"#{instr.index} {instr.op.name}" + (f" ({part.what})" if part.what else "")
-            nodes.append(_Node(part.wait, part.signal, part.acc, name, len(nodes) - 1 if k else None))
+        nodes.append(_Node(instr.wait, instr.signal, accesses(instr, d), f"#{instr.index} {instr.op.name}"))
         if instr.index in last:
             b, kvh = instr.args[0], instr.args[1]
             acc = merge_accesses(instr.layer, b, kvh, d)
@@ -435,7 +356,7 @@ def _check_counters(nodes: list[_Node]) -> dict[int, list[int]]:
 
 def _check_acyclic(nodes: list[_Node], signallers: dict[int, list[int]]) -> None:
     """Kahn's algorithm on the counter DAG, then: every producer precedes its consumers in the order."""
-    preds = [(signallers.get(n.wait[0], []) if n.wait else []) + ([] if n.prev is None else [n.prev]) for n in nodes]
+    preds = [signallers.get(n.wait[0], []) if n.wait else [] for n in nodes]
     succs: list[list[int]] = [[] for _ in nodes]
     indeg = [len(p) for p in preds]
     for i, ps in enumerate(preds):
@@ -469,14 +390,14 @@ def _check_races(nodes: list[_Node], signallers: dict[int, list[int]]) -> None:
     ctr_anc: dict[int, int] = {}
     buffers: dict[str, _Segments] = defaultdict(_Segments)
     for i, n in enumerate(nodes):
-        mine = 0 if n.prev is None else anc[n.prev] | (1 << n.prev)
+        mine = 0
         if n.wait is not None:
             c = n.wait[0]
             if c not in ctr_anc:
                 ctr_anc[c] = 0
                 for s in signallers[c]:
                     ctr_anc[c] |= anc[s] | (1 << s)
-            mine |= ctr_anc[c]
+            mine = ctr_anc[c]
         anc.append(mine)
         mine |= 1 << i  # a node may read and then rewrite what it owns
         for buf, lo, hi, kind in n.acc:

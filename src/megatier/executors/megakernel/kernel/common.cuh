@@ -135,30 +135,31 @@ __device__ __forceinline__ bool aborted(const Ctx& cx) {
 }
 
 // ---- cross-SM counters ---------------------------------------------------------------------------
-// Spin (this thread) until counter `ctr` reaches target * (epoch + 1), with acquire loads. Returns false
-// if the step was aborted (timeout here or anywhere).
-__device__ bool spin_counter(const Ctx& cx, int ctr, uint32_t target) {
-    const uint32_t* c = param<uint32_t>(cx, P_COUNTERS) + ctr;
-    const uint32_t want = target * (cx.epoch + 1);
-    const uint64_t t0 = global_timer();
-    uint32_t v;
-    for (uint32_t iter = 1; static_cast<int32_t>((v = load_acquire(c)) - want) < 0; ++iter) {
-        if ((iter & 255) == 0) {
-            if (aborted(cx)) return false;
-            if (global_timer() - t0 > TIMEOUT_NS) {
-                report(cx, DIAG_COUNTER, ctr, v, want);
-                return false;
+// Wait until counter `ctr` reaches target * (epoch + 1). One thread spins with acquire loads, then the
+// consumer barrier releases the others, whose later reads go through L2 (ld.cg). Returns false if the
+// step was aborted (timeout here or anywhere): the caller then leaves the instruction loop.
+__device__ bool wait_counter(Ctx& cx, int ctr, uint32_t target) {
+    if (cx.tid == 0) {
+        const uint32_t* c = param<uint32_t>(cx, P_COUNTERS) + ctr;
+        const uint32_t want = target * (cx.epoch + 1);
+        const uint64_t t0 = global_timer();
+        int stop = 0;
+        uint32_t v;
+        for (uint32_t iter = 1; static_cast<int32_t>((v = load_acquire(c)) - want) < 0; ++iter) {
+            if ((iter & 255) == 0) {
+                if (aborted(cx)) {
+                    stop = 1;
+                    break;
+                }
+                if (global_timer() - t0 > TIMEOUT_NS) {
+                    report(cx, DIAG_COUNTER, ctr, v, want);
+                    stop = 1;
+                    break;
+                }
             }
         }
+        flags_smem(cx)[0] = stop;
     }
-    return true;
-}
-
-// Wait until counter `ctr` reaches target * (epoch + 1). One thread spins, then the consumer barrier
-// releases the others, whose later reads go through L2 (ld.cg). Returns false if the step was aborted:
-// the caller then leaves the instruction loop.
-__device__ bool wait_counter(Ctx& cx, int ctr, uint32_t target) {
-    if (cx.tid == 0) flags_smem(cx)[0] = spin_counter(cx, ctr, target) ? 0 : 1;
     consumer_bar();
     return flags_smem(cx)[0] == 0;
 }
@@ -169,7 +170,7 @@ __device__ bool wait_counter(Ctx& cx, int ctr, uint32_t target) {
 // every opcode passes another consumer barrier before it ends.
 __device__ bool wait_for(Ctx& cx, const int* in) {
     const int ctr = field(in, F_WAIT_CTR);
-    if (ctr >= 0 && field(in, F_OP) != OP_DOWN) {  // DOWN waits chunk by chunk (ActGate)
+    if (ctr >= 0) {
         if (!wait_counter(cx, ctr, field(in, F_WAIT_TARGET))) return false;
     } else {
         consumer_bar();
@@ -298,59 +299,13 @@ __device__ void stage_norm(const Ctx& cx, bool from_embed, const NormWeights& nw
     consumer_bar();
 }
 
-// Columns [lo, hi) of a bf16 activation [BATCH][K] written by other SMs this step, copied as is.
-__device__ void stage_copy(const Ctx& cx, const bf16* src, int K, int lo = 0, int hi = -1) {
+// A bf16 activation [BATCH][K] written by other SMs this step, copied as is.
+__device__ void stage_copy(const Ctx& cx, const bf16* src, int K) {
     bf16* act = act_smem(cx);
-    if (hi < 0) hi = K;
     for (int b = 0; b < BATCH; ++b)
-        for (int e = lo + cx.tid * 8; e < hi; e += NCT * 8)
+        for (int e = cx.tid * 8; e < K; e += NCT * 8)
             *reinterpret_cast<uint4*>(act + b * ACT_STRIDE + e) = ld_cg(reinterpret_cast<const uint4*>(src + b * K + e));
     consumer_bar();
-}
-
-// DOWN reads the SiLU output `act` chunk by chunk as the gate/up SMs finish it (see isa.py): columns
-// [c * chunk, (c + 1) * chunk) are complete once counter ctr + c reaches (its tile pairs) * amount.
-// `ready` counts the leading columns known complete (and staged in act_smem unless streamed).
-struct ActGate {
-    int ctr;          // first chunk counter; -1: no wait (a program run opcode by opcode)
-    uint32_t amount;  // signalled per tile pair
-    int chunk;        // columns per counter
-    int ready;
-    bool stage;       // copy newly complete columns to act_smem
-};
-
-__device__ __forceinline__ ActGate act_gate(const int* in, bool stage) {
-    return {field(in, F_WAIT_CTR), static_cast<uint32_t>(field(in, F_WAIT_TARGET)), field(in, F_CHUNK), 0, stage};
-}
-
-// Make at least the first `cols` columns complete (and staged). Every chunk not yet known complete is
-// polled at once, one thread each; those below `cols` are waited for. The longest complete prefix is
-// then kept, so chunks that finished early cost no further round trips. False if the step was aborted.
-__device__ bool gate_until(const Ctx& cx, ActGate& g, int cols) {
-    if (g.ready >= cols) return true;
-    int pending = INTER;  // the first column this thread saw incomplete
-    if (g.ctr >= 0) {
-        const int nch = (INTER + g.chunk - 1) / g.chunk, need = (cols - 1) / g.chunk;
-        for (int c = g.ready / g.chunk + cx.tid; c < nch; c += NCT) {
-            const uint32_t want = (min((c + 1) * g.chunk, INTER) - c * g.chunk) / TILE * g.amount;
-            if (c <= need) {
-                if (!spin_counter(cx, g.ctr + c, want)) flags_smem(cx)[0] = 1;
-            } else if (static_cast<int32_t>(load_acquire(param<uint32_t>(cx, P_COUNTERS) + g.ctr + c) -
-                                            want * (cx.epoch + 1)) < 0) {
-                pending = min(pending, c * g.chunk);
-            }
-        }
-        pending = __reduce_min_sync(0xffffffffu, pending);
-        int* mins = reinterpret_cast<int*>(stat_smem(cx));
-        if (cx.lane == 0) mins[cx.warp] = pending;
-        consumer_bar();
-        for (int w = 0; w < NUM_CONSUMER_WARPS; ++w) pending = min(pending, mins[w]);
-        if (flags_smem(cx)[0] != 0) return false;
-    }
-    if (g.stage) stage_copy(cx, param<bf16>(cx, P_ACT), INTER, g.ready, pending);
-    else consumer_bar();  // every thread has read `mins` before the next call rewrites them
-    g.ready = pending;
-    return true;
 }
 
 }  // namespace mk

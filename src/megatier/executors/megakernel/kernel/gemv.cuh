@@ -16,12 +16,9 @@ struct WTile {
     int K;
 };
 
-// GATEUP's tile pairs are strided: A0, A0 + A2, ... below A1 (see isa.py). Pair k / 2 of an instruction:
-__device__ __forceinline__ int gateup_pair(const int* in, int k) { return field(in, F_A0) + (k / 2) * field(in, F_A2); }
-
 __device__ __forceinline__ int num_tiles(const int* in) {
     switch (field(in, F_OP)) {
-        case OP_GATEUP: return 2 * ((field(in, F_A1) - field(in, F_A0) + field(in, F_A2) - 1) / field(in, F_A2));
+        case OP_GATEUP: return 2 * (field(in, F_A1) - field(in, F_A0));
         case OP_QKV:
         case OP_OPROJ:
         case OP_DOWN:
@@ -47,7 +44,7 @@ __device__ WTile tile_at(const Ctx& cx, const int* in, int k) {
             return {param<bf16>(cx, P_O) + (l * HIDDEN + row) * Q_SIZE, min_rows(HIDDEN, row), Q_SIZE};
         }
         case OP_GATEUP: {
-            const int row = gateup_pair(in, k) * TILE;
+            const int row = (t0 + k / 2) * TILE;
             const size_t full_row = l * 2 * INTER + (k & 1) * INTER + row;
             return {param<bf16>(cx, P_GATE_UP) + full_row * HIDDEN, min_rows(INTER, row), HIDDEN};
         }
@@ -86,11 +83,8 @@ constexpr int KSW = KC_MAX / 16 / NUM_CONSUMER_WARPS;  // k-steps per warp in a 
 // inputs), then epi(k, tile, row, b, y, pre's value). Then every consumer thread calls after(k).
 // Activations are staged in act_smem beforehand, or with STREAM read from `src` [BATCH][K] chunk by
 // chunk into two alternating buffers, the next chunk's loads in flight while this one is multiplied.
-// With a gate (DOWN), the first `cols` input columns must be complete before they are read: gate(cols)
-// waits for them (and stages them unless streaming); false means the step was aborted.
-template <bool STREAM, class Pre, class Epilogue, class After, class Gate>
-__device__ bool run_tiles(Ctx& cx, const int* in, Pre&& pre, Epilogue&& epi, After&& after, Gate&& gate,
-                          const bf16* src = nullptr) {
+template <bool STREAM, class Pre, class Epilogue, class After>
+__device__ void run_tiles(Ctx& cx, const int* in, Pre&& pre, Epilogue&& epi, After&& after, const bf16* src = nullptr) {
     constexpr int STRIDE = STREAM ? STREAM_STRIDE : ACT_STRIDE;
     constexpr int SK = kc_for(INTER);                                     // streamed chunk width
     constexpr int PER = (BATCH * SK / 8 + NCT - 1) / NCT;                 // 16-byte pieces per thread
@@ -110,10 +104,7 @@ __device__ bool run_tiles(Ctx& cx, const int* in, Pre&& pre, Epilogue&& epi, Aft
                 pend[v] = ld_cg(reinterpret_cast<const uint4*>(src + (idx / (SK / 8)) * INTER + c * SK + idx % (SK / 8) * 8));
         }
     };
-    if (STREAM && tiles) {
-        if (!gate(SK)) return false;
-        fetch(0);
-    }
+    if (STREAM && tiles) fetch(0);
     int n = 0;  // chunks multiplied so far: picks the streamed buffer
     for (int k = 0; k < tiles; ++k) {
         const WTile t = tile_at(cx, in, k);
@@ -130,15 +121,9 @@ __device__ bool run_tiles(Ctx& cx, const int* in, Pre&& pre, Epilogue&& epi, Aft
                     if (idx < BATCH * SK / 8) *reinterpret_cast<uint4*>(buf + (idx / (SK / 8)) * STRIDE + idx % (SK / 8) * 8) = pend[v];
                 }
                 consumer_bar();
-                if (c + 1 < chunks) {
-                    if (!gate((c + 2) * SK)) return false;
-                    fetch(c + 1);
-                } else if (k + 1 < tiles) {
-                    fetch(0);
-                }
+                if (c + 1 < chunks) fetch(c + 1);
+                else if (k + 1 < tiles) fetch(0);
                 a_col = buf + 2 * t4;
-            } else if (!gate((c + 1) * kc)) {
-                return false;
             }
             wait_full(cx);
             const unsigned char* stage = ring_stage(cx, cx.stage);
@@ -186,7 +171,6 @@ __device__ bool run_tiles(Ctx& cx, const int* in, Pre&& pre, Epilogue&& epi, Aft
         after(k);
         cx.rbuf ^= 1;
     }
-    return true;
 }
 
 struct NoPrefetch {
@@ -194,9 +178,6 @@ struct NoPrefetch {
 };
 struct NothingAfter {
     __device__ void operator()(int) const {}
-};
-struct NoGate {
-    __device__ bool operator()(int) const { return true; }
 };
 
 }  // namespace mk

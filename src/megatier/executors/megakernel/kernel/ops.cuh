@@ -152,8 +152,7 @@ __device__ bool op_qkv(Ctx& cx, const int* in) {
             if (DIRECT) return;
             if (!QK_NORM) finish_head(cx, l, tile / TPH, lt * TILE, TILE);
             else if (lt == TPH - 1) finish_head(cx, l, tile / TPH, 0, HEAD_DIM);
-        },
-        NoGate{});
+        });
     signal(cx, field(in, F_SIG_CTR), field(in, F_SIG_AMOUNT));
     return true;
 }
@@ -167,36 +166,28 @@ __device__ __forceinline__ float residual_base(const Ctx& cx, bool embed, const 
 }
 
 // OPROJ and DOWN: staged activations (attention output, or SiLU output) times weight rows, added to the
-// residual. The residual rows are loaded right after the (first) wait, alongside the activations. DOWN
-// waits for its input chunk by chunk (ActGate); OPROJ waits once and stages the whole input.
+// residual. The residual rows are loaded right after the wait, alongside the activations.
 template <bool STREAM>
 __device__ bool residual_matmul(Ctx& cx, const int* in, bool embed, const bf16* bias, const bf16* src, int K) {
     const int t0 = field(in, F_A0), tiles = field(in, F_A1) - t0;
     const int row = cx.tid / BATCH, b = cx.tid % BATCH;
     const bool owner = cx.tid < TILE * BATCH;
-    const bool gated = field(in, F_OP) == OP_DOWN;
-    ActGate gate = act_gate(in, !STREAM);
     float base[PREP];
     if (!wait_for(cx, in)) return false;
-    if (gated) {
-        if (!gate_until(cx, gate, 1)) return false;
-        if (TIMELINE && cx.tid == 0) cx.stamp[1] = global_timer();
-    }
     if (owner) {
 #pragma unroll
         for (int k = 0; k < PREP; ++k)
             if (k < tiles) base[k] = residual_base(cx, embed, bias, (t0 + k) * TILE + row, b);
     }
-    if (!STREAM && !gated) stage_copy(cx, src, K);
+    if (!STREAM) stage_copy(cx, src, K);
     float* resid = param<float>(cx, P_RESID);
-    const bool ok = run_tiles<STREAM>(
+    run_tiles<STREAM>(
         cx, in, NoPrefetch{},
         [&](int k, const WTile&, int row, int b, float v, float) {
             const int r = (t0 + k) * TILE + row;
             resid[b * HIDDEN + r] = (k < PREP ? pick(base, k) : residual_base(cx, embed, bias, r, b)) + v;
         },
-        NothingAfter{}, [&](int cols) { return !gated || gate_until(cx, gate, cols); }, src);
-    if (!ok) return false;
+        NothingAfter{}, src);
     signal(cx, field(in, F_SIG_CTR), field(in, F_SIG_AMOUNT));
     return true;
 }
@@ -208,10 +199,9 @@ __device__ bool op_oproj(Ctx& cx, const int* in) {
     return residual_matmul<false>(cx, in, l == 0, bias, param<bf16>(cx, P_ATTN_OUT), Q_SIZE);
 }
 
-// RMSNorm -> gate and up rows (alternating tiles) -> SiLU(gate) * up, rounded to bf16. Each tile pair
-// signals the counter of the act chunk its columns are in, so DOWN can start on complete chunks.
+// RMSNorm -> gate and up rows (alternating tiles) -> SiLU(gate) * up, rounded to bf16.
 __device__ bool op_gateup(Ctx& cx, const int* in) {
-    const int l = field(in, F_LAYER);
+    const int l = field(in, F_LAYER), t0 = field(in, F_A0);
     const NormWeights nw = load_norm_weights(cx, param<bf16>(cx, P_POST_NORM) + l * HIDDEN);
     if (!wait_for(cx, in)) return false;
     stage_norm(cx, false, nw);
@@ -220,7 +210,7 @@ __device__ bool op_gateup(Ctx& cx, const int* in) {
     run_tiles<false>(
         cx, in,
         [&](int k, const WTile& t, int row, int) {
-            const int r = gateup_pair(in, k) * TILE + row;
+            const int r = (t0 + k / 2) * TILE + row;
             if (!MLP_BIAS || row >= t.rows) return 0.f;
             return bf16_to_float(param<bf16>(cx, P_GATE_UP_BIAS)[(size_t)l * 2 * INTER + (k & 1) * INTER + r]);
         },
@@ -229,14 +219,11 @@ __device__ bool op_gateup(Ctx& cx, const int* in) {
             if ((k & 1) == 0) {
                 gate = v + bias;
             } else {
-                act[b * INTER + gateup_pair(in, k) * TILE + row] = __float2bfloat16(gate / (1.f + expf(-gate)) * (v + bias));
+                act[b * INTER + (t0 + k / 2) * TILE + row] = __float2bfloat16(gate / (1.f + expf(-gate)) * (v + bias));
             }
         },
-        [&](int k) {
-            const int ctr = field(in, F_SIG_CTR);
-            if (k & 1) signal(cx, ctr < 0 ? ctr : ctr + gateup_pair(in, k) * TILE / field(in, F_CHUNK), field(in, F_SIG_AMOUNT));
-        },
-        NoGate{});
+        NothingAfter{});
+    signal(cx, field(in, F_SIG_CTR), field(in, F_SIG_AMOUNT));
     return true;
 }
 
@@ -272,7 +259,7 @@ __device__ bool op_lmhead(Ctx& cx, const int* in) {
             const unsigned long long key = argmax_key(v, r);
             best = key > best ? key : best;
         },
-        NothingAfter{}, NoGate{});
+        NothingAfter{});
     unsigned long long* keys = key_smem(cx);
     if (cx.tid < TILE * BATCH) keys[cx.tid] = best;
     consumer_bar();
