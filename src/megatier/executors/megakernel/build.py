@@ -81,6 +81,7 @@ class KernelConfig:
     max_pages: int
     timeline: bool = False
     chunk_columns: int = 1024  # widest weight chunk (16 rows of it fill one ring stage)
+    in_flight: int = 2  # most weight/KV chunks a loader has in flight (0: as many as the ring holds)
 
     @cached_property
     def layout(self) -> dict[str, int]:
@@ -153,6 +154,7 @@ class KernelConfig:
             "QK_NORM": int(c.qk_norm),
             "NUM_CONSUMER_WARPS": CONSUMER_WARPS,
             "TIMELINE": int(self.timeline),
+            "IN_FLIGHT": self.in_flight,
             "EXIT_CTR": counters.exit,
             "NUM_PARAMS": len(PARAMS),
             **self.layout,

@@ -16,6 +16,7 @@ constexpr int QKV_ROWS = (HEADS + 2 * KV_HEADS) * HEAD_DIM;
 constexpr int ROW_STRIDE = 2 * KC_MAX + 16;  // bytes per weight row in a ring stage: 16 B of padding
 constexpr int STAGE_BYTES = TILE * ROW_STRIDE;
 constexpr uint64_t TIMEOUT_NS = 500ull * 1000 * 1000;
+constexpr int LOADS_IN_FLIGHT = IN_FLIGHT > 0 ? IN_FLIGHT : NSTAGES;
 
 static_assert(TILE == 16, "a weight tile is one 16-row tensor-core fragment");
 static_assert(BATCH >= 1 && BATCH <= 8, "batch columns live in one n=8 mma fragment");
@@ -181,10 +182,29 @@ __device__ bool wait_for(Ctx& cx, const int* in) {
 }
 
 // After every consumer thread has stored its outputs: make them visible at GPU scope, then add to the
-// counter (fence.acq_rel + relaxed add, the release pattern; no sequentially consistent fence needed).
+// counter (a release add after the barrier; no sequentially consistent fence needed).
 __device__ void signal(const Ctx& cx, int ctr, uint32_t amount) {
     consumer_bar();
     if (cx.tid == 0 && ctr >= 0) add_release(param<uint32_t>(cx, P_COUNTERS) + ctr, amount);
+}
+
+// Loader lane 0: wait until the chunk issued `k` stages before the current one has landed. Capping the
+// copies in flight keeps the memory system's queues short: with every stage of every SM in flight
+// (6 x 32 KiB x 132 SMs) the latency of the consumers' small critical loads (activations, counters)
+// grows to microseconds, while a couple of chunks per SM already cover the DRAM latency.
+__device__ bool wait_landed(const Ctx& cx, const int* in, int k) {
+    const bool wrapped = cx.stage < k;
+    uint64_t* bar = full_bar(cx, wrapped ? cx.stage - k + NSTAGES : cx.stage - k);
+    const uint32_t parity = wrapped ? cx.phase ^ 1 : cx.phase;
+    const uint64_t t0 = global_timer();
+    while (!mbar_try_wait(bar, parity)) {
+        if (flags_smem(cx)[0] != 0) return false;
+        if (global_timer() - t0 > 4 * TIMEOUT_NS) {
+            report(cx, DIAG_FULL, cx.stage, cx.phase, field(in, F_INDEX));
+            __trap();
+        }
+    }
+    return true;
 }
 
 // Loader warp: claim the next ring stage for a chunk of `bytes` (lane 0 waits for the consumers to free
@@ -205,6 +225,7 @@ __device__ bool claim_stage(Ctx& cx, const int* in, uint32_t bytes) {
                 __trap();
             }
         }
+        if (ok && LOADS_IN_FLIGHT < NSTAGES) ok = wait_landed(cx, in, LOADS_IN_FLIGHT);
         if (ok) mbar_arrive_expect_tx(full_bar(cx, cx.stage), bytes);
     }
     return __shfl_sync(0xffffffffu, ok, 0) != 0;

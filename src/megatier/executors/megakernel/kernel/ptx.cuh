@@ -98,8 +98,10 @@ __device__ __forceinline__ uint32_t load_acquire(const uint32_t* p) {
     return v;
 }
 
+// A release add: MEMBAR.GPU then the RED in SASS. (fence.acq_rel + a relaxed add, the other release
+// pattern, also invalidates L1 with CCTL.IVALL.)
 __device__ __forceinline__ void add_release(uint32_t* p, uint32_t v) {
-    asm volatile("fence.acq_rel.gpu;\n\tred.relaxed.gpu.global.add.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+    asm volatile("red.release.gpu.global.add.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
 }
 
 __device__ __forceinline__ uint32_t add_acq_rel(uint32_t* p, uint32_t v) {
