@@ -23,6 +23,7 @@ from enum import IntEnum
 import torch
 
 WORDS = 16
+STAMPS = 6  # timeline stamps per instruction (timeline.py)
 TILE = 16  # rows of a weight tile; the kernel's tensor-core fragment height
 NONE = -1
 
@@ -155,5 +156,5 @@ def c_defines() -> dict[str, int]:
     """Field indices and opcodes for the CUDA source, so both sides read one definition."""
     out = {f"F_{name}": idx for name, idx in FIELDS.items()}
     out |= {f"OP_{op.name}": int(op) for op in Op}
-    out |= {"WORDS": WORDS, "TILE": TILE}
+    out |= {"WORDS": WORDS, "TILE": TILE, "STAMPS": STAMPS}
     return out

@@ -22,6 +22,7 @@ from megatier.errors import MegatierError
 from megatier.executors.base import GreedyChunk, StepBatch
 from megatier.executors.graph import GraphExecutor
 from megatier.executors.megakernel.build import MAX_BATCH, PARAMS, KernelConfig, check_supported, compile_cubin
+from megatier.executors.megakernel.isa import STAMPS
 from megatier.executors.megakernel.layout import MAX_SPLITS, Dims, StepBuffers, choose_splits, rope_table
 from megatier.executors.megakernel.schedule import Program, build_program, validate
 from megatier.kv.pages import KVCache
@@ -175,8 +176,9 @@ class MegakernelExecutor:
         v.program = None
 
     def timeline_data(self, batch_size: int = 1) -> tuple[Program, torch.Tensor]:
-        """The last step's program and its [num_sms, max_len, 4] globaltimer stamps (ns): consumer start,
-        dependency satisfied, end, loader's first weight request (0 where not recorded)."""
+        """The last step's program and its [num_sms, max_len, STAMPS] globaltimer stamps (ns): consumer
+        start, dependency satisfied, end, loader's first weight request, signal start, release-add start
+        (0 where not recorded)."""
         v = self._variants[batch_size]
         if v.timeline is None:
             raise MegatierError("construct the executor with timeline=True to record a timeline")
@@ -279,7 +281,8 @@ class MegakernelExecutor:
         words, lengths = program.encode()
         v.program, v.words, v.lengths = program, words.to(self.device), lengths.to(self.device)
         if self.timeline:
-            v.timeline = torch.zeros((program.num_sms, words.shape[1], 4), dtype=torch.int64, device=self.device)
+            shape = (program.num_sms, words.shape[1], STAMPS)
+            v.timeline = torch.zeros(shape, dtype=torch.int64, device=self.device)
         self._write_params(v)
         self._graphs = {key: g for key, g in self._graphs.items() if key[0] != v.kc.batch}
 

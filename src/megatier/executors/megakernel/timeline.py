@@ -1,7 +1,8 @@
 """Turn the kernel's per-instruction globaltimer stamps into a summary and a Gantt chart.
 
-Stamps are [num_sms, max_len, 4] ns: consumer start, dependency satisfied, end, and the loader's first
-weight request for that instruction. Waiting (start -> satisfied) is drawn light; work in the opcode's
+Stamps are [num_sms, max_len, STAMPS] ns: consumer start, dependency satisfied, end, the loader's first
+weight request for that instruction, the start of its signal (outputs stored, before the barrier) and
+of its release add (after the barrier; end - this = the GPU-scope fence). Waiting (start -> satisfied) is drawn light; work in the opcode's
 colour. Gaps between bars are bubbles: an SM with nothing to do.
 """
 
@@ -30,7 +31,7 @@ def spans(program: Program, stamps: torch.Tensor) -> list[tuple[int, Op, float, 
     raw = []
     for sm, queue in enumerate(program.queues):
         for i, instr in enumerate(queue):
-            start, ready, end, _ = (int(x) for x in stamps[sm, i])
+            start, ready, end = (int(x) for x in stamps[sm, i, :3])
             if end:
                 raw.append((sm, instr.op, start, ready, end))
     t0 = min(r[2] for r in raw)

@@ -184,8 +184,12 @@ __device__ bool wait_for(Ctx& cx, const int* in) {
 // After every consumer thread has stored its outputs: make them visible at GPU scope, then add to the
 // counter (a release add after the barrier; no sequentially consistent fence needed).
 __device__ void signal(const Ctx& cx, int ctr, uint32_t amount) {
+    if (TIMELINE && cx.tid == 0) cx.stamp[4] = global_timer();
     consumer_bar();
-    if (cx.tid == 0 && ctr >= 0) add_release(param<uint32_t>(cx, P_COUNTERS) + ctr, amount);
+    if (cx.tid == 0 && ctr >= 0) {
+        if (TIMELINE) cx.stamp[5] = global_timer();
+        add_release(param<uint32_t>(cx, P_COUNTERS) + ctr, amount);
+    }
 }
 
 // Loader lane 0: wait until the chunk issued `k` stages before the current one has landed. Capping the

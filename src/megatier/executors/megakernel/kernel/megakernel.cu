@@ -34,7 +34,7 @@ __device__ void run_loader(Ctx& cx, const int* queue, int n, unsigned long long*
     const uint64_t policy = evict_first_policy();
     for (int i = 0; i < n; ++i) {
         const int* in = queue + i * WORDS;
-        if (TIMELINE && cx.lane == 0) timeline[i * 4 + 3] = global_timer();
+        if (TIMELINE && cx.lane == 0) timeline[i * STAMPS + 3] = global_timer();
         const bool ok = field(in, F_OP) == OP_ATTN ? load_kv(cx, in, policy) : load_weights(cx, in, policy);
         if (!ok) return;
     }
@@ -65,7 +65,7 @@ __device__ void run_consumers(Ctx& cx, const int* queue, int n, unsigned long lo
             consumer_bar();
             continue;
         }
-        cx.stamp = TIMELINE ? timeline + i * 4 : nullptr;
+        cx.stamp = TIMELINE ? timeline + i * STAMPS : nullptr;
         if (TIMELINE && cx.tid == 0) cx.stamp[0] = global_timer();
         bool ok = true;
         switch (cx.op) {
@@ -120,7 +120,7 @@ extern "C" __global__ void __launch_bounds__((NUM_CONSUMER_WARPS + 1) * 32, 1)
     const int maxlen = static_cast<int>(params_smem(cx)[P_MAXLEN]);
     const int* queue = param<int>(cx, P_PROGRAM) + (size_t)blockIdx.x * maxlen * WORDS;
     const int n = param<int>(cx, P_QLEN)[blockIdx.x];
-    unsigned long long* timeline = TIMELINE ? param<unsigned long long>(cx, P_TIMELINE) + (size_t)blockIdx.x * maxlen * 4
+    unsigned long long* timeline = TIMELINE ? param<unsigned long long>(cx, P_TIMELINE) + (size_t)blockIdx.x * maxlen * STAMPS
                                             : nullptr;
     if (cx.warp == NUM_CONSUMER_WARPS) {
         run_loader(cx, queue, n, timeline);
