@@ -82,6 +82,7 @@ class KernelConfig:
     timeline: bool = False
     chunk_columns: int = 1024  # widest weight chunk (16 rows of it fill one ring stage)
     in_flight: int = 2  # most weight/KV chunks a loader has in flight (0: as many as the ring holds)
+    hold: int = 4  # an instruction's last chunks whose stages are handed back only after its signal
 
     @cached_property
     def layout(self) -> dict[str, int]:
@@ -155,6 +156,7 @@ class KernelConfig:
             "NUM_CONSUMER_WARPS": CONSUMER_WARPS,
             "TIMELINE": int(self.timeline),
             "IN_FLIGHT": self.in_flight,
+            "HOLD_STAGES": min(self.hold, self.layout["NSTAGES"] - 1),
             "EXIT_CTR": counters.exit,
             "NUM_PARAMS": len(PARAMS),
             **self.layout,

@@ -25,6 +25,7 @@ static_assert(SM_RING % 128 == 0 && STAGE_BYTES % 128 == 0, "bulk-copy destinati
 static_assert(SM_ACT % 16 == 0 && (ACT_STRIDE * 2) % 16 == 0, "16-byte activation stores");
 static_assert(SMEM_BYTES <= 232448, "Hopper gives a CTA at most 227 KiB of shared memory");
 static_assert(NUM_PARAMS <= (NUM_CONSUMER_WARPS + 1) * 32, "one thread copies each parameter slot");
+static_assert(HOLD_STAGES >= 0 && HOLD_STAGES < NSTAGES, "an instruction's remaining chunks need a free stage");
 
 // A weight matrix is cut into k-chunks of kc columns; kc divides K and fits a ring stage.
 __host__ __device__ constexpr int kc_for(int K) {
@@ -41,6 +42,7 @@ struct Ctx {
     int stage;            // ring position, identical in every consumer thread and in the loader
     uint32_t phase;
     int rbuf;             // which half of the double-buffered reduction scratch is next
+    int held;             // ring stages consumed but handed back only after the signal (hold_stage)
     int index;            // global index of the current instruction (diagnostics)
     int op;
     unsigned long long* stamp;  // this instruction's timeline stamps, or nullptr
@@ -181,15 +183,19 @@ __device__ bool wait_for(Ctx& cx, const int* in) {
     return true;
 }
 
+__device__ void release_held(Ctx& cx);
+
 // After every consumer thread has stored its outputs: make them visible at GPU scope, then add to the
-// counter (a release add after the barrier; no sequentially consistent fence needed).
-__device__ void signal(const Ctx& cx, int ctr, uint32_t amount) {
+// counter (a release add after the barrier; no sequentially consistent fence needed). Then the stages
+// held back for it go to the loader.
+__device__ void signal(Ctx& cx, int ctr, uint32_t amount) {
     if (TIMELINE && cx.tid == 0) cx.stamp[4] = global_timer();
     consumer_bar();
     if (cx.tid == 0 && ctr >= 0) {
         if (TIMELINE) cx.stamp[5] = global_timer();
         add_release(param<uint32_t>(cx, P_COUNTERS) + ctr, amount);
     }
+    release_held(cx);
 }
 
 // Loader lane 0: wait until the chunk issued `k` stages before the current one has landed. Capping the
@@ -240,6 +246,22 @@ __device__ __forceinline__ void release_stage(Ctx& cx) {
     __syncwarp();
     if (cx.lane == 0) mbar_arrive(empty_bar(cx, cx.stage));
     advance(cx);
+}
+
+// Consumers: done reading the current stage, but keep it from the loader until the instruction's signal.
+// The release add's GPU-scope fence waits behind whatever the memory system is busy with; refills issued
+// just before it (the stages of the instruction's last chunks) made it take 1-2 us instead of ~0.4.
+__device__ __forceinline__ void hold_stage(Ctx& cx) {
+    __syncwarp();
+    ++cx.held;
+    advance(cx);
+}
+
+__device__ void release_held(Ctx& cx) {
+    __syncwarp();
+    if (cx.lane == 0)
+        for (int j = cx.held; j > 0; --j) mbar_arrive(empty_bar(cx, (cx.stage - j + NSTAGES) % NSTAGES));
+    cx.held = 0;
 }
 
 __device__ void wait_full(const Ctx& cx) {

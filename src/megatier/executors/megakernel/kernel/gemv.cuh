@@ -104,6 +104,10 @@ __device__ void run_tiles(Ctx& cx, const int* in, Pre&& pre, Epilogue&& epi, Aft
                 pend[v] = ld_cg(reinterpret_cast<const uint4*>(src + (idx / (SK / 8)) * INTER + c * SK + idx % (SK / 8) * 8));
         }
     };
+    const int hold_from = [&] {  // chunks from here on are held until the signal (hold_stage)
+        const int K = tiles ? tile_at(cx, in, 0).K : 0;
+        return tiles * (K ? K / kc_for(K) : 0) - HOLD_STAGES;
+    }();
     if (STREAM && tiles) fetch(0);
     int n = 0;  // chunks multiplied so far: picks the streamed buffer
     for (int k = 0; k < tiles; ++k) {
@@ -155,7 +159,8 @@ __device__ void run_tiles(Ctx& cx, const int* in, Pre&& pre, Epilogue&& epi, Aft
                     }
                 }
             }
-            release_stage(cx);
+            if (n >= hold_from) hold_stage(cx);
+            else release_stage(cx);
         }
         float* red = red_smem(cx, cx.rbuf);
         red[(cx.warp * TILE + g) * 8 + 2 * t4] = acc[0][0] + acc[1][0];

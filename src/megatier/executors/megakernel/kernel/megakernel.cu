@@ -100,6 +100,7 @@ extern "C" __global__ void __launch_bounds__((NUM_CONSUMER_WARPS + 1) * 32, 1)
     cx.stage = 0;
     cx.phase = 0;
     cx.rbuf = 0;
+    cx.held = 0;
     cx.index = -1;
     cx.op = 0;
     cx.stamp = nullptr;
