@@ -65,3 +65,14 @@ def test_unsupported_configs_fail_clearly(change, batch, message):
     cfg = dataclasses.replace(toy_config("llama-mqa"), **change)
     with pytest.raises(MegatierError, match=message):
         check_supported(cfg, batch)
+
+
+def test_held_stages_leave_one_free_and_the_unthrottled_loader_compiles():
+    """Holding every stage would deadlock an instruction longer than the ring; in_flight 0 and hold 0
+    (the measured alternatives) still compile."""
+    for batch in (1, 8):
+        d = KernelConfig(llama_1b_config(), batch, 16, 64, hold=99).defines()
+        assert int(d["HOLD_STAGES"]) == int(d["NSTAGES"]) - 1
+    log = io.StringIO()
+    cubin = compile_cubin(KernelConfig(toy_config("qwen2"), 2, 16, 64, in_flight=0, hold=0), log)
+    assert cubin[:4] == b"\x7fELF"
