@@ -183,7 +183,21 @@ __device__ bool wait_for(Ctx& cx, const int* in) {
     return true;
 }
 
-__device__ void release_held(Ctx& cx);
+// Consumers: done reading the current stage, but keep it from the loader until the instruction's signal.
+// The release add's GPU-scope fence waits behind whatever the memory system is busy with; refills issued
+// just before it (the stages of the instruction's last chunks) made it take 1-2 us instead of ~0.4.
+__device__ __forceinline__ void hold_stage(Ctx& cx) {
+    __syncwarp();
+    ++cx.held;
+    advance(cx);
+}
+
+__device__ void release_held(Ctx& cx) {
+    __syncwarp();
+    if (cx.lane == 0)
+        for (int j = cx.held; j > 0; --j) mbar_arrive(empty_bar(cx, (cx.stage - j + NSTAGES) % NSTAGES));
+    cx.held = 0;
+}
 
 // After every consumer thread has stored its outputs: make them visible at GPU scope, then add to the
 // counter (a release add after the barrier; no sequentially consistent fence needed). Then the stages
@@ -246,22 +260,6 @@ __device__ __forceinline__ void release_stage(Ctx& cx) {
     __syncwarp();
     if (cx.lane == 0) mbar_arrive(empty_bar(cx, cx.stage));
     advance(cx);
-}
-
-// Consumers: done reading the current stage, but keep it from the loader until the instruction's signal.
-// The release add's GPU-scope fence waits behind whatever the memory system is busy with; refills issued
-// just before it (the stages of the instruction's last chunks) made it take 1-2 us instead of ~0.4.
-__device__ __forceinline__ void hold_stage(Ctx& cx) {
-    __syncwarp();
-    ++cx.held;
-    advance(cx);
-}
-
-__device__ void release_held(Ctx& cx) {
-    __syncwarp();
-    if (cx.lane == 0)
-        for (int j = cx.held; j > 0; --j) mbar_arrive(empty_bar(cx, (cx.stage - j + NSTAGES) % NSTAGES));
-    cx.held = 0;
 }
 
 __device__ void wait_full(const Ctx& cx) {
