@@ -2,8 +2,8 @@
 
 Stamps are [num_sms, max_len, STAMPS] ns: consumer start, dependency satisfied, end, the loader's first
 weight request for that instruction, the start of its signal (outputs stored, before the barrier) and
-of its release add (after the barrier; end - this = the GPU-scope fence). Waiting (start -> satisfied) is drawn light; work in the opcode's
-colour. Gaps between bars are bubbles: an SM with nothing to do.
+of its release add (after the barrier; end - this = the GPU-scope fence). Waiting (start -> satisfied)
+is drawn light; work in the opcode's colour. Gaps between bars are bubbles: an SM with nothing to do.
 """
 
 from __future__ import annotations
