@@ -165,24 +165,6 @@ def main() -> None:
     }
     stage("batch8_mixed", lambda: strategies(b8))
     ex.set_schedule(best_strategy)
-    b2 = StepBatch(b8.token_ids[:2], b8.starts[:2], [1, 1], b8.page_tables[:2])
-
-    def fusion():
-        """Attention fused into the O-projection (ATTN_OPROJ) against separate ATTN + OPROJ phases."""
-        out = {}
-        for fuse in (True, False):
-            ex.set_fusion(fuse)
-            for name, batch in (("batch1", b1), ("batch2", b2)):
-                r = time_decode(ex, batch, 128, reps)
-                r.pop("tokens")
-                out[f"{name}_{'fused' if fuse else 'unfused'}"] = {
-                    **r,
-                    "fused": ex.program(len(batch.token_ids)).dims.fused,
-                }
-        ex.set_fusion(True)
-        return out
-
-    stage("fusion", fusion)
 
     def earlier_kernel(package: str, **options):
         """An earlier kernel, carried as .<package>/<package>/ with its imports renamed, in this process
@@ -234,49 +216,29 @@ def main() -> None:
         stage("batch1_ctx4k_32steps", long_context(4096))
         stage("batch1_ctx16k_32steps", long_context(16384))
 
-    def timeline(tag: str, make):
-        """One step's stamps (4 steps in, batch 1): a Gantt PNG and the raw stamps + queues."""
+    def timeline():
+        cache.kv.copy_(saved)
+        ext = MegakernelExecutor(cfg, weights, cache=cache, timeline=True, strategy=best_strategy)
+        ext.decode_greedy(b1, 4)
+        program, stamps = ext.timeline_data(1)
+        title = f"Llama-3.2-1B batch 1, {props.name}, {best_strategy} schedule"
+        render_gantt(program, stamps, args.out / "megakernel_timeline.png", title)
+        torch.save({"stamps": stamps, "queues": [[i.encode() for i in q] for q in program.queues]},
+                   args.out / "megakernel_timeline.pt")  # fmt: skip
+        return summarize(program, stamps)
 
-        def run():
-            cache.kv.copy_(saved)
-            ext = make()
-            ext.decode_greedy(b1, 4)
-            program, stamps = ext.timeline_data(1)
-            if hasattr(program.dims, "fused"):
-                tag_png = args.out / f"megakernel_timeline_{tag}.png"
-                render_gantt(program, stamps, tag_png, f"Llama-3.2-1B batch 1, {props.name}, {tag}")
-            torch.save({"stamps": stamps, "queues": [[i.encode() for i in q] for q in program.queues]},
-                       args.out / f"megakernel_timeline_{tag}.pt")  # fmt: skip
-            del ext
-            torch.cuda.empty_cache()
-            return summarize(program, stamps)
-
-        return run
-
-    def prev_with_timeline():
-        root = Path(__file__).resolve().parents[1] / ".mk_prev"
-        sys.path.insert(0, str(root))
-        runner = __import__("mk_prev.runner", fromlist=["MegakernelExecutor"])
-        return runner.MegakernelExecutor(cfg, weights, cache=cache, timeline=True, strategy=best_strategy)
-
-    for tag, fuse in (("fused", True), ("unfused", False)):
-        make = lambda fuse=fuse: MegakernelExecutor(  # noqa: E731
-            cfg, weights, cache=cache, timeline=True, strategy=best_strategy, fuse_attention=fuse
-        )
-        stage(f"timeline_{tag}", timeline(tag, make))
-    if (Path(__file__).resolve().parents[1] / ".mk_prev").is_dir():
-        stage("timeline_prev", timeline("prev", prev_with_timeline))
+    stage("timeline_batch1", timeline)
 
     print("\n=== megakernel summary ===")
     print(f"copy bandwidth {res['copy_bw_GBps']:.0f} GB/s, weight floor {floor:.1f} us/step")
     variants = [f"variant_{p}" for p in filter(None, args.variants.split(","))]
-    for key in ("batch1_ctx32", "batch8_mixed", "fusion", "previous_kernel", *variants, "graph_executor"):
+    for key in ("batch1_ctx32", "batch8_mixed", "previous_kernel", *variants, "graph_executor"):
         for name, v in (res.get(key) or {}).items():
             if isinstance(v, dict) and "us_per_step" in v:
                 print(
                     f"{key:26s} {name:12s} {v['us_per_step']:8.1f} us/step (min {v['min_us']:.1f} max {v['max_us']:.1f})"
                 )
-    for key in ("batch1_ctx4k_32steps", "batch1_ctx16k_32steps", "timeline_fused", "timeline_unfused"):
+    for key in ("batch1_ctx4k_32steps", "batch1_ctx16k_32steps", "timeline_batch1"):
         print(f"{key:26s} {str(res.get(key))[:300]}")
     agree = dict(res.get("greedy_agreement_128") or {})
     agree.pop("tokens", None)

@@ -64,14 +64,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("case", ["llama", "qwen2", "qwen3"])
 @pytest.mark.parametrize("lengths", [[37], [5, 70, 1]])
-@pytest.mark.parametrize(
-    "op, fused",
-    [(op, False) for op in (Op.QKV, Op.ATTN, Op.OPROJ, Op.GATEUP, Op.DOWN, Op.LMHEAD)]
-    + [(Op.ATTN_OPROJ, True), (Op.GATEUP, True), (Op.DOWN, True)],
-)
-def test_single_opcode_matches_interpreter(case, lengths, op, fused):
-    """Fused programs (ATTN_OPROJ, and GATEUP/DOWN summing its partials) run at batch <= 2."""
-    lengths = lengths[:2] if fused else lengths
+@pytest.mark.parametrize("op", [Op.QKV, Op.ATTN, Op.OPROJ, Op.GATEUP, Op.DOWN, Op.LMHEAD])
+def test_single_opcode_matches_interpreter(case, lengths, op):
     cfg = _small(case)
     weights = dummy_weights(cfg, 0, torch.bfloat16, CUDA)
     cache = KVCache.allocate(cfg, 32, PAGE, torch.bfloat16, CUDA)
@@ -80,26 +74,18 @@ def test_single_opcode_matches_interpreter(case, lengths, op, fused):
     batch = StepBatch([7 + b for b in range(len(lengths))], [n - 1 for n in lengths], [1] * len(lengths), tables)
     ex = MegakernelExecutor(cfg, weights, cache=cache)
     layer = 0 if op in (Op.QKV, Op.OPROJ) and case == "qwen2" else 1  # layer 0 reads the embedding
-    layer = 0 if fused and case == "qwen2" and op != Op.ATTN_OPROJ else layer
     splits = 2 if op == Op.ATTN and len(lengths) > 1 else 1
     bufs = ex.buffers(batch)
-    dims = Dims.of(cfg, len(lengths), splits, PAGE, 32, fused=fused)
+    dims = Dims.of(cfg, len(lengths), splits, PAGE, 32)
     program = _only(build_program(dims, ex.num_sms), op, layer)
     gen = torch.Generator(device=CUDA).manual_seed(hash((case, op, len(lengths))) % 2**31)
     bufs.poison()
-    for name in ("resid", "q", "attn_out", "act", "opart"):
+    for name in ("resid", "q", "attn_out", "act"):
         t = getattr(bufs, name)
         t.copy_(torch.randn(t.shape, generator=gen, device=CUDA) * (0.01 if name == "q" else 1.0))  # K ~ 100
     cpu = StepBuffers(**{k: v.cpu().clone() for k, v in bufs.tensors().items()})
     cpu_cache = KVCache(cache.kv.cpu().clone())
-    written = {
-        Op.QKV: ["q"],
-        Op.ATTN: ["attn_out"],
-        Op.ATTN_OPROJ: ["opart"],
-        Op.OPROJ: ["resid"],
-        Op.GATEUP: ["act"],
-        Op.DOWN: ["resid"],
-    }
+    written = {Op.QKV: ["q"], Op.ATTN: ["attn_out"], Op.OPROJ: ["resid"], Op.GATEUP: ["act"], Op.DOWN: ["resid"]}
     read_too = op == Op.DOWN or (op == Op.OPROJ and layer > 0)  # resid += ...: it is an input as well
     for name in [] if read_too else written.get(op, ["logits"]):
         getattr(bufs, name).fill_(float("nan"))
@@ -158,14 +144,10 @@ def _teacher_forced(ref: ReferenceExecutor, batch: StepBatch, tokens: torch.Tens
     return logits
 
 
-@pytest.mark.parametrize(
-    "lengths, fuse",
-    [([32], True), ([32], False), ([32, 77], True), ([32, 5, 200, 77, 1, 128, 64, 9], True)],
-)
-def test_llama1b_greedy_and_logits_match_reference(llama, lengths, fuse):
+@pytest.mark.parametrize("lengths", [[32], [32, 5, 200, 77, 1, 128, 64, 9]])
+def test_llama1b_greedy_and_logits_match_reference(llama, lengths):
     """Greedy tokens over many steps agree with the fp32 reference fed the same tokens (any step where
-    they differ must be a near tie), and logits err less than a plain bf16 PyTorch step does. Batches of
-    one and two run fused programs (ATTN_OPROJ) unless told not to; eight sequences cannot."""
+    they differ must be a near tie), and logits err less than a plain bf16 PyTorch step does."""
     cfg, weights = llama
     steps = 128 if len(lengths) == 1 else 24
     prompts, tables, caches = _caches(cfg, weights, lengths, steps)
@@ -173,10 +155,9 @@ def test_llama1b_greedy_and_logits_match_reference(llama, lengths, fuse):
     ref32 = ReferenceExecutor(cfg, weights.to(CUDA, torch.float32), cache=caches[torch.float32])
     bf16_cache = KVCache(caches[torch.bfloat16].kv.clone())
     ref16 = ReferenceExecutor(cfg, weights, cache=bf16_cache)
-    ex = MegakernelExecutor(cfg, weights, cache=caches[torch.bfloat16], fuse_attention=fuse)
+    ex = MegakernelExecutor(cfg, weights, cache=caches[torch.bfloat16])
 
     logits = ex.forward(batch)
-    assert ex.program(len(lengths)).dims.fused == (fuse and len(lengths) <= 2)
     want = ref32.forward(batch)
     plain = ref16.forward(batch)
     assert _rel(logits, want) <= _rel(plain, want), (_rel(logits, want), _rel(plain, want))
@@ -197,11 +178,9 @@ def test_llama1b_greedy_and_logits_match_reference(llama, lengths, fuse):
     assert exact >= 0.95 * tokens.numel()
 
 
-@pytest.mark.parametrize("lengths", [[40, 3, 90], [40, 90]])
-def test_llama1b_logits_bitwise_identical_across_assignments(llama, lengths):
-    """Unfused (three sequences) and fused (two) programs give the same bits on any assignment."""
+def test_llama1b_logits_bitwise_identical_across_assignments(llama):
     cfg, weights = llama
-    prompts, tables, caches = _caches(cfg, weights, lengths, 1)
+    prompts, tables, caches = _caches(cfg, weights, [40, 3, 90], 1)
     batch = decode_batch(prompts, tables)
     ex = MegakernelExecutor(cfg, weights, cache=caches[torch.bfloat16])
     sms = ex.num_sms

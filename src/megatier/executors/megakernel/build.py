@@ -18,7 +18,6 @@ from pathlib import Path
 from megatier.config import ModelConfig
 from megatier.errors import MegatierError
 from megatier.executors.megakernel.isa import TILE, WORDS, Counters, c_defines
-from megatier.executors.megakernel.layout import Dims
 
 KERNEL_DIR = Path(__file__).parent / "kernel"
 ARCH = "sm_90a"
@@ -32,7 +31,7 @@ MAX_GROUP = 8
 PARAMS = (
     "embed", "qkv", "o", "gate_up", "down", "in_norm", "post_norm", "final_norm", "lm_head", "qkv_bias", "o_bias",
     "gate_up_bias", "down_bias", "q_norm", "k_norm", "kv", "rope", "resid", "q", "part_o", "part_ml", "attn_out",
-    "opart", "act", "logits", "argmax", "counters", "state", "tokens", "pos", "table", "out_tokens", "out_cap", "program",
+    "act", "logits", "argmax", "counters", "state", "tokens", "pos", "table", "out_tokens", "out_cap", "program",
     "qlen", "maxlen", "timeline", "diag",
 )  # fmt: skip
 
@@ -91,7 +90,7 @@ class KernelConfig:
         whether DOWN streams its activations by k-chunk (when that frees room for more stages)."""
         c, b = self.cfg, self.batch
         group = c.num_heads // c.num_kv_heads
-        attn = self.attn_scratch + b * (group * c.head_dim + 8) * 2  # warp partials, then ATTN_OPROJ's output
+        attn = CONSUMER_WARPS * group * (c.head_dim + 2) * 4
         for kc_max in (k for k in (1024, 512, 256, 128) if k <= self.chunk_columns):
             stage = TILE * (2 * kc_max + 16)
             options = []
@@ -135,15 +134,8 @@ class KernelConfig:
             raise MegatierError(f"megakernel: shapes need {out['SMEM_BYTES']} B of shared memory ({_shape(c)})")
         return out
 
-    @property
-    def attn_scratch(self) -> int:
-        """Bytes of the attention warps' partial results at the start of the activation area."""
-        c = self.cfg
-        return _align(CONSUMER_WARPS * (c.num_heads // c.num_kv_heads) * (c.head_dim + 2) * 4, 16)
-
     def defines(self) -> dict[str, str]:
         c = self.cfg
-        dims = Dims.of(c, self.batch, 1, self.page_size, self.max_pages)
         counters = Counters(c.num_layers, self.batch, c.num_kv_heads)
         d: dict[str, object] = {
             "HIDDEN": c.hidden_size,
@@ -166,9 +158,6 @@ class KernelConfig:
             "IN_FLIGHT": self.in_flight,
             "HOLD_STAGES": min(self.hold, self.layout["NSTAGES"] - 1),
             "EXIT_CTR": counters.exit,
-            "O_SEGS": dims.o_segs,
-            "FUSABLE": int(dims.can_fuse()),
-            "AO_OFFSET": self.attn_scratch,
             "NUM_PARAMS": len(PARAMS),
             **self.layout,
             **c_defines(),

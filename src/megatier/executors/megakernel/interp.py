@@ -100,7 +100,6 @@ class Interpreter:
         {
             Op.QKV: self._qkv,
             Op.ATTN: self._attn,
-            Op.ATTN_OPROJ: self._attn_oproj,
             Op.OPROJ: self._oproj,
             Op.GATEUP: self._gateup,
             Op.DOWN: self._down,
@@ -165,27 +164,24 @@ class Interpreter:
             page = int(bufs.table[b, p // d.page_size])
             self.cache.kv[page, layer, kind - 1, kvh, p % d.page_size, dims] = y[b, dims].to(self.cache.kv.dtype)
 
-    def _attend(
-        self, d: Dims, layer: int, b: int, kvh: int, lo: int, hi: int, bufs: StepBuffers
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Unnormalized output [G, D], max [G] (log2 units) and sum [G] over positions [lo, hi)."""
-        heads = slice(kvh * d.group * d.head_dim, (kvh + 1) * d.group * d.head_dim)
-        q = bufs.q[b, heads].view(d.group, d.head_dim) * (d.head_dim**-0.5 * LOG2E)
-        if hi <= lo:
-            return torch.zeros(d.group, d.head_dim), torch.full((d.group,), float("-inf")), torch.zeros(d.group)
-        positions = torch.arange(lo, hi)
-        pages = bufs.table[b, positions // d.page_size].long()
-        kv = self.cache.kv[pages, layer, :, kvh, positions % d.page_size].float()  # [T, 2, D]
-        scores = q @ kv[:, 0].T  # [G, T], log2 units
-        m = scores.max(-1).values
-        p = torch.exp2(scores - m[:, None])
-        return p @ kv[:, 1], m, p.sum(-1)
-
     def _attn(self, instr: Instr, program: Program, bufs: StepBuffers, epoch: int) -> None:
         d, layer = program.dims, instr.layer
         b, kvh, s, nsplit = instr.args
         lo, hi = d.split_range(int(bufs.pos[b]) + 1, s)
-        o, m, lsum = self._attend(d, layer, b, kvh, lo, hi, bufs)
+        heads = slice(kvh * d.group * d.head_dim, (kvh + 1) * d.group * d.head_dim)
+        q = bufs.q[b, heads].view(d.group, d.head_dim) * (d.head_dim**-0.5 * LOG2E)
+        m = torch.full((d.group,), float("-inf"))
+        lsum = torch.zeros(d.group)
+        o = torch.zeros(d.group, d.head_dim)
+        if hi > lo:
+            positions = torch.arange(lo, hi)
+            pages = bufs.table[b, positions // d.page_size].long()
+            kv = self.cache.kv[pages, layer, :, kvh, positions % d.page_size].float()  # [T, 2, D]
+            scores = q @ kv[:, 0].T  # [G, T], log2 units
+            m = scores.max(-1).values
+            p = torch.exp2(scores - m[:, None])
+            lsum = p.sum(-1)
+            o = p @ kv[:, 1]
         bufs.part_o[b, kvh, s] = o
         bufs.part_ml[b, kvh, s, :, 0] = m
         bufs.part_ml[b, kvh, s, :, 1] = lsum
@@ -206,30 +202,6 @@ class Interpreter:
     def _rows(self, instr: Instr, m: int) -> slice:
         return slice(instr.args[0] * TILE, min(instr.args[1] * TILE, m))
 
-    def _attn_oproj(self, instr: Instr, program: Program, bufs: StepBuffers, epoch: int) -> None:
-        """Group kvh's attention for every sequence (rounded to the weight dtype, as it enters the
-        product), times its columns of the O rows of stacked tiles [u0, u1): per-group partial sums."""
-        d, layer = program.dims, instr.layer
-        kvh, u0, u1 = instr.args
-        attn = []
-        for b in range(d.batch):
-            o, _, lsum = self._attend(d, layer, b, kvh, 0, int(bufs.pos[b]) + 1, bufs)
-            attn.append((o / lsum[:, None]).reshape(-1).to(self.wdtype).float())
-        rows = slice(u0 * d.o_segs * TILE, u1 * d.o_segs * TILE)
-        cols = slice(kvh * d.group_cols, (kvh + 1) * d.group_cols)
-        bufs.opart[kvh, :, rows] = self._gemv(torch.stack(attn), self.w.o[layer, rows, cols], None)
-        self._signal(bufs, instr.signal)
-
-    def _summed_residual(self, d: Dims, layer: int, rows: slice, bufs: StepBuffers) -> torch.Tensor:
-        """What a fused program's residual is after the attention block: (embedding or residual) + O
-        bias + the kv groups' partial sums, added in group order as the kernel does."""
-        h = self._embed_rows(bufs)[:, rows] if layer == 0 else bufs.resid[:, rows].clone()
-        if self.w.o_bias is not None:
-            h = h + self.w.o_bias[layer, rows].float()
-        for kvh in range(d.kv_heads):
-            h = h + bufs.opart[kvh, :, rows]
-        return h
-
     def _oproj(self, instr: Instr, program: Program, bufs: StepBuffers, epoch: int) -> None:
         d, w, layer = program.dims, self.w, instr.layer
         rows = self._rows(instr, d.hidden)
@@ -243,8 +215,7 @@ class Interpreter:
         d, w, layer = program.dims, self.w, instr.layer
         rows = self._rows(instr, d.inter)
         up_rows = slice(d.inter + rows.start, d.inter + rows.stop)
-        x = self._summed_residual(d, layer, slice(0, d.hidden), bufs) if instr.args[2] else bufs.resid
-        a = self._norm_act(x, w.post_norm[layer])
+        a = self._norm_act(bufs.resid, w.post_norm[layer])
         gb = ub = None
         if w.gate_up_bias is not None:
             gb, ub = w.gate_up_bias[layer, rows], w.gate_up_bias[layer, up_rows]
@@ -257,8 +228,7 @@ class Interpreter:
         d, w, layer = program.dims, self.w, instr.layer
         rows = self._rows(instr, d.hidden)
         bias = None if w.down_bias is None else w.down_bias[layer, rows]
-        base = self._summed_residual(d, layer, rows, bufs) if instr.args[2] else bufs.resid[:, rows]
-        bufs.resid[:, rows] = base + self._gemv(bufs.act.float(), w.down[layer, rows], bias)
+        bufs.resid[:, rows] = bufs.resid[:, rows] + self._gemv(bufs.act.float(), w.down[layer, rows], bias)
         self._signal(bufs, instr.signal)
 
     def _lmhead(self, instr: Instr, program: Program, bufs: StepBuffers, epoch: int) -> None:

@@ -11,9 +11,8 @@ Word layout (the same indices are emitted into the CUDA build as #defines, see `
     8 signal counter   9 signal amount   10 arrival target (ATTN)   11 global index
     12 done counter (ATTN: the last split to arrive signals it by 1)   13-15 zero
 
-Args: ATTN (sequence b, kv head, split s, splits S); ATTN_OPROJ (kv head, first stacked O tile, end);
-GATEUP, DOWN (first tile, end tile, 1 if the residual must still be summed from the O partials); QKV,
-OPROJ, LMHEAD (first tile, end tile). A counter of -1 means none.
+Args: ATTN (sequence b, kv head, split s, splits S); QKV, OPROJ, GATEUP, DOWN, LMHEAD (first tile, end
+tile). A counter of -1 means none.
 """
 
 from __future__ import annotations
@@ -37,11 +36,6 @@ class Op(IntEnum):
     GATEUP = 4  # RMSNorm + gate and up rows + SiLU(gate) * up
     DOWN = 5  # down-projection + residual
     LMHEAD = 6  # final RMSNorm + LM head rows + running argmax
-    ATTN_OPROJ = 7  # one kv group's attention (all sequences, whole context) + its O columns -> partials
-
-
-def num_args(op: Op) -> int:
-    return {Op.NOOP: 0, Op.ATTN: 4, Op.ATTN_OPROJ: 3, Op.GATEUP: 3, Op.DOWN: 3}.get(op, 2)
 
 
 FIELDS = {
@@ -90,7 +84,7 @@ class Instr:
     @classmethod
     def decode(cls, words: list[int]) -> Instr:
         op = Op(words[FIELDS["OP"]])
-        nargs = num_args(op)
+        nargs = {Op.NOOP: 0, Op.ATTN: 4}.get(op, 2)
         wait = (words[FIELDS["WAIT_CTR"]], words[FIELDS["WAIT_TARGET"]])
         signal = (words[FIELDS["SIG_CTR"]], words[FIELDS["SIG_AMOUNT"]])
         return cls(

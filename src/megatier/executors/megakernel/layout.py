@@ -16,8 +16,6 @@ from megatier.executors.megakernel.isa import TILE, Counters
 
 ATTN_CHUNK = 512  # context positions per attention split before another split is added
 MAX_SPLITS = 16
-O_CHUNK = 1024  # columns of a stacked O-projection tile (Dims.o_segs), one full ring stage
-MAX_FUSED_BATCH = 2  # GATEUP re-reads 1 + kv_heads partial rows per sequence: cheap only for few
 
 
 def ceil_div(a: int, b: int) -> int:
@@ -43,10 +41,9 @@ class Dims:
     page_size: int
     max_pages: int  # page-table width: a sequence can use every page of the cache
     qk_norm: bool = False  # QKV instructions must then cover whole q/k heads (the norm spans a head)
-    fused: bool = False  # attention recomputed inside the O-projection (ATTN_OPROJ), see can_fuse
 
     @classmethod
-    def of(cls, cfg: ModelConfig, batch: int, splits: int, page_size: int, max_pages: int, fused: bool = False) -> Dims:
+    def of(cls, cfg: ModelConfig, batch: int, splits: int, page_size: int, max_pages: int) -> Dims:
         return cls(
             hidden=cfg.hidden_size,
             heads=cfg.num_heads,
@@ -60,7 +57,6 @@ class Dims:
             page_size=page_size,
             max_pages=max_pages,
             qk_norm=cfg.qk_norm,
-            fused=fused,
         )
 
     @property
@@ -108,39 +104,6 @@ class Dims:
         return min(context, s * chunk), min(context, (s + 1) * chunk)
 
     @property
-    def group_cols(self) -> int:
-        """Columns of the O-projection that one kv group's attention output multiplies."""
-        return self.group * self.head_dim
-
-    @property
-    def o_segs(self) -> int:
-        """Output tiles stacked side by side in one O tile: a stacked tile holds, for one kv group, 16
-        rows of each of o_segs consecutive 16-row output tiles (pack_o), so a 32 KiB ring stage serves a
-        group's 256 columns. Fixed by the model (at most 8 / MAX_FUSED_BATCH), so one packing serves every
-        batch size."""
-        most = 8 // MAX_FUSED_BATCH  # a fused batch's columns for every segment fill at most 8
-        fits = [s for s in range(1, most + 1) if s * self.group_cols <= O_CHUNK and self.hidden_tiles % s == 0]
-        return max(fits, default=1)
-
-    @property
-    def o_vtiles(self) -> int:
-        """Stacked O tiles per kv group."""
-        return self.hidden_tiles // self.o_segs
-
-    def can_fuse(self) -> bool:
-        """Whether ATTN_OPROJ can run this step: one attention split, and the batch's columns for every
-        stacked segment fit the 8 columns of one tensor-core fragment."""
-        return self.splits == 1 and self.batch <= MAX_FUSED_BATCH and self.batch * self.o_segs <= 8
-
-    def pack_o(self, o: torch.Tensor) -> torch.Tensor:
-        """O weights [layers, hidden, q_size] -> [layers, kv_heads, o_vtiles, 16, o_segs * group_cols]:
-        row i of stacked tile (g, u), segment s, holds output row (u * o_segs + s) * 16 + i over group g's
-        columns."""
-        s, gc = self.o_segs, self.group_cols
-        w = o.reshape(o.shape[0], self.o_vtiles, s, TILE, self.kv_heads, gc)
-        return w.permute(0, 4, 1, 3, 2, 5).reshape(o.shape[0], self.kv_heads, self.o_vtiles, TILE, s * gc).contiguous()
-
-    @property
     def hidden_tiles(self) -> int:
         return ceil_div(self.hidden, TILE)
 
@@ -166,7 +129,6 @@ class StepBuffers:
     part_o: torch.Tensor  # fp32 [B, kv_heads, S, group, head_dim]: unnormalized split outputs
     part_ml: torch.Tensor  # fp32 [B, kv_heads, S, group, 2]: split max (log2 units) and sum
     attn_out: torch.Tensor  # weight dtype [B, q_size]: merged attention output
-    opart: torch.Tensor  # fp32 [kv_heads, B, hidden]: per-group O-projection partial sums (fused steps)
     act: torch.Tensor  # weight dtype [B, inter]: SiLU(gate) * up
     logits: torch.Tensor  # fp32 [B, vocab]
     argmax: torch.Tensor  # int64 [B]: packed (orderable logit bits << 32 | ~index), 0 = empty
@@ -192,7 +154,6 @@ class StepBuffers:
             part_o=f32(b, d.kv_heads, d.splits, g, d.head_dim),
             part_ml=f32(b, d.kv_heads, d.splits, g, 2),
             attn_out=torch.zeros((b, d.q_size), dtype=dtype, device=device),
-            opart=f32(d.kv_heads, b, d.hidden),
             act=torch.zeros((b, d.inter), dtype=dtype, device=device),
             logits=f32(b, d.vocab),
             argmax=torch.zeros(b, dtype=torch.int64, device=device),
@@ -206,7 +167,7 @@ class StepBuffers:
 
     def poison(self) -> None:
         """Fill every activation with NaN so an unwritten element cannot pass a test."""
-        for f in ("resid", "q", "part_o", "part_ml", "attn_out", "opart", "act", "logits"):
+        for f in ("resid", "q", "part_o", "part_ml", "attn_out", "act", "logits"):
             getattr(self, f).fill_(float("nan"))
 
     def load(self, token_ids: list[int], positions: list[int], page_tables: list[list[int]]) -> None:

@@ -70,7 +70,6 @@ class MegakernelExecutor:
         timeline: bool = False,
         validate_programs: bool = True,
         chunk_columns: int = 1024,
-        fuse_attention: bool = True,
     ):
         self.cfg, self.cache = cfg, cache
         self.device = cache.kv.device
@@ -81,21 +80,19 @@ class MegakernelExecutor:
         if not 1 <= self.num_sms <= available:
             raise MegatierError(f"megakernel: num_sms must be 1..{available}, got {num_sms}")
         self.strategy, self.seed, self.timeline, self.validate_programs = strategy, seed, timeline, validate_programs
-        self.chunk_columns, self.fuse_attention = chunk_columns, fuse_attention
+        self.chunk_columns = chunk_columns
         self.fallback = GraphExecutor(cfg, weights, cache=cache)
-        dims = Dims.of(cfg, 1, 1, self.page_size, self.num_pages)
-        perm = torch.tensor(dims.qkv_permutation(), device=self.device)
-        shared = self.fallback.w  # every weight but qkv and o is shared; qkv rows are reordered so that
-        self.w = replace(  # each 16-row tile holds whole RoPE pairs, o is stacked per kv group (pack_o)
+        perm = torch.tensor(Dims.of(cfg, 1, 1, self.page_size, self.num_pages).qkv_permutation(), device=self.device)
+        shared = self.fallback.w  # every weight but qkv is shared; qkv rows are reordered so that
+        self.w = replace(  # each 16-row tile holds whole RoPE pairs
             shared,
             qkv=shared.qkv[:, perm].contiguous(),
             qkv_bias=None if shared.qkv_bias is None else shared.qkv_bias[:, perm].contiguous(),
-            o=dims.pack_o(shared.o),
         )
         self.rope = rope_table(cfg, self.num_pages * self.page_size, self.device)
         self.diag = torch.zeros(16, dtype=torch.int32, pin_memory=True)  # host memory the kernel can write
         self._variants: dict[int, _Variant] = {}
-        self._graphs: dict[tuple[int, int, bool, int], torch.cuda.CUDAGraph | None] = {}
+        self._graphs: dict[tuple[int, int, int], torch.cuda.CUDAGraph | None] = {}
         self.graph_error: str | None = None
         self._resume: tuple[str, list[int]] | None = None  # who ran the last greedy chunk, and its ends
 
@@ -158,24 +155,12 @@ class MegakernelExecutor:
         self._queue(v, num_steps)
         return GreedyChunk.copy_of(v.bufs.out_tokens[:num_steps])
 
-    def set_fusion(self, fuse_attention: bool) -> None:
-        """Recompute attention inside the O-projection where it can (short contexts, batch <= 2), or keep
-        the separate ATTN phase, from the next step on (benchmarks compare both)."""
-        self.fuse_attention = fuse_attention
-        for v in self._variants.values():
-            v.program = None
-
     def set_schedule(self, strategy: str, seed: int = 0, num_sms: int | None = None) -> None:
         """Assign instructions to SMs differently from the next step on (results must not change)."""
         available = torch.cuda.get_device_properties(self.device).multi_processor_count
         self.strategy, self.seed, self.num_sms = strategy, seed, num_sms or available
         for v in self._variants.values():
             v.program = None
-
-    def program(self, batch_size: int = 1) -> Program | None:
-        """The program the last step of this batch size ran (None before the first)."""
-        v = self._variants.get(batch_size)
-        return None if v is None else v.program
 
     def buffers(self, batch: StepBatch) -> StepBuffers:
         """The step buffers of `batch`'s size, loaded with its inputs (tests poke inputs in directly)."""
@@ -284,10 +269,9 @@ class MegakernelExecutor:
         return v
 
     def _program(self, v: _Variant, splits: int) -> None:
-        dims = Dims.of(self.cfg, v.kc.batch, splits, self.page_size, self.num_pages)
-        dims = replace(dims, fused=self.fuse_attention and dims.can_fuse())
-        if v.program is not None and v.program.dims == dims and v.program.num_sms == self.num_sms:
+        if v.program is not None and v.program.dims.splits == splits and v.program.num_sms == self.num_sms:
             return
+        dims = Dims.of(self.cfg, v.kc.batch, splits, self.page_size, self.num_pages)
         program = build_program(dims, self.num_sms, self.strategy, self.seed)
         if self.validate_programs:
             validate(program)
@@ -318,19 +302,7 @@ class MegakernelExecutor:
             "maxlen": 0 if v.words is None else v.words.shape[1], "timeline": ptr(v.timeline),
             "diag": self.diag.data_ptr(),
         }  # fmt: skip
-        for name in (
-            "resid",
-            "q",
-            "part_o",
-            "part_ml",
-            "attn_out",
-            "opart",
-            "act",
-            "logits",
-            "argmax",
-            "counters",
-            "state",
-        ):
+        for name in ("resid", "q", "part_o", "part_ml", "attn_out", "act", "logits", "argmax", "counters", "state"):
             values[name] = ptr(getattr(bufs, name))
         for name in ("tokens", "pos", "table", "out_tokens"):
             values[name] = ptr(getattr(bufs, name))
@@ -347,7 +319,7 @@ class MegakernelExecutor:
         launch(stream, config, v.kernel, np.uint64(v.params.data_ptr()))
 
     def _graph(self, v: _Variant, k: int) -> torch.cuda.CUDAGraph | None:
-        key = (v.kc.batch, v.program.dims.splits, v.program.dims.fused, k)
+        key = (v.kc.batch, v.program.dims.splits, k)
         if key not in self._graphs:
             graph = torch.cuda.CUDAGraph()
             try:

@@ -1,10 +1,7 @@
 """Build one decode step as a program: the instruction DAG, its assignment to SMs, per-SM queues.
 
 Phases per layer: QKV -> ATTN (one instruction per sequence, kv head and split) -> OPROJ -> GATEUP ->
-DOWN, then LMHEAD. In a fused program (Dims.fused, short contexts and small batches) ATTN and OPROJ are
-one phase, ATTN_OPROJ: each instruction recomputes one kv group's attention and multiplies it by that
-group's columns of a range of stacked O tiles, writing per-group partial sums that GATEUP and DOWN add to
-the residual; this removes a counter hop and a GPU-scope fence from every layer's critical chain. The tiled phases are cut into contiguous ranges of 16-row weight tiles, one
+DOWN, then LMHEAD. The tiled phases are cut into contiguous ranges of 16-row weight tiles, one
 instruction per SM that gets any (QKV ranges cover whole heads when q/k are RMS-normed). Dependencies go through counters (isa.Counters): an instruction
 waits until a counter reaches the sum of everything signalled into it, i.e. until all of its producers
 have finished. The global order lists phases in dependency order; every SM's queue is a subsequence of
@@ -25,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megatier.executors.megakernel.isa import TILE, Instr, Op, encode_queues, num_args
+from megatier.executors.megakernel.isa import TILE, Instr, Op, encode_queues
 from megatier.executors.megakernel.layout import ATTN_CHUNK, Dims
 
 STRATEGIES = ("round_robin", "balanced", "random")
@@ -50,17 +47,11 @@ class Program:
 def _tile_phases(d: Dims) -> list[tuple[Op, int, int]]:
     """(op, tiles, bytes per tile) of the tiled phases of one layer."""
     w = 2  # bf16 bytes
-    oproj = [] if d.fused else [(Op.OPROJ, d.hidden_tiles, TILE * d.q_size * w)]
     return [
-        *oproj,
+        (Op.OPROJ, d.hidden_tiles, TILE * d.q_size * w),
         (Op.GATEUP, d.inter_tiles, 2 * TILE * d.hidden * w),
         (Op.DOWN, d.hidden_tiles, TILE * d.inter * w),
     ]
-
-
-def _even_ranges(n: int, parts: int) -> list[tuple[int, int]]:
-    """[0, n) cut into `parts` contiguous ranges whose sizes differ by at most one."""
-    return [(i * n // parts, (i + 1) * n // parts) for i in range(parts)]
 
 
 class _Assigner:
@@ -128,8 +119,6 @@ def build_program(d: Dims, num_sms: int, strategy: str = "round_robin", seed: in
         raise ScheduleError(f"num_sms must be >= 1, got {num_sms}")
     if d.head_dim % TILE:
         raise ScheduleError(f"head_dim must be a multiple of {TILE} (RoPE pairs are kept inside 16-row tiles)")
-    if d.fused and not d.can_fuse():
-        raise ScheduleError(f"attention cannot be fused at batch {d.batch} with {d.splits} splits")
     ctr = d.counters
     assign = _Assigner(strategy, num_sms, seed)
     placed: list[tuple[Instr, int]] = []
@@ -143,41 +132,28 @@ def build_program(d: Dims, num_sms: int, strategy: str = "round_robin", seed: in
         prev = (ctr.down_done(layer - 1), d.hidden_tiles) if layer else None
         for sm, t0, t1 in sorted(assign.ranges(d.qkv_tiles, TILE * d.hidden * 2, qkv_unit), key=lambda r: r[1]):
             add(sm, Instr(Op.QKV, layer, (t0, t1), prev, (ctr.qkv_done(layer), t1 - t0)))
-        qkv_done = (ctr.qkv_done(layer), d.qkv_tiles)
-        if d.fused:
-            # One unit per SM as far as they go, each covering one group: every unit recomputes its
-            # group's attention, so more units per group would only repeat that work.
-            units = max(1, min(d.o_vtiles, num_sms // d.kv_heads))
+        for b in range(d.batch):
             for kvh in range(d.kv_heads):
-                for u0, u1 in _even_ranges(d.o_vtiles, units):
-                    cost = attn_bytes * d.batch + (u1 - u0) * TILE * d.o_segs * d.group_cols * 2
-                    signal = (ctr.oproj_done(layer), u1 - u0)
-                    add(assign.item(cost), Instr(Op.ATTN_OPROJ, layer, (kvh, u0, u1), qkv_done, signal))
-        else:
-            for b in range(d.batch):
-                for kvh in range(d.kv_heads):
-                    for s in range(d.splits):
-                        instr = Instr(
-                            Op.ATTN,
-                            layer,
-                            (b, kvh, s, d.splits),
-                            wait=qkv_done,
-                            signal=(ctr.arrive(layer, b, kvh), 1),
-                            arrive_target=d.splits,
-                            done=ctr.attn_done(layer),
-                        )
-                        add(assign.item(attn_bytes), instr)
-        oproj_signals = d.kv_heads * d.o_vtiles if d.fused else d.hidden_tiles
+                for s in range(d.splits):
+                    instr = Instr(
+                        Op.ATTN,
+                        layer,
+                        (b, kvh, s, d.splits),
+                        wait=(ctr.qkv_done(layer), d.qkv_tiles),
+                        signal=(ctr.arrive(layer, b, kvh), 1),
+                        arrive_target=d.splits,
+                        done=ctr.attn_done(layer),
+                    )
+                    add(assign.item(attn_bytes), instr)
         waits = {
             Op.OPROJ: (ctr.attn_done(layer), d.batch * d.kv_heads),
-            Op.GATEUP: (ctr.oproj_done(layer), oproj_signals),
+            Op.GATEUP: (ctr.oproj_done(layer), d.hidden_tiles),
             Op.DOWN: (ctr.gateup_done(layer), d.inter_tiles),
         }
         signals = {Op.OPROJ: ctr.oproj_done(layer), Op.GATEUP: ctr.gateup_done(layer), Op.DOWN: ctr.down_done(layer)}
         for op, tiles, cost in _tile_phases(d):
-            extra = (int(d.fused),) if op in (Op.GATEUP, Op.DOWN) else ()
             for sm, t0, t1 in sorted(assign.ranges(tiles, cost), key=lambda r: r[1]):
-                add(sm, Instr(op, layer, (t0, t1, *extra), waits[op], (signals[op], t1 - t0)))
+                add(sm, Instr(op, layer, (t0, t1), waits[op], (signals[op], t1 - t0)))
     lm_wait = (ctr.down_done(d.layers - 1), d.hidden_tiles)
     for sm, t0, t1 in sorted(assign.ranges(d.vocab_tiles, TILE * d.hidden * 2), key=lambda r: r[1]):
         add(sm, Instr(Op.LMHEAD, d.layers - 1, (t0, t1), lm_wait, None))
@@ -200,21 +176,13 @@ def accesses(instr: Instr, d: Dims) -> list[tuple[str, int, int, str]]:
     resid, act and logits are indexed feature-major (element i of sequence b at i * B + b), because
     their accesses cover every sequence at once; q, part and attn_out are indexed sequence-major.
     Weights, the embedding and KV of earlier positions are immutable during a step and not listed; the
-    K/V rows of the current position are ('kvnew', [layer, K|V, kv head, sequence, dim]); the O partials
-    are ('opart', [kv head, sequence, row]).
+    K/V rows of the current position are ('kvnew', [layer, K|V, kv head, sequence, dim]).
     """
     op, layer, a, nb = instr.op, instr.layer, instr.args, d.batch
     out: list[tuple[str, int, int, str]] = []
 
     def tiles(m: int) -> tuple[int, int]:
         return a[0] * TILE * nb, min(a[1] * TILE, m) * nb
-
-    def kvnew(kvh: int, b: int) -> list[tuple[str, int, int, str]]:
-        base = [(((layer * 2 + kv) * d.kv_heads + kvh) * nb + b) * d.head_dim for kv in (0, 1)]
-        return [("kvnew", k, k + d.head_dim, "r") for k in base]
-
-    def opart(kvh: int, b: int, lo: int, hi: int, kind: str) -> tuple[str, int, int, str]:
-        return ("opart", (kvh * nb + b) * d.hidden + lo, (kvh * nb + b) * d.hidden + hi, kind)
 
     if op == Op.QKV:
         if layer:
@@ -236,32 +204,22 @@ def accesses(instr: Instr, d: Dims) -> list[tuple[str, int, int, str]]:
         b, kvh, s = a[0], a[1], a[2]
         lo = (b * d.heads + kvh * d.group) * d.head_dim
         out.append(("q", lo, lo + d.group * d.head_dim, "r"))
-        out += kvnew(kvh, b)
+        for kv in (0, 1):
+            k = (((layer * 2 + kv) * d.kv_heads + kvh) * nb + b) * d.head_dim
+            out.append(("kvnew", k, k + d.head_dim, "r"))
         p = (b * d.kv_heads + kvh) * d.splits + s
         out.append(("part", p, p + 1, "w"))
-    elif op == Op.ATTN_OPROJ:
-        kvh, rows = a[0], (a[1] * d.o_segs * TILE, a[2] * d.o_segs * TILE)
-        for b in range(nb):
-            lo = (b * d.heads + kvh * d.group) * d.head_dim
-            out += [("q", lo, lo + d.group * d.head_dim, "r"), *kvnew(kvh, b), opart(kvh, b, *rows, "w")]
     elif op == Op.OPROJ:
         out.append(("attn_out", 0, nb * d.q_size, "r"))
         if layer:
             out.append(("resid", *tiles(d.hidden), "r"))
         out.append(("resid", *tiles(d.hidden), "w"))
     elif op == Op.GATEUP:
-        if layer or not a[2]:  # a fused layer 0 starts from the embedding
-            out.append(("resid", 0, d.hidden * nb, "r"))
-        if a[2]:
-            out.append(("opart", 0, d.kv_heads * nb * d.hidden, "r"))
+        out.append(("resid", 0, d.hidden * nb, "r"))
         out.append(("act", *tiles(d.inter), "w"))
     elif op == Op.DOWN:
         out.append(("act", 0, d.inter * nb, "r"))
-        if layer or not a[2]:
-            out.append(("resid", *tiles(d.hidden), "r"))
-        if a[2]:
-            rows = (a[0] * TILE, min(a[1] * TILE, d.hidden))
-            out += [opart(kvh, b, *rows, "r") for kvh in range(d.kv_heads) for b in range(nb)]
+        out.append(("resid", *tiles(d.hidden), "r"))
         out.append(("resid", *tiles(d.hidden), "w"))
     elif op == Op.LMHEAD:
         out.append(("resid", 0, d.hidden * nb, "r"))
@@ -289,10 +247,7 @@ class _Node:
 
 def _check_fields(p: Program) -> None:
     d, size = p.dims, p.dims.counters.size
-    limits = {
-        Op.ATTN: (d.batch, d.kv_heads, d.splits, d.splits + 1),
-        Op.ATTN_OPROJ: (d.kv_heads, d.o_vtiles, d.o_vtiles + 1),
-    }
+    limits = {Op.ATTN: (d.batch, d.kv_heads, d.splits, d.splits + 1)}
     tiles = {
         Op.QKV: d.qkv_tiles,
         Op.OPROJ: d.hidden_tiles,
@@ -305,19 +260,10 @@ def _check_fields(p: Program) -> None:
             raise ScheduleError(f"instruction {i} carries index {instr.index}")
         if instr.op == Op.NOOP or not 0 <= instr.layer < d.layers:
             raise ScheduleError(f"instruction {i}: bad opcode/layer {instr.op!r}/{instr.layer}")
-        if len(instr.args) != num_args(instr.op):
-            raise ScheduleError(
-                f"instruction {i}: {instr.op.name} takes {num_args(instr.op)} arguments, got {instr.args}"
-            )
         if instr.op in limits and any(not 0 <= x < m for x, m in zip(instr.args, limits[instr.op], strict=True)):
             raise ScheduleError(f"instruction {i}: argument out of range {instr}")
         if instr.op in tiles and not 0 <= instr.args[0] < instr.args[1] <= tiles[instr.op]:
             raise ScheduleError(f"instruction {i}: bad tile range {instr.args}")
-        if instr.op == Op.ATTN_OPROJ and instr.args[1] >= instr.args[2]:
-            raise ScheduleError(f"instruction {i}: bad stacked tile range {instr.args}")
-        if instr.op in (Op.GATEUP, Op.DOWN) and instr.args[2] != int(d.fused):
-            kind = "fused" if d.fused else "unfused"
-            raise ScheduleError(f"instruction {i}: partials flag {instr.args[2]} in an {kind} program")
         if instr.op == Op.QKV and d.qk_norm and (instr.args[0] % d.head_tiles or instr.args[1] % d.head_tiles):
             raise ScheduleError(f"instruction {i}: q/k norm needs QKV ranges of whole heads, got {instr.args}")
         for c in (instr.wait, instr.signal):
@@ -332,24 +278,18 @@ def _check_coverage(p: Program) -> None:
     for instr in p.instrs:
         if instr.op == Op.ATTN:
             seen[(instr.op, instr.layer, *instr.args)] += 1
-        elif instr.op == Op.ATTN_OPROJ:
-            for u in range(instr.args[1], instr.args[2]):
-                seen[(instr.op, instr.layer, instr.args[0], u)] += 1
         else:
             for t in range(instr.args[0], instr.args[1]):
                 seen[(instr.op, instr.layer, t)] += 1
     want: list[tuple] = []
     for layer in range(d.layers):
         want += [(Op.QKV, layer, t) for t in range(d.qkv_tiles)]
-        if d.fused:
-            want += [(Op.ATTN_OPROJ, layer, k, u) for k in range(d.kv_heads) for u in range(d.o_vtiles)]
-        else:
-            want += [
-                (Op.ATTN, layer, b, k, s, d.splits)
-                for b in range(d.batch)
-                for k in range(d.kv_heads)
-                for s in range(d.splits)
-            ]
+        want += [
+            (Op.ATTN, layer, b, k, s, d.splits)
+            for b in range(d.batch)
+            for k in range(d.kv_heads)
+            for s in range(d.splits)
+        ]
         want += [(op, layer, t) for op, tiles, _ in _tile_phases(d) for t in range(tiles)]
     want += [(Op.LMHEAD, d.layers - 1, t) for t in range(d.vocab_tiles)]
     if set(seen) != set(want) or any(n != 1 for n in seen.values()):

@@ -19,7 +19,6 @@ from megatier.executors.megakernel.schedule import Program
 COLORS = {
     Op.QKV: "tab:blue",
     Op.ATTN: "tab:red",
-    Op.ATTN_OPROJ: "tab:pink",
     Op.OPROJ: "tab:orange",
     Op.GATEUP: "tab:green",
     Op.DOWN: "tab:purple",
@@ -71,7 +70,7 @@ def render_gantt(program: Program, stamps: torch.Tensor, path: Path, title: str 
         ax.barh(sm, r - s, left=s, height=0.8, color=COLORS[op], alpha=0.25, linewidth=0)
         ax.barh(sm, e - r, left=r, height=0.8, color=COLORS[op], linewidth=0)
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in COLORS.values()]
-    ax.legend(handles, [op.name for op in COLORS], loc="upper right", ncol=len(COLORS))
+    ax.legend(handles, [op.name for op in COLORS], loc="upper right", ncol=6)
     ax.set_xlabel("microseconds (light: waiting for a counter)")
     ax.set_ylabel("SM")
     ax.set_title(title)

@@ -10,7 +10,7 @@
 #pragma once
 #include <cuda/std/limits>
 
-#include "gemv.cuh"
+#include "common.cuh"
 
 namespace mk {
 
@@ -47,12 +47,13 @@ constexpr int KV_ROW = HEAD_DIM * 2;                     // bytes of one positio
 constexpr int KVC = (STAGE_BYTES / (2 * KV_ROW)) / 8 * 8;  // positions per ring stage (K block, then V)
 static_assert(KVC >= 8, "a ring stage holds K and V of at least 8 positions");
 
-// Split s of nsplit of (sequence b, kv head). `pos` is the sequence's current position (the loader
-// reads it from global memory, consumers from the step table).
-__device__ Span span_of(int b, int kvh, int s, int nsplit, int pos) {
+// `pos` is the sequence's current position (the loader reads it from global memory, consumers from the
+// step table).
+__device__ Span attn_span(const int* in, int pos) {
     Span sp;
-    sp.b = b;
-    sp.kvh = kvh;
+    sp.b = field(in, F_A0);
+    sp.kvh = field(in, F_A1);
+    const int s = field(in, F_A2), nsplit = field(in, F_A3);
     const int ctx = pos + 1;
     const int per = ((ctx + nsplit - 1) / nsplit + PAGE_SIZE - 1) / PAGE_SIZE * PAGE_SIZE;  // = Dims.split_range
     sp.lo = min(ctx, s * per);
@@ -62,13 +63,9 @@ __device__ Span span_of(int b, int kvh, int s, int nsplit, int pos) {
     return sp;
 }
 
-// An ATTN instruction's split; ATTN_OPROJ attends over the whole context of each sequence.
-__device__ Span attn_span(const int* in, int pos) {
-    return span_of(field(in, F_A0), field(in, F_A1), field(in, F_A2), field(in, F_A3), pos);
-}
-
 // Loader side: each chunk is copied page run by page run (K then V), lanes taking turns.
-__device__ bool load_kv(Ctx& cx, const int* in, const Span& sp, uint64_t policy) {
+__device__ bool load_kv(Ctx& cx, const int* in, uint64_t policy) {
+    const Span sp = attn_span(in, param<int>(cx, P_POS)[field(in, F_A0)]);
     const size_t l = field(in, F_LAYER);
     const int* table = param<int>(cx, P_TABLE) + sp.b * MAX_PAGES;
     const bf16* kv = param<bf16>(cx, P_KV);
@@ -99,19 +96,17 @@ __device__ __forceinline__ void unpack8(uint4 raw, float (&f)[8]) {
     for (int i = 0; i < 4; ++i) f[2 * i] = bf16_lo(w[i]), f[2 * i + 1] = bf16_hi(w[i]);
 }
 
-// Attention of one (sequence, kv head) over span sp, after the instruction's counter wait: online
-// softmax per lane, lanes then warps merged in a fixed order. Then out(g, d, acc, max, sum) is called once
-// for every (query head g of the group, dim d), by consumer thread idx = g * HEAD_DIM + d (mod NCT), with
-// the unnormalized output, the max (log2 units) and the sum of exponentials.
-template <class Out>
-__device__ void attend(Ctx& cx, int l, const Span& sp, Out&& out) {
+__device__ bool op_attn(Ctx& cx, const int* in) {
+    const int l = field(in, F_LAYER), s = field(in, F_A2), nsplit = field(in, F_A3);
+    const Span sp = attn_span(in, pos_of(cx, field(in, F_A0)));
     const int b = sp.b, kvh = sp.kvh;
     const int sub = cx.lane / LPK, dl = cx.lane % LPK;
-    // The current position's K/V (written this step by another SM) are requested together with q, so
-    // their latency overlaps; the streamed chunks are processed after that.
+    // The current position's K/V (written this step by another SM) are requested together with q right
+    // after the wait, so their latency overlaps; the streamed chunks are processed after that.
     const bool current = cx.warp == 0 && sp.old_hi < sp.hi;
     const bf16* kcur = param<bf16>(cx, P_KV) + current_kv_row(cx, l, 0, kvh, b) + dl * 8;
     const bf16* vcur = param<bf16>(cx, P_KV) + current_kv_row(cx, l, 1, kvh, b) + dl * 8;
+    if (!wait_for(cx, in)) return false;
 
     float q[GROUP][8], o[GROUP][8], m[GROUP], lsum[GROUP];
     const float* qsrc = param<float>(cx, P_Q) + b * Q_SIZE + kvh * GROUP * HEAD_DIM + dl * 8;
@@ -196,6 +191,10 @@ __device__ void attend(Ctx& cx, int l, const Span& sp, Out&& out) {
         }
     }
     consumer_bar();
+    const size_t part = ((size_t)(b * KV_HEADS + kvh) * nsplit + s) * GROUP;
+    float* part_o = param<float>(cx, P_PART_O);
+    float* part_ml = param<float>(cx, P_PART_ML);
+    bf16* out = param<bf16>(cx, P_ATTN_OUT) + b * Q_SIZE + kvh * GROUP * HEAD_DIM;
     for (int idx = cx.tid; idx < GROUP * HEAD_DIM; idx += NCT) {
         const int g = idx / HEAD_DIM, d = idx % HEAD_DIM;
         float mm = NEG_INF;
@@ -207,27 +206,13 @@ __device__ void attend(Ctx& cx, int l, const Span& sp, Out&& out) {
             acc += src[d] * c;
             tot += src[HEAD_DIM + 1] * c;
         }
-        out(g, d, acc, mm, tot);
-    }
-}
-
-__device__ bool op_attn(Ctx& cx, const int* in) {
-    const int l = field(in, F_LAYER), s = field(in, F_A2), nsplit = field(in, F_A3);
-    if (!wait_for(cx, in)) return false;
-    const Span sp = attn_span(in, pos_of(cx, field(in, F_A0)));
-    const int b = sp.b, kvh = sp.kvh;
-    const size_t part = ((size_t)(b * KV_HEADS + kvh) * nsplit + s) * GROUP;
-    float* part_o = param<float>(cx, P_PART_O);
-    float* part_ml = param<float>(cx, P_PART_ML);
-    bf16* out = param<bf16>(cx, P_ATTN_OUT) + b * Q_SIZE + kvh * GROUP * HEAD_DIM;
-    attend(cx, l, sp, [&](int g, int d, float acc, float mm, float tot) {
         if (nsplit == 1) {  // the only split is the last: no partials to merge
-            out[g * HEAD_DIM + d] = __float2bfloat16(acc / tot);
+            out[idx] = __float2bfloat16(acc / tot);
         } else {
             part_o[(part + g) * HEAD_DIM + d] = acc;
             if (d == 0) part_ml[(part + g) * 2] = mm, part_ml[(part + g) * 2 + 1] = tot;
         }
-    });
+    }
     if (nsplit == 1) {
         signal(cx, field(in, F_DONE_CTR), 1);
         return true;
@@ -258,46 +243,6 @@ __device__ bool op_attn(Ctx& cx, const int* in) {
     }
     signal(cx, field(in, F_DONE_CTR), 1);
     return true;
-}
-
-// ATTN_OPROJ: kv group g's attention for every sequence over its whole context (the loader streams each
-// sequence's K/V, then the stacked O tiles), rounded to bf16 into aout_smem, times the group's columns of
-// stacked O tiles [u0, u1): one fp32 partial sum per (group, sequence, output row), which GATEUP and DOWN
-// add to the residual. Each of the group's instructions recomputes the same attention; at short context
-// that costs less than the counter hop and fence a separate ATTN phase adds to every layer.
-__device__ bool op_attn_oproj(Ctx& cx, const int* in) {
-    if (!FUSABLE) {  // the schedule fuses only batches whose columns fit one fragment (Dims.can_fuse)
-        __trap();
-        return false;
-    }
-    const int l = field(in, F_LAYER), kvh = field(in, F_A0), u0 = field(in, F_A1);
-    if (!wait_for(cx, in)) return false;
-    bf16* ao = aout_smem(cx);
-    for (int b = 0; b < BATCH; ++b) {
-        if (b > 0) consumer_bar();  // the previous sequence's warp partials are read
-        attend(cx, l, span_of(b, kvh, 0, 1, pos_of(cx, b)), [&](int g, int d, float acc, float, float tot) {
-            ao[b * AO_STRIDE + g * HEAD_DIM + d] = __float2bfloat16(acc / tot);
-        });
-    }
-    consumer_bar();
-    float* opart = param<float>(cx, P_OPART) + (size_t)kvh * BATCH * HIDDEN;
-    run_tiles<ACT_GROUP>(
-        cx, in, NoPrefetch{},
-        [&](int k, const WTile&, int row, int col, float v, float) {
-            const int b = col % BATCH, r = ((u0 + k) * O_SEGS + col / BATCH) * TILE + row;
-            opart[b * HIDDEN + r] = v;
-        },
-        NothingAfter{});
-    signal(cx, field(in, F_SIG_CTR), field(in, F_SIG_AMOUNT));
-    return true;
-}
-
-// Loader side of ATTN_OPROJ: every sequence's K/V of the group, then the stacked O tiles.
-__device__ bool load_attn_oproj(Ctx& cx, const int* in, uint64_t policy) {
-    const int* pos = param<int>(cx, P_POS);
-    for (int b = 0; b < BATCH; ++b)
-        if (!load_kv(cx, in, span_of(b, field(in, F_A0), 0, 1, pos[b]), policy)) return false;
-    return load_weights(cx, in, policy);
 }
 
 }  // namespace mk

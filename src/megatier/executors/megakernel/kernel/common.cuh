@@ -17,10 +17,6 @@ constexpr int ROW_STRIDE = 2 * KC_MAX + 16;  // bytes per weight row in a ring s
 constexpr int STAGE_BYTES = TILE * ROW_STRIDE;
 constexpr uint64_t TIMEOUT_NS = 500ull * 1000 * 1000;
 constexpr int LOADS_IN_FLIGHT = IN_FLIGHT > 0 ? IN_FLIGHT : NSTAGES;
-constexpr int GROUP_COLS = GROUP * HEAD_DIM;          // O columns of one kv group's attention output
-constexpr int O_COLS = O_SEGS * GROUP_COLS;           // columns of a stacked O tile (layout.Dims.pack_o)
-constexpr int O_VTILES = HIDDEN / TILE / O_SEGS;      // stacked O tiles per kv group
-constexpr int AO_STRIDE = GROUP_COLS + 8;             // bf16 row stride of ATTN_OPROJ's attention output
 
 static_assert(TILE == 16, "a weight tile is one 16-row tensor-core fragment");
 static_assert(BATCH >= 1 && BATCH <= 8, "batch columns live in one n=8 mma fragment");
@@ -30,8 +26,6 @@ static_assert(SM_ACT % 16 == 0 && (ACT_STRIDE * 2) % 16 == 0, "16-byte activatio
 static_assert(SMEM_BYTES <= 232448, "Hopper gives a CTA at most 227 KiB of shared memory");
 static_assert(NUM_PARAMS <= (NUM_CONSUMER_WARPS + 1) * 32, "one thread copies each parameter slot");
 static_assert(HOLD_STAGES >= 0 && HOLD_STAGES < NSTAGES, "an instruction's remaining chunks need a free stage");
-static_assert(HIDDEN % (TILE * O_SEGS) == 0 && GROUP_COLS % 16 == 0, "stacked O tiles cover whole k-steps");
-static_assert(AO_OFFSET % 16 == 0 && (AO_STRIDE * 2) % 16 == 0, "attention output rows stay aligned");
 
 // A weight matrix is cut into k-chunks of kc columns; kc divides K and fits a ring stage.
 __host__ __device__ constexpr int kc_for(int K) {
@@ -76,7 +70,6 @@ __device__ __forceinline__ int field(const int* in, int f) { return in[f]; }
 __device__ __forceinline__ unsigned char* ring_stage(const Ctx& cx, int s) { return cx.smem + SM_RING + s * STAGE_BYTES; }
 __device__ __forceinline__ bf16* act_smem(const Ctx& cx) { return reinterpret_cast<bf16*>(cx.smem + SM_ACT); }
 __device__ __forceinline__ float* attn_smem(const Ctx& cx) { return reinterpret_cast<float*>(cx.smem + SM_ACT); }
-__device__ __forceinline__ bf16* aout_smem(const Ctx& cx) { return reinterpret_cast<bf16*>(cx.smem + SM_ACT + AO_OFFSET); }
 __device__ __forceinline__ float* red_smem(const Ctx& cx, int buf) {
     return reinterpret_cast<float*>(cx.smem + SM_RED) + buf * (NUM_CONSUMER_WARPS * TILE * 8);
 }
@@ -301,44 +294,15 @@ __device__ __forceinline__ NormWeights load_norm_weights(const Ctx& cx, const bf
     return nw;
 }
 
-// What a norm reads: the residual, the token's embedding row (layer 0's QKV), or in a fused program the
-// residual as it stands after attention: residual (embedding in layer 0) + O bias + every kv group's
-// O partial sums, added in group order (the same sum DOWN starts from, see summed_residual).
-enum { FROM_RESID, FROM_EMBED, FROM_PARTIALS };
-
-__device__ __forceinline__ float4 add4(float4 a, float4 b) { return make_float4(a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w); }
-
-__device__ __forceinline__ float4 load_input4(const Ctx& cx, int from, int l, int b, int e) {
-    float4 x;
-    if (from == FROM_EMBED || (from == FROM_PARTIALS && l == 0)) {
+__device__ __forceinline__ float4 load_input4(const Ctx& cx, bool from_embed, int b, int e) {
+    if (from_embed) {
         const uint2 raw = __ldg(reinterpret_cast<const uint2*>(param<bf16>(cx, P_EMBED) + (size_t)token_of(cx, b) * HIDDEN + e));
-        x = make_float4(bf16_lo(raw.x), bf16_hi(raw.x), bf16_lo(raw.y), bf16_hi(raw.y));
-    } else {
-        x = ld_cg(reinterpret_cast<const float4*>(param<float>(cx, P_RESID) + b * HIDDEN + e));
+        return make_float4(bf16_lo(raw.x), bf16_hi(raw.x), bf16_lo(raw.y), bf16_hi(raw.y));
     }
-    if (from != FROM_PARTIALS || !FUSABLE) return x;
-    if (O_BIAS) {
-        const uint2 raw = __ldg(reinterpret_cast<const uint2*>(param<bf16>(cx, P_O_BIAS) + (size_t)l * HIDDEN + e));
-        x = add4(x, make_float4(bf16_lo(raw.x), bf16_hi(raw.x), bf16_lo(raw.y), bf16_hi(raw.y)));
-    }
-    const float* part = param<float>(cx, P_OPART) + b * HIDDEN + e;
-#pragma unroll
-    for (int g = 0; g < KV_HEADS; ++g) x = add4(x, ld_cg(reinterpret_cast<const float4*>(part + g * BATCH * HIDDEN)));
-    return x;
+    return ld_cg(reinterpret_cast<const float4*>(param<float>(cx, P_RESID) + b * HIDDEN + e));
 }
 
-// One element of that fused-program residual (DOWN's base).
-__device__ __forceinline__ float summed_residual(const Ctx& cx, int l, int r, int b) {
-    float x = l == 0 ? bf16_to_float(param<bf16>(cx, P_EMBED)[(size_t)token_of(cx, b) * HIDDEN + r])
-                     : ld_cg(param<float>(cx, P_RESID) + b * HIDDEN + r);
-    if (O_BIAS) x += bf16_to_float(param<bf16>(cx, P_O_BIAS)[(size_t)l * HIDDEN + r]);
-    const float* part = param<float>(cx, P_OPART) + b * HIDDEN + r;
-#pragma unroll
-    for (int g = 0; g < KV_HEADS; ++g) x += ld_cg(part + g * BATCH * HIDDEN);
-    return x;
-}
-
-__device__ void stage_norm(const Ctx& cx, int from, int l, const NormWeights& nw) {
+__device__ void stage_norm(const Ctx& cx, bool from_embed, const NormWeights& nw) {
     constexpr int NV = NORM_NV;
     constexpr int KEEP = BATCH <= 2 ? BATCH : 0;  // sequences whose inputs stay in registers
     float4 x[KEEP ? KEEP : 1][NV];
@@ -349,7 +313,7 @@ __device__ void stage_norm(const Ctx& cx, int from, int l, const NormWeights& nw
 #pragma unroll
         for (int v = 0; v < NV; ++v) {
             const int e = (cx.tid + v * NCT) * 4;
-            const float4 xi = e < HIDDEN ? load_input4(cx, from, l, b, e) : make_float4(0.f, 0.f, 0.f, 0.f);
+            const float4 xi = e < HIDDEN ? load_input4(cx, from_embed, b, e) : make_float4(0.f, 0.f, 0.f, 0.f);
             if (b < KEEP) x[b][v] = xi;
             ss += xi.x * xi.x + xi.y * xi.y + xi.z * xi.z + xi.w * xi.w;
         }
@@ -368,7 +332,7 @@ __device__ void stage_norm(const Ctx& cx, int from, int l, const NormWeights& nw
         for (int v = 0; v < NV; ++v) {
             const int e = (cx.tid + v * NCT) * 4;
             if (e >= HIDDEN) continue;
-            const float4 xi = b < KEEP ? x[b < KEEP ? b : 0][v] : load_input4(cx, from, l, b, e);
+            const float4 xi = b < KEEP ? x[b < KEEP ? b : 0][v] : load_input4(cx, from_embed, b, e);
             const uint2 wr = nw.w[v];
             bf16* dst = act + b * ACT_STRIDE + e;
             dst[0] = __float2bfloat16(xi.x * r * bf16_lo(wr.x));

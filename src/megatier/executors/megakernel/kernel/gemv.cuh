@@ -19,7 +19,6 @@ struct WTile {
 __device__ __forceinline__ int num_tiles(const int* in) {
     switch (field(in, F_OP)) {
         case OP_GATEUP: return 2 * (field(in, F_A1) - field(in, F_A0));
-        case OP_ATTN_OPROJ: return field(in, F_A2) - field(in, F_A1);
         case OP_QKV:
         case OP_OPROJ:
         case OP_DOWN:
@@ -40,11 +39,9 @@ __device__ WTile tile_at(const Ctx& cx, const int* in, int k) {
             const size_t row = (size_t)(t0 + k) * TILE;
             return {param<bf16>(cx, P_QKV) + (l * QKV_ROWS + row) * HIDDEN, TILE, HIDDEN};
         }
-        case OP_OPROJ:  // gathered from the stacked tiles chunk by chunk (copy_oproj_chunk)
-            return {nullptr, TILE, Q_SIZE};
-        case OP_ATTN_OPROJ: {
-            const size_t vt = (l * KV_HEADS + t0) * O_VTILES + field(in, F_A1) + k;
-            return {param<bf16>(cx, P_O) + vt * TILE * O_COLS, TILE, O_COLS};
+        case OP_OPROJ: {
+            const int row = (t0 + k) * TILE;
+            return {param<bf16>(cx, P_O) + (l * HIDDEN + row) * Q_SIZE, min_rows(HIDDEN, row), Q_SIZE};
         }
         case OP_GATEUP: {
             const int row = (t0 + k / 2) * TILE;
@@ -62,22 +59,6 @@ __device__ WTile tile_at(const Ctx& cx, const int* in, int k) {
     }
 }
 
-// Columns [c * kc, c * kc + kc) of output tile t0 + k of the O-projection, whose rows are spread over the
-// kv groups' stacked tiles (layout.Dims.pack_o): one bulk copy per row and group piece.
-__device__ void copy_oproj_chunk(const Ctx& cx, const int* in, int k, int c, int kc, uint64_t policy) {
-    const size_t l = field(in, F_LAYER);
-    const int tile = field(in, F_A0) + k, u = tile / O_SEGS, s = tile % O_SEGS;
-    const int c0 = c * kc, g0 = c0 / GROUP_COLS, pieces = (c0 + kc - 1) / GROUP_COLS - g0 + 1;
-    unsigned char* stage = ring_stage(cx, cx.stage);
-    for (int idx = cx.lane; idx < TILE * pieces; idx += 32) {
-        const int i = idx % TILE, g = g0 + idx / TILE;
-        const int lo = max(c0, g * GROUP_COLS), hi = min(c0 + kc, (g + 1) * GROUP_COLS);
-        const size_t row = ((l * KV_HEADS + g) * O_VTILES + u) * TILE + i;
-        const bf16* src = param<bf16>(cx, P_O) + row * O_COLS + s * GROUP_COLS + (lo - g * GROUP_COLS);
-        bulk_copy(stage + i * ROW_STRIDE + (lo - c0) * 2, src, (hi - lo) * 2, full_bar(cx, cx.stage), policy);
-    }
-}
-
 // Loader side: every chunk of every weight tile of one instruction, in order.
 __device__ bool load_weights(Ctx& cx, const int* in, uint64_t policy) {
     const int tiles = num_tiles(in);
@@ -86,9 +67,7 @@ __device__ bool load_weights(Ctx& cx, const int* in, uint64_t policy) {
         const int kc = kc_for(t.K);
         for (int c = 0; c < t.K / kc; ++c) {
             if (!claim_stage(cx, in, t.rows * kc * 2)) return false;
-            if (field(in, F_OP) == OP_OPROJ)
-                copy_oproj_chunk(cx, in, k, c, kc, policy);
-            else if (cx.lane < t.rows)
+            if (cx.lane < t.rows)
                 bulk_copy(ring_stage(cx, cx.stage) + cx.lane * ROW_STRIDE, t.w + (size_t)cx.lane * t.K + c * kc, kc * 2,
                           full_bar(cx, cx.stage), policy);
             advance(cx);
@@ -97,35 +76,25 @@ __device__ bool load_weights(Ctx& cx, const int* in, uint64_t policy) {
     return true;
 }
 
-// Where run_tiles finds the activations: staged in act_smem, streamed chunk by chunk from global memory,
-// or (ATTN_OPROJ) one kv group's attention output in aout_smem, multiplied by stacked O tiles.
-enum { ACT_STAGED, ACT_STREAMED, ACT_GROUP };
-
 constexpr int KSW = KC_MAX / 16 / NUM_CONSUMER_WARPS;  // k-steps per warp in a full-width chunk
 
 // Consumers: y[row][b] = sum_k W[row][k] * act[b][k] for each tile of the instruction. On thread
-// row * COLS + b (rows < 16): pre(k, tile, row, b) before the tile's products (to prefetch epilogue
+// row * BATCH + b (rows < 16): pre(k, tile, row, b) before the tile's products (to prefetch epilogue
 // inputs), then epi(k, tile, row, b, y, pre's value). Then every consumer thread calls after(k).
-// Activations are staged in act_smem beforehand, or with ACT_STREAMED read from `src` [BATCH][K] chunk by
+// Activations are staged in act_smem beforehand, or with STREAM read from `src` [BATCH][K] chunk by
 // chunk into two alternating buffers, the next chunk's loads in flight while this one is multiplied.
-// With ACT_GROUP a stacked O tile holds O_SEGS output tiles side by side: the fragment's column
-// s * BATCH + b carries sequence b's activations only in segment s's k-steps (zeros elsewhere), so column
-// b of the epilogue is sequence b % BATCH, output tile segment b / BATCH.
-template <int ACT, class Pre, class Epilogue, class After>
+template <bool STREAM, class Pre, class Epilogue, class After>
 __device__ void run_tiles(Ctx& cx, const int* in, Pre&& pre, Epilogue&& epi, After&& after, const bf16* src = nullptr) {
-    constexpr bool STREAM = ACT == ACT_STREAMED, GROUPED = ACT == ACT_GROUP;
-    constexpr int STRIDE = STREAM ? STREAM_STRIDE : (GROUPED ? AO_STRIDE : ACT_STRIDE);
-    constexpr int COLS = GROUPED ? (FUSABLE ? BATCH * O_SEGS : 8) : BATCH;  // fragment columns in use
-    static_assert(COLS <= 8, "one n=8 fragment holds every column");
+    constexpr int STRIDE = STREAM ? STREAM_STRIDE : ACT_STRIDE;
     constexpr int SK = kc_for(INTER);                                     // streamed chunk width
     constexpr int PER = (BATCH * SK / 8 + NCT - 1) / NCT;                 // 16-byte pieces per thread
     const int tiles = num_tiles(in);
     const int g = cx.lane >> 2, t4 = cx.lane & 3;
     const int lrow = (cx.lane & 7) + ((cx.lane >> 3) & 1) * 8;  // ldmatrix: row this lane addresses
     const int lcol = (cx.lane >> 4) * 8;
-    bf16* act = GROUPED ? aout_smem(cx) : act_smem(cx);
-    const bool owner = cx.tid < TILE * COLS;
-    const int row = cx.tid / COLS, b = cx.tid % COLS;
+    bf16* act = act_smem(cx);
+    const bool owner = cx.tid < TILE * BATCH;
+    const int row = cx.tid / BATCH, b = cx.tid % BATCH;
     uint4 pend[STREAM ? PER : 1];
     auto fetch = [&](int c) {
 #pragma unroll
@@ -167,15 +136,8 @@ __device__ void run_tiles(Ctx& cx, const int* in, Pre&& pre, Epilogue&& epi, Aft
             auto kstep = [&](int ks, uint32_t (&a)[4], uint32_t& b0, uint32_t& b1) {
                 ldmatrix_x4(a, stage + lrow * ROW_STRIDE + (ks * 16 + lcol) * 2);
                 b0 = b1 = 0;
-                bool mine = g < BATCH;
-                const bf16* bp = a_col + g * STRIDE + ks * 16;
-                if constexpr (GROUPED) {
-                    const int kcol = c * kc + ks * 16, seg = kcol / GROUP_COLS;
-                    mine = g < COLS && g / BATCH == seg;
-                    bp = act + (g % BATCH) * STRIDE + kcol - seg * GROUP_COLS + 2 * t4;
-                }
-                if (mine) {
-                    const uint32_t* ap = reinterpret_cast<const uint32_t*>(bp);
+                if (g < BATCH) {
+                    const uint32_t* ap = reinterpret_cast<const uint32_t*>(a_col + g * STRIDE + ks * 16);
                     b0 = ap[0];
                     b1 = ap[4];
                 }

@@ -35,11 +35,7 @@ __device__ void run_loader(Ctx& cx, const int* queue, int n, unsigned long long*
     for (int i = 0; i < n; ++i) {
         const int* in = queue + i * WORDS;
         if (TIMELINE && cx.lane == 0) timeline[i * STAMPS + 3] = global_timer();
-        const int op = field(in, F_OP);
-        bool ok;
-        if (op == OP_ATTN) ok = load_kv(cx, in, attn_span(in, param<int>(cx, P_POS)[field(in, F_A0)]), policy);
-        else if (op == OP_ATTN_OPROJ) ok = load_attn_oproj(cx, in, policy);
-        else ok = load_weights(cx, in, policy);
+        const bool ok = field(in, F_OP) == OP_ATTN ? load_kv(cx, in, policy) : load_weights(cx, in, policy);
         if (!ok) return;
     }
 }
@@ -75,7 +71,6 @@ __device__ void run_consumers(Ctx& cx, const int* queue, int n, unsigned long lo
         switch (cx.op) {
             case OP_QKV: ok = op_qkv(cx, in); break;
             case OP_ATTN: ok = op_attn(cx, in); break;
-            case OP_ATTN_OPROJ: ok = op_attn_oproj(cx, in); break;
             case OP_OPROJ: ok = op_oproj(cx, in); break;
             case OP_GATEUP: ok = op_gateup(cx, in); break;
             case OP_DOWN: ok = op_down(cx, in); break;

@@ -125,9 +125,9 @@ __device__ bool op_qkv(Ctx& cx, const int* in) {
     }
     const NormWeights nw = load_norm_weights(cx, param<bf16>(cx, P_IN_NORM) + l * HIDDEN);
     if (!wait_for(cx, in)) return false;
-    stage_norm(cx, l == 0 ? FROM_EMBED : FROM_RESID, l, nw);
+    stage_norm(cx, l == 0, nw);
     float* y = head_smem(cx);
-    run_tiles<ACT_STAGED>(
+    run_tiles<false>(
         cx, in, NoPrefetch{},
         [&](int k, const WTile&, int row, int b, float v, float) {
             const int tile = t0 + k, lt = tile % TPH;
@@ -166,33 +166,26 @@ __device__ __forceinline__ float residual_base(const Ctx& cx, bool embed, const 
 }
 
 // OPROJ and DOWN: staged activations (attention output, or SiLU output) times weight rows, added to the
-// residual. The residual rows are loaded right after the wait, alongside the activations; in a fused
-// program DOWN's residual is first summed from the O partials (`summed`).
+// residual. The residual rows are loaded right after the wait, alongside the activations.
 template <bool STREAM>
-__device__ bool residual_matmul(Ctx& cx, const int* in, bool embed, bool summed, const bf16* bias, const bf16* src,
-                                int K) {
-    const int l = field(in, F_LAYER), t0 = field(in, F_A0), tiles = field(in, F_A1) - t0;
+__device__ bool residual_matmul(Ctx& cx, const int* in, bool embed, const bf16* bias, const bf16* src, int K) {
+    const int t0 = field(in, F_A0), tiles = field(in, F_A1) - t0;
     const int row = cx.tid / BATCH, b = cx.tid % BATCH;
     const bool owner = cx.tid < TILE * BATCH;
-    auto base_of = [&](int r, int b) {
-        if (!summed || !FUSABLE) return residual_base(cx, embed, bias, r, b);
-        const float h = summed_residual(cx, l, r, b);
-        return bias != nullptr ? h + bf16_to_float(bias[r]) : h;
-    };
     float base[PREP];
     if (!wait_for(cx, in)) return false;
     if (owner) {
 #pragma unroll
         for (int k = 0; k < PREP; ++k)
-            if (k < tiles) base[k] = base_of((t0 + k) * TILE + row, b);
+            if (k < tiles) base[k] = residual_base(cx, embed, bias, (t0 + k) * TILE + row, b);
     }
     if (!STREAM) stage_copy(cx, src, K);
     float* resid = param<float>(cx, P_RESID);
-    run_tiles<STREAM ? ACT_STREAMED : ACT_STAGED>(
+    run_tiles<STREAM>(
         cx, in, NoPrefetch{},
         [&](int k, const WTile&, int row, int b, float v, float) {
             const int r = (t0 + k) * TILE + row;
-            resid[b * HIDDEN + r] = (k < PREP ? pick(base, k) : base_of(r, b)) + v;
+            resid[b * HIDDEN + r] = (k < PREP ? pick(base, k) : residual_base(cx, embed, bias, r, b)) + v;
         },
         NothingAfter{}, src);
     signal(cx, field(in, F_SIG_CTR), field(in, F_SIG_AMOUNT));
@@ -203,7 +196,7 @@ __device__ bool residual_matmul(Ctx& cx, const int* in, bool embed, bool summed,
 __device__ bool op_oproj(Ctx& cx, const int* in) {
     const int l = field(in, F_LAYER);
     const bf16* bias = O_BIAS ? param<bf16>(cx, P_O_BIAS) + l * HIDDEN : nullptr;
-    return residual_matmul<false>(cx, in, l == 0, false, bias, param<bf16>(cx, P_ATTN_OUT), Q_SIZE);
+    return residual_matmul<false>(cx, in, l == 0, bias, param<bf16>(cx, P_ATTN_OUT), Q_SIZE);
 }
 
 // RMSNorm -> gate and up rows (alternating tiles) -> SiLU(gate) * up, rounded to bf16.
@@ -211,10 +204,10 @@ __device__ bool op_gateup(Ctx& cx, const int* in) {
     const int l = field(in, F_LAYER), t0 = field(in, F_A0);
     const NormWeights nw = load_norm_weights(cx, param<bf16>(cx, P_POST_NORM) + l * HIDDEN);
     if (!wait_for(cx, in)) return false;
-    stage_norm(cx, field(in, F_A2) ? FROM_PARTIALS : FROM_RESID, l, nw);
+    stage_norm(cx, false, nw);
     bf16* act = param<bf16>(cx, P_ACT);
     float gate = 0.f;  // kept by the thread that owns (row, b) from the gate tile to the up tile
-    run_tiles<ACT_STAGED>(
+    run_tiles<false>(
         cx, in,
         [&](int k, const WTile& t, int row, int) {
             const int r = (t0 + k / 2) * TILE + row;
@@ -239,7 +232,7 @@ __device__ bool op_gateup(Ctx& cx, const int* in) {
 __device__ bool op_down(Ctx& cx, const int* in) {
     const int l = field(in, F_LAYER);
     const bf16* bias = MLP_BIAS ? param<bf16>(cx, P_DOWN_BIAS) + l * HIDDEN : nullptr;
-    return residual_matmul<STREAM_DOWN_ACT != 0>(cx, in, false, field(in, F_A2) != 0, bias, param<bf16>(cx, P_ACT), INTER);
+    return residual_matmul<STREAM_DOWN_ACT != 0>(cx, in, false, bias, param<bf16>(cx, P_ACT), INTER);
 }
 
 // (logit, index) packed so that the unsigned maximum is the largest logit, then the smallest index.
@@ -254,10 +247,10 @@ __device__ bool op_lmhead(Ctx& cx, const int* in) {
     const int t0 = field(in, F_A0);
     const NormWeights nw = load_norm_weights(cx, param<bf16>(cx, P_FINAL_NORM));
     if (!wait_for(cx, in)) return false;
-    stage_norm(cx, FROM_RESID, 0, nw);
+    stage_norm(cx, false, nw);
     float* logits = param<float>(cx, P_LOGITS);
     unsigned long long best = 0;
-    run_tiles<ACT_STAGED>(
+    run_tiles<false>(
         cx, in, NoPrefetch{},
         [&](int k, const WTile& t, int row, int b, float v, float) {
             if (row >= t.rows) return;
