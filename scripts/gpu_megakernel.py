@@ -204,6 +204,25 @@ def main() -> None:
 
     stage("graph_executor", graph_executor)
 
+    def steps_per_launch():
+        """Per-step time against how many steps one launch runs (the kernel loops over steps)."""
+        out = {}
+        for k in (1, 4, 16, 64):
+            ex.decode_greedy(b1, 128, check_every=k)
+            times = []
+            for _ in range(reps):
+                torch.cuda.synchronize()
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                ex.decode_greedy(b1, 128, check_every=k)
+                b.record()
+                b.synchronize()
+                times.append(a.elapsed_time(b) * 1e3 / 128)
+            out[k] = sorted(times)[len(times) // 2]
+        return out
+
+    stage("batch1_steps_per_launch", steps_per_launch)
+
     def long_context(ctx):
         def run():
             tables = page_tables([ctx + 32], PAGE, cache.num_pages, seed=5)
@@ -238,7 +257,7 @@ def main() -> None:
                 print(
                     f"{key:26s} {name:12s} {v['us_per_step']:8.1f} us/step (min {v['min_us']:.1f} max {v['max_us']:.1f})"
                 )
-    for key in ("batch1_ctx4k_32steps", "batch1_ctx16k_32steps", "timeline_batch1"):
+    for key in ("batch1_steps_per_launch", "batch1_ctx4k_32steps", "batch1_ctx16k_32steps", "timeline_batch1"):
         print(f"{key:26s} {str(res.get(key))[:300]}")
     agree = dict(res.get("greedy_agreement_128") or {})
     agree.pop("tokens", None)

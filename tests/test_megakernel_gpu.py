@@ -227,3 +227,18 @@ def test_llama1b_resumed_async_chunks_equal_one_call(llama, lengths):
     assert torch.equal(got, want)
     with pytest.raises(MegatierError, match="resume: sequence 0 starts at"):
         ex.decode_greedy_async(StepBatch([], batch.starts, batch.query_lens, tables), 1, resume=True)
+
+
+def test_llama1b_steps_looped_in_one_launch_equal_one_launch_per_step(llama):
+    """The kernel runs many steps per launch (each waits for the epoch the previous step's last CTA
+    publishes, the loader gates KV reads on it): the tokens equal those of one launch per step."""
+    cfg, weights = llama
+    prompts, tables, caches = _caches(cfg, weights, [32, 77], 40)
+    cache = caches[torch.bfloat16]
+    saved = cache.kv.clone()
+    batch = decode_batch(prompts, tables)
+    ex = MegakernelExecutor(cfg, weights, cache=cache)
+    looped = ex.decode_greedy(batch, 40, check_every=40)
+    cache.kv.copy_(saved)
+    stepped = ex.decode_greedy(batch, 40, check_every=1)
+    assert torch.equal(looped, stepped)

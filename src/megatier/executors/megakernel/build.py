@@ -104,7 +104,7 @@ class KernelConfig:
                     ("SM_HEAD", c.head_dim * b * 4),
                     ("SM_STAT", max(CONSUMER_WARPS * b, 8) * 4),
                     ("SM_KEYS", TILE * b * 8),
-                    ("SM_STEP", 3 * b * 4),
+                    ("SM_STEP", 4 * b * 4),
                     ("SM_PARAMS", len(PARAMS) * 8),
                     ("SM_INSN", 2 * WORDS * 4),
                 ]

@@ -1,12 +1,12 @@
-"""MegakernelExecutor: decode steps as one cooperative launch each, many steps per CUDA graph.
+"""MegakernelExecutor: decode steps in cooperative launches that loop over steps, captured as CUDA graphs.
 
 Construct as `MegakernelExecutor(cfg, weights, cache=cache)`. `forward(batch)` runs one decode step and
 returns fp32 logits; prefill (any batch with more than one new token per sequence) and decode batches
 larger than MAX_BATCH go to a GraphExecutor that shares the KV cache and the packed weights.
 `decode_greedy(batch, num_steps)` runs num_steps steps on the device with the greedy token fed back by
-the kernel itself, replaying a CUDA graph of `check_every` launches; `decode_greedy_async` queues them
-without waiting and can resume from the device state (base.AsyncGreedyDecoder), so the engine's host
-work overlaps the kernel.
+the kernel itself, replaying a CUDA graph of one launch of `check_every` steps; `decode_greedy_async`
+queues them without waiting and can resume from the device state (base.AsyncGreedyDecoder), so the
+engine's host work overlaps the kernel.
 """
 
 from __future__ import annotations
@@ -176,9 +176,11 @@ class MegakernelExecutor:
         v.program = None
 
     def timeline_data(self, batch_size: int = 1) -> tuple[Program, torch.Tensor]:
-        """The last step's program and its [num_sms, max_len, STAMPS] globaltimer stamps (ns): consumer
-        start, dependency satisfied, end, loader's first weight request, signal start, release-add start
-        (0 where not recorded)."""
+        """The last step's program and its [num_sms, max_len + 1, STAMPS] globaltimer stamps (ns): per
+        instruction consumer start, dependency satisfied, end, loader's first weight request, signal
+        start, release-add start; then per SM its step boundary: step start (after the epoch wait), exit
+        add issued and returned, finalize start and end (only in the SM that finalized). 0 where not
+        recorded."""
         v = self._variants[batch_size]
         if v.timeline is None:
             raise MegatierError("construct the executor with timeline=True to record a timeline")
@@ -186,18 +188,18 @@ class MegakernelExecutor:
 
     # -- internals -----------------------------------------------------------------------------------
 
-    def _queue(self, v: _Variant, num_steps: int, per_graph: int = 16) -> None:
-        """Launch num_steps steps: replays of a CUDA graph of `per_graph` launches, then single launches."""
-        k = min(per_graph, num_steps)
+    def _queue(self, v: _Variant, num_steps: int, per_launch: int = 16) -> None:
+        """Launch num_steps steps: replays of a CUDA graph of one launch of `per_launch` steps (the kernel
+        loops over steps itself), then one launch of the rest."""
+        k = min(per_launch, num_steps)
         graph = self._graph(v, k)
         for _ in range(num_steps // k):
             if graph is not None:
                 graph.replay()
             else:
-                for _ in range(k):
-                    self._launch(v)
-        for _ in range(num_steps % k):
-            self._launch(v)
+                self._launch(v, steps=k)
+        if num_steps % k:
+            self._launch(v, steps=num_steps % k)
 
     def _check_resume(self, batch: StepBatch, who: str) -> None:
         if self._resume is None:
@@ -281,7 +283,7 @@ class MegakernelExecutor:
         words, lengths = program.encode()
         v.program, v.words, v.lengths = program, words.to(self.device), lengths.to(self.device)
         if self.timeline:
-            shape = (program.num_sms, words.shape[1], STAMPS)
+            shape = (program.num_sms, words.shape[1] + 1, STAMPS)  # + the step-boundary row
             v.timeline = torch.zeros(shape, dtype=torch.int64, device=self.device)
         self._write_params(v)
         self._graphs = {key: g for key, g in self._graphs.items() if key[0] != v.kc.batch}
@@ -309,14 +311,14 @@ class MegakernelExecutor:
         host = torch.tensor([ctypes.c_int64(values[p]).value for p in PARAMS], dtype=torch.int64)
         v.params.copy_(host)
 
-    def _launch(self, v: _Variant, grid: int | None = None) -> None:
+    def _launch(self, v: _Variant, grid: int | None = None, steps: int = 1) -> None:
         from cuda.core import Device, LaunchConfig, launch
 
         stream = Device(self.device.index).create_stream(_TorchStream(torch.cuda.current_stream(self.device)))
         config = LaunchConfig(
             grid=grid or self.num_sms, block=v.kc.threads, shmem_size=v.kc.layout["SMEM_BYTES"], is_cooperative=True
         )
-        launch(stream, config, v.kernel, np.uint64(v.params.data_ptr()))
+        launch(stream, config, v.kernel, np.uint64(v.params.data_ptr()), np.int32(steps))
 
     def _graph(self, v: _Variant, k: int) -> torch.cuda.CUDAGraph | None:
         key = (v.kc.batch, v.program.dims.splits, k)
@@ -324,8 +326,7 @@ class MegakernelExecutor:
             graph = torch.cuda.CUDAGraph()
             try:
                 with torch.cuda.graph(graph):
-                    for _ in range(k):
-                        self._launch(v)
+                    self._launch(v, steps=k)
             except Exception as e:  # capture unsupported here: plain launches still work
                 self.graph_error = f"{type(e).__name__}: {e}"
                 graph = None

@@ -63,9 +63,10 @@ __device__ Span attn_span(const int* in, int pos) {
     return sp;
 }
 
-// Loader side: each chunk is copied page run by page run (K then V), lanes taking turns.
-__device__ bool load_kv(Ctx& cx, const int* in, uint64_t policy) {
-    const Span sp = attn_span(in, param<int>(cx, P_POS)[field(in, F_A0)]);
+// Loader side: each chunk is copied page run by page run (K then V), lanes taking turns. `pos` is the
+// sequence's position in this step.
+__device__ bool load_kv(Ctx& cx, const int* in, int pos, uint64_t policy) {
+    const Span sp = attn_span(in, pos);
     const size_t l = field(in, F_LAYER);
     const int* table = param<int>(cx, P_TABLE) + sp.b * MAX_PAGES;
     const bf16* kv = param<bf16>(cx, P_KV);

@@ -95,6 +95,8 @@ __device__ __forceinline__ int* insn_smem(const Ctx& cx) { return reinterpret_ca
 __device__ __forceinline__ int token_of(const Ctx& cx, int b) { return step_smem(cx)[b]; }
 __device__ __forceinline__ int pos_of(const Ctx& cx, int b) { return step_smem(cx)[BATCH + b]; }
 __device__ __forceinline__ int page_of(const Ctx& cx, int b) { return step_smem(cx)[2 * BATCH + b]; }
+// The loader's copy of each position at launch start (step s of the launch attends up to pos0 + s).
+__device__ __forceinline__ int launch_pos(const Ctx& cx, int b) { return step_smem(cx)[3 * BATCH + b]; }
 
 // Element (kind 0 K / 1 V, kv head, dim 0) of layer l at sequence b's current position in the cache.
 __device__ __forceinline__ size_t current_kv_row(const Ctx& cx, int l, int kind, int kvh, int b) {
@@ -138,30 +140,30 @@ __device__ __forceinline__ bool aborted(const Ctx& cx) {
 }
 
 // ---- cross-SM counters ---------------------------------------------------------------------------
-// Wait until counter `ctr` reaches target * (epoch + 1). One thread spins with acquire loads, then the
-// consumer barrier releases the others, whose later reads go through L2 (ld.cg). Returns false if the
-// step was aborted (timeout here or anywhere): the caller then leaves the instruction loop.
-__device__ bool wait_counter(Ctx& cx, int ctr, uint32_t target) {
-    if (cx.tid == 0) {
-        const uint32_t* c = param<uint32_t>(cx, P_COUNTERS) + ctr;
-        const uint32_t want = target * (cx.epoch + 1);
-        const uint64_t t0 = global_timer();
-        int stop = 0;
-        uint32_t v;
-        for (uint32_t iter = 1; static_cast<int32_t>((v = load_acquire(c)) - want) < 0; ++iter) {
-            if ((iter & 255) == 0) {
-                if (aborted(cx)) {
-                    stop = 1;
-                    break;
-                }
-                if (global_timer() - t0 > TIMEOUT_NS) {
-                    report(cx, DIAG_COUNTER, ctr, v, want);
-                    stop = 1;
-                    break;
-                }
+// One thread spins with acquire loads until *c reaches `want` (wrapping compare). False if the step was
+// aborted meanwhile (timeout here or anywhere); a timeout reports `ctr` (-1: the step epoch).
+__device__ bool spin_until(const Ctx& cx, const uint32_t* c, uint32_t want, int ctr) {
+    const uint64_t t0 = global_timer();
+    uint32_t v;
+    for (uint32_t iter = 1; static_cast<int32_t>((v = load_acquire(c)) - want) < 0; ++iter) {
+        if ((iter & 255) == 0) {
+            if (aborted(cx)) return false;
+            if (global_timer() - t0 > TIMEOUT_NS) {
+                report(cx, DIAG_COUNTER, ctr, v, want);
+                return false;
             }
         }
-        flags_smem(cx)[0] = stop;
+    }
+    return true;
+}
+
+// Wait until counter `ctr` reaches target * (epoch + 1). Thread 0 spins, then the consumer barrier
+// releases the others, whose later reads go through L2 (ld.cg). Returns false if the step was aborted:
+// the caller then leaves the instruction loop.
+__device__ bool wait_counter(Ctx& cx, int ctr, uint32_t target) {
+    if (cx.tid == 0) {
+        const bool ok = spin_until(cx, param<uint32_t>(cx, P_COUNTERS) + ctr, target * (cx.epoch + 1), ctr);
+        flags_smem(cx)[0] = ok ? 0 : 1;
     }
     consumer_bar();
     return flags_smem(cx)[0] == 0;

@@ -98,6 +98,14 @@ __device__ __forceinline__ uint32_t load_acquire(const uint32_t* p) {
     return v;
 }
 
+__device__ __forceinline__ void store_release(uint32_t* p, uint32_t v) {
+    asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+
+// Generic-proxy writes (other SMs' stores, ordered before this thread by an acquire) become visible to
+// this thread's later bulk copies, which read through the async proxy.
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.global;" ::: "memory"); }
+
 // A release add: MEMBAR.GPU then the RED in SASS. (fence.acq_rel + a relaxed add, the other release
 // pattern, also invalidates L1 with CCTL.IVALL.)
 __device__ __forceinline__ void add_release(uint32_t* p, uint32_t v) {
