@@ -16,46 +16,61 @@ struct WTile {
     int K;
 };
 
-__device__ __forceinline__ int num_tiles(const int* in) {
-    switch (field(in, F_OP)) {
-        case OP_GATEUP: return 2 * (field(in, F_A1) - field(in, F_A0));
-        case OP_QKV:
-        case OP_OPROJ:
-        case OP_DOWN:
-        case OP_LMHEAD: return field(in, F_A1) - field(in, F_A0);
-        default: return 0;
-    }
+// Weight tiles of an instruction of opcode OP (a template argument in the consumers, so their hot path
+// has no switch: its jump table is a constant-memory load that, measured in run 25's probe, left ~0.7 us
+// between an instruction's staging and its first product).
+template <int OP>
+__device__ __forceinline__ int num_tiles_of(const int* in) {
+    const int n = field(in, F_A1) - field(in, F_A0);
+    return OP == OP_GATEUP ? 2 * n : n;
 }
 
 __device__ __forceinline__ int min_rows(int m, int row0) { return m - row0 < TILE ? m - row0 : TILE; }
 
 // Tile k of an instruction. GATEUP alternates gate tile t and up tile t, so SiLU(gate) * up is local.
 // QKV rows are packed so that each 16-row tile holds whole RoPE pairs (see layout.Dims.qkv_tile).
-__device__ WTile tile_at(const Ctx& cx, const int* in, int k) {
+template <int OP>
+__device__ __forceinline__ WTile tile_of(const Ctx& cx, const int* in, int k) {
     const size_t l = field(in, F_LAYER);
     const int t0 = field(in, F_A0);
+    if constexpr (OP == OP_QKV) {
+        const size_t row = (size_t)(t0 + k) * TILE;
+        return {param<bf16>(cx, P_QKV) + (l * QKV_ROWS + row) * HIDDEN, TILE, HIDDEN};
+    } else if constexpr (OP == OP_OPROJ) {
+        const int row = (t0 + k) * TILE;
+        return {param<bf16>(cx, P_O) + (l * HIDDEN + row) * Q_SIZE, min_rows(HIDDEN, row), Q_SIZE};
+    } else if constexpr (OP == OP_GATEUP) {
+        const int row = (t0 + k / 2) * TILE;
+        const size_t full_row = l * 2 * INTER + (k & 1) * INTER + row;
+        return {param<bf16>(cx, P_GATE_UP) + full_row * HIDDEN, min_rows(INTER, row), HIDDEN};
+    } else if constexpr (OP == OP_DOWN) {
+        const int row = (t0 + k) * TILE;
+        return {param<bf16>(cx, P_DOWN) + (l * HIDDEN + row) * INTER, min_rows(HIDDEN, row), INTER};
+    } else {
+        const int row = (t0 + k) * TILE;
+        return {param<bf16>(cx, P_LM_HEAD) + (size_t)row * HIDDEN, min_rows(VOCAB, row), HIDDEN};
+    }
+}
+
+// The loader's view: the same, dispatched on the instruction's opcode at run time.
+__device__ int num_tiles(const int* in) {
     switch (field(in, F_OP)) {
-        case OP_QKV: {
-            const size_t row = (size_t)(t0 + k) * TILE;
-            return {param<bf16>(cx, P_QKV) + (l * QKV_ROWS + row) * HIDDEN, TILE, HIDDEN};
-        }
-        case OP_OPROJ: {
-            const int row = (t0 + k) * TILE;
-            return {param<bf16>(cx, P_O) + (l * HIDDEN + row) * Q_SIZE, min_rows(HIDDEN, row), Q_SIZE};
-        }
-        case OP_GATEUP: {
-            const int row = (t0 + k / 2) * TILE;
-            const size_t full_row = l * 2 * INTER + (k & 1) * INTER + row;
-            return {param<bf16>(cx, P_GATE_UP) + full_row * HIDDEN, min_rows(INTER, row), HIDDEN};
-        }
-        case OP_DOWN: {
-            const int row = (t0 + k) * TILE;
-            return {param<bf16>(cx, P_DOWN) + (l * HIDDEN + row) * INTER, min_rows(HIDDEN, row), INTER};
-        }
-        default: {
-            const int row = (t0 + k) * TILE;
-            return {param<bf16>(cx, P_LM_HEAD) + (size_t)row * HIDDEN, min_rows(VOCAB, row), HIDDEN};
-        }
+        case OP_GATEUP: return num_tiles_of<OP_GATEUP>(in);
+        case OP_QKV:
+        case OP_OPROJ:
+        case OP_DOWN:
+        case OP_LMHEAD: return num_tiles_of<OP_QKV>(in);
+        default: return 0;
+    }
+}
+
+__device__ WTile tile_at(const Ctx& cx, const int* in, int k) {
+    switch (field(in, F_OP)) {
+        case OP_QKV: return tile_of<OP_QKV>(cx, in, k);
+        case OP_OPROJ: return tile_of<OP_OPROJ>(cx, in, k);
+        case OP_GATEUP: return tile_of<OP_GATEUP>(cx, in, k);
+        case OP_DOWN: return tile_of<OP_DOWN>(cx, in, k);
+        default: return tile_of<OP_LMHEAD>(cx, in, k);
     }
 }
 
@@ -83,12 +98,12 @@ constexpr int KSW = KC_MAX / 16 / NUM_CONSUMER_WARPS;  // k-steps per warp in a 
 // inputs), then epi(k, tile, row, b, y, pre's value). Then every consumer thread calls after(k).
 // Activations are staged in act_smem beforehand, or with STREAM read from `src` [BATCH][K] chunk by
 // chunk into two alternating buffers, the next chunk's loads in flight while this one is multiplied.
-template <bool STREAM, class Pre, class Epilogue, class After>
+template <bool STREAM, int OP, class Pre, class Epilogue, class After>
 __device__ void run_tiles(Ctx& cx, const int* in, Pre&& pre, Epilogue&& epi, After&& after, const bf16* src = nullptr) {
     constexpr int STRIDE = STREAM ? STREAM_STRIDE : ACT_STRIDE;
     constexpr int SK = kc_for(INTER);                                     // streamed chunk width
     constexpr int PER = (BATCH * SK / 8 + NCT - 1) / NCT;                 // 16-byte pieces per thread
-    const int tiles = num_tiles(in);
+    const int tiles = num_tiles_of<OP>(in);
     const int g = cx.lane >> 2, t4 = cx.lane & 3;
     const int lrow = (cx.lane & 7) + ((cx.lane >> 3) & 1) * 8;  // ldmatrix: row this lane addresses
     const int lcol = (cx.lane >> 4) * 8;
@@ -105,13 +120,13 @@ __device__ void run_tiles(Ctx& cx, const int* in, Pre&& pre, Epilogue&& epi, Aft
         }
     };
     const int hold_from = [&] {  // chunks from here on are held until the signal (hold_stage)
-        const int K = tiles ? tile_at(cx, in, 0).K : 0;
+        const int K = tiles ? tile_of<OP>(cx, in, 0).K : 0;
         return tiles * (K ? K / kc_for(K) : 0) - HOLD_STAGES;
     }();
     if (STREAM && tiles) fetch(0);
     int n = 0;  // chunks multiplied so far: picks the streamed buffer
     for (int k = 0; k < tiles; ++k) {
-        const WTile t = tile_at(cx, in, k);
+        const WTile t = tile_of<OP>(cx, in, k);
         const float early = owner ? pre(k, t, row, b) : 0.f;
         const int kc = kc_for(t.K), chunks = t.K / kc;
         float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};  // even / odd k-steps of the warp

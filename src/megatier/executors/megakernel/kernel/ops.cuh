@@ -127,7 +127,7 @@ __device__ bool op_qkv(Ctx& cx, const int* in) {
     if (!wait_for(cx, in)) return false;
     stage_norm(cx, l == 0, nw);
     float* y = head_smem(cx);
-    run_tiles<false>(
+    run_tiles<false, OP_QKV>(
         cx, in, NoPrefetch{},
         [&](int k, const WTile&, int row, int b, float v, float) {
             const int tile = t0 + k, lt = tile % TPH;
@@ -167,7 +167,7 @@ __device__ __forceinline__ float residual_base(const Ctx& cx, bool embed, const 
 
 // OPROJ and DOWN: staged activations (attention output, or SiLU output) times weight rows, added to the
 // residual. The residual rows are loaded right after the wait, alongside the activations.
-template <bool STREAM>
+template <bool STREAM, int OP>
 __device__ bool residual_matmul(Ctx& cx, const int* in, bool embed, const bf16* bias, const bf16* src, int K) {
     const int t0 = field(in, F_A0), tiles = field(in, F_A1) - t0;
     const int row = cx.tid / BATCH, b = cx.tid % BATCH;
@@ -181,7 +181,7 @@ __device__ bool residual_matmul(Ctx& cx, const int* in, bool embed, const bf16* 
     }
     if (!STREAM) stage_copy(cx, src, K);
     float* resid = param<float>(cx, P_RESID);
-    run_tiles<STREAM>(
+    run_tiles<STREAM, OP>(
         cx, in, NoPrefetch{},
         [&](int k, const WTile&, int row, int b, float v, float) {
             const int r = (t0 + k) * TILE + row;
@@ -196,7 +196,7 @@ __device__ bool residual_matmul(Ctx& cx, const int* in, bool embed, const bf16* 
 __device__ bool op_oproj(Ctx& cx, const int* in) {
     const int l = field(in, F_LAYER);
     const bf16* bias = O_BIAS ? param<bf16>(cx, P_O_BIAS) + l * HIDDEN : nullptr;
-    return residual_matmul<false>(cx, in, l == 0, bias, param<bf16>(cx, P_ATTN_OUT), Q_SIZE);
+    return residual_matmul<false, OP_OPROJ>(cx, in, l == 0, bias, param<bf16>(cx, P_ATTN_OUT), Q_SIZE);
 }
 
 // RMSNorm -> gate and up rows (alternating tiles) -> SiLU(gate) * up, rounded to bf16.
@@ -207,7 +207,7 @@ __device__ bool op_gateup(Ctx& cx, const int* in) {
     stage_norm(cx, false, nw);
     bf16* act = param<bf16>(cx, P_ACT);
     float gate = 0.f;  // kept by the thread that owns (row, b) from the gate tile to the up tile
-    run_tiles<false>(
+    run_tiles<false, OP_GATEUP>(
         cx, in,
         [&](int k, const WTile& t, int row, int) {
             const int r = (t0 + k / 2) * TILE + row;
@@ -232,7 +232,7 @@ __device__ bool op_gateup(Ctx& cx, const int* in) {
 __device__ bool op_down(Ctx& cx, const int* in) {
     const int l = field(in, F_LAYER);
     const bf16* bias = MLP_BIAS ? param<bf16>(cx, P_DOWN_BIAS) + l * HIDDEN : nullptr;
-    return residual_matmul<STREAM_DOWN_ACT != 0>(cx, in, false, bias, param<bf16>(cx, P_ACT), INTER);
+    return residual_matmul<STREAM_DOWN_ACT != 0, OP_DOWN>(cx, in, false, bias, param<bf16>(cx, P_ACT), INTER);
 }
 
 // (logit, index) packed so that the unsigned maximum is the largest logit, then the smallest index.
@@ -250,7 +250,7 @@ __device__ bool op_lmhead(Ctx& cx, const int* in) {
     stage_norm(cx, false, nw);
     float* logits = param<float>(cx, P_LOGITS);
     unsigned long long best = 0;
-    run_tiles<false>(
+    run_tiles<false, OP_LMHEAD>(
         cx, in, NoPrefetch{},
         [&](int k, const WTile& t, int row, int b, float v, float) {
             if (row >= t.rows) return;
