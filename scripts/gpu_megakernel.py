@@ -48,15 +48,15 @@ def copy_bandwidth() -> float:
     return 2 * x.numel() * 2 / sorted(times[2:])[len(times[2:]) // 2]
 
 
-def time_decode(ex: MegakernelExecutor, batch: StepBatch, steps: int, reps: int) -> dict:
-    """Median per-step time of decode_greedy(batch, steps), warm (compiled, graph captured)."""
-    ex.decode_greedy(batch, steps)
+def time_decode(ex: MegakernelExecutor, batch: StepBatch, steps: int, reps: int, **options) -> dict:
+    """Median per-step time of decode_greedy(batch, steps, **options), warm (compiled, graph captured)."""
+    ex.decode_greedy(batch, steps, **options)
     times = []
     for _ in range(reps):
         torch.cuda.synchronize()
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
-        tokens = ex.decode_greedy(batch, steps)
+        tokens = ex.decode_greedy(batch, steps, **options)
         b.record()
         b.synchronize()
         times.append(a.elapsed_time(b) * 1e3 / steps)
@@ -206,20 +206,7 @@ def main() -> None:
 
     def steps_per_launch():
         """Per-step time against how many steps one launch runs (the kernel loops over steps)."""
-        out = {}
-        for k in (1, 4, 16, 64):
-            ex.decode_greedy(b1, 128, check_every=k)
-            times = []
-            for _ in range(reps):
-                torch.cuda.synchronize()
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                ex.decode_greedy(b1, 128, check_every=k)
-                b.record()
-                b.synchronize()
-                times.append(a.elapsed_time(b) * 1e3 / 128)
-            out[k] = sorted(times)[len(times) // 2]
-        return out
+        return {k: time_decode(ex, b1, 128, reps, check_every=k)["us_per_step"] for k in (1, 4, 16, 64)}
 
     stage("batch1_steps_per_launch", steps_per_launch)
 
