@@ -166,6 +166,17 @@ def main() -> None:
     stage("batch8_mixed", lambda: strategies(b8))
     ex.set_schedule(best_strategy)
 
+    def timed_and_freed(make) -> dict:
+        """Batch-1 and batch-8 timings of another executor (built by `make`, the only reference to it),
+        whose memory is given back afterwards."""
+        executor = make()
+        out = {}
+        for name, batch in (("batch1_ctx32", b1), ("batch8_mixed", b8)):
+            out[name] = {k: v for k, v in time_decode(executor, batch, 128, reps).items() if k != "tokens"}
+        del executor
+        torch.cuda.empty_cache()
+        return out
+
     def earlier_kernel(package: str, **options):
         """An earlier kernel, carried as .<package>/<package>/ with its imports renamed, in this process
         (e.g. `cp -r src/megatier/executors/megakernel .mk_prev/mk_prev` plus a sed of the imports)."""
@@ -175,15 +186,8 @@ def main() -> None:
             if not root.is_dir():
                 return None
             sys.path.insert(0, str(root))
-            old = __import__(f"{package}.runner", fromlist=["MegakernelExecutor"]).MegakernelExecutor(
-                cfg, weights, cache=cache, **options
-            )
-            out = {}
-            for name, batch in (("batch1_ctx32", b1), ("batch8_mixed", b8)):
-                out[name] = {k: v for k, v in time_decode(old, batch, 128, reps).items() if k != "tokens"}
-            del old
-            torch.cuda.empty_cache()
-            return out
+            runner = __import__(f"{package}.runner", fromlist=["MegakernelExecutor"])
+            return timed_and_freed(lambda: runner.MegakernelExecutor(cfg, weights, cache=cache, **options))
 
         return run
 
@@ -194,13 +198,7 @@ def main() -> None:
     def graph_executor():
         from megatier.executors.graph import GraphExecutor
 
-        g = GraphExecutor(cfg, weights, cache=cache)
-        out = {}
-        for name, batch in (("batch1_ctx32", b1), ("batch8_mixed", b8)):
-            out[name] = {k: v for k, v in time_decode(g, batch, 128, reps).items() if k != "tokens"}
-        del g
-        torch.cuda.empty_cache()
-        return out
+        return timed_and_freed(lambda: GraphExecutor(cfg, weights, cache=cache))
 
     stage("graph_executor", graph_executor)
 

@@ -100,7 +100,6 @@ __device__ __forceinline__ float bf16_at(const uint4& raw, int i) {
     return i % 2 ? bf16_hi(w) : bf16_lo(w);
 }
 
-
 __device__ bool op_attn(Ctx& cx, const int* in) {
     const int l = field(in, F_LAYER), s = field(in, F_A2), nsplit = field(in, F_A3);
     const Span sp = attn_span(in, pos_of(cx, field(in, F_A0)));
