@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import traceback
@@ -92,7 +93,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--quick", action="store_true", help="fewer repeats, no 16K context")
-    parser.add_argument("--variants", default="", help="comma list of more carried kernel packages to time")
+    parser.add_argument(
+        "--variants", default="", help="comma list of more carried kernel packages to time, each PKG[@ENV=VALUE...]"
+    )
+    parser.add_argument("--lean", action="store_true", help="only this kernel, the variants and the timeline")
+    parser.add_argument("--timeline-of", default="", help="take the timeline with this variant (PKG[@ENV=VALUE...])")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     props = torch.cuda.get_device_properties(CUDA)
@@ -148,7 +153,7 @@ def main() -> None:
 
     def strategies(batch):
         out = {}
-        for strategy in ("balanced", "round_robin"):
+        for strategy in ("round_robin",) if args.lean else ("balanced", "round_robin"):
             ex.set_schedule(strategy)
             r = time_decode(ex, batch, 128, reps)
             r.pop("tokens")
@@ -177,36 +182,45 @@ def main() -> None:
         torch.cuda.empty_cache()
         return out
 
-    def earlier_kernel(package: str, **options):
-        """An earlier kernel, carried as .<package>/<package>/ with its imports renamed, in this process
-        (e.g. `cp -r src/megatier/executors/megakernel .mk_prev/mk_prev` plus a sed of the imports)."""
+    def carried_executor(spec: str, **options):
+        """The executor class of a carried kernel package, and the build environment its spec names:
+        PKG[@ENV=VALUE...], the package carried as .PKG/PKG/ with its imports renamed (e.g.
+        `cp -r src/megatier/executors/megakernel .mk_prev/mk_prev` plus a sed of the imports)."""
+        package, *env = spec.split("@")
+        root = Path(__file__).resolve().parents[1] / f".{package}"
+        if not root.is_dir():
+            return None
+        sys.path.insert(0, str(root))
+        os.environ.update(dict(e.split("=", 1) for e in env))  # read by the package's build at compile time
+        runner = __import__(f"{package}.runner", fromlist=["MegakernelExecutor"])
+        return lambda **more: runner.MegakernelExecutor(cfg, weights, cache=cache, **options, **more)
 
+    def earlier_kernel(spec: str, **options):
         def run():
-            root = Path(__file__).resolve().parents[1] / f".{package}"
-            if not root.is_dir():
-                return None
-            sys.path.insert(0, str(root))
-            runner = __import__(f"{package}.runner", fromlist=["MegakernelExecutor"])
-            return timed_and_freed(lambda: runner.MegakernelExecutor(cfg, weights, cache=cache, **options))
+            make = carried_executor(spec, **options)
+            return None if make is None else timed_and_freed(make)
 
         return run
 
-    stage("previous_kernel", earlier_kernel("mk_prev", strategy="round_robin"))
-    for package in filter(None, args.variants.split(",")):
-        stage(f"variant_{package}", earlier_kernel(package, strategy="round_robin"))
+    if not args.lean:
+        stage("previous_kernel", earlier_kernel("mk_prev", strategy="round_robin"))
+    for spec in filter(None, args.variants.split(",")):
+        stage(f"variant_{spec}", earlier_kernel(spec, strategy="round_robin"))
 
     def graph_executor():
         from megatier.executors.graph import GraphExecutor
 
         return timed_and_freed(lambda: GraphExecutor(cfg, weights, cache=cache))
 
-    stage("graph_executor", graph_executor)
+    if not args.lean:
+        stage("graph_executor", graph_executor)
 
     def steps_per_launch():
         """Per-step time against how many steps one launch runs (the kernel loops over steps)."""
         return {k: time_decode(ex, b1, 128, reps, check_every=k)["us_per_step"] for k in (1, 4, 16, 64)}
 
-    stage("batch1_steps_per_launch", steps_per_launch)
+    if not args.lean:
+        stage("batch1_steps_per_launch", steps_per_launch)
 
     def long_context(ctx):
         def run():
@@ -222,7 +236,12 @@ def main() -> None:
 
     def timeline():
         cache.kv.copy_(saved)
-        ext = MegakernelExecutor(cfg, weights, cache=cache, timeline=True, strategy=best_strategy)
+        make = carried_executor(args.timeline_of, strategy=best_strategy) if args.timeline_of else None
+        ext = (
+            make(timeline=True)
+            if make
+            else MegakernelExecutor(cfg, weights, cache=cache, timeline=True, strategy=best_strategy)
+        )
         ext.decode_greedy(b1, 4)
         program, stamps = ext.timeline_data(1)
         title = f"Llama-3.2-1B batch 1, {props.name}, {best_strategy} schedule"

@@ -130,28 +130,34 @@ __device__ bool op_attn(Ctx& cx, const int* in) {
     // One key at a time, the dependent chain dot -> shuffles -> exp2 -> update left the warp idle:
     // ~0.6 us per 32 keys on an H200 (run 23 probe).
     auto consume = [&](const uint4 (&kr)[KEY_BLOCK], const uint4 (&vr)[KEY_BLOCK], const bool (&valid)[KEY_BLOCK]) {
+        // Every head's scores first (independent dot products and shuffles, no branches, so their
+        // latencies overlap), then each head's online-softmax update.
+        float sc[GROUP][KEY_BLOCK];
 #pragma unroll
-        for (int g = 0; g < GROUP; ++g) {
-            float sc[KEY_BLOCK];
+        for (int g = 0; g < GROUP; ++g)
 #pragma unroll
             for (int r = 0; r < KEY_BLOCK; ++r) {
-                sc[r] = 0.f;
+                sc[g][r] = 0.f;
 #pragma unroll
-                for (int i = 0; i < 8; ++i) sc[r] += q[g][i] * bf16_at(kr[r], i);
+                for (int i = 0; i < 8; ++i) sc[g][r] += q[g][i] * bf16_at(kr[r], i);
             }
 #pragma unroll
-            for (int off = LPK / 2; off > 0; off >>= 1)
+        for (int off = LPK / 2; off > 0; off >>= 1)
 #pragma unroll
-                for (int r = 0; r < KEY_BLOCK; ++r) sc[r] += __shfl_xor_sync(0xffffffffu, sc[r], off);
+            for (int g = 0; g < GROUP; ++g)
+#pragma unroll
+                for (int r = 0; r < KEY_BLOCK; ++r) sc[g][r] += __shfl_xor_sync(0xffffffffu, sc[g][r], off);
+#pragma unroll
+        for (int g = 0; g < GROUP; ++g) {
             float mn = m[g];
 #pragma unroll
-            for (int r = 0; r < KEY_BLOCK; ++r) mn = valid[r] ? fmaxf(mn, sc[r]) : mn;
+            for (int r = 0; r < KEY_BLOCK; ++r) mn = valid[r] ? fmaxf(mn, sc[g][r]) : mn;
             if (mn == NEG_INF) continue;  // nothing seen yet and no valid key in this block
             const float c = exp2f(m[g] - mn);
             float p[KEY_BLOCK], psum = 0.f;
 #pragma unroll
             for (int r = 0; r < KEY_BLOCK; ++r) {
-                p[r] = valid[r] ? exp2f(sc[r] - mn) : 0.f;
+                p[r] = valid[r] ? exp2f(sc[g][r] - mn) : 0.f;
                 psum += p[r];
             }
             lsum[g] = lsum[g] * c + psum;
@@ -170,11 +176,24 @@ __device__ bool op_attn(Ctx& cx, const int* in) {
         kcr = ld_cg(reinterpret_cast<const uint4*>(kcur));
         vcr = ld_cg(reinterpret_cast<const uint4*>(vcur));
     }
+    // The current position joins the last streamed chunk when its stage has room: warp 0 writes its K/V
+    // there, so every warp scores it with the others instead of warp 0 alone in one more pass (~0.7 us).
+    const int last_n = sp.chunks ? sp.old_hi - (sp.lo + (sp.chunks - 1) * KVC) : 0;
+    const bool fold = sp.old_hi < sp.hi && sp.chunks > 0 && last_n < KVC;
     constexpr int STRIDE_KEYS = NUM_CONSUMER_WARPS * KPW;  // keys between a lane group's block entries
     for (int c = 0; c < sp.chunks; ++c) {
         wait_full(cx);
-        const unsigned char* stage = ring_stage(cx, cx.stage);
-        const int n = min(sp.old_hi, sp.lo + (c + 1) * KVC) - (sp.lo + c * KVC);
+        unsigned char* stage = ring_stage(cx, cx.stage);
+        int n = min(sp.old_hi, sp.lo + (c + 1) * KVC) - (sp.lo + c * KVC);
+        if (fold && c == sp.chunks - 1) {
+            if (current && sub == 0) {
+                *reinterpret_cast<uint4*>(stage + n * KV_ROW + dl * 16) = kcr;
+                *reinterpret_cast<uint4*>(stage + (KVC + n) * KV_ROW + dl * 16) = vcr;
+                fence_proxy_async_smem();  // the loader's next bulk copy into this stage comes after
+            }
+            consumer_bar();
+            ++n;
+        }
         for (int base = cx.warp * KPW + sub; base - sub < n; base += STRIDE_KEYS * KEY_BLOCK) {
             uint4 kr[KEY_BLOCK], vr[KEY_BLOCK];
             bool valid[KEY_BLOCK];
@@ -190,7 +209,7 @@ __device__ bool op_attn(Ctx& cx, const int* in) {
         }
         release_stage(cx);
     }
-    if (current) {
+    if (current && !fold) {
         uint4 kr[KEY_BLOCK], vr[KEY_BLOCK];
         bool valid[KEY_BLOCK];
 #pragma unroll

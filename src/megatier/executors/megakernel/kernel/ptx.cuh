@@ -106,6 +106,9 @@ __device__ __forceinline__ void store_release(uint32_t* p, uint32_t v) {
 // this thread's later bulk copies, which read through the async proxy.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.global;" ::: "memory"); }
 
+// This thread's shared-memory stores are ordered before later bulk copies into the same bytes.
+__device__ __forceinline__ void fence_proxy_async_smem() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+
 // A release add: MEMBAR.GPU then the RED in SASS. (fence.acq_rel + a relaxed add, the other release
 // pattern, also invalidates L1 with CCTL.IVALL.)
 __device__ __forceinline__ void add_release(uint32_t* p, uint32_t v) {
