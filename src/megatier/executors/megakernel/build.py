@@ -89,8 +89,7 @@ class KernelConfig:
         """Shared-memory offsets and the ring geometry: the widest chunks that still leave MIN_STAGES, and
         whether DOWN streams its activations by k-chunk (when that frees room for more stages)."""
         c, b = self.cfg, self.batch
-        group = c.num_heads // c.num_kv_heads
-        attn = CONSUMER_WARPS * group * (c.head_dim + 2) * 4
+        attn = CONSUMER_WARPS * (c.head_dim + 2) * 4  # attention's per-warp partials
         for kc_max in (k for k in (1024, 512, 256, 128) if k <= self.chunk_columns):
             stage = TILE * (2 * kc_max + 16)
             options = []

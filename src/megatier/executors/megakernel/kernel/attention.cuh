@@ -1,12 +1,13 @@
 // Split-KV decode attention for one (sequence, kv head, split), and the merge of all splits done by
 // whichever split finishes last.
 //
-// The loader streams the split's K/V of earlier positions into ring stages like weights. HEAD_DIM/8
-// lanes share one key (16 bytes of K and of V each); a warp covers 32*8/HEAD_DIM keys per iteration;
-// each lane keeps an online softmax (max in log2 units, sum, 8 output dims) for the GROUP query heads
-// of the kv head. Lanes, then warps, are merged in a fixed order, so results do not depend on timing.
-// With several splits each writes (unnormalized output, max, sum) to global memory and the last one to
-// arrive at the group's counter merges every split in split order into the bf16 attention output.
+// The loader streams the split's K/V of earlier positions into ring stages like weights. Each query head
+// of the kv head has its own warps (warp w serves head w % GROUP), so a warp's state is one head's
+// online softmax and its merges are one head's. HEAD_DIM/8 lanes share one key (16 bytes of K and of V
+// each) and score KEY_BLOCK keys before each softmax update; lane groups, then the head's warps, are
+// merged in a fixed order, so results do not depend on timing. With several splits each writes
+// (unnormalized output, max, sum) to global memory and the last one to arrive at the group's counter
+// merges every split in split order into the bf16 attention output.
 #pragma once
 #include <cuda/std/limits>
 
@@ -16,16 +17,13 @@ namespace mk {
 
 constexpr int LPK = HEAD_DIM / 8;  // lanes per key
 constexpr int KPW = 32 / LPK;      // keys per warp per iteration
-// Keys each lane group scores before one softmax update. Larger blocks need registers that the batch-8
-// build (and KEY_BLOCK 4 at batch 1) would spill around the counter waits.
-constexpr int KEY_BLOCK = BATCH <= 2 ? 2 : 1;
+// Keys each lane group scores before one softmax update: independent dot products and shuffles, where
+// one key per update was a dependent chain per key (~0.6 us per 32 keys on an H200, run 23's probe).
+constexpr int KEY_BLOCK = 4;
+static_assert(GROUP <= NUM_CONSUMER_WARPS, "every query head of a kv head needs a warp");
 constexpr float LOG2E = 1.4426950408889634f;
 constexpr float NEG_INF = -cuda::std::numeric_limits<float>::infinity();
 static_assert(LPK >= 1 && LPK <= 32 && 32 % LPK == 0, "HEAD_DIM / 8 lanes must tile a warp");
-
-struct Softmax {
-    float m, l;  // running max (log2 units) and sum of exp2(score - m)
-};
 
 // Merge (m2, l2, o2) into (m1, l1, o1); an empty side has m = -inf.
 __device__ __forceinline__ void merge_into(float& m1, float& l1, float (&o1)[8], float m2, float l2,
@@ -105,71 +103,59 @@ __device__ bool op_attn(Ctx& cx, const int* in) {
     const Span sp = attn_span(in, pos_of(cx, field(in, F_A0)));
     const int b = sp.b, kvh = sp.kvh;
     const int sub = cx.lane / LPK, dl = cx.lane % LPK;
+    // This warp's head, and its place among that head's warps (their key slots interleave).
+    const int head = cx.warp % GROUP, slice = cx.warp / GROUP;
+    const int slices = (NUM_CONSUMER_WARPS - 1 - head) / GROUP + 1;
     // The current position's K/V (written this step by another SM) are requested together with q right
     // after the wait, so their latency overlaps; the streamed chunks are processed after that.
-    const bool current = cx.warp == 0 && sp.old_hi < sp.hi;
+    const bool current = slice == 0 && sp.old_hi < sp.hi;
     const bf16* kcur = param<bf16>(cx, P_KV) + current_kv_row(cx, l, 0, kvh, b) + dl * 8;
     const bf16* vcur = param<bf16>(cx, P_KV) + current_kv_row(cx, l, 1, kvh, b) + dl * 8;
     if (!wait_for(cx, in)) return false;
 
-    float q[GROUP][8], o[GROUP][8], m[GROUP], lsum[GROUP];
-    const float* qsrc = param<float>(cx, P_Q) + b * Q_SIZE + kvh * GROUP * HEAD_DIM + dl * 8;
-    const float scale = rsqrtf(static_cast<float>(HEAD_DIM)) * LOG2E;
+    float q[8], o[8], m = NEG_INF, lsum = 0.f;
+    {
+        const float* qsrc = param<float>(cx, P_Q) + b * Q_SIZE + (kvh * GROUP + head) * HEAD_DIM + dl * 8;
+        const float scale = rsqrtf(static_cast<float>(HEAD_DIM)) * LOG2E;
+        const float4 a = ld_cg(reinterpret_cast<const float4*>(qsrc));
+        const float4 c = ld_cg(reinterpret_cast<const float4*>(qsrc + 4));
+        q[0] = a.x * scale, q[1] = a.y * scale, q[2] = a.z * scale, q[3] = a.w * scale;
+        q[4] = c.x * scale, q[5] = c.y * scale, q[6] = c.z * scale, q[7] = c.w * scale;
 #pragma unroll
-    for (int g = 0; g < GROUP; ++g) {
-        const float4 a = ld_cg(reinterpret_cast<const float4*>(qsrc + g * HEAD_DIM));
-        const float4 c = ld_cg(reinterpret_cast<const float4*>(qsrc + g * HEAD_DIM + 4));
-        q[g][0] = a.x * scale, q[g][1] = a.y * scale, q[g][2] = a.z * scale, q[g][3] = a.w * scale;
-        q[g][4] = c.x * scale, q[g][5] = c.y * scale, q[g][6] = c.z * scale, q[g][7] = c.w * scale;
-        m[g] = NEG_INF, lsum[g] = 0.f;
-#pragma unroll
-        for (int i = 0; i < 8; ++i) o[g][i] = 0.f;
+        for (int i = 0; i < 8; ++i) o[i] = 0.f;
     }
-    // A block of KEY_BLOCK keys per group of LPK lanes: the block's scores are independent dot products
-    // and shuffles (reduced over the group), then each lane updates its online softmax once per block.
-    // One key at a time, the dependent chain dot -> shuffles -> exp2 -> update left the warp idle:
-    // ~0.6 us per 32 keys on an H200 (run 23 probe).
     auto consume = [&](const uint4 (&kr)[KEY_BLOCK], const uint4 (&vr)[KEY_BLOCK], const bool (&valid)[KEY_BLOCK]) {
-        // Every head's scores first (independent dot products and shuffles, no branches, so their
-        // latencies overlap), then each head's online-softmax update.
-        float sc[GROUP][KEY_BLOCK];
+        float sc[KEY_BLOCK];
 #pragma unroll
-        for (int g = 0; g < GROUP; ++g)
+        for (int r = 0; r < KEY_BLOCK; ++r) {
+            sc[r] = 0.f;
 #pragma unroll
-            for (int r = 0; r < KEY_BLOCK; ++r) {
-                sc[g][r] = 0.f;
-#pragma unroll
-                for (int i = 0; i < 8; ++i) sc[g][r] += q[g][i] * bf16_at(kr[r], i);
-            }
+            for (int i = 0; i < 8; ++i) sc[r] += q[i] * bf16_at(kr[r], i);
+        }
 #pragma unroll
         for (int off = LPK / 2; off > 0; off >>= 1)
 #pragma unroll
-            for (int g = 0; g < GROUP; ++g)
+            for (int r = 0; r < KEY_BLOCK; ++r) sc[r] += __shfl_xor_sync(0xffffffffu, sc[r], off);
+        float mn = m;
 #pragma unroll
-                for (int r = 0; r < KEY_BLOCK; ++r) sc[g][r] += __shfl_xor_sync(0xffffffffu, sc[g][r], off);
+        for (int r = 0; r < KEY_BLOCK; ++r) mn = valid[r] ? fmaxf(mn, sc[r]) : mn;
+        if (mn == NEG_INF) return;  // nothing seen yet and no valid key in this block
+        const float c = exp2f(m - mn);
+        float p[KEY_BLOCK], psum = 0.f;
 #pragma unroll
-        for (int g = 0; g < GROUP; ++g) {
-            float mn = m[g];
-#pragma unroll
-            for (int r = 0; r < KEY_BLOCK; ++r) mn = valid[r] ? fmaxf(mn, sc[g][r]) : mn;
-            if (mn == NEG_INF) continue;  // nothing seen yet and no valid key in this block
-            const float c = exp2f(m[g] - mn);
-            float p[KEY_BLOCK], psum = 0.f;
-#pragma unroll
-            for (int r = 0; r < KEY_BLOCK; ++r) {
-                p[r] = valid[r] ? exp2f(sc[g][r] - mn) : 0.f;
-                psum += p[r];
-            }
-            lsum[g] = lsum[g] * c + psum;
-#pragma unroll
-            for (int i = 0; i < 8; ++i) {
-                float acc = o[g][i] * c;
-#pragma unroll
-                for (int r = 0; r < KEY_BLOCK; ++r) acc += p[r] * bf16_at(vr[r], i);
-                o[g][i] = acc;
-            }
-            m[g] = mn;
+        for (int r = 0; r < KEY_BLOCK; ++r) {
+            p[r] = valid[r] ? exp2f(sc[r] - mn) : 0.f;
+            psum += p[r];
         }
+        lsum = lsum * c + psum;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            float acc = o[i] * c;
+#pragma unroll
+            for (int r = 0; r < KEY_BLOCK; ++r) acc += p[r] * bf16_at(vr[r], i);
+            o[i] = acc;
+        }
+        m = mn;
     };
     uint4 kcr = make_uint4(0, 0, 0, 0), vcr = kcr;
     if (current) {
@@ -177,16 +163,16 @@ __device__ bool op_attn(Ctx& cx, const int* in) {
         vcr = ld_cg(reinterpret_cast<const uint4*>(vcur));
     }
     // The current position joins the last streamed chunk when its stage has room: warp 0 writes its K/V
-    // there, so every warp scores it with the others instead of warp 0 alone in one more pass (~0.7 us).
+    // there, so it is scored with the others instead of in one more pass (~0.7 us).
     const int last_n = sp.chunks ? sp.old_hi - (sp.lo + (sp.chunks - 1) * KVC) : 0;
     const bool fold = sp.old_hi < sp.hi && sp.chunks > 0 && last_n < KVC;
-    constexpr int STRIDE_KEYS = NUM_CONSUMER_WARPS * KPW;  // keys between a lane group's block entries
+    const int stride = slices * KPW;  // keys between a lane group's block entries
     for (int c = 0; c < sp.chunks; ++c) {
         wait_full(cx);
         unsigned char* stage = ring_stage(cx, cx.stage);
         int n = min(sp.old_hi, sp.lo + (c + 1) * KVC) - (sp.lo + c * KVC);
         if (fold && c == sp.chunks - 1) {
-            if (current && sub == 0) {
+            if (cx.warp == 0 && sub == 0) {
                 *reinterpret_cast<uint4*>(stage + n * KV_ROW + dl * 16) = kcr;
                 *reinterpret_cast<uint4*>(stage + (KVC + n) * KV_ROW + dl * 16) = vcr;
                 fence_proxy_async_smem();  // the loader's next bulk copy into this stage comes after
@@ -194,12 +180,12 @@ __device__ bool op_attn(Ctx& cx, const int* in) {
             consumer_bar();
             ++n;
         }
-        for (int base = cx.warp * KPW + sub; base - sub < n; base += STRIDE_KEYS * KEY_BLOCK) {
+        for (int base = slice * KPW + sub; base - sub < n; base += stride * KEY_BLOCK) {
             uint4 kr[KEY_BLOCK], vr[KEY_BLOCK];
             bool valid[KEY_BLOCK];
 #pragma unroll
             for (int r = 0; r < KEY_BLOCK; ++r) {
-                const int key = base + r * STRIDE_KEYS;
+                const int key = base + r * stride;
                 valid[r] = key < n;
                 const int at = valid[r] ? key : 0;
                 kr[r] = *reinterpret_cast<const uint4*>(stage + at * KV_ROW + dl * 16);
@@ -217,28 +203,22 @@ __device__ bool op_attn(Ctx& cx, const int* in) {
         consume(kr, vr, valid);
     }
     // Merge the key slots of the warp (lanes with the same dims), butterfly in a fixed order.
+    for (int off = LPK; off < 32; off <<= 1) {
+        float o2[8];
 #pragma unroll
-    for (int g = 0; g < GROUP; ++g) {
-        for (int off = LPK; off < 32; off <<= 1) {
-            float o2[8];
-#pragma unroll
-            for (int i = 0; i < 8; ++i) o2[i] = __shfl_xor_sync(0xffffffffu, o[g][i], off);
-            const float m2 = __shfl_xor_sync(0xffffffffu, m[g], off);
-            const float l2 = __shfl_xor_sync(0xffffffffu, lsum[g], off);
-            merge_into(m[g], lsum[g], o[g], m2, l2, o2);
-        }
+        for (int i = 0; i < 8; ++i) o2[i] = __shfl_xor_sync(0xffffffffu, o[i], off);
+        const float m2 = __shfl_xor_sync(0xffffffffu, m, off);
+        const float l2 = __shfl_xor_sync(0xffffffffu, lsum, off);
+        merge_into(m, lsum, o, m2, l2, o2);
     }
-    // Then the warps, through shared memory: [warp][g][HEAD_DIM + 2].
+    // Then each head's warps, through shared memory: [warp][HEAD_DIM + 2].
     float* ws = attn_smem(cx);
     constexpr int WS = HEAD_DIM + 2;
     if (sub == 0) {
+        float* dst = ws + cx.warp * WS;
 #pragma unroll
-        for (int g = 0; g < GROUP; ++g) {
-            float* dst = ws + (cx.warp * GROUP + g) * WS;
-#pragma unroll
-            for (int i = 0; i < 8; ++i) dst[dl * 8 + i] = o[g][i];
-            if (dl == 0) dst[HEAD_DIM] = m[g], dst[HEAD_DIM + 1] = lsum[g];
-        }
+        for (int i = 0; i < 8; ++i) dst[dl * 8 + i] = o[i];
+        if (dl == 0) dst[HEAD_DIM] = m, dst[HEAD_DIM + 1] = lsum;
     }
     consumer_bar();
     const size_t part = ((size_t)(b * KV_HEADS + kvh) * nsplit + s) * GROUP;
@@ -248,10 +228,10 @@ __device__ bool op_attn(Ctx& cx, const int* in) {
     for (int idx = cx.tid; idx < GROUP * HEAD_DIM; idx += NCT) {
         const int g = idx / HEAD_DIM, d = idx % HEAD_DIM;
         float mm = NEG_INF;
-        for (int w = 0; w < NUM_CONSUMER_WARPS; ++w) mm = fmaxf(mm, ws[(w * GROUP + g) * WS + HEAD_DIM]);
+        for (int w = g; w < NUM_CONSUMER_WARPS; w += GROUP) mm = fmaxf(mm, ws[w * WS + HEAD_DIM]);
         float acc = 0.f, tot = 0.f;
-        for (int w = 0; w < NUM_CONSUMER_WARPS; ++w) {
-            const float* src = ws + (w * GROUP + g) * WS;
+        for (int w = g; w < NUM_CONSUMER_WARPS; w += GROUP) {
+            const float* src = ws + w * WS;
             const float c = src[HEAD_DIM] == NEG_INF ? 0.f : exp2f(src[HEAD_DIM] - mm);
             acc += src[d] * c;
             tot += src[HEAD_DIM + 1] * c;
