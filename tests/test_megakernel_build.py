@@ -38,6 +38,16 @@ def test_compiles_for_sm90a_with_at_most_a_tiny_spill(name, batch):
     assert regs <= 168  # 9 warps are allocated as 12: 65536 / 384 registers per thread, one CTA per SM
 
 
+@pytest.mark.parametrize("group", [1, 7])
+def test_attention_compiles_when_query_heads_do_not_divide_the_warps(group):
+    """Attention gives each query head its own warps: with 7 heads per kv head (Qwen2-7B) head 0 gets two of
+    the 8, with 1 all 8 share the head."""
+    cfg = dataclasses.replace(toy_config("llama-tied-bias"), num_heads=2 * group, num_kv_heads=2)
+    cubin, log = _compile(cfg, 1)
+    assert cubin[:4] == b"\x7fELF"
+    assert int(re.search(r"(\d+) bytes spill stores", log).group(1)) <= 16, log
+
+
 def test_timeline_variant_compiles_and_cache_hits():
     cfg = toy_config("qwen2")
     first, log = _compile(cfg, 1, timeline=True)

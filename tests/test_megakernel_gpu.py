@@ -44,8 +44,12 @@ def _small(case: str):
         "llama": dict(hidden_size=512, intermediate_size=1024, num_heads=8, num_kv_heads=2, head_dim=64),
         "qwen2": dict(hidden_size=256, intermediate_size=768, num_heads=4, num_kv_heads=2, head_dim=64),
         "qwen3": dict(hidden_size=512, intermediate_size=768, num_heads=4, num_kv_heads=2, head_dim=128),
+        # Qwen2-7B's 7 query heads per kv head: attention's head 0 gets two of the 8 warps
+        "group7": dict(hidden_size=448, intermediate_size=768, num_heads=14, num_kv_heads=2, head_dim=64),
     }[case]
-    base = toy_config({"llama": "llama-tied-bias", "qwen2": "qwen2", "qwen3": "qwen3"}[case], vocab=1000)
+    base = toy_config(
+        {"llama": "llama-tied-bias", "qwen2": "qwen2", "qwen3": "qwen3", "group7": "qwen2"}[case], vocab=1000
+    )
     return dataclasses.replace(base, **shapes)
 
 
@@ -62,7 +66,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-@pytest.mark.parametrize("case", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("case", ["llama", "qwen2", "qwen3", "group7"])
 @pytest.mark.parametrize("lengths", [[37], [5, 70, 1]])
 @pytest.mark.parametrize("op", [Op.QKV, Op.ATTN, Op.OPROJ, Op.GATEUP, Op.DOWN, Op.LMHEAD])
 def test_single_opcode_matches_interpreter(case, lengths, op):
