@@ -129,6 +129,7 @@ def main() -> None:
     dev = Device(0)
     dev.set_current()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    from megatier.bench.common import git_commit
     from megatier.executors.megakernel.build import _include_dirs
 
     prog = Program(
@@ -139,7 +140,9 @@ def main() -> None:
 
     smem = 2 * 32768
     attr = driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
-    driver.cuKernelSetAttribute(attr, smem, kernel.handle, 0)
+    (err,) = driver.cuKernelSetAttribute(attr, smem, kernel.handle, 0)
+    if err != driver.CUresult.CUDA_SUCCESS:
+        raise SystemExit(f"cannot reserve {smem} B of shared memory for the probe: {err}")
     props = torch.cuda.get_device_properties(0)
     sms = props.multi_processor_count
     slice_bytes = 1 << 20
@@ -169,8 +172,8 @@ def main() -> None:
             "GBps": sms * (pre + extra) / (float(t[:, 3].max() - t[:, 2].min())),
         }
 
-    res: dict = {"device": props.name, "sms": sms, "l2_bytes": props.L2_cache_size, "date": time.strftime("%F %T"),
-                 "command": " ".join(sys.argv), "runs": []}  # fmt: skip
+    res: dict = {"device": props.name, "sms": sms, "l2_bytes": props.L2_cache_size, "commit": git_commit(),
+                 "date": time.strftime("%F %T"), "command": " ".join(sys.argv), "runs": []}  # fmt: skip
     for _ in range(3):
         run(65536, 65536, 0, 0)  # warm-up
     combos = [

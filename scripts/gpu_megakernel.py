@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from megakernel_helpers import dummy_weights, garbage_kv, llama_1b_config, page_tables, random_prompts
+from megatier.bench.common import git_commit
 from megatier.executors.base import StepBatch
 from megatier.executors.megakernel.runner import MegakernelExecutor
 from megatier.executors.megakernel.timeline import render_gantt, summarize
@@ -106,6 +107,7 @@ def main() -> None:
         "sms": props.multi_processor_count,
         "l2_bytes": props.L2_cache_size,
         "torch": torch.__version__,
+        "commit": git_commit(),
         "command": " ".join(sys.argv),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }

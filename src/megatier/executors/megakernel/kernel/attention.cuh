@@ -106,9 +106,13 @@ __device__ bool op_attn(Ctx& cx, const int* in) {
     // This warp's head, and its place among that head's warps (their key slots interleave).
     const int head = cx.warp % GROUP, slice = cx.warp / GROUP;
     const int slices = (NUM_CONSUMER_WARPS - 1 - head) / GROUP + 1;
-    // The current position's K/V (written this step by another SM) are requested together with q right
+    // The current position joins the last streamed chunk when its stage has room: warp 0 writes its K/V
+    // there, so it is scored with the others instead of in one more pass (~0.7 us). Otherwise each head's
+    // first warp scores it. Its K/V (written this step by another SM) are requested together with q right
     // after the wait, so their latency overlaps; the streamed chunks are processed after that.
-    const bool current = slice == 0 && sp.old_hi < sp.hi;
+    const int last_n = sp.chunks ? sp.old_hi - (sp.lo + (sp.chunks - 1) * KVC) : 0;
+    const bool fold = sp.old_hi < sp.hi && sp.chunks > 0 && last_n < KVC;
+    const bool current = sp.old_hi < sp.hi && (fold ? cx.warp == 0 : slice == 0);
     const bf16* kcur = param<bf16>(cx, P_KV) + current_kv_row(cx, l, 0, kvh, b) + dl * 8;
     const bf16* vcur = param<bf16>(cx, P_KV) + current_kv_row(cx, l, 1, kvh, b) + dl * 8;
     if (!wait_for(cx, in)) return false;
@@ -162,17 +166,13 @@ __device__ bool op_attn(Ctx& cx, const int* in) {
         kcr = ld_cg(reinterpret_cast<const uint4*>(kcur));
         vcr = ld_cg(reinterpret_cast<const uint4*>(vcur));
     }
-    // The current position joins the last streamed chunk when its stage has room: warp 0 writes its K/V
-    // there, so it is scored with the others instead of in one more pass (~0.7 us).
-    const int last_n = sp.chunks ? sp.old_hi - (sp.lo + (sp.chunks - 1) * KVC) : 0;
-    const bool fold = sp.old_hi < sp.hi && sp.chunks > 0 && last_n < KVC;
     const int stride = slices * KPW;  // keys between a lane group's block entries
     for (int c = 0; c < sp.chunks; ++c) {
         wait_full(cx);
         unsigned char* stage = ring_stage(cx, cx.stage);
         int n = min(sp.old_hi, sp.lo + (c + 1) * KVC) - (sp.lo + c * KVC);
         if (fold && c == sp.chunks - 1) {
-            if (cx.warp == 0 && sub == 0) {
+            if (current && sub == 0) {
                 *reinterpret_cast<uint4*>(stage + n * KV_ROW + dl * 16) = kcr;
                 *reinterpret_cast<uint4*>(stage + (KVC + n) * KV_ROW + dl * 16) = vcr;
                 fence_proxy_async_smem();  // the loader's next bulk copy into this stage comes after
