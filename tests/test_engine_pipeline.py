@@ -57,17 +57,22 @@ class LoopGreedy:
         self.calls.append(("sync", batch.num_seqs, num_steps))
         return torch.tensor(self._loop(batch, num_steps, resume=False))
 
-    def _decode_greedy_async(self, batch: StepBatch, num_steps: int, *, resume: bool = False) -> GreedyChunk:
-        self.calls.append(("resume" if resume else "async", batch.num_seqs, num_steps))
-        return GreedyChunk(torch.tensor(self._loop(batch, num_steps, resume)))
+    def _decode_greedy_async(
+        self, batch: StepBatch, num_steps: int, *, resume: bool = False, first_tokens: torch.Tensor | None = None
+    ) -> GreedyChunk:
+        kind = "resume" if resume else "handoff" if first_tokens is not None else "async"
+        self.calls.append((kind, batch.num_seqs, num_steps))
+        return GreedyChunk(torch.tensor(self._loop(batch, num_steps, resume, first_tokens)))
 
-    def _loop(self, batch: StepBatch, num_steps: int, resume: bool) -> list[list[int]]:
+    def _loop(
+        self, batch: StepBatch, num_steps: int, resume: bool, first_tokens: torch.Tensor | None = None
+    ) -> list[list[int]]:
         if resume:
             if self.resume_state is None or self.resume_state[1] != batch.starts:
                 raise MegatierError(f"resume at {batch.starts}, device state {self.resume_state}")
             feed = self.resume_state[0]
         else:
-            feed = batch.token_ids
+            feed = batch.token_ids if first_tokens is None else first_tokens.tolist()
         assert max(batch.starts) + num_steps <= self.max_context, "a chunk writes KV past the context limit"
         self._check_owned(batch, num_steps)
         tokens = []
@@ -254,7 +259,8 @@ def test_multi_step_engines_match_one_token_per_step(model, name):
     for mode in engines:
         assert_same_streams(reqs, got[mode], expected)
     kinds = {mode: {c[0] for c in engine.executor.calls} for mode, engine in engines.items()}
-    assert kinds == {"sync": {"forward", "sync"}, "pipelined": {"forward", "async", "resume"}}
+    assert kinds["sync"] == {"forward", "sync"}
+    assert {"forward", "handoff", "resume"} <= kinds["pipelined"] <= {"forward", "handoff", "async", "resume"}
     if name != "add_and_abort":  # no more device work than before (aborts land elsewhere in a stream)
         assert decode_steps(engines["pipelined"]) == decode_steps(engines["sync"])
     if name == "eos_and_stop":  # the scenario does what it says
@@ -287,15 +293,35 @@ def test_request_added_mid_flight_drains_then_schedules(model):
     engine = make_engine(model, "pipelined")
     calls = engine.executor.calls
     a = engine.add_request(prompt(5, 1), greedy(max_tokens=30, ignore_eos=True))
-    assert [len(u.new_token_ids) for u in engine.step()] == [1]  # the prompt's forward pass
+    assert [len(u.new_token_ids) for u in engine.step()] == [1]  # the prompt's forward pass, chunk 1 queued
     assert [len(u.new_token_ids) for u in engine.step()] == [STEPS]  # chunk 1 read, chunk 2 queued
-    assert [c[0] for c in calls[1:]] == ["async", "resume"]
+    assert [c[0] for c in calls[1:]] == ["handoff", "resume"]
     engine.add_request(prompt(7, 2), greedy(max_tokens=3))
     before = len(calls)
     updates = engine.step()  # reads chunk 2 and queues nothing: someone is waiting
     assert [(u.request_id, len(u.new_token_ids)) for u in updates] == [(a, STEPS)] and len(calls) == before
     engine.step()
     assert calls[before] == ("forward", 2, 7)  # the waiting prompt joins a normal step
+
+
+def test_first_chunk_is_queued_behind_the_prefill(model):
+    """Right after a prompt's forward pass the first chunk is already queued, fed the argmax on the
+    device; when that first token is EOS the sequence ends at once, its chunk's tokens are dropped and
+    its pages come back."""
+    p = prompt(6, 11)
+    first = drive(make_engine(model, "one"), {"x": Req(p, greedy(max_tokens=1))})[("x", 0)].tokens[0]
+    engine = make_engine(model, "pipelined")
+    engine.add_request(p, greedy(max_tokens=10, ignore_eos=True))
+    assert [u.new_token_ids for u in engine.step()] == [[first]]
+    assert engine.executor.calls == [("forward", 1, 6), ("handoff", 1, STEPS)]
+
+    engine = make_engine(model, "pipelined", eos=first)
+    engine.add_request(p, greedy(max_tokens=10))
+    (update,) = engine.step()
+    assert (update.new_token_ids, update.finish_reason) == ([first], "stop")
+    assert engine.executor.calls[-1] == ("handoff", 1, STEPS)
+    assert engine.step() == [] and not engine.has_unfinished()
+    assert engine.scheduler.num_pages_in_use == 0
 
 
 def test_abort_mid_flight_frees_pages_and_drops_tokens(model):

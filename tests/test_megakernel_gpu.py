@@ -24,6 +24,7 @@ from megakernel_helpers import (
 )
 from megatier.errors import MegatierError
 from megatier.executors.base import StepBatch
+from megatier.executors.megakernel import runner
 from megatier.executors.megakernel.interp import Interpreter, unpack_index
 from megatier.executors.megakernel.isa import Op
 from megatier.executors.megakernel.layout import Dims, StepBuffers, choose_splits
@@ -208,27 +209,34 @@ def test_llama1b_long_context_splits(llama):
 
 
 @pytest.mark.parametrize("lengths", [[32], [40, 3, 90]])
-def test_llama1b_resumed_async_chunks_equal_one_call(llama, lengths):
-    """Chunks queued without waiting, each resumed from the device state with page tables that grow in
-    between, give exactly the tokens of one synchronous call; a resume that does not continue is refused."""
+def test_llama1b_resumed_async_chunks_equal_one_call(llama, lengths, monkeypatch):
+    """Chunks queued without waiting, the first fed its tokens from the device, each later one resumed
+    from the device state with page tables that grow in between, give exactly the tokens of one
+    synchronous call, also when the host token ring wraps (each chunk read before the one after next
+    is queued, as the engine does); a resume that does not continue is refused."""
     cfg, weights = llama
-    steps = [16, 5, 16]
+    steps = [16, 5, 16, 9]
     prompts, tables, caches = _caches(cfg, weights, lengths, sum(steps))
     cache = caches[torch.bfloat16]
     saved = cache.kv.clone()
     batch = decode_batch(prompts, tables)
-    ex = MegakernelExecutor(cfg, weights, cache=cache)
-    want = ex.decode_greedy(batch, sum(steps)).cpu()
+    want = MegakernelExecutor(cfg, weights, cache=cache).decode_greedy(batch, sum(steps)).cpu()
     cache.kv.copy_(saved)
+    monkeypatch.setattr(runner, "RING_STEPS", 26)  # chunk 2's rows wrap; chunks 2 and 3 fit together
+    ex = MegakernelExecutor(cfg, weights, cache=cache)
     short = [t[: -(-(s + steps[0]) // PAGE)] for t, s in zip(tables, batch.starts, strict=True)]
-    chunks = [ex.decode_greedy_async(StepBatch(batch.token_ids, batch.starts, batch.query_lens, short), steps[0])]
-    done = steps[0]
+    first = torch.tensor(batch.token_ids, device=CUDA)
+    chunks = [
+        ex.decode_greedy_async(StepBatch([], batch.starts, batch.query_lens, short), steps[0], first_tokens=first)
+    ]
+    got, done = [], steps[0]
     for n in steps[1:]:
         starts = [s + done for s in batch.starts]
         chunks.append(ex.decode_greedy_async(StepBatch([], starts, batch.query_lens, tables), n, resume=True))
+        got += chunks[-2].result()
         done += n
-    got = torch.tensor([row for c in chunks for row in c.result()])
-    assert torch.equal(got, want)
+    got += chunks[-1].result()
+    assert torch.equal(torch.tensor(got), want)
     with pytest.raises(MegatierError, match="resume: sequence 0 starts at"):
         ex.decode_greedy_async(StepBatch([], batch.starts, batch.query_lens, tables), 1, resume=True)
 

@@ -203,6 +203,11 @@ class Engine:
                 ready.append((row, seq))
         if not ready:
             return []
+        if len(ready) == len(batch.seqs):
+            handoff = self._first_chunk_on_device(batch.seqs, logits)
+            if handoff is not None:
+                first, self._in_flight = handoff
+                return [self._append(seq, [t], []) for seq, t in zip(batch.seqs, first, strict=True)]
         rows = [self._sample_row(seq) for _, seq in ready]
         sampled = sample(logits[[r for r, _ in ready]], rows)
         return [
@@ -217,21 +222,28 @@ class Engine:
             banned = tuple(p.stop_token_ids) + (() if p.ignore_eos else self.eos_token_ids)
         return SampleRow(p, seq.generator, seq.prompt_ids, seq.output_ids, banned)
 
-    def _greedy_steps(self, seqs: list[Sequence], ahead: int = 0) -> int:
+    def _greedy_steps(self, seqs: list[Sequence], ahead: int = 0, pending: int = 0) -> int:
         """How many greedy decode steps the device may run for `seqs`, counted from `ahead` tokens past
-        what the host has taken (the steps of a chunk in flight, assumed kept by every sequence); 0
-        when it must not. Pages for them are ensured."""
+        what the host has taken (the steps of a chunk in flight, assumed kept by every sequence), with
+        `pending` more sampled on the device but not appended yet (they hold no KV); 0 when it must
+        not. Pages for them are ensured."""
         if not hasattr(self.executor, "decode_greedy") or self.decode_steps_per_sync <= 1 or self.scheduler.waiting:
             return 0
         # Someone else waits for a turn; or, with a chunk in flight, a sequence ended (it left `running`).
         if len(seqs) != len(self.scheduler.running):
             return 0
-        if not all(s.in_decode and s.params.plain_greedy and s.num_output >= s.params.min_tokens for s in seqs):
+        # Each has one token without KV (its newest output) and owes no more tokens before EOS may end it.
+        if not all(
+            s.params.plain_greedy
+            and s.num_uncomputed + pending == 1
+            and s.num_output + pending >= max(1, s.params.min_tokens)
+            for s in seqs
+        ):
             return 0
         # Run until the longest-lived sequence would stop; one that stops sooner has its extra tokens
         # dropped (the batch keeps full speed instead of falling back to one step per sync). No sequence
         # may write KV past the context limit, though.
-        wanted = max(self._tokens_left(s) for s in seqs) - ahead
+        wanted = max(self._tokens_left(s) for s in seqs) - ahead - pending
         room = min(self.max_model_len - s.num_computed for s in seqs) - ahead
         k = min(self.decode_steps_per_sync, wanted, room)
         if k < 1 or not self.scheduler.ensure_capacity(seqs, ahead + k):
@@ -252,6 +264,27 @@ class Engine:
             page_tables=[s.table.pages for s in seqs],
         )
         return _Chunk(seqs, k, self.executor.decode_greedy_async(batch, k, resume=resume))
+
+    def _first_chunk_on_device(self, seqs: list[Sequence], logits: torch.Tensor) -> tuple[list[int], _Chunk] | None:
+        """Every sequence of the batch has just taken its prompt: where they decode plain greedy (and
+        the executor queues chunks), their first tokens stay on the device as the argmax and the first
+        decode chunk is queued behind it, so the device goes on decoding while the host reads those
+        tokens. The tokens and the chunk in flight, or None."""
+        if not hasattr(self.executor, "decode_greedy_async"):
+            return None
+        k = self._greedy_steps(seqs, pending=1)
+        if k <= 1:
+            return None
+        first = logits.argmax(-1)
+        tokens = GreedyChunk.copy_of(first[None])  # queued before the chunk: readable before it ends
+        batch = StepBatch(
+            token_ids=[],
+            starts=[s.num_computed for s in seqs],
+            query_lens=[1] * len(seqs),
+            page_tables=[s.table.pages for s in seqs],
+        )
+        chunk = _Chunk(seqs, k, self.executor.decode_greedy_async(batch, k, first_tokens=first))
+        return tokens.result()[0], chunk
 
     def _pipeline(self, chunk: _Chunk) -> list[SequenceUpdate]:
         """Queue the chunk after `chunk` when it is safe (the same sequences, all still running, alone,

@@ -55,10 +55,12 @@ class Executor(Protocol):
 @dataclass
 class GreedyChunk:
     """Greedy tokens [num_steps, B] that the device may still be computing: `tokens` is a host tensor
-    that a non-blocking copy fills, valid once `done` (None: already valid) has completed."""
+    that a non-blocking copy (or the kernel itself) fills, valid once `done` (None: already valid) has
+    completed; with `rows`, the chunk is those rows of `tokens` (a ring the kernel writes)."""
 
     tokens: torch.Tensor
     done: torch.cuda.Event | None = None
+    rows: torch.Tensor | None = None
 
     @classmethod
     def copy_of(cls, tokens: torch.Tensor) -> GreedyChunk:
@@ -72,11 +74,18 @@ class GreedyChunk:
         done.record(torch.cuda.current_stream(tokens.device))
         return cls(host, done)
 
+    @classmethod
+    def rows_of(cls, ring: torch.Tensor, first: int, num_steps: int, stream: torch.cuda.Stream) -> GreedyChunk:
+        """Rows first, first + 1, ... (wrapping) of a pinned host ring that work queued on `stream` writes."""
+        done = torch.cuda.Event()
+        done.record(stream)
+        return cls(ring, done, torch.arange(first, first + num_steps) % ring.shape[0])
+
     def result(self) -> list[list[int]]:
         """Wait for the chunk; its tokens by step, then by sequence."""
         if self.done is not None:
             self.done.synchronize()
-        return self.tokens.tolist()
+        return (self.tokens if self.rows is None else self.tokens[self.rows]).tolist()
 
 
 class AsyncGreedyDecoder(Protocol):
@@ -87,7 +96,12 @@ class AsyncGreedyDecoder(Protocol):
     token per sequence at `starts`; page tables hold room for num_steps tokens from there) on the
     current CUDA stream and returns without waiting for the device; step 0 feeds `batch.token_ids`,
     each later step the previous argmax. `result()` gives every row's tokens, also of rows whose
-    sequence has ended since (the caller drops them).
+    sequence has ended since (the caller drops them). Read each chunk before 1024 more steps are
+    queued (an executor may keep the tokens in a ring that long).
+
+    `first_tokens`: a device tensor [B] that step 0 feeds instead of `batch.token_ids`, read in stream
+    order, so a chunk can be queued behind the prefill that samples those tokens before the host has
+    seen them (the engine then reads them while the chunk runs).
 
     `resume=True`: the same sequences, in the same order, continue from the state the previous chunk
     left on the device (each one's next input token and position). `token_ids` is not read (the engine
@@ -96,4 +110,6 @@ class AsyncGreedyDecoder(Protocol):
     what a resume can continue from. Since everything runs in order on one stream, a later step that
     reuses the pages of a sequence that ended meanwhile runs after the chunk that still writes them."""
 
-    def decode_greedy_async(self, batch: StepBatch, num_steps: int, *, resume: bool = False) -> GreedyChunk: ...
+    def decode_greedy_async(
+        self, batch: StepBatch, num_steps: int, *, resume: bool = False, first_tokens: torch.Tensor | None = None
+    ) -> GreedyChunk: ...

@@ -225,19 +225,25 @@ class GraphExecutor:
         return self._queue_greedy(batch, num_steps, resume=False).clone()
 
     @torch.inference_mode()
-    def decode_greedy_async(self, batch: StepBatch, num_steps: int, *, resume: bool = False) -> GreedyChunk:
+    def decode_greedy_async(
+        self, batch: StepBatch, num_steps: int, *, resume: bool = False, first_tokens: torch.Tensor | None = None
+    ) -> GreedyChunk:
         """decode_greedy queued without waiting, or with `resume` continued from the previous chunk's
-        device state (the AsyncGreedyDecoder protocol in base.py)."""
-        return GreedyChunk.copy_of(self._queue_greedy(batch, num_steps, resume))
+        device state, or fed `first_tokens` (the AsyncGreedyDecoder protocol in base.py)."""
+        return GreedyChunk.copy_of(self._queue_greedy(batch, num_steps, resume, first_tokens))
 
-    def _queue_greedy(self, batch: StepBatch, num_steps: int, resume: bool) -> torch.Tensor:
+    def _queue_greedy(
+        self, batch: StepBatch, num_steps: int, resume: bool, first_tokens: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Queue the greedy steps; return the history rows they fill (overwritten by the next chunk)."""
         if not batch.is_decode() or batch.num_seqs > BATCH_BUCKETS[-1]:
             raise ValueError(f"decode_greedy needs 1..{BATCH_BUCKETS[-1]} sequences of one new token each")
         if num_steps < 1:
             raise MegatierError(f"decode_greedy needs num_steps >= 1, got {num_steps}")
-        self._check(batch, num_steps, resume)
+        self._check(batch, num_steps, resume or first_tokens is not None)
         bucket = self._resume_decode_batch(batch) if resume else self._load_decode_batch(batch)
+        if first_tokens is not None:
+            self.tokens[: batch.num_seqs].copy_(first_tokens)
         self.resume_state = (
             [s + num_steps for s in batch.starts],
             [min(len(t), self.max_table) for t in batch.page_tables],
@@ -274,7 +280,7 @@ class GraphExecutor:
         num_seqs = batch.num_seqs
         bucket = next(b for b in BATCH_BUCKETS if b >= num_seqs)
         ints = torch.zeros((2, bucket), dtype=torch.int32)
-        ints[0, :num_seqs] = torch.tensor(batch.token_ids, dtype=torch.int32)
+        ints[0, :num_seqs] = torch.tensor(batch.token_ids or [0] * num_seqs, dtype=torch.int32)
         ints[1, :num_seqs] = torch.tensor(batch.context_lens, dtype=torch.int32)
         tables = block_table_tensor([t[: self.max_table] for t in batch.page_tables], torch.device("cpu"))
         self._upload(self.tokens[:bucket], ints[0])
@@ -321,9 +327,10 @@ class GraphExecutor:
         graph.replay()
         return out
 
-    def _check(self, batch: StepBatch, num_steps: int = 1, resume: bool = False) -> None:
-        """`batch` must fit, run for `num_steps` greedy steps; a resumed batch's token_ids are not read."""
-        if min(batch.query_lens, default=1) < 1 or (not resume and len(batch.token_ids) != sum(batch.query_lens)):
+    def _check(self, batch: StepBatch, num_steps: int = 1, no_tokens: bool = False) -> None:
+        """`batch` must fit, run for `num_steps` greedy steps; with `no_tokens` (a resumed batch, or one fed
+        from the device) its token_ids are not read."""
+        if min(batch.query_lens, default=1) < 1 or (not no_tokens and len(batch.token_ids) != sum(batch.query_lens)):
             raise ValueError("StepBatch: every sequence needs >= 1 new token and token_ids must hold all of them")
         for i, (context, table) in enumerate(zip(batch.context_lens, batch.page_tables, strict=True)):
             end = context + num_steps - 1

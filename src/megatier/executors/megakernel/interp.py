@@ -250,8 +250,7 @@ class Interpreter:
         step = int(bufs.state[1])
         for b in range(bufs.tokens.shape[0]):
             token = unpack_index(int(bufs.argmax[b]))
-            if step < bufs.out_tokens.shape[0]:
-                bufs.out_tokens[step, b] = token
+            bufs.out_tokens[step % bufs.out_tokens.shape[0], b] = token
             bufs.tokens[b] = token
         bufs.pos += 1
         bufs.argmax.zero_()

@@ -137,7 +137,7 @@ class StepBuffers:
     tokens: torch.Tensor  # int32 [B]: the token each sequence feeds this step
     pos: torch.Tensor  # int32 [B]: its position
     table: torch.Tensor  # int32 [B, max_pages]: page tables
-    out_tokens: torch.Tensor  # int64 [max_steps, B]: greedy token of each step
+    out_tokens: torch.Tensor  # int64 [ring rows, B], host memory (pinned with CUDA): step s's tokens in row s % rows
 
     @classmethod
     def allocate(cls, d: Dims, dtype: torch.dtype, device: torch.device | str, max_steps: int = 1) -> StepBuffers:
@@ -162,7 +162,7 @@ class StepBuffers:
             tokens=i32(b),
             pos=i32(b),
             table=i32(b, d.max_pages),
-            out_tokens=torch.zeros((max_steps, b), dtype=torch.int64, device=device),
+            out_tokens=torch.zeros((max_steps, b), dtype=torch.int64, pin_memory=torch.device(device).type == "cuda"),
         )
 
     def poison(self) -> None:
@@ -171,15 +171,22 @@ class StepBuffers:
             getattr(self, f).fill_(float("nan"))
 
     def load(self, token_ids: list[int], positions: list[int], page_tables: list[list[int]]) -> None:
-        """Set the step inputs of a decode batch and restart counters and step numbering."""
+        """Set the step inputs of a decode batch and restart counters and step numbering. Copies come
+        from pinned memory on CUDA: from pageable memory the driver first waits for the stream."""
         if any(len(t) > self.table.shape[1] for t in page_tables):
             raise ValueError(f"a page table is longer than the {self.table.shape[1]} pages of the cache")
-        table = torch.zeros(self.table.shape, dtype=torch.int32)
-        for b, t in enumerate(page_tables):
-            table[b, : len(t)] = torch.tensor(t, dtype=torch.int32)
-        self.table.copy_(table)
-        self.tokens.copy_(torch.tensor(token_ids, dtype=torch.int32))
-        self.pos.copy_(torch.tensor(positions, dtype=torch.int32))
+        b = len(token_ids)
+        ints = torch.zeros(2 * b + self.table.numel(), dtype=torch.int32)  # tokens | positions | tables
+        ints[:b] = torch.tensor(token_ids, dtype=torch.int32)
+        ints[b : 2 * b] = torch.tensor(positions, dtype=torch.int32)
+        tables = ints[2 * b :].view(self.table.shape)
+        for row, t in enumerate(page_tables):
+            tables[row, : len(t)] = torch.tensor(t, dtype=torch.int32)
+        if self.table.is_cuda:
+            ints = ints.pin_memory()
+        self.tokens.copy_(ints[:b], non_blocking=True)
+        self.pos.copy_(ints[b : 2 * b], non_blocking=True)
+        self.table.copy_(ints[2 * b :].view(self.table.shape), non_blocking=True)
         self.counters.zero_()
         self.state.zero_()
         self.argmax.zero_()

@@ -6,7 +6,8 @@ larger than MAX_BATCH go to a GraphExecutor that shares the KV cache and the pac
 `decode_greedy(batch, num_steps)` runs num_steps steps on the device with the greedy token fed back by
 the kernel itself, replaying a CUDA graph of one launch of `check_every` steps; `decode_greedy_async`
 queues them without waiting and can resume from the device state (base.AsyncGreedyDecoder), so the
-engine's host work overlaps the kernel.
+engine's host work overlaps the kernel. The kernel writes each step's tokens straight into a pinned
+host ring, so between two chunks the stream holds nothing but the next launch (and new page ids).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from megatier.kv.pages import KVCache
 from megatier.weights import ModelWeights
 
 DIAG_KINDS = {1: "a counter wait timed out", 2: "a weight chunk never arrived", 3: "the ring never drained"}
+RING_STEPS = 1024  # rows of the host token ring: steps queued before a chunk's tokens must be read
 
 
 class _TorchStream:
@@ -53,6 +55,8 @@ class _Variant:
     program: Program | None = None
     words: torch.Tensor | None = None
     lengths: torch.Tensor | None = None
+    next_row: int = 0  # the token ring's row of the next queued step (the kernel's step counter)
+    table_lens: list[int] | None = None  # page ids of each sequence already on the device
 
 
 class MegakernelExecutor:
@@ -92,6 +96,7 @@ class MegakernelExecutor:
         self.rope = rope_table(cfg, self.num_pages * self.page_size, self.device)
         self.diag = torch.zeros(16, dtype=torch.int32, pin_memory=True)  # host memory the kernel can write
         self._variants: dict[int, _Variant] = {}
+        self._programs: dict[tuple[int, int], tuple[Program, torch.Tensor, torch.Tensor]] = {}  # (batch, splits)
         self._graphs: dict[tuple[int, int, int], torch.cuda.CUDAGraph | None] = {}
         self.graph_error: str | None = None
         self._resume: tuple[str, list[int]] | None = None  # who ran the last greedy chunk, and its ends
@@ -129,17 +134,20 @@ class MegakernelExecutor:
             self._queue(v, n, k)
             done += n
             if stop_ids and done < num_steps:
-                out = v.bufs.out_tokens[:done]
-                if bool(torch.isin(out, torch.tensor(stop_ids, device=out.device)).any(0).all()):
+                self._check(v)
+                if bool(torch.isin(v.bufs.out_tokens[:done], torch.tensor(stop_ids)).any(0).all()):
                     break
         self._check(v)
-        return v.bufs.out_tokens[:done].clone()
+        return v.bufs.out_tokens[:done].to(self.device)
 
     @torch.inference_mode()
-    def decode_greedy_async(self, batch: StepBatch, num_steps: int, *, resume: bool = False) -> GreedyChunk:
+    def decode_greedy_async(
+        self, batch: StepBatch, num_steps: int, *, resume: bool = False, first_tokens: torch.Tensor | None = None
+    ) -> GreedyChunk:
         """num_steps greedy steps queued on the current stream without waiting; with `resume`, continued
-        from the previous chunk's device state (tokens, positions, epoch), only the page tables uploaded.
-        An abort the kernel reported in an earlier chunk raises here (its diagnostics are host memory)."""
+        from the previous chunk's device state (tokens, positions, epoch), only new page ids uploaded;
+        with `first_tokens` (device [B]), step 0 feeds those. An abort the kernel reported in an earlier
+        chunk raises here (its diagnostics are host memory)."""
         self._raise_if_aborted()
         if not batch.is_decode():
             raise MegatierError("decode_greedy_async needs a decode batch (one new token per sequence)")
@@ -150,15 +158,21 @@ class MegakernelExecutor:
             self._check_resume(batch, who)
         self._resume = (who, [s + num_steps for s in batch.starts])
         if who == "fallback":
-            return self.fallback.decode_greedy_async(batch, num_steps, resume=resume)
-        v = self._resume_variant(batch, num_steps) if resume else self._prepare(batch, steps=num_steps)
+            return self.fallback.decode_greedy_async(batch, num_steps, resume=resume, first_tokens=first_tokens)
+        if resume:
+            v = self._resume_variant(batch, num_steps)
+        else:
+            v = self._prepare(batch, steps=num_steps, first_tokens=first_tokens)
         self._queue(v, num_steps)
-        return GreedyChunk.copy_of(v.bufs.out_tokens[:num_steps])
+        chunk = GreedyChunk.rows_of(v.bufs.out_tokens, v.next_row, num_steps, torch.cuda.current_stream(self.device))
+        v.next_row += num_steps
+        return chunk
 
     def set_schedule(self, strategy: str, seed: int = 0, num_sms: int | None = None) -> None:
         """Assign instructions to SMs differently from the next step on (results must not change)."""
         available = torch.cuda.get_device_properties(self.device).multi_processor_count
         self.strategy, self.seed, self.num_sms = strategy, seed, num_sms or available
+        self._programs.clear()
         for v in self._variants.values():
             v.program = None
 
@@ -170,7 +184,7 @@ class MegakernelExecutor:
         """Launch an arbitrary program (say, one opcode with its waits removed) once on the current
         buffers. For per-opcode tests; the regular program is rebuilt on the next step."""
         v = self._variants[program.dims.batch]
-        self._install(v, program)
+        self._install(v, program, *self._encode(program))
         self._launch(v, program.num_sms)
         self._check(v)
         v.program = None
@@ -212,18 +226,18 @@ class MegakernelExecutor:
                 raise MegatierError(f"resume: sequence {i} starts at {start}, but the device state is at {end}")
 
     def _resume_variant(self, batch: StepBatch, num_steps: int) -> _Variant:
-        """The variant the previous chunk ran, its page tables refreshed and its step rows restarted;
-        tokens, positions, counters and the epoch stay as the kernel left them."""
+        """The variant the previous chunk ran, with the page ids its sequences gained uploaded; tokens,
+        positions, counters, the epoch and the token ring's row stay as the kernel left them."""
         ends = self._check_room(batch, num_steps)
         v = self._variants[batch.num_seqs]
         self._program(v, choose_splits(max(ends)))
         if v.bufs.out_tokens.shape[0] < num_steps:
             raise MegatierError(f"resume: {num_steps} steps exceed the {v.bufs.out_tokens.shape[0]} of the first chunk")
-        table = torch.zeros(v.bufs.table.shape, dtype=torch.int32, pin_memory=True)
-        for b, t in enumerate(batch.page_tables):
-            table[b, : len(t)] = torch.tensor(t, dtype=torch.int32)
-        v.bufs.table.copy_(table, non_blocking=True)
-        v.bufs.state[1:2].zero_()
+        for b, (table, have) in enumerate(zip(batch.page_tables, v.table_lens, strict=True)):
+            if len(table) > have:
+                new = torch.tensor(table[have:], dtype=torch.int32).pin_memory()
+                v.bufs.table[b, have : len(table)].copy_(new, non_blocking=True)
+        v.table_lens = [len(t) for t in batch.page_tables]
         return v
 
     def _raise_if_aborted(self) -> None:
@@ -246,42 +260,55 @@ class MegakernelExecutor:
                 )
         return ends
 
-    def _prepare(self, batch: StepBatch, steps: int) -> _Variant:
+    def _prepare(self, batch: StepBatch, steps: int, first_tokens: torch.Tensor | None = None) -> _Variant:
         ends = self._check_room(batch, steps)
         v = self._variant(batch.num_seqs, steps)
         self._program(v, choose_splits(max(ends)))
-        v.bufs.load(batch.token_ids, batch.starts, batch.page_tables)
+        token_ids = batch.token_ids if first_tokens is None else [0] * batch.num_seqs
+        v.bufs.load(token_ids, batch.starts, batch.page_tables)
+        if first_tokens is not None:
+            v.bufs.tokens.copy_(first_tokens)
+        v.next_row, v.table_lens = 0, [len(t) for t in batch.page_tables]
         return v
 
     def _variant(self, b: int, steps: int) -> _Variant:
         check_supported(self.cfg, b)
         v = self._variants.get(b)
         if v is not None and v.bufs.out_tokens.shape[0] < steps:
-            v.bufs.out_tokens = torch.zeros((steps, b), dtype=torch.int64, device=self.device)
+            v.bufs.out_tokens = torch.zeros((steps, b), dtype=torch.int64, pin_memory=True)
             self._write_params(v)
             self._graphs = {key: g for key, g in self._graphs.items() if key[0] != b}
         if v is None:
             kc = KernelConfig(self.cfg, b, self.page_size, self.num_pages, self.timeline, self.chunk_columns)
             kernel = _load_kernel(compile_cubin(kc), kc, self.device)
             dims = Dims.of(self.cfg, b, MAX_SPLITS, self.page_size, self.num_pages)
-            bufs = StepBuffers.allocate(dims, torch.bfloat16, self.device, max_steps=max(steps, 1))
+            bufs = StepBuffers.allocate(dims, torch.bfloat16, self.device, max_steps=max(steps, RING_STEPS))
             params = torch.zeros(len(PARAMS), dtype=torch.int64, device=self.device)
             v = _Variant(kc, kernel, bufs, params, None)
             self._variants[b] = v
         return v
 
     def _program(self, v: _Variant, splits: int) -> None:
+        """Switch v to the program for `splits`, built and validated once per (batch, splits): a Python
+        build and validation take over a second for Llama-3.2-1B, too long to repeat whenever a context
+        crosses a split boundary."""
         if v.program is not None and v.program.dims.splits == splits and v.program.num_sms == self.num_sms:
             return
-        dims = Dims.of(self.cfg, v.kc.batch, splits, self.page_size, self.num_pages)
-        program = build_program(dims, self.num_sms, self.strategy, self.seed)
-        if self.validate_programs:
-            validate(program)
-        self._install(v, program)
+        key = (v.kc.batch, splits)
+        if key not in self._programs:
+            dims = Dims.of(self.cfg, v.kc.batch, splits, self.page_size, self.num_pages)
+            program = build_program(dims, self.num_sms, self.strategy, self.seed)
+            if self.validate_programs:
+                validate(program)
+            self._programs[key] = (program, *self._encode(program))
+        self._install(v, *self._programs[key])
 
-    def _install(self, v: _Variant, program: Program) -> None:
+    def _encode(self, program: Program) -> tuple[torch.Tensor, torch.Tensor]:
         words, lengths = program.encode()
-        v.program, v.words, v.lengths = program, words.to(self.device), lengths.to(self.device)
+        return words.to(self.device), lengths.to(self.device)
+
+    def _install(self, v: _Variant, program: Program, words: torch.Tensor, lengths: torch.Tensor) -> None:
+        v.program, v.words, v.lengths = program, words, lengths
         if self.timeline:
             shape = (program.num_sms, words.shape[1] + 1, STAMPS)  # + the step-boundary row
             v.timeline = torch.zeros(shape, dtype=torch.int64, device=self.device)
@@ -309,7 +336,7 @@ class MegakernelExecutor:
         for name in ("tokens", "pos", "table", "out_tokens"):
             values[name] = ptr(getattr(bufs, name))
         host = torch.tensor([ctypes.c_int64(values[p]).value for p in PARAMS], dtype=torch.int64)
-        v.params.copy_(host)
+        v.params.copy_(host.pin_memory(), non_blocking=True)  # pageable would wait for the stream
 
     def _launch(self, v: _Variant, grid: int | None = None, steps: int = 1) -> None:
         from cuda.core import Device, LaunchConfig, launch

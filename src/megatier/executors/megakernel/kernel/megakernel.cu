@@ -20,8 +20,8 @@ __device__ void finalize_step(const Ctx& cx) {
     for (int b = 0; b < BATCH; ++b) {
         const unsigned long long key = __ldcg(reinterpret_cast<const unsigned long long*>(argmax + b));
         const int token = static_cast<int>(0xffffffffu - static_cast<uint32_t>(key));
-        if (step < static_cast<int>(params_smem(cx)[P_OUT_CAP]))
-            param<long long>(cx, P_OUT_TOKENS)[(size_t)step * BATCH + b] = token;
+        const int row = step % static_cast<int>(params_smem(cx)[P_OUT_CAP]);  // a ring in host memory
+        param<long long>(cx, P_OUT_TOKENS)[(size_t)row * BATCH + b] = token;
         param<int>(cx, P_TOKENS)[b] = token;
         param<int>(cx, P_POS)[b] = __ldcg(param<int>(cx, P_POS) + b) + 1;
         argmax[b] = 0;
