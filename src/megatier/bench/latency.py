@@ -28,7 +28,9 @@ def time_generation(llm, prompts: list[list[int]], output_len: int) -> tuple[flo
     """(seconds until every sequence has its first token, seconds per decode step of the whole batch
     after that). Prompts are prefilled in chunks, so early sequences start decoding while later ones
     prefill; the step time is therefore the time from the last first token to the end, over the tokens
-    decoded in it, times the batch size (for one sequence: (end - first token) / (output_len - 1))."""
+    decoded in it, times the batch size (for one sequence: (end - first token) / (output_len - 1), the
+    time per output token as vLLM's benchmarks define it). The first token counts when the host has it:
+    no device sync there, since the engine may already have queued the next steps behind the prefill."""
     engine, device = llm.engine, llm.device
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
     _sync(device)
@@ -41,7 +43,6 @@ def time_generation(llm, prompts: list[list[int]], output_len: int) -> tuple[flo
             produced[update.request_id] += len(update.new_token_ids)
             decoded += len(update.new_token_ids) if t_first is not None else 0
         if t_first is None and all(produced.values()):
-            _sync(device)
             t_first = time.perf_counter()
     _sync(device)
     t_end = time.perf_counter()
