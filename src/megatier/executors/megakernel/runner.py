@@ -275,6 +275,7 @@ class MegakernelExecutor:
         check_supported(self.cfg, b)
         v = self._variants.get(b)
         if v is not None and v.bufs.out_tokens.shape[0] < steps:
+            torch.cuda.synchronize(self.device)  # no launch may still write the old ring once it is freed
             v.bufs.out_tokens = torch.zeros((steps, b), dtype=torch.int64, pin_memory=True)
             self._write_params(v)
             self._graphs = {key: g for key, g in self._graphs.items() if key[0] != b}
