@@ -1,7 +1,7 @@
 """Where a decode step's time goes through the whole engine: `bench latency`'s batch-1 workload under
 torch.profiler, the device's timeline split into kernels, copies and idle gaps.
 
-    PYTHONPATH=src python3 scripts/gpu_engine_trace.py --out DIR [--backend megakernel] [--steps-per-sync 8,16]
+    PYTHONPATH=src python3 scripts/gpu_engine_trace.py --out DIR [--backend megakernel] [--decode-kernel megakernel] [--steps-per-sync 8,16]
 
 For each steps-per-sync value: the engine-level step time (median of 3, as `bench latency` measures it),
 then one traced generation: from the first token to the end, how long the device ran the decode kernel,
@@ -82,6 +82,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--backend", default="megakernel")
+    parser.add_argument("--decode-kernel", default="megakernel", help="a name part of the kernels that decode")
     parser.add_argument("--steps-per-sync", default="8")
     parser.add_argument("--input-len", type=int, default=32)
     parser.add_argument("--output-len", type=int, default=128)
@@ -94,7 +95,6 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "runs": {},
     }
-    kernel = "megakernel" if args.backend == "megakernel" else ""
     for k in (int(s) for s in args.steps_per_sync.split(",")):
         llm = LLM(
             "llama-3.2-1b", device="cuda", load_format="dummy", backend=args.backend, max_model_len=4096,
@@ -105,7 +105,7 @@ def main() -> None:
         time_generation(llm, [prompt], 8)
         steps = [time_generation(llm, [prompt], args.output_len)[1] * 1e6 for _ in range(3)]
         run = {"step_us": statistics.median(steps), "step_us_all": steps}
-        run |= split_timeline(traced_generation(llm, prompt, args.output_len), kernel or "gemv")
+        run |= split_timeline(traced_generation(llm, prompt, args.output_len), args.decode_kernel)
         decode_steps = args.output_len - 1
         run["decode_kernel_us_per_step"] = run["busy_us"].get("decode kernel", 0.0) / decode_steps
         run["span_us_per_step"] = run["span_us"] / decode_steps

@@ -1,10 +1,10 @@
 """A small program for Nsight Compute to profile: warm megakernel launches on dummy Llama-3.2-1B.
 
     ncu --clock-control none -k regex:megakernel --launch-skip 2 --launch-count 1 --section WarpStateStats \
-        --section SourceCounters -o DIR/mk python3 scripts/gpu_ncu_target.py [--batch 1] [--steps 2]
+        --section SourceCounters -o DIR/mk python3 scripts/gpu_ncu_target.py [--batch 1]
 
-Launch 0 compiles and captures nothing (plain launches: ncu replays each one alone); `--launches` launches
-of `--steps` steps each follow, from a 32-token context.
+`--launches` + 1 plain launches (no CUDA graph: ncu replays each one alone) of one decode step each, from
+a 32-token context; the first compiles the kernel.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ CUDA = torch.device("cuda")
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--launches", type=int, default=4)
     args = parser.parse_args()
     cfg = llama_1b_config()
@@ -37,13 +36,11 @@ def main() -> None:
     garbage_kv(cache)
     ex = MegakernelExecutor(cfg, weights, cache=cache)
     lengths = [32] * args.batch
-    tables = page_tables([n + args.steps * (args.launches + 1) for n in lengths], 16, cache.num_pages)
+    tables = page_tables([n + 1 for n in lengths], 16, cache.num_pages)
     prompts = random_prompts(lengths, cfg.vocab_size, seed=1)
+    batch = StepBatch([p[-1] for p in prompts], lengths, [1] * args.batch, tables)
     for _ in range(args.launches + 1):
-        batch = StepBatch([p[-1] for p in prompts], lengths, [1] * args.batch, tables)
-        v = ex._prepare(batch, steps=args.steps)
-        ex._launch(v, steps=args.steps)
-        ex._check(v)
+        ex.forward(batch)
     print("launches done", flush=True)
 
 
