@@ -21,6 +21,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from timeline_phases import load as load_timeline
+from timeline_phases import phases
 
 from megakernel_helpers import dummy_weights, garbage_kv, llama_1b_config, page_tables, random_prompts
 from megatier.bench.common import git_commit
@@ -99,6 +103,7 @@ def main() -> None:
     )
     parser.add_argument("--lean", action="store_true", help="only this kernel, the variants and the timeline")
     parser.add_argument("--timeline-of", default="", help="take the timeline with this variant (PKG[@ENV=VALUE...])")
+    parser.add_argument("--timeline-batches", default="1", help="comma list of batch sizes (1 and/or 8) to record")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     props = torch.cuda.get_device_properties(CUDA)
@@ -153,12 +158,14 @@ def main() -> None:
 
     stage("greedy_agreement_128", agreement)
 
+    main_tokens: dict[int, torch.Tensor] = {}  # this kernel's 128 greedy tokens per batch size
+
     def strategies(batch):
         out = {}
         for strategy in ("round_robin",) if args.lean else ("balanced", "round_robin"):
             ex.set_schedule(strategy)
             r = time_decode(ex, batch, 128, reps)
-            r.pop("tokens")
+            main_tokens[len(batch.token_ids)] = r.pop("tokens").cpu()
             out[strategy] = r
         return out
 
@@ -179,7 +186,9 @@ def main() -> None:
         executor = make()
         out = {}
         for name, batch in (("batch1_ctx32", b1), ("batch8_mixed", b8)):
-            out[name] = {k: v for k, v in time_decode(executor, batch, 128, reps).items() if k != "tokens"}
+            r = time_decode(executor, batch, 128, reps)
+            tokens, mine = r.pop("tokens").cpu(), main_tokens.get(len(batch.token_ids))
+            out[name] = {**r, "tokens_equal_this_kernel": None if mine is None else bool(torch.equal(tokens, mine))}
         del executor
         torch.cuda.empty_cache()
         return out
@@ -236,23 +245,29 @@ def main() -> None:
         stage("batch1_ctx4k_32steps", long_context(4096))
         stage("batch1_ctx16k_32steps", long_context(16384))
 
-    def timeline():
-        cache.kv.copy_(saved)
-        make = carried_executor(args.timeline_of, strategy=best_strategy) if args.timeline_of else None
-        ext = (
-            make(timeline=True)
-            if make
-            else MegakernelExecutor(cfg, weights, cache=cache, timeline=True, strategy=best_strategy)
-        )
-        ext.decode_greedy(b1, 4)
-        program, stamps = ext.timeline_data(1)
-        title = f"Llama-3.2-1B batch 1, {props.name}, {best_strategy} schedule"
-        render_gantt(program, stamps, args.out / "megakernel_timeline.png", title)
-        torch.save({"stamps": stamps, "queues": [[i.encode() for i in q] for q in program.queues]},
-                   args.out / "megakernel_timeline.pt")  # fmt: skip
-        return summarize(program, stamps)
+    def timeline(batch: StepBatch):
+        def run():
+            cache.kv.copy_(saved)
+            make = carried_executor(args.timeline_of, strategy=best_strategy) if args.timeline_of else None
+            ext = (
+                make(timeline=True)
+                if make
+                else MegakernelExecutor(cfg, weights, cache=cache, timeline=True, strategy=best_strategy)
+            )
+            n = len(batch.token_ids)
+            ext.decode_greedy(batch, 4)
+            program, stamps = ext.timeline_data(n)
+            title = f"Llama-3.2-1B batch {n}, {props.name}, {best_strategy} schedule"
+            suffix = "" if n == 1 else f"_b{n}"
+            render_gantt(program, stamps, args.out / f"megakernel_timeline{suffix}.png", title)
+            pt = args.out / f"megakernel_timeline{suffix}.pt"
+            torch.save({"stamps": stamps, "queues": [[i.encode() for i in q] for q in program.queues]}, pt)
+            return {**summarize(program, stamps), "phases": phases(*load_timeline(pt))}
 
-    stage("timeline_batch1", timeline)
+        return run
+
+    for n in map(int, filter(None, args.timeline_batches.split(","))):
+        stage(f"timeline_batch{n}", timeline({1: b1, 8: b8}[n]))
 
     print("\n=== megakernel summary ===")
     print(f"copy bandwidth {res['copy_bw_GBps']:.0f} GB/s, weight floor {floor:.1f} us/step")
@@ -263,7 +278,13 @@ def main() -> None:
                 print(
                     f"{key:26s} {name:12s} {v['us_per_step']:8.1f} us/step (min {v['min_us']:.1f} max {v['max_us']:.1f})"
                 )
-    for key in ("batch1_steps_per_launch", "batch1_ctx4k_32steps", "batch1_ctx16k_32steps", "timeline_batch1"):
+    for key in (
+        "batch1_steps_per_launch",
+        "batch1_ctx4k_32steps",
+        "batch1_ctx16k_32steps",
+        "timeline_batch1",
+        "timeline_batch8",
+    ):
         print(f"{key:26s} {str(res.get(key))[:300]}")
     agree = dict(res.get("greedy_agreement_128") or {})
     agree.pop("tokens", None)
