@@ -296,62 +296,90 @@ __device__ __forceinline__ NormWeights load_norm_weights(const Ctx& cx, const bf
     return nw;
 }
 
-__device__ __forceinline__ float4 load_input4(const Ctx& cx, bool from_embed, int b, int e) {
-    if (from_embed) {
+// Sequences whose inputs one pass of stage_norm holds in registers (at most 16 float4s a thread): their
+// loads are all issued before any is used, so a pass costs one L2 round trip whatever the batch.
+constexpr int NORM_GROUP = BATCH * NORM_NV <= 16 ? BATCH : (16 / NORM_NV > 0 ? 16 / NORM_NV : 1);
+
+template <bool EMBED>
+__device__ __forceinline__ float4 load_input4(const Ctx& cx, int b, int e) {
+    if (EMBED) {
         const uint2 raw = __ldg(reinterpret_cast<const uint2*>(param<bf16>(cx, P_EMBED) + (size_t)token_of(cx, b) * HIDDEN + e));
         return make_float4(bf16_lo(raw.x), bf16_hi(raw.x), bf16_lo(raw.y), bf16_hi(raw.y));
     }
     return ld_cg(reinterpret_cast<const float4*>(param<float>(cx, P_RESID) + b * HIDDEN + e));
 }
 
-__device__ void stage_norm(const Ctx& cx, bool from_embed, const NormWeights& nw) {
-    constexpr int NV = NORM_NV;
-    constexpr int KEEP = BATCH <= 2 ? BATCH : 0;  // sequences whose inputs stay in registers
-    float4 x[KEEP ? KEEP : 1][NV];
-    float* stat = stat_smem(cx);
+template <bool EMBED>
+__device__ __forceinline__ void load_inputs(const Ctx& cx, int b0, float4 (&x)[NORM_GROUP][NORM_NV]) {
 #pragma unroll
-    for (int b = 0; b < BATCH; ++b) {
-        float ss = 0.f;
+    for (int g = 0; g < NORM_GROUP; ++g)
 #pragma unroll
-        for (int v = 0; v < NV; ++v) {
+        for (int v = 0; v < NORM_NV; ++v) {
             const int e = (cx.tid + v * NCT) * 4;
-            const float4 xi = e < HIDDEN ? load_input4(cx, from_embed, b, e) : make_float4(0.f, 0.f, 0.f, 0.f);
-            if (b < KEEP) x[b][v] = xi;
-            ss += xi.x * xi.x + xi.y * xi.y + xi.z * xi.z + xi.w * xi.w;
+            x[g][v] = b0 + g < BATCH && e < HIDDEN ? load_input4<EMBED>(cx, b0 + g, e) : make_float4(0.f, 0.f, 0.f, 0.f);
         }
-#pragma unroll
-        for (int off = 16; off > 0; off >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, off);
-        if (cx.lane == 0) stat[cx.warp * BATCH + b] = ss;
-    }
-    consumer_bar();
+}
+
+__device__ void stage_norm(const Ctx& cx, bool from_embed, const NormWeights& nw) {
+    float* stat = stat_smem(cx);
     bf16* act = act_smem(cx);
+    for (int b0 = 0; b0 < BATCH; b0 += NORM_GROUP) {
+        float4 x[NORM_GROUP][NORM_NV];
+        if (from_embed) load_inputs<true>(cx, b0, x);
+        else load_inputs<false>(cx, b0, x);
 #pragma unroll
-    for (int b = 0; b < BATCH; ++b) {
-        float total = 0.f;
-        for (int w = 0; w < NUM_CONSUMER_WARPS; ++w) total += stat[w * BATCH + b];
-        const float r = rsqrtf(total / HIDDEN + EPS);
+        for (int g = 0; g < NORM_GROUP; ++g) {
+            float ss = 0.f;
 #pragma unroll
-        for (int v = 0; v < NV; ++v) {
-            const int e = (cx.tid + v * NCT) * 4;
-            if (e >= HIDDEN) continue;
-            const float4 xi = b < KEEP ? x[b < KEEP ? b : 0][v] : load_input4(cx, from_embed, b, e);
-            const uint2 wr = nw.w[v];
-            bf16* dst = act + b * ACT_STRIDE + e;
-            dst[0] = __float2bfloat16(xi.x * r * bf16_lo(wr.x));
-            dst[1] = __float2bfloat16(xi.y * r * bf16_hi(wr.x));
-            dst[2] = __float2bfloat16(xi.z * r * bf16_lo(wr.y));
-            dst[3] = __float2bfloat16(xi.w * r * bf16_hi(wr.y));
+            for (int v = 0; v < NORM_NV; ++v) ss += x[g][v].x * x[g][v].x + x[g][v].y * x[g][v].y + x[g][v].z * x[g][v].z + x[g][v].w * x[g][v].w;
+#pragma unroll
+            for (int off = 16; off > 0; off >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, off);
+            if (cx.lane == 0 && b0 + g < BATCH) stat[cx.warp * BATCH + b0 + g] = ss;
+        }
+        consumer_bar();
+#pragma unroll
+        for (int g = 0; g < NORM_GROUP; ++g) {
+            const int b = b0 + g;
+            if (b >= BATCH) break;
+            float total = 0.f;
+            for (int w = 0; w < NUM_CONSUMER_WARPS; ++w) total += stat[w * BATCH + b];
+            const float r = rsqrtf(total / HIDDEN + EPS);
+#pragma unroll
+            for (int v = 0; v < NORM_NV; ++v) {
+                const int e = (cx.tid + v * NCT) * 4;
+                if (e >= HIDDEN) continue;
+                const float4 xi = x[g][v];
+                const uint2 wr = nw.w[v];
+                bf16* dst = act + b * ACT_STRIDE + e;
+                dst[0] = __float2bfloat16(xi.x * r * bf16_lo(wr.x));
+                dst[1] = __float2bfloat16(xi.y * r * bf16_hi(wr.x));
+                dst[2] = __float2bfloat16(xi.z * r * bf16_lo(wr.y));
+                dst[3] = __float2bfloat16(xi.w * r * bf16_hi(wr.y));
+            }
         }
     }
     consumer_bar();
 }
 
-// A bf16 activation [BATCH][K] written by other SMs this step, copied as is.
-__device__ void stage_copy(const Ctx& cx, const bf16* src, int K) {
+// A bf16 activation [BATCH][K] written by other SMs this step, copied as is: up to 4 loads a thread in
+// flight before any is stored, so a batch of 8 costs two L2 round trips, not one per sequence.
+template <int K>
+__device__ void stage_copy(const Ctx& cx, const bf16* src) {
+    constexpr int PIECES = BATCH * K / 8, PER = (PIECES + NCT - 1) / NCT, ROUND = PER < 4 ? PER : 4;
     bf16* act = act_smem(cx);
-    for (int b = 0; b < BATCH; ++b)
-        for (int e = cx.tid * 8; e < K; e += NCT * 8)
-            *reinterpret_cast<uint4*>(act + b * ACT_STRIDE + e) = ld_cg(reinterpret_cast<const uint4*>(src + b * K + e));
+    for (int j0 = 0; j0 < PER; j0 += ROUND) {
+        uint4 v[ROUND];
+#pragma unroll
+        for (int j = 0; j < ROUND; ++j) {
+            const int idx = cx.tid + (j0 + j) * NCT;
+            if (idx < PIECES) v[j] = ld_cg(reinterpret_cast<const uint4*>(src) + idx);
+        }
+#pragma unroll
+        for (int j = 0; j < ROUND; ++j) {
+            const int idx = cx.tid + (j0 + j) * NCT;
+            if (idx < PIECES) *reinterpret_cast<uint4*>(act + idx / (K / 8) * ACT_STRIDE + idx % (K / 8) * 8) = v[j];
+        }
+    }
     consumer_bar();
 }
 

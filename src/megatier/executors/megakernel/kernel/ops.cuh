@@ -20,33 +20,33 @@ __device__ __forceinline__ void store_qkv(const Ctx& cx, int l, int j, int kind,
 // Later tiles (only on very small grids) compute theirs in the epilogue.
 constexpr int PREP = 4;
 
-template <class T>
-__device__ __forceinline__ T pick(const T (&vals)[PREP], int k) {
+template <class T, int N>
+__device__ __forceinline__ T pick(const T (&vals)[N], int k) {
     T out = vals[0];
 #pragma unroll
-    for (int i = 1; i < PREP; ++i)
+    for (int i = 1; i < N; ++i)
         if (k == i) out = vals[i];
     return out;
 }
 
-// Finish rows [r0, r0 + nrows) of QKV head j, buffered in head_smem in packed order: bias, q/k RMSNorm
-// (whole heads only), RoPE on the pairs (r, r + 8) of each tile, then store q or append K/V at each
-// sequence's position. Packed row r of a q/k head is dim 8 * (r / 16) + r % 16, plus head_dim/2 if r % 16
-// >= 8; v heads are in natural order.
-__device__ void finish_head(Ctx& cx, int l, int j, int r0, int nrows) {
+// Finish QKV head j of a model with q/k RMSNorm, buffered in head_smem in packed order: bias, q/k
+// RMSNorm, RoPE on the pairs (r, r + 8) of each tile, then store q or append K/V at each sequence's
+// position. Packed row r of a q/k head is dim 8 * (r / 16) + r % 16, plus head_dim/2 if r % 16 >= 8; v
+// heads are in natural order.
+__device__ void finish_head(Ctx& cx, int l, int j) {
     float* y = head_smem(cx);  // [HEAD_DIM][BATCH]
     consumer_bar();
     const int kind = j < HEADS ? 0 : (j < HEADS + KV_HEADS ? 1 : 2);  // q, k, v
     auto dim = [&](int r) { return kind == 2 ? r : 8 * (r / 16) + (r % 16) % 8 + (r % 16 >= 8 ? HEAD_DIM / 2 : 0); };
     if (QKV_BIAS) {
         const bf16* bias = param<bf16>(cx, P_QKV_BIAS) + (size_t)l * QKV_ROWS + j * HEAD_DIM;
-        for (int idx = cx.tid; idx < nrows * BATCH; idx += NCT) {
-            const int r = r0 + idx / BATCH;
+        for (int idx = cx.tid; idx < HEAD_DIM * BATCH; idx += NCT) {
+            const int r = idx / BATCH;
             y[r * BATCH + idx % BATCH] += bf16_to_float(bias[r]);
         }
         consumer_bar();
     }
-    if (QK_NORM && kind < 2) {
+    if (kind < 2) {
         float* rn = stat_smem(cx);
         if (cx.tid < BATCH) {
             float ss = 0.f;
@@ -62,29 +62,29 @@ __device__ void finish_head(Ctx& cx, int l, int j, int r0, int nrows) {
     auto store = [&](int b, int d, float v) { store_qkv(cx, l, j, kind, b, d, v); };
     if (kind < 2) {
         const float2* rope = reinterpret_cast<const float2*>(param<float>(cx, P_ROPE));  // [position][HEAD_DIM/2]
-        for (int idx = cx.tid; idx < (nrows / 2) * BATCH; idx += NCT) {
+        for (int idx = cx.tid; idx < (HEAD_DIM / 2) * BATCH; idx += NCT) {
             const int p = idx / BATCH, b = idx % BATCH;
-            const int r = r0 + (p / 8) * 16 + p % 8, i = dim(r);
+            const int r = (p / 8) * 16 + p % 8, i = dim(r);
             const float2 cs = __ldg(rope + (size_t)pos_of(cx, b) * (HEAD_DIM / 2) + i);
             const float lo = y[r * BATCH + b], hi = y[(r + 8) * BATCH + b];
             store(b, i, lo * cs.x - hi * cs.y);
             store(b, i + HEAD_DIM / 2, hi * cs.x + lo * cs.y);
         }
     } else {
-        for (int idx = cx.tid; idx < nrows * BATCH; idx += NCT) {
-            const int r = r0 + idx / BATCH;
+        for (int idx = cx.tid; idx < HEAD_DIM * BATCH; idx += NCT) {
+            const int r = idx / BATCH;
             store(idx % BATCH, r, y[r * BATCH + idx % BATCH]);
         }
     }
     consumer_bar();
 }
 
-// Where the DIRECT QKV epilogue puts output (tile, row, b), with its RoPE rotation and bias: all
-// step-invariant, so computed before the counter wait.
+// Where the DIRECT QKV epilogue puts output (tile, row, b), with its RoPE rotation and the biases of its
+// row and of its RoPE partner (row ^ 8): all step-invariant, so computed before the counter wait.
 struct QkvOut {
     void* dst;  // float* into q, or bf16* into the KV cache
     float2 cs;  // (cos, sin) of the element's RoPE pair; (1, 0) for v
-    float bias;
+    float bias, partner_bias;
 };
 
 __device__ QkvOut qkv_out(const Ctx& cx, int l, int tile, int row, int b) {
@@ -93,12 +93,16 @@ __device__ QkvOut qkv_out(const Ctx& cx, int l, int tile, int row, int b) {
     const bool first = row < 8;
     const int i = 8 * lt + (first ? row : row - 8);  // RoPE pair index, < HEAD_DIM / 2
     int d = lt * TILE + row;                          // v rows are in natural order
-    QkvOut o{nullptr, make_float2(1.f, 0.f), 0.f};
+    QkvOut o{nullptr, make_float2(1.f, 0.f), 0.f, 0.f};
     if (kind < 2) {
         o.cs = __ldg(reinterpret_cast<const float2*>(param<float>(cx, P_ROPE)) + (size_t)pos_of(cx, b) * (HEAD_DIM / 2) + i);
         d = first ? i : i + HEAD_DIM / 2;
     }
-    if (QKV_BIAS) o.bias = bf16_to_float(param<bf16>(cx, P_QKV_BIAS)[(size_t)l * QKV_ROWS + tile * TILE + row]);
+    if (QKV_BIAS) {
+        const bf16* bias = param<bf16>(cx, P_QKV_BIAS) + (size_t)l * QKV_ROWS + tile * TILE;
+        o.bias = bf16_to_float(bias[row]);
+        o.partner_bias = bf16_to_float(bias[row ^ 8]);
+    }
     if (kind == 0) {
         o.dst = param<float>(cx, P_Q) + b * Q_SIZE + j * HEAD_DIM + d;
     } else {
@@ -108,19 +112,21 @@ __device__ QkvOut qkv_out(const Ctx& cx, int l, int tile, int row, int b) {
     return o;
 }
 
-// 16-row tiles of the packed q|k|v matrix after one RMSNorm. Without q/k norms and with at most two
-// sequences, the 16 * BATCH epilogue threads are lanes of warp 0 and each RoPE pair (rows r, r ^ 8) is
-// finished right there with a shuffle; otherwise heads are finished through shared memory, tile by tile
-// (whole heads when q/k are normed, which the schedule guarantees to be in one instruction).
+// 16-row tiles of the packed q|k|v matrix after one RMSNorm. Without q/k norms the 16 * BATCH epilogue
+// threads finish each RoPE pair (rows r, r ^ 8) right there: the partner's value comes by a shuffle when
+// it is a lane of the same warp (at most two sequences), otherwise it is summed again from the warps'
+// partials in the same order its owner sums them. With q/k norms, heads are finished through shared
+// memory, whole heads (which the schedule guarantees to be in one instruction).
 __device__ bool op_qkv(Ctx& cx, const int* in) {
     constexpr int TPH = HEAD_DIM / TILE;
-    constexpr bool DIRECT = !QK_NORM && BATCH <= 2;
+    constexpr bool DIRECT = !QK_NORM, SHUFFLE = BATCH <= 2;
+    constexpr int NPREP = SHUFFLE ? PREP : 1;  // fewer registers held across the wait at larger batches
     const int l = field(in, F_LAYER), t0 = field(in, F_A0), tiles = field(in, F_A1) - t0;
     const int row = cx.tid / BATCH, b = cx.tid % BATCH;
-    QkvOut prep[PREP];
+    QkvOut prep[NPREP];
     if (DIRECT && cx.tid < TILE * BATCH) {
 #pragma unroll
-        for (int k = 0; k < PREP; ++k)
+        for (int k = 0; k < NPREP; ++k)
             if (k < tiles) prep[k] = qkv_out(cx, l, t0 + k, row, b);
     }
     const NormWeights nw = load_norm_weights(cx, param<bf16>(cx, P_IN_NORM) + l * HIDDEN);
@@ -135,9 +141,17 @@ __device__ bool op_qkv(Ctx& cx, const int* in) {
                 y[(lt * TILE + row) * BATCH + b] = v;
                 return;
             }
-            const QkvOut o = k < PREP ? pick(prep, k) : qkv_out(cx, l, tile, row, b);
+            const QkvOut o = k < NPREP ? pick(prep, k) : qkv_out(cx, l, tile, row, b);
             v += o.bias;
-            const float partner = __shfl_xor_sync(BATCH == 1 ? 0xffffu : 0xffffffffu, v, 8 * BATCH);
+            float partner;
+            if constexpr (SHUFFLE) {
+                partner = __shfl_xor_sync(BATCH == 1 ? 0xffffu : 0xffffffffu, v, 8 * BATCH);
+            } else {
+                const float* red = red_smem(cx, cx.rbuf);
+                partner = 0.f;
+                for (int w = 0; w < NUM_CONSUMER_WARPS; ++w) partner += red[(w * TILE + (row ^ 8)) * 8 + b];
+                partner += o.partner_bias;
+            }
             const int j = tile / TPH;
             if (j < HEADS + KV_HEADS) {  // q or k: rotate the pair (row, row ^ 8)
                 const bool first = row < 8;
@@ -149,9 +163,7 @@ __device__ bool op_qkv(Ctx& cx, const int* in) {
         },
         [&](int k) {
             const int tile = t0 + k, lt = tile % TPH;
-            if (DIRECT) return;
-            if (!QK_NORM) finish_head(cx, l, tile / TPH, lt * TILE, TILE);
-            else if (lt == TPH - 1) finish_head(cx, l, tile / TPH, 0, HEAD_DIM);
+            if (!DIRECT && lt == TPH - 1) finish_head(cx, l, tile / TPH);
         });
     signal(cx, field(in, F_SIG_CTR), field(in, F_SIG_AMOUNT));
     return true;
@@ -167,8 +179,8 @@ __device__ __forceinline__ float residual_base(const Ctx& cx, bool embed, const 
 
 // OPROJ and DOWN: staged activations (attention output, or SiLU output) times weight rows, added to the
 // residual. The residual rows are loaded right after the wait, alongside the activations.
-template <bool STREAM, int OP>
-__device__ bool residual_matmul(Ctx& cx, const int* in, bool embed, const bf16* bias, const bf16* src, int K) {
+template <bool STREAM, int OP, int K>
+__device__ bool residual_matmul(Ctx& cx, const int* in, bool embed, const bf16* bias, const bf16* src) {
     const int t0 = field(in, F_A0), tiles = field(in, F_A1) - t0;
     const int row = cx.tid / BATCH, b = cx.tid % BATCH;
     const bool owner = cx.tid < TILE * BATCH;
@@ -179,7 +191,7 @@ __device__ bool residual_matmul(Ctx& cx, const int* in, bool embed, const bf16* 
         for (int k = 0; k < PREP; ++k)
             if (k < tiles) base[k] = residual_base(cx, embed, bias, (t0 + k) * TILE + row, b);
     }
-    if (!STREAM) stage_copy(cx, src, K);
+    if (!STREAM) stage_copy<K>(cx, src);
     float* resid = param<float>(cx, P_RESID);
     run_tiles<STREAM, OP>(
         cx, in, NoPrefetch{},
@@ -196,7 +208,7 @@ __device__ bool residual_matmul(Ctx& cx, const int* in, bool embed, const bf16* 
 __device__ bool op_oproj(Ctx& cx, const int* in) {
     const int l = field(in, F_LAYER);
     const bf16* bias = O_BIAS ? param<bf16>(cx, P_O_BIAS) + l * HIDDEN : nullptr;
-    return residual_matmul<false, OP_OPROJ>(cx, in, l == 0, bias, param<bf16>(cx, P_ATTN_OUT), Q_SIZE);
+    return residual_matmul<false, OP_OPROJ, Q_SIZE>(cx, in, l == 0, bias, param<bf16>(cx, P_ATTN_OUT));
 }
 
 // RMSNorm -> gate and up rows (alternating tiles) -> SiLU(gate) * up, rounded to bf16.
@@ -232,7 +244,7 @@ __device__ bool op_gateup(Ctx& cx, const int* in) {
 __device__ bool op_down(Ctx& cx, const int* in) {
     const int l = field(in, F_LAYER);
     const bf16* bias = MLP_BIAS ? param<bf16>(cx, P_DOWN_BIAS) + l * HIDDEN : nullptr;
-    return residual_matmul<STREAM_DOWN_ACT != 0, OP_DOWN>(cx, in, false, bias, param<bf16>(cx, P_ACT), INTER);
+    return residual_matmul<STREAM_DOWN_ACT != 0, OP_DOWN, INTER>(cx, in, false, bias, param<bf16>(cx, P_ACT));
 }
 
 // (logit, index) packed so that the unsigned maximum is the largest logit, then the smallest index.
