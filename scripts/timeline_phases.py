@@ -3,11 +3,11 @@
     python scripts/timeline_phases.py DIR/megakernel_timeline.pt [--json OUT]
 
 The .pt file is what `scripts/gpu_megakernel.py` saves (stamps and encoded queues). Times are in µs from
-the end of the previous layer's last DOWN instruction (for layer 0: from the earliest step start), taken
-as the median over the middle layers (1 .. layers - 2): for each opcode when its instructions are ready
-(counter satisfied), when their signal starts and when they end (median and max over SMs), split by the
-number of tiles an instruction holds. Then the LM head and the step boundary (exit add, finalize, next
-step start).
+the end of the previous layer's last DOWN instruction, taken as the median over the middle layers
+(1 .. layers - 2): for each opcode when its instructions are ready (counter satisfied), how long they work
+until their signal, their release add's fence, and when they end (median and max over SMs), also split
+by the number of tiles an instruction holds. Then layer 0 from the step start, the LM head from the last
+DOWN, and the step boundary (exit adds and the finalizing CTA).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def size_of(instr: Instr) -> int:
 
 def phases(queues: list[list[Instr]], stamps: torch.Tensor) -> dict:
     layers = 1 + max(i.layer for q in queues for i in q)
-    by_layer: dict[int, list[tuple[int, Instr, list[int]]]] = defaultdict(list)
+    by_layer: dict[tuple[int, bool], list[tuple[int, Instr, list[int]]]] = defaultdict(list)  # (layer, LM head)
     for sm, queue in enumerate(queues):
         for k, instr in enumerate(queue):
             st = [int(x) for x in stamps[sm, k]]
@@ -88,7 +88,7 @@ def phases(queues: list[list[Instr]], stamps: torch.Tensor) -> dict:
     }
     if exit_issued and finalize:
         last_head = max(st[END] for _, _, st in head)
-        f = finalize[0]
+        f = max(finalize, key=lambda b: b[3])  # the step recorded last; a row may hold an older finalize
         out["step_boundary_us"] = {
             "last_exit_add_after_last_lmhead": round((max(exit_issued) - last_head) / 1e3, 2),
             "finalize_start_after_last_lmhead": round((f[3] - last_head) / 1e3, 2),
