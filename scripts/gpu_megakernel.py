@@ -105,6 +105,9 @@ def main() -> None:
     parser.add_argument("--timeline-of", default="", help="take the timeline with this variant (PKG[@ENV=VALUE...])")
     parser.add_argument("--timeline-batches", default="1", help="comma list of batch sizes (1 and/or 8) to record")
     args = parser.parse_args()
+    timeline_batches = [int(n) for n in filter(None, args.timeline_batches.split(","))]
+    if not set(timeline_batches) <= {1, 8}:
+        parser.error(f"--timeline-batches: only 1 and 8 are recorded, got {args.timeline_batches!r}")
     args.out.mkdir(parents=True, exist_ok=True)
     props = torch.cuda.get_device_properties(CUDA)
     res: dict = {
@@ -266,7 +269,7 @@ def main() -> None:
 
         return run
 
-    for n in map(int, filter(None, args.timeline_batches.split(","))):
+    for n in timeline_batches:
         stage(f"timeline_batch{n}", timeline({1: b1, 8: b8}[n]))
 
     print("\n=== megakernel summary ===")

@@ -17,7 +17,7 @@ __device__ __forceinline__ void store_qkv(const Ctx& cx, int l, int j, int kind,
 
 // The first few entries of a per-tile value computed before an instruction's counter wait (step-invariant
 // inputs, or loads issued together right after it), so that no epilogue waits on a global load.
-// Later tiles (only on very small grids) compute theirs in the epilogue.
+// Later tiles (very small grids; QKV's second tile at batch > 2, see op_qkv) compute theirs in the epilogue.
 constexpr int PREP = 4;
 
 template <class T, int N>
@@ -120,7 +120,9 @@ __device__ QkvOut qkv_out(const Ctx& cx, int l, int tile, int row, int b) {
 __device__ bool op_qkv(Ctx& cx, const int* in) {
     constexpr int TPH = HEAD_DIM / TILE;
     constexpr bool DIRECT = !QK_NORM, SHUFFLE = BATCH <= 2;
-    constexpr int NPREP = SHUFFLE ? PREP : 1;  // fewer registers held across the wait at larger batches
+    // One entry at batch > 2: a second one spilled registers (Qwen2.5, batch 8), so a two-tile SM computes
+    // its second tile's entry in the epilogue.
+    constexpr int NPREP = SHUFFLE ? PREP : 1;
     const int l = field(in, F_LAYER), t0 = field(in, F_A0), tiles = field(in, F_A1) - t0;
     const int row = cx.tid / BATCH, b = cx.tid % BATCH;
     QkvOut prep[NPREP];
