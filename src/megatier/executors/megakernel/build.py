@@ -106,6 +106,7 @@ class KernelConfig:
                     ("SM_STEP", 4 * b * 4),
                     ("SM_PARAMS", len(PARAMS) * 8),
                     ("SM_INSN", 2 * WORDS * 4),
+                    ("SM_LOADER_INSN", WORDS * 4),
                 ]
                 fixed = sum(_align(n, 16) for _, n in rest) + 64
                 stages = (SMEM_LIMIT - fixed - 256) // (stage + 16)

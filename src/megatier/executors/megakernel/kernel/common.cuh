@@ -92,6 +92,8 @@ __device__ __forceinline__ volatile int* flags_smem(const Ctx& cx) {
 // once at kernel start, so no epilogue walks pos -> page table -> cache with dependent global loads.
 __device__ __forceinline__ int* step_smem(const Ctx& cx) { return reinterpret_cast<int*>(cx.smem + SM_STEP); }
 __device__ __forceinline__ int* insn_smem(const Ctx& cx) { return reinterpret_cast<int*>(cx.smem + SM_INSN); }  // [2][WORDS]
+// The loader's copy of its current instruction (see run_loader).
+__device__ __forceinline__ int* loader_insn_smem(const Ctx& cx) { return reinterpret_cast<int*>(cx.smem + SM_LOADER_INSN); }
 __device__ __forceinline__ int token_of(const Ctx& cx, int b) { return step_smem(cx)[b]; }
 __device__ __forceinline__ int pos_of(const Ctx& cx, int b) { return step_smem(cx)[BATCH + b]; }
 __device__ __forceinline__ int page_of(const Ctx& cx, int b) { return step_smem(cx)[2 * BATCH + b]; }
