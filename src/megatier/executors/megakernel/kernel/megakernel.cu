@@ -53,8 +53,8 @@ __device__ bool gate_kv(const Ctx& cx, uint32_t epoch) {
 // ring allows. (L2 prefetching further ahead, as bulk or per-line requests, measured slower on an H200.)
 // The loader reads its instruction's fields from shared memory, the words of the next one requested while
 // it streams this one: the consumers' acquire polls invalidate L1, so a field read from the queue was an L2
-// round trip per tile, and a signal's fence waits for every load the SM has outstanding (run 46: 7 us a
-// step faster).
+// round trip per tile, and a signal's fence waits for every load the SM has outstanding (H200, run 46: 7 us
+// a step faster; H100, run 50: 20 us slower at batch 8, not yet explained).
 __device__ void run_loader(Ctx& cx, const int* queue, int n, unsigned long long* timeline, int steps) {
     const uint64_t policy = evict_first_policy();
     int* in = loader_insn_smem(cx);
