@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -87,3 +91,30 @@ def test_deadlock_detected():
     queues = [[bad if i is victim else i for i in q] for q in program.queues]
     with pytest.raises(DeadlockError, match=f"#{victim.index}"):
         _run(interp, Program(d, 3, program.instrs, queues), decode_batch(prompts, tables))
+
+
+def _cpu_capabilities() -> list[str]:
+    """Every ATen vector capability this CPU runs: the interpreter must be grouping-invariant on each."""
+    best = torch.backends.cpu.get_cpu_capability().lower()
+    order = ["default", "avx2", "avx512"]
+    return order[: order.index(best) + 1] if best in order else ["default", best]
+
+
+@pytest.mark.parametrize("capability", _cpu_capabilities())
+def test_bitwise_identical_under_each_cpu_capability(capability):
+    """torch's vectorized exp changes by an ULP between full vectors and tails, at offsets that depend
+    on the vector width: run the bitwise test with each capability the CPU has forced."""
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
+    probe = subprocess.run(
+        [sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert probe.stdout.strip().lower() == capability
+    test = f"{__file__}::test_logits_bitwise_identical_across_assignments"
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test], env=env, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stdout[-2000:]

@@ -120,6 +120,13 @@ class Interpreter:
         y = torch.cat([a @ w[t : t + TILE].float().T for t in range(0, w.shape[0], TILE)], dim=1)
         return y if bias is None else y + bias.float()
 
+    @staticmethod
+    def _silu_by_tile(g: torch.Tensor) -> torch.Tensor:
+        """SiLU of each 16-column tile as its own contiguous tensor. torch's vectorized exp differs by an
+        ULP between its full-vector and tail paths (AVX-512 vs AVX2 tails fall at other offsets), so a
+        slice whose width depends on how tiles are grouped into instructions would change the logits."""
+        return torch.cat([F.silu(g[:, t : t + TILE].contiguous()) for t in range(0, g.shape[1], TILE)], dim=1)
+
     def _embed_rows(self, bufs: StepBuffers) -> torch.Tensor:
         return self.w.embed[bufs.tokens.long()].float()
 
@@ -221,7 +228,7 @@ class Interpreter:
             gb, ub = w.gate_up_bias[layer, rows], w.gate_up_bias[layer, up_rows]
         g = self._gemv(a, w.gate_up[layer, rows], gb)
         u = self._gemv(a, w.gate_up[layer, up_rows], ub)
-        bufs.act[:, rows] = (F.silu(g) * u).to(bufs.act.dtype)
+        bufs.act[:, rows] = (self._silu_by_tile(g) * u).to(bufs.act.dtype)
         self._signal(bufs, instr.signal)
 
     def _down(self, instr: Instr, program: Program, bufs: StepBuffers, epoch: int) -> None:
