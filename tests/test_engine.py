@@ -107,6 +107,23 @@ def test_multi_step_decode_gives_the_same_tokens_and_truncates_at_eos():
     assert engine.scheduler.num_pages_in_use == 0
 
 
+@pytest.mark.parametrize("with_multi_step", [False, True])
+def test_request_that_needs_exactly_every_free_page_finishes(with_multi_step):
+    """Prompt 2 + 15 outputs: KV for 16 tokens (the last output never enters the cache) = all 4 pages.
+    A scheduler that refuses the last free page preempts the request forever instead."""
+    executor = ScriptExecutor(SCRIPT, with_multi_step=with_multi_step)
+    executor.num_pages = 4
+    engine = Engine(executor, None, eos_token_ids=(EOS,), max_model_len=64, decode_steps_per_sync=4)
+    engine.add_request([1, 2], SamplingParams(temperature=0, max_tokens=15, ignore_eos=True))
+    tokens = []
+    for _ in range(100):
+        if not engine.has_unfinished():
+            break
+        tokens += [t for u in engine.step() for t in u.new_token_ids]
+    assert not engine.has_unfinished() and len(tokens) == 15
+    assert engine.scheduler.num_pages_in_use == 0
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     path, _ = make_hf_model(tmp_path_factory.mktemp("qwen2"), "qwen2")

@@ -36,19 +36,20 @@ def test_seed_reproduces_and_different_seeds_differ():
     assert len(set(first)) > 5
 
 
-def test_top_k_only_emits_the_k_best():
+def test_top_k_emits_exactly_the_k_best():
     logits = random_logits(2)
     allowed = set(torch.topk(logits, 5).indices.tolist())
-    seen = {draw(logits, SamplingParams(top_k=5, temperature=2.0), s) for s in range(300)}
-    assert seen <= allowed and len(seen) > 1
+    seen = {draw(logits, SamplingParams(top_k=5, temperature=5.0), s) for s in range(400)}
+    assert seen == allowed  # k-1 tokens, or k+1, fails
 
 
-def test_top_p_only_emits_the_nucleus():
-    logits = random_logits(3)
-    probs, order = logits.softmax(-1).sort(descending=True)
-    nucleus = set(order[: int((probs.cumsum(-1) < 0.6).sum()) + 1].tolist())
-    seen = {draw(logits, SamplingParams(top_p=0.6), s) for s in range(300)}
-    assert seen <= nucleus and len(seen) > 1
+def test_top_p_keeps_the_token_that_crosses_the_threshold():
+    """Probabilities 0.3, 0.25, 0.2, 0.15, 0.1 with top_p 0.6: the third token takes the mass past 0.6,
+    so it stays (vLLM, HF); the fourth and fifth never appear."""
+    probs = torch.full((VOCAB,), 1e-12)
+    probs[[11, 4, 30, 7, 21]] = torch.tensor([0.3, 0.25, 0.2, 0.15, 0.1])
+    seen = {draw(probs.log(), SamplingParams(top_p=0.6), s) for s in range(400)}
+    assert seen == {11, 4, 30}
 
 
 def test_min_p_drops_unlikely_tokens():
@@ -73,6 +74,35 @@ def test_repetition_and_frequency_penalties_move_the_choice():
     freq = SampleRow(SamplingParams(temperature=0, frequency_penalty=0.5), None, [], [7])
     plain = SampleRow(SamplingParams(temperature=0), None, [7], [7])
     assert [s.token_id for s in sample(torch.stack([logits] * 3), [rep, freq, plain])] == [9, 9, 7]
+
+
+PROMPT, OUTPUT = [7, 12], [7, 7, 7, 9]  # token 7: in the prompt and 3 times in the output; 12: prompt only
+
+
+@pytest.mark.parametrize(
+    "penalties, token, raw, penalized",
+    [
+        (dict(presence_penalty=0.5), 7, 2.0, 1.5),  # once, however often the token appeared
+        (dict(frequency_penalty=0.3), 7, 2.0, 1.1),  # per occurrence
+        (dict(presence_penalty=0.5, frequency_penalty=0.3), 9, 2.0, 1.2),
+        (dict(presence_penalty=-0.4, frequency_penalty=-0.2), 7, 1.0, 2.0),  # negative: encourage
+        (dict(presence_penalty=1.0, frequency_penalty=1.0), 12, 1.0, 1.0),  # prompt tokens: untouched
+        (dict(repetition_penalty=1.6), 7, 2.0, 1.25),  # positive logits are divided
+        (dict(repetition_penalty=1.6), 12, -1.0, -1.6),  # negative logits are multiplied
+        (dict(repetition_penalty=0.5), 9, -1.0, -0.5),  # < 1 encourages either way
+    ],
+)
+@pytest.mark.parametrize("temperature", [0.0, 1e-3])
+def test_penalized_logit_has_exactly_the_expected_value(penalties, token, raw, penalized, temperature):
+    """A fresh token (never seen) placed just above, then just below, the penalized value must win,
+    then lose: that pins the penalty to within 0.01, for greedy and for (near-greedy) sampling."""
+    rival = 40
+    for offset, winner in [(0.01, rival), (-0.01, token)]:
+        logits = torch.full((VOCAB,), -30.0)
+        logits[token], logits[rival] = raw, penalized + offset
+        params = SamplingParams(temperature=temperature, **penalties)
+        row = SampleRow(params, torch.Generator().manual_seed(0), PROMPT, OUTPUT)
+        assert sample(logits[None], [row])[0].token_id == winner, (offset, penalties)
 
 
 def test_logprobs_are_the_model_distribution():
@@ -148,3 +178,27 @@ def test_held_back_text_is_released_when_the_match_fails(tokenizer):
 def test_stop_string_inside_multibyte_text(tokenizer):
     deltas, detok = stream(tokenizer, "naïve café → ok", ["é →"], include=True)
     assert "".join(deltas) == "naïve café →" and detok.stop_reason == "é →"
+
+
+@pytest.mark.parametrize("stops", [["bc", "abc"], ["abc", "bc"]])
+def test_earliest_starting_stop_string_wins_when_two_complete_together(tokenizer, stops):
+    deltas, detok = stream(tokenizer, "xxabcyy", stops)
+    assert "".join(deltas) == "xx" and detok.stop_reason == "abc"
+
+
+@pytest.fixture(scope="module")
+def merged_tokenizer(tmp_path_factory) -> Tokenizer:
+    """The byte tokenizer plus one added token "abc": a piece that completes two stop strings at once."""
+    path = tmp_path_factory.mktemp("tok-merged")
+    write_byte_tokenizer(path)
+    tok = Tokenizer(path)
+    tok.hf.add_tokens(["abc"])
+    return tok
+
+
+@pytest.mark.parametrize("stops", [["bc", "abc"], ["abc", "bc"], ["c", "xa"]])
+def test_stop_strings_completing_in_one_piece(merged_tokenizer, stops):
+    assert len(merged_tokenizer.encode("xxabcyy", add_special_tokens=False)) == 5  # x x abc y y
+    deltas, detok = stream(merged_tokenizer, "xxabcyy", stops)
+    first = min(stops, key="xxabcyy".index)
+    assert "".join(deltas) == "xxabcyy"[: "xxabcyy".index(first)] and detok.stop_reason == first
