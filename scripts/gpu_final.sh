@@ -6,12 +6,21 @@
 #                                     (batch 1..256 at 1K context, PNG), Llama-3.1-8B batch 1
 #   bash scripts/gpu_final.sh latency the same without the throughput sweep
 # JSON, PNG and logs go to $OUT (the device tool's output folder; default bench/results).
+# The tree travels without .git: pass the commit (with -dirty for uncommitted changes) as MEGATIER_COMMIT,
+# e.g. MEGATIER_COMMIT=$(git rev-parse --short HEAD)$(git diff --quiet HEAD || echo -dirty). Every log
+# starts with the commit, device, date and command; every JSON record carries them too.
 set -uo pipefail
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
 export PYTHONPATH=src PYTHONUNBUFFERED=1 MEGATIER_CACHE_DIR=/tmp/megatier-cache
 PY=${PY:-python3}
 tag="$(nvidia-smi --query-gpu=name --format=csv,noheader | grep -oE 'H[0-9]+' | head -1 | tr 'H' 'h')_$(date +%F)"
+: "${MEGATIER_COMMIT:?set MEGATIER_COMMIT to the commit under test (see the header)}"
+export MEGATIER_COMMIT
+header() {
+  echo "# commit $MEGATIER_COMMIT | $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader) |" \
+    "$(date -u +%FT%TZ) | bash scripts/gpu_final.sh $*" | tee -a "$OUT/$1"
+}
 stage() {  # stage SECONDS LOGNAME COMMAND...: time-boxed, so one failure leaves the other results
   local limit=$1 log=$2
   shift 2
@@ -21,15 +30,21 @@ stage() {  # stage SECONDS LOGNAME COMMAND...: time-boxed, so one failure leaves
 }
 case "${1:-}" in
   tests)
-    pytest=("$PY" -m pytest -q -p no:cacheprovider -rfEs)
-    stage 300 gpu_tests.log "${pytest[@]}" -n 4 tests/test_kernels.py tests/test_gemv.py tests/test_graph_executor.py
-    stage 240 gpu_tests.log "${pytest[@]}" tests/test_megakernel_gpu.py tests/test_backends.py tests/test_tiers.py
+    # Every test file with GPU tests, each test listed by name with its outcome (-v -rA). The megakernel
+    # takes every SM (a cooperative launch), so the files that launch it run alone.
+    header gpu_tests.log tests
+    pytest=("$PY" -m pytest -v -rA -p no:cacheprovider)
+    solo=(tests/test_megakernel_gpu.py tests/test_backends.py tests/test_tiers.py)
+    shared=$(grep -l "mark.gpu" tests/test_*.py | grep -v -e megakernel_gpu -e backends -e tiers)
+    stage 300 gpu_tests.log "${pytest[@]}" -n 4 tests/test_kernels.py $shared
+    stage 280 gpu_tests.log "${pytest[@]}" "${solo[@]}"
     ;;
   bench | latency)
+    header gpu_bench.log "$1"
     mt=("$PY" -m megatier.cli bench)
     dummy=(--load-format dummy --max-model-len 20480)
     stage 240 gpu_bench.log "${mt[@]}" latency --model llama-3.2-1b "${dummy[@]}" --backend megakernel,graph \
-      --batch 1 --input-len 32,1024,4096,16384 --baselines torch-graph,hf --json "$OUT/latency_llama-3.2-1b_$tag.json"
+      --batch 1 --input-len 32,1024,4096,16384 --baselines torch-compile-graph,torch-eager-graph,hf --json "$OUT/latency_llama-3.2-1b_$tag.json"
     stage 120 gpu_bench.log "${mt[@]}" latency --model llama-3.2-1b "${dummy[@]}" --backend megakernel,graph \
       --batch 2,4,8 --json "$OUT/latency_batch_llama-3.2-1b_$tag.json"
     if [ "$1" = bench ]; then

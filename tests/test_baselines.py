@@ -41,10 +41,14 @@ def test_hf_model_holds_our_weights(model):
     assert expected[0, 9:].tolist() == reference_greedy(cfg, weights, prompt, 12)
 
 
-def test_torch_graph_decoder_decodes_like_the_reference(model):
+@pytest.mark.parametrize("compile_mode", [None, pytest.param("max-autotune-no-cudagraphs", marks=pytest.mark.slow)])
+def test_torch_graph_decoder_decodes_like_the_reference(model, compile_mode):
+    """Eager and torch.compile'd steps (the two PyTorch baselines) compute the reference model."""
     _, cfg, weights = model
     prompt = torch.randint(0, cfg.vocab_size, (2, 7), generator=torch.Generator().manual_seed(1))
-    dec = TorchGraphDecoder(cfg, weights, batch=2, max_len=32, device=CPU, dtype=torch.float32)
+    dec = TorchGraphDecoder(
+        cfg, weights, batch=2, max_len=32, device=CPU, dtype=torch.float32, compile_mode=compile_mode
+    )
     for column in prompt.T:  # feed the prompt one token per step, as a decode loop would
         dec.tokens.copy_(column)
         dec.step()

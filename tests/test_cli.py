@@ -65,6 +65,7 @@ def test_bench_latency_writes_a_record(tiny, tmp_path, capsys):
         (["generate", "--model", "/no/such/model", "x"], "no such file or directory"),
         (["generate", "--temperature", "-1", "--model", "{tiny}", "x"], "temperature must be >= 0"),
         (["generate", "--device", "tpu", "--model", "{tiny}", "x"], "unknown device 'tpu'"),
+        (["bench", "latency", "--model", "{tiny}", "--baselines", "torch-graph"], "unknown baseline 'torch-graph'"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(tiny, capsys, argv, message):

@@ -212,7 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--output-len", type=int, default=128, help="tokens generated per sequence (default 128)")
     p.add_argument("--iters", type=int, default=3, help="timed repetitions; the median is reported")
-    p.add_argument("--baselines", default="", help="also time these on the same weights (CUDA): hf,torch-graph")
+    p.add_argument(
+        "--baselines",
+        default="",
+        help="also time these on the same weights (CUDA): hf,torch-eager-graph,torch-compile-graph",
+    )
     p.add_argument("--json", help="write the result record to this file")
     p.set_defaults(func=cmd_bench_latency)
 

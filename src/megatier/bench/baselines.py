@@ -2,8 +2,11 @@
 
 - `hf_decode_step`: Hugging Face transformers `generate` with a static cache (on CUDA, generate
   compiles the decode forward itself, as transformers recommends for that cache).
-- `TorchGraphDecoder`: a plain PyTorch decode step in the style of gpt-fast (fused qkv, a static
-  contiguous KV cache, SDPA) captured in one CUDA graph that feeds its argmax back.
+- `TorchGraphDecoder`: a PyTorch decode step in the style of gpt-fast (fused qkv, a static contiguous
+  KV cache, SDPA) captured in one CUDA graph that feeds its argmax back; eager ops (`torch-eager-graph`)
+  or, as gpt-fast runs it, compiled by torch.compile with max-autotune (`torch-compile-graph`): Inductor
+  fuses the norms, RoPE and activations into Triton kernels and picks GEMM configs, then the CUDA graph
+  removes the launch gaps.
 """
 
 from __future__ import annotations
@@ -64,9 +67,19 @@ def hf_decode_step(model, prompts: torch.Tensor, output_len: int, repeats: int =
 
 
 class TorchGraphDecoder:
-    """Greedy decode for a batch of equal-length sequences in plain PyTorch over a static KV cache."""
+    """Greedy decode for a batch of equal-length sequences in plain PyTorch over a static KV cache.
+    `compile_mode` (e.g. "max-autotune-no-cudagraphs") compiles the step with torch.compile first."""
 
-    def __init__(self, cfg: ModelConfig, weights: ModelWeights, batch: int, max_len: int, device, dtype):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        weights: ModelWeights,
+        batch: int,
+        max_len: int,
+        device,
+        dtype,
+        compile_mode: str | None = None,
+    ):
         self.cfg, self.batch, self.max_len = cfg, batch, max_len
         self.w = pack_weights(weights, device, dtype)
         shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
@@ -77,6 +90,9 @@ class TorchGraphDecoder:
         self.pos = torch.zeros(1, dtype=torch.long, device=device)
         self.context = 0
         self.graph: torch.cuda.CUDAGraph | None = None
+        self._step = self._eager_step
+        if compile_mode is not None:
+            self._step = torch.compile(self._eager_step, mode=compile_mode, fullgraph=True, dynamic=False)
 
     def fill_context(self, length: int, seed: int = 0) -> None:
         """Random K/V for positions < length (decode timing does not depend on their values)."""
@@ -89,6 +105,9 @@ class TorchGraphDecoder:
     @torch.inference_mode()
     def step(self) -> None:
         """One decode step at position `pos` for every sequence; the argmax becomes the next input."""
+        self._step()
+
+    def _eager_step(self) -> None:
         cfg, w = self.cfg, self.w
         q_size, kv_size, eps = cfg.q_size, cfg.kv_size, cfg.rms_norm_eps
         x = F.embedding(self.tokens, w.embed)
@@ -122,7 +141,8 @@ class TorchGraphDecoder:
         side.wait_stream(torch.cuda.current_stream())
         pos = self.pos.clone()
         with torch.cuda.stream(side):
-            self.step()  # warm-up outside capture
+            for _ in range(3):  # warm-up outside capture (compilation, autotuning, cuBLAS handles)
+                self.step()
         torch.cuda.current_stream().wait_stream(side)
         self.pos.copy_(pos)
         self.graph = torch.cuda.CUDAGraph()

@@ -88,3 +88,13 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, iters: int = 20)
     dst = torch.empty_like(src)
     times = cuda_time(lambda: dst.copy_(src), iters)
     return 2 * nbytes / statistics.median(times)
+
+
+def read_bandwidth(device: torch.device, nbytes: int = 1 << 30, iters: int = 20) -> float:
+    """Device read bandwidth in bytes/s: a sum over a buffer (bytes read only; the result is 4 bytes).
+    A decode step mostly reads, so the weight-streaming floor is weight bytes over this, not over the
+    copy bandwidth (which also pays for writes, and which a read-mostly kernel can beat)."""
+    src = torch.rand(nbytes // 4, dtype=torch.float32, device=device)
+    out = torch.empty((), dtype=torch.float32, device=device)
+    times = cuda_time(lambda: torch.sum(src, out=out), iters)
+    return nbytes / statistics.median(times)

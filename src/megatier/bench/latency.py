@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from megatier.bench.common import copy_bandwidth, cuda_time, model_config, record, write_json
+from megatier.bench.common import copy_bandwidth, cuda_time, model_config, read_bandwidth, record, write_json
 from megatier.errors import MegatierError
 from megatier.sampling import SamplingParams
 
@@ -77,6 +77,9 @@ def run_latency(args: argparse.Namespace) -> dict:
     (timed on the first case) in the same run."""
     from megatier.cli import build_llm
 
+    unknown = [b for b in filter(None, args.baselines.split(",")) if b not in BASELINES]
+    if unknown:
+        raise MegatierError(f"unknown baseline {unknown[0]!r}: choose from {', '.join(BASELINES)}")
     rows, baselines, llm = [], {}, None
     for backend in args.backend.split(","):
         del llm  # free the previous backend's weights and KV cache first
@@ -93,18 +96,21 @@ def run_latency(args: argparse.Namespace) -> dict:
                     baselines = run_baselines(llm, args.baselines.split(","), prompts, args.output_len)
     results = {"rows": rows, "weight_bytes": llm.stats.weight_bytes}
     if llm.device.type == "cuda":
-        bw = copy_bandwidth(llm.device)
-        results["copy_GBps"] = bw / 1e9
+        bw, read_bw = copy_bandwidth(llm.device), read_bandwidth(llm.device)
+        results["copy_GBps"], results["read_GBps"] = bw / 1e9, read_bw / 1e9
         for row in rows:
+            moved = llm.stats.weight_bytes + row["kv_bytes_per_step"]
             row["pct_of_copy_bw"] = 100 * row["achieved_GBps"] * 1e9 / bw
-            row["floor_us"] = (llm.stats.weight_bytes + row["kv_bytes_per_step"]) / bw * 1e6
-        print(f"copy bandwidth {bw / 1e9:.0f} GB/s (read + write)")
+            row["pct_of_read_bw"] = 100 * row["achieved_GBps"] * 1e9 / read_bw
+            row["floor_us"] = moved / read_bw * 1e6  # bytes a step must read, at the read bandwidth
+            row["floor_at_copy_bw_us"] = moved / bw * 1e6
+        print(f"copy bandwidth {bw / 1e9:.0f} GB/s (read + write), read bandwidth {read_bw / 1e9:.0f} GB/s")
     if baselines:
         first = rows[0]
         for name, b in baselines.items():
             b["megatier_speedup"] = b["decode_step_us"] / first["decode_step_us"]
             print(
-                f"  {name:13} {b['decode_step_us']:9.1f} us  (batch {first['batch']}: megatier "
+                f"  {name:20} {b['decode_step_us']:9.1f} us  (batch {first['batch']}: megatier "
                 f"{first['backend']} is {b['megatier_speedup']:.2f}x faster)"
             )
         results["baselines"] = baselines
@@ -126,6 +132,11 @@ def print_row(row: dict, llm) -> None:
     )
 
 
+# PyTorch decode steps in one CUDA graph: eager ops, or compiled the way gpt-fast compiles its step.
+TORCH_BASELINES = {"torch-eager-graph": None, "torch-compile-graph": "max-autotune-no-cudagraphs"}
+BASELINES = ["hf", *TORCH_BASELINES]
+
+
 def run_baselines(llm, names: list[str], prompts: list[list[int]], output_len: int) -> dict[str, dict]:
     """Decode-step time of each named baseline on the same weights and workload, in this process."""
     from megatier.bench import baselines
@@ -145,17 +156,21 @@ def run_baselines(llm, names: list[str], prompts: list[list[int]], output_len: i
             model = baselines.hf_model(llm.model_path, weights, llm.device, llm.dtype)
             step = baselines.hf_decode_step(model, ids, output_len)
             del model
-        elif name == "torch-graph":
+        else:  # one of TORCH_BASELINES (run_latency checked the names)
             dec = baselines.TorchGraphDecoder(
-                cfg, weights, len(prompts), ids.shape[1] + output_len + 1, llm.device, llm.dtype
+                cfg,
+                weights,
+                len(prompts),
+                ids.shape[1] + output_len + 1,
+                llm.device,
+                llm.dtype,
+                compile_mode=TORCH_BASELINES[name],
             )
             dec.fill_context(ids.shape[1])
             dec.capture()
             times = cuda_time(lambda dec=dec: dec.replay(output_len), iters=5)
             step = statistics.median(times) / output_len
             del dec
-        else:
-            raise MegatierError(f"unknown baseline {name!r}: choose from hf, torch-graph")
         out[name] = {"decode_step_us": step * 1e6, "tokens_per_s": len(prompts) / step}
         torch.cuda.empty_cache()
     return out
