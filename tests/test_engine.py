@@ -10,6 +10,7 @@ from megatier import LLM, MegatierError, SamplingParams
 from megatier.config import ModelConfig, load_config
 from megatier.engine import Engine
 from megatier.executors.base import StepBatch
+from megatier.kv.pages import KVCache
 
 EOS = 3
 
@@ -19,7 +20,6 @@ class ScriptExecutor:
 
     name = "script"
     page_size = 4
-    num_pages = 64
     device = torch.device("cpu")
     cfg = ModelConfig(
         "llama",
@@ -32,8 +32,10 @@ class ScriptExecutor:
         head_dim=8,
     )
 
-    def __init__(self, script: list[int], runner_up: int = 9, with_multi_step: bool = False):
+    def __init__(self, script: list[int], runner_up: int = 9, with_multi_step: bool = False, num_pages: int = 64):
         self.script, self.runner_up = script, runner_up
+        self.num_pages = num_pages
+        self.cache = KVCache.allocate(self.cfg, num_pages, self.page_size, torch.float32, self.device)
         self.multi_step_calls = 0
         if with_multi_step:
             self.decode_greedy = self._decode_greedy
@@ -111,8 +113,7 @@ def test_multi_step_decode_gives_the_same_tokens_and_truncates_at_eos():
 def test_request_that_needs_exactly_every_free_page_finishes(with_multi_step):
     """Prompt 2 + 15 outputs: KV for 16 tokens (the last output never enters the cache) = all 4 pages.
     A scheduler that refuses the last free page preempts the request forever instead."""
-    executor = ScriptExecutor(SCRIPT, with_multi_step=with_multi_step)
-    executor.num_pages = 4
+    executor = ScriptExecutor(SCRIPT, with_multi_step=with_multi_step, num_pages=4)
     engine = Engine(executor, None, eos_token_ids=(EOS,), max_model_len=64, decode_steps_per_sync=4)
     engine.add_request([1, 2], SamplingParams(temperature=0, max_tokens=15, ignore_eos=True))
     tokens = []

@@ -303,10 +303,12 @@ def add_bench_tiers_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hbm-fraction", type=float, nargs="+", default=[0.125], help="HBM budget / total KV")
     p.add_argument("--budget", type=float, default=0.125, help="sparse token budget (fraction of the context)")
     p.add_argument("--methods", nargs="+", default=None, help="subset of the methods (default: all)")
-    p.add_argument("--steps", type=int, default=6, help="timed decode steps per method (sparse: 4x)")
+    p.add_argument("--steps", type=int, default=8, help="timed decode steps per repeat (default 8)")
+    p.add_argument("--repeats", type=int, default=3, help="repeats of --steps; the median step is reported")
     p.add_argument(
-        "--warmup", type=int, help="untimed steps per method (default: 3; sparse migration: until it settles)"
+        "--warmup", type=int, help="untimed steps per method (default: 4; sparse migration: until it settles)"
     )
+    p.add_argument("--drift-every", type=int, default=8, help="steps between drifts of the hot pages (default 8)")
     p.add_argument("--micro", action="store_true", help="also run the micro-benchmarks (PCIe, CPU, GPU, disk)")
     p.add_argument("--check", action="store_true", help="also check tiered logits against GPU-only on a small case")
     p.add_argument("--json", help="write the result record to this file")

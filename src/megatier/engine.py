@@ -99,13 +99,7 @@ class Engine:
         self.eos_token_ids = eos_token_ids
         self.max_model_len = max_model_len
         self.decode_steps_per_sync = decode_steps_per_sync
-        self.scheduler = Scheduler(
-            executor.num_pages,
-            executor.page_size,
-            max_num_seqs,
-            max_num_batched_tokens,
-            allocator=getattr(executor, "allocator", None),
-        )
+        self.scheduler = Scheduler(executor.cache.allocator, executor.page_size, max_num_seqs, max_num_batched_tokens)
         self.requests: dict[str, list[Sequence]] = {}
         self._seeds = torch.Generator().manual_seed(seed)
         self._ids = itertools.count()
@@ -227,7 +221,9 @@ class Engine:
         what the host has taken (the steps of a chunk in flight, assumed kept by every sequence), with
         `pending` more sampled on the device but not appended yet (they hold no KV); 0 when it must
         not. Pages for them are ensured."""
-        if not hasattr(self.executor, "decode_greedy") or self.decode_steps_per_sync <= 1 or self.scheduler.waiting:
+        # A tiered KV store plans placement on the host every step, so it takes one step per sync.
+        multi_step = hasattr(self.executor, "decode_greedy") and not self.executor.cache.tiered
+        if not multi_step or self.decode_steps_per_sync <= 1 or self.scheduler.waiting:
             return 0
         # Someone else waits for a turn; or, with a chunk in flight, a sequence ended (it left `running`).
         if len(seqs) != len(self.scheduler.running):

@@ -19,8 +19,8 @@ from megatier.config import ModelConfig, load_config, parse_dtype
 from megatier.engine import CompletionOutput, Engine, RequestOutput, SequenceUpdate
 from megatier.errors import MegatierError
 from megatier.executors import create_executor, resolve_backend
-from megatier.executors.tiered import create_tiered_executor
 from megatier.kv.pages import KVCache
+from megatier.kv.tiered import TieredKV
 from megatier.loader import (
     LOAD_FORMATS,
     dummy_weights,
@@ -131,14 +131,13 @@ class LLM:
         )
         token_bytes = self.config.kv_bytes_per_token(self.dtype)
         limit = max_model_len or self.config.max_position_embeddings
-        if kv_hbm is not None or kv_dram is not None or kv_disk is not None or kv_mode != "dense":
-            executor = create_tiered_executor(
-                backend,
+        tiered = kv_hbm is not None or kv_dram is not None or kv_disk is not None or kv_mode != "dense"
+        if tiered:
+            cache = TieredKV(
                 self.config,
-                weights,
+                page_size=page_size,
                 dtype=self.dtype,
                 device=self.device,
-                page_size=page_size,
                 hbm_bytes=int(kv_hbm * (1 << 30)) if kv_hbm is not None else kv_bytes,
                 dram_bytes=int((kv_dram or 0) * (1 << 30)),
                 disk_bytes=int((kv_disk or 0) * (1 << 30)),
@@ -146,13 +145,13 @@ class LLM:
                 mode=kv_mode,
                 sparse_budget=kv_sparse_budget,
             )
-            num_pages, cache = executor.num_pages, executor.cache
         else:
             num_pages = min(kv_bytes // (token_bytes * page_size), -(-limit // page_size) * max_num_seqs)
             if num_pages < 2:
                 raise MegatierError(f"kv_cache_gb={kv_cache_gb} holds fewer than 2 pages of {page_size} tokens")
             cache = KVCache.allocate(self.config, num_pages, page_size, self.dtype, self.device)
-            executor = create_executor(backend, self.config, weights, cache)
+        executor = create_executor(backend, self.config, weights, cache)
+        num_pages = cache.num_pages
         self.max_model_len = min(limit, num_pages * page_size)
         eos = self.generation_defaults.eos_token_ids or self.config.eos_token_ids
         if not eos and self.tokenizer and self.tokenizer.eos_token_id is not None:
@@ -168,9 +167,7 @@ class LLM:
             seed=seed,
         )
         self.backend = executor.name
-        self.stats = LoadStats(
-            time.perf_counter() - t0, weight_bytes, num_pages, cache.kv.numel() * cache.kv.element_size()
-        )
+        self.stats = LoadStats(time.perf_counter() - t0, weight_bytes, num_pages, num_pages * cache.page_bytes())
         log.info(
             "loaded %s on %s (%s, backend %s) in %.2fs",
             self.model_path,

@@ -73,16 +73,9 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(
-        self,
-        num_pages: int,
-        page_size: int,
-        max_num_seqs: int,
-        max_num_batched_tokens: int,
-        allocator: PageAllocator | None = None,
-    ):
-        # A tiered KV cache passes its own allocator: it also frees the physical slot of each freed page.
-        self.allocator = allocator or PageAllocator(num_pages)
+    def __init__(self, allocator: PageAllocator, page_size: int, max_num_seqs: int, max_num_batched_tokens: int):
+        # The KV store's allocator: a tiered one also frees the slices of each freed page.
+        self.allocator = allocator
         self.page_size = page_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens

@@ -1,47 +1,55 @@
 """`megatier bench tiers`: decode throughput with a KV cache larger than the HBM budget, against baselines.
 
-Every method runs the same model (dummy weights of a real shape, the reference executor's matmuls) over
-the same synthetic KV, in one process:
-- gpu-only: all KV in HBM (the ceiling; only when it fits);
-- offload-fetch: KV beyond the HBM budget lives in DRAM and every DRAM page is copied to the GPU each
-  step, pipelined by layer (the vLLM / DeepSpeed offloading analogue);
-- static-dense / static-sparse: attention computed where each page lives, placement fixed at fill time
-  (PAM's L-PIM / LS-PIM baselines); static-dense leaves all DRAM pages to the CPU;
-- megatier-dense: as static-dense plus the bandwidth-balanced PCIe share of DRAM pages;
-- megatier-sparse: sparse selection plus importance-driven online migration; the few selected pages
-  still in DRAM are read by the GPU kernel over PCIe (zero-copy), so a step never waits for the host;
-  megatier-sparse-cpu has the CPU read them instead (one host round trip per layer).
+Every method runs the graph executor (its decode step captured in a CUDA graph wherever the step allows)
+on the same model (dummy weights of a real shape) over the same synthetic KV, in one process:
+- gpu-only: the plain KV cache, all in HBM (the ceiling; only when it fits);
+- offload-fetch: KV beyond the HBM budget lives in pinned DRAM and every DRAM slice is gathered to the
+  GPU each step, layer by layer (the vLLM / DeepSpeed offloading analogue);
+- static-dense: attention where each slice lives, the host reading every DRAM slice, placement fixed;
+- megatier-dense: as static-dense plus the balanced PCIe share of DRAM slices and online placement;
+- sparse-offload-fetch: the same page selection as megatier sparse, placement fixed, the selected DRAM
+  slices gathered to the GPU before attention (the fair sparse baseline);
+- static-sparse: the same selection, placement fixed, selected DRAM slices read in place over PCIe;
+- megatier-sparse: selection plus importance-driven online migration (misses read in place over PCIe);
+  megatier-sparse-cpu has the host read them instead (one host round trip per layer, no graph).
 
-The KV is synthetic, with a stated locality model: the pages of each sequence that a 1/8 budget selects
-(besides sinks and the recent window) carry keys 4x larger than the rest, so they win the selection for
-any query, at random positions unknown to the initial placement, which fills HBM in position order. The
-real-model check of locality and accuracy is scripts/passkey_tiers.py.
+The synthetic KV has a stated locality model: for each (sequence, layer) a set of pages as large as the
+sparse budget (less sinks and recent window) carries keys 4x larger than the rest, so they win the
+selection for any query. The sets differ by layer, start at random positions unknown to the initial
+placement (which fills HBM in position order), and drift: every `drift_every` steps a quarter of each set
+is swapped for other pages. The real-model check of locality and accuracy is scripts/passkey_tiers.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import time
 
 import numpy as np
 import torch
 
-from megatier.bench.common import copy_bandwidth, record, write_json
+from megatier.bench.common import copy_bandwidth, read_bandwidth, record, write_json
 from megatier.config import load_config
 from megatier.executors.base import StepBatch
-from megatier.executors.tiered import TieredExecutor
-from megatier.kv.attention import TierStats
-from megatier.kv.tiers import DRAM, HBM, TieredKV
+from megatier.executors.graph import GraphExecutor
+from megatier.kernels.copy_slices import copy_slices
+from megatier.kv.locality import forced_columns, recent_pages_for
+from megatier.kv.pages import KVCache
+from megatier.kv.tiered import TieredKV, TierStats
+from megatier.kv.tiers import DRAM, HBM, TieredPools
 from megatier.loader import dummy_weights, resolve_model
 
 PAGE_SIZE = 16
-HOT_SCALE = 4.0
+HOT_SCALE = 4.0  # a power of two: scaling keys by it (and their min/max metadata) is exact in bf16
+SINK_PAGES, RECENT_TOKENS = 1, 64
 METHODS = {
-    "gpu-only": dict(mode="dense", migrate=False),
+    "gpu-only": None,
     "offload-fetch": dict(mode="dense", migrate=False, fetch_all=True),
     "static-dense": dict(mode="dense", migrate=False, pcie_share=0.0),
     "megatier-dense": dict(mode="dense", migrate=True),
+    "sparse-offload-fetch": dict(mode="sparse", migrate=False, sparse_misses="fetch"),
     "static-sparse": dict(mode="sparse", migrate=False),
     "megatier-sparse": dict(mode="sparse", migrate=True),
     "megatier-sparse-cpu": dict(mode="sparse", migrate=True, sparse_misses="cpu"),
@@ -53,163 +61,230 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _empty_cache() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+class Workload:
+    """Hot page columns per (sequence, layer), and how they drift."""
+
+    def __init__(self, batch: int, pages: int, layers: int, budget: float, seed: int):
+        self.rng = np.random.default_rng(seed)
+        forced = forced_columns(np.array([pages]), pages, SINK_PAGES, recent_pages_for(RECENT_TOKENS, PAGE_SIZE))[0]
+        self.free_cols = np.flatnonzero(~forced)
+        count = min(len(self.free_cols), max(0, math.ceil(budget * pages) - int(forced.sum())))
+        self.hot = [[self.rng.choice(self.free_cols, count, replace=False) for _ in range(layers)] for _ in range(batch)]
+
+    def drift(self) -> list[tuple[int, int, np.ndarray, np.ndarray]]:
+        """Swap a quarter of every hot set for cold columns: (seq, layer, cooled, heated) per set."""
+        moves = []
+        for b, sets in enumerate(self.hot):
+            for layer, hot in enumerate(sets):
+                k = max(1, len(hot) // 4) if len(hot) else 0
+                cold = np.setdiff1d(self.free_cols, hot)
+                if not k or len(cold) < k:
+                    continue
+                out = self.rng.choice(len(hot), k, replace=False)
+                heated = self.rng.choice(cold, k, replace=False)
+                cooled = hot[out].copy()
+                hot[out] = heated
+                moves.append((b, layer, cooled, heated))
+        return moves
 
 
-def make_tiers(cfg, device, batch: int, context: int, hbm_fraction: float | None, extra_tokens: int) -> TieredKV:
-    """Pools for `batch` sequences of `context` + `extra_tokens` tokens; hbm_fraction None: all in HBM."""
+def make_pools(cfg, device, batch: int, context: int, hbm_fraction: float, extra_tokens: int) -> TieredPools:
     per_seq = math.ceil((context + extra_tokens + 1) / PAGE_SIZE)
     total = batch * per_seq
     page_bytes = cfg.kv_bytes_per_token(torch.bfloat16) * PAGE_SIZE
-    if hbm_fraction is None:
-        hbm, dram = total + 1, 0
-    else:
-        hbm = max(2, round(total * hbm_fraction))
-        dram = total - hbm + 2 * max(1, min(64, hbm // 32)) + 2
-    return TieredKV(
-        cfg,
-        page_size=PAGE_SIZE,
-        dtype=torch.bfloat16,
-        device=device,
-        hbm_bytes=hbm * page_bytes,
+    hbm = max(2, round(total * hbm_fraction))
+    dram = total - hbm + 2 * max(1, min(64, hbm // 32)) + 2
+    return TieredPools(
+        cfg, page_size=PAGE_SIZE, dtype=torch.bfloat16, device=device, hbm_bytes=hbm * page_bytes,
         dram_bytes=dram * page_bytes,
-    )
+    )  # fmt: skip
 
 
-def fill(ex: TieredExecutor, batch: int, context: int, budget: float, seed: int) -> list[list[int]]:
+def fill(store, work: Workload, batch: int, context: int, seed: int) -> list[list[int]]:
     """Allocate and write `batch` sequences of `context` synthetic tokens; returns their page tables.
 
     Placement, as a prefill with fill-order placement would leave it: every sequence's sink and recent
-    pages in HBM, then the rest of HBM in position order across sequences, the remainder in DRAM
-    (sequence after sequence, so a sequence's DRAM pages are consecutive slots)."""
-    tiers, attn = ex.tiers, ex.attn
+    pages in HBM (every layer), then the rest of HBM in position order across sequences, the remainder
+    in DRAM; the same for every layer, so the initial placement knows nothing of the hot sets."""
     n = math.ceil(context / PAGE_SIZE)
-    tables = [tiers.allocator.allocate(n) for _ in range(batch)]
-    forced = np.zeros(n, dtype=bool)
-    forced[: attn.sink_pages] = True
-    forced[max(0, n - attn.recent_pages) :] = True
-    rng = np.random.default_rng(seed)
-    hot_count = max(0, math.ceil(budget * n) - int(forced.sum()))
-    room = tiers.capacity(HBM) - tiers.reserve[HBM]
+    tables = [store.allocator.allocate(n) for _ in range(batch)]
+    device = store.device
+    gen = torch.Generator(device).manual_seed(seed)
+    if isinstance(store, KVCache):
+        for b in range(batch):
+            pages = torch.tensor(tables[b], device=device)
+            store.kv[pages] = torch.randn(store.kv[pages].shape, generator=gen, device=device).to(store.kv.dtype)
+            for layer, hot in enumerate(work.hot[b]):
+                store.kv[pages[torch.from_numpy(hot).to(device)], layer, 0] *= HOT_SCALE
+        return tables
+    pools, layers = store.pools, store.num_layers
+    forced = forced_columns(np.array([n]), n, SINK_PAGES, recent_pages_for(RECENT_TOKENS, PAGE_SIZE))[0]
     order = [(b, j) for j in np.flatnonzero(forced) for b in range(batch)]
     order += [(b, j) for j in np.flatnonzero(~forced) for b in range(batch)]
-    in_hbm = {bj for bj in order[:room]}
-    for b, j in order[:room]:
-        tiers.assign(tables[b][j], HBM)
-    gen = torch.Generator(tiers.device).manual_seed(seed)
+    room = (pools.capacity(HBM) - pools.reserve[HBM]) // layers
+    for i, (b, j) in enumerate(order):
+        for layer in range(layers):
+            pools.assign(tables[b][j], layer, HBM if i < room else DRAM)
+    store._refresh_maps()
     for b in range(batch):
-        cols = [j for j in range(n) if (b, j) not in in_hbm]
-        for j in cols:
-            tiers.assign(tables[b][j], DRAM)
-        kv = torch.randn((n, *tiers.page_shape), generator=gen, device=tiers.device, dtype=torch.bfloat16)
-        hot = rng.choice(np.flatnonzero(~forced), size=min(hot_count, int((~forced).sum())), replace=False)
-        kv[torch.from_numpy(hot).to(tiers.device), :, 0] *= HOT_SCALE
         pages = np.array(tables[b])
-        hbm_cols = [j for j in range(n) if (b, j) in in_hbm]
-        slots = torch.from_numpy(tiers.slot[pages[hbm_cols]].astype(np.int64)).to(tiers.device)
-        tiers.hbm.kv[slots] = kv[hbm_cols]
-        if cols:
-            first = int(tiers.slot[pages[cols[0]]])
-            tiers.dram[first : first + len(cols)].copy_(kv[cols])
-        page_ids = torch.from_numpy(pages).to(tiers.device)
-        ex.attn.meta.set_from_keys(page_ids, kv[:, :, 0], torch.full((n,), PAGE_SIZE, device=tiers.device))
-        ex.attn.importance.reset(page_ids)
-    _sync(tiers.device)
+        page_ids = torch.from_numpy(pages).to(device)
+        for layer in range(layers):
+            kv = torch.randn((n, *pools.slice_shape), generator=gen, device=device).to(torch.bfloat16)
+            kv[torch.from_numpy(work.hot[b][layer]).to(device), 0, 0] *= HOT_SCALE
+            for tier, pool in ((HBM, pools.hbm.kv), (DRAM, pools.dram)):
+                cols = np.flatnonzero(pools.tier[pages, layer] == tier)
+                if len(cols):
+                    src = torch.from_numpy(cols.astype(np.int32)).to(device)
+                    dst = torch.from_numpy(pools.slot[pages[cols], layer]).to(device)
+                    copy_slices(kv, pool, src, dst)
+            store.meta.set_from_keys(page_ids, kv[:, 0, 0], torch.full((n,), PAGE_SIZE, device=device), layer)
+        store.importance.reset(page_ids)
+    _sync(device)
     return tables
 
 
-def run_method(cfg, weights, tiers: TieredKV, method: str, args, context: int) -> dict:
-    spec = dict(METHODS[method])
-    mode, migrate = spec.pop("mode"), spec.pop("migrate")
-    ex = TieredExecutor(
-        cfg, weights, tiers=tiers, mode=mode, migrate=migrate, sparse_fraction=args.budget, cpu_threads=None, **spec
-    )
-    tables = fill(ex, args.batch, context, args.budget, args.seed)
+def drift(store, work: Workload, tables: list[list[int]]) -> None:
+    """Apply one drift of the hot sets to the KV where it lives (and to the page metadata)."""
+    moves = work.drift()
+    device = store.device
+    if isinstance(store, KVCache):
+        for b, layer, cooled, heated in moves:
+            pages = torch.tensor(tables[b], device=device)
+            store.kv[pages[torch.from_numpy(cooled).to(device)], layer, 0] /= HOT_SCALE
+            store.kv[pages[torch.from_numpy(heated).to(device)], layer, 0] *= HOT_SCALE
+        return
+    pools = store.pools
+    pools.wait_all()  # no slice is being copied while its bytes change
+    for b, layer, cooled, heated in moves:
+        pages = np.array(tables[b])
+        for cols, factor in ((cooled, 1 / HOT_SCALE), (heated, HOT_SCALE)):
+            page_ids = pages[cols]
+            for tier, pool in ((HBM, pools.hbm.kv), (DRAM, pools.dram)):
+                mine = page_ids[pools.tier[page_ids, layer] == tier]
+                if not len(mine):
+                    continue
+                slots = torch.from_numpy(pools.slot[mine, layer]).to(device)
+                index = torch.arange(len(mine), dtype=torch.int32, device=device)
+                staged = torch.empty((len(mine), *pools.slice_shape), dtype=pools.dtype, device=device)
+                copy_slices(pool, staged, slots, index)
+                staged[:, 0, 0] *= factor
+                copy_slices(staged, pool, index, slots)
+            store.meta.minmax[torch.from_numpy(page_ids).to(device), layer] *= factor
+    _sync(device)
+
+
+def run_method(cfg, weights, pools: TieredPools | None, method: str, args, context: int) -> dict:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    n = math.ceil(context / PAGE_SIZE)
+    work = Workload(args.batch, n, cfg.num_layers, args.budget, args.seed)
+    spec = METHODS[method]
+    if spec is None:
+        extra = args.steps * args.repeats + 64
+        pages = args.batch * math.ceil((context + extra) / PAGE_SIZE) + 1
+        store = KVCache.allocate(cfg, pages, PAGE_SIZE, torch.bfloat16, device)
+    else:
+        store = TieredKV(
+            cfg, page_size=PAGE_SIZE, dtype=torch.bfloat16, device=device, hbm_bytes=0, pools=pools,
+            sparse_budget=args.budget, sink_pages=SINK_PAGES, recent_tokens=RECENT_TOKENS, **spec,
+        )  # fmt: skip
+    ex = GraphExecutor(cfg, weights, cache=store)
+    tables = fill(store, work, args.batch, context, args.seed)
     ctx = [context] * args.batch
     gen = torch.Generator().manual_seed(args.seed)
     hit_curve: list[float] = []
+    tiered = isinstance(store, TieredKV)
 
-    def step() -> None:
+    def step() -> float:
         for b in range(args.batch):
             if ctx[b] // PAGE_SIZE >= len(tables[b]):
-                tables[b] += tiers.allocator.allocate(1)
+                tables[b] += store.allocator.allocate(1)
         tokens = torch.randint(cfg.vocab_size, (args.batch,), generator=gen).tolist()
-        before = (ex.stats.hbm_hits, ex.stats.selected_pages)
+        before = (store.stats.hbm_hits, store.stats.selected_slices) if tiered else (0, 0)
+        _sync(device)
+        t0 = time.perf_counter()
         ex.forward(StepBatch(tokens, list(ctx), [1] * args.batch, [list(t) for t in tables]))
-        selected = ex.stats.selected_pages - before[1]
-        hit_curve.append((ex.stats.hbm_hits - before[0]) / selected if selected else 1.0)
+        _sync(device)
+        seconds = time.perf_counter() - t0
+        if tiered:
+            selected = store.stats.selected_slices - before[1]
+            hit_curve.append((store.stats.hbm_hits - before[0]) / selected if selected else 1.0)
         for b in range(args.batch):
             ctx[b] += 1
+        return seconds
 
-    sparse = mode == "sparse"
-    hot_pages = args.batch * math.ceil(args.budget * context / PAGE_SIZE)
-    warmup = 3 if not (sparse and migrate) else min(200, hot_pages // max(1, tiers.reserve[HBM]) + 10)
-    warmup = warmup if args.warmup is None else args.warmup
-    for _ in range(warmup):
+    sparse_migrating = spec is not None and spec["mode"] == "sparse" and spec["migrate"]
+    warmup = args.warmup if args.warmup is not None else 4
+    if sparse_migrating and args.warmup is None:  # until migration has had time to bring the hot sets in
+        hot_slices = args.batch * cfg.num_layers * len(work.hot[0][0])
+        warmup = min(120, hot_slices // max(1, store.migration_bytes // store.pools.slice_bytes) + 10)
+    for i in range(warmup):
         step()
-    ex.attn.stats = TierStats()
-    steps = args.steps * (4 if sparse else 1)
-    _sync(tiers.device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    _sync(tiers.device)
-    seconds = (time.perf_counter() - t0) / steps
+        if (i + 1) % args.drift_every == 0:
+            drift(store, work, tables)
+    if tiered:
+        store.stats = TierStats()
+        store.stats.step_s = 0.0
+    times = []
+    for i in range(args.steps * args.repeats):
+        times.append(step())
+        if (i + 1) % args.drift_every == 0:
+            drift(store, work, tables)
+    median = statistics.median(times)
     result = {
         "method": method,
         "context": context,
-        "step_ms": 1e3 * seconds,
-        "tokens_per_s": args.batch / seconds,
+        "step_ms": 1e3 * median,
+        "step_ms_p10_p90": [1e3 * float(np.percentile(times, 10)), 1e3 * float(np.percentile(times, 90))],
+        "tokens_per_s": args.batch / median,
+        "timed_steps": len(times),
         "warmup_steps": warmup,
-        "hit_rate_per_step": [round(h, 4) for h in hit_curve],
-        **ex.stats.as_dict(),
-        "bandwidth_estimates_GBps": {k: v / 1e9 for k, v in ex.attn.bw.items()},
+        "graph_captured": bool(ex.graphs),
     }
-    for table in tables:
-        tiers.allocator.free(table)
-    tiers.wait_all()
+    if tiered:
+        result |= {
+            "hit_rate_per_step": [round(h, 4) for h in hit_curve],
+            "pcie_share": store.balancer.share,
+            **store.stats.as_dict(),
+        }
+        for table in tables:
+            store.allocator.free(table)
+        store.pools.wait_all()
     print(
-        f"  {method:16s} ctx {context:6d}  {result['step_ms']:9.2f} ms/step  {result['tokens_per_s']:9.1f} tok/s"
-        f"  hit {result['hbm_hit_rate']:.3f}  cpu {result['cpu_attention_ms_per_step']:.1f} ms"
-        f"  moved {result['migrated_bytes_per_step'] / 2**20:.1f} MiB/step",
+        f"  {method:20s} ctx {context:6d}  {result['step_ms']:9.2f} ms/step  {result['tokens_per_s']:9.1f} tok/s"
+        + (
+            f"  hit {result['hbm_hit_rate']:.3f}  cpu {result['cpu_attention_ms_per_step']:.1f} ms"
+            f" ({100 * result['cpu_busy_fraction']:.0f}% busy)  share {result['pcie_share']:.2f}"
+            f"  moved {result['migrated_bytes_per_step'] / 2**20:.1f} MiB/step"
+            if tiered
+            else ""
+        ),
         flush=True,
     )
     return result
 
 
 def check_exactness(cfg, weights, device) -> dict:
-    """Logits of tiered dense (HBM + PCIe share + CPU) against all-HBM on the same KV, one decode step."""
-    args = argparse.Namespace(batch=4, budget=0.125, seed=1, warmup=0)
-    context = 2048
-    logits, attn = {}, {}
-    for name, frac in (("gpu-only", None), ("megatier-dense", 0.25)):
-        tiers = make_tiers(cfg, device, args.batch, context, frac, 4)
-        spec = dict(METHODS[name])
-        mode, migrate = spec.pop("mode"), spec.pop("migrate")
-        ex = TieredExecutor(cfg, weights, tiers=tiers, mode=mode, migrate=migrate, **spec)
-        tables = fill(ex, args.batch, context, args.budget, args.seed)
+    """Logits of every lossless tiered method against all-HBM on the same KV and tokens, one decode step
+    (sparse with a budget of the whole context is lossless too)."""
+    args = argparse.Namespace(batch=4, budget=1.0, seed=1, steps=1, repeats=1, warmup=0, drift_every=10**9)
+    context = 1024
+    logits = {}
+    for name, spec in [("gpu-only", None), ("megatier-dense", dict(mode="dense", pcie_share=0.25))]:
+        pools = None if spec is None else make_pools(cfg, device, args.batch, context, 0.25, 8)
+        work = Workload(args.batch, math.ceil(context / PAGE_SIZE), cfg.num_layers, args.budget, args.seed)
+        if spec is None:
+            store = KVCache.allocate(cfg, args.batch * (context // PAGE_SIZE + 2), PAGE_SIZE, torch.bfloat16, device)
+        else:
+            store = TieredKV(cfg, page_size=PAGE_SIZE, dtype=torch.bfloat16, device=device, hbm_bytes=0, pools=pools, **spec)
+        ex = GraphExecutor(cfg, weights, cache=store)
+        tables = fill(store, work, args.batch, context, args.seed)
         for b in range(args.batch):
-            tables[b] += tiers.allocator.allocate(1)
-        batch = StepBatch(list(range(args.batch)), [context] * args.batch, [1] * args.batch, tables)
-        logits[name] = ex.forward(batch).float()
-        # One layer's attention alone, same query, same KV: the merge's own error, no model amplification.
-        q = torch.randn(
-            (args.batch, cfg.num_heads, cfg.head_dim), generator=torch.Generator(device).manual_seed(7), device=device
-        )
-        with torch.inference_mode():  # the executor's buffers are inference tensors
-            ex.attn.begin_step(batch)
-            attn[name] = ex.attn.decode(0, q.to(torch.bfloat16)).float()
-            ex.attn.end_step()
-        del ex, tiers
-        _empty_cache()
-    ref, got = logits["gpu-only"], logits["megatier-dense"]
-    rel = ((got - ref).norm() / ref.norm()).item()
-    rel_attn = ((attn["megatier-dense"] - attn["gpu-only"]).norm() / attn["gpu-only"].norm()).item()
+            tables[b] += store.allocator.allocate(1)
+        logits[name] = ex.forward(StepBatch(list(range(args.batch)), [context] * args.batch, [1] * args.batch, tables))
+    ref, got = logits["gpu-only"].float(), logits["megatier-dense"].float()
     return {
-        "rel_l2_attention_layer0": rel_attn,
-        "rel_l2_logits": rel,
+        "rel_l2_logits": ((got - ref).norm() / ref.norm()).item(),
         "argmax_agree": float((got.argmax(-1) == ref.argmax(-1)).float().mean()),
     }
 
@@ -219,8 +294,10 @@ def run_tiers(args: argparse.Namespace) -> dict:
     cfg = load_config(resolve_model(args.model))
     weights = dummy_weights(cfg, args.seed, torch.bfloat16, device)
     methods = args.methods or list(METHODS)
-    results: dict = {"copy_GBps": copy_bandwidth(device) / 1e9 if device.type == "cuda" else None}
-    if args.micro and device.type == "cuda":
+    results: dict = {}
+    if device.type == "cuda":
+        results |= {"copy_GBps": copy_bandwidth(device) / 1e9, "read_GBps": read_bandwidth(device) / 1e9}
+    if args.micro:
         from megatier.bench.tier_micro import run_micro
 
         results["micro"] = run_micro(cfg, device)
@@ -228,26 +305,27 @@ def run_tiers(args: argparse.Namespace) -> dict:
         results["check"] = check_exactness(cfg, weights, device)
         print(f"  exactness: {results['check']}", flush=True)
     runs = []
-    extra = args.steps * 4 + (250 if args.warmup is None else args.warmup)
+    extra = args.steps * args.repeats + 130
     for context in args.context:
         total_gib = args.batch * context * cfg.kv_bytes_per_token(torch.bfloat16) / 2**30
         print(f"{args.model}: batch {args.batch} x {context} tokens = {total_gib:.1f} GiB of KV", flush=True)
         if "gpu-only" in methods:
             try:
-                tiers = make_tiers(cfg, device, args.batch, context, None, extra)
-                runs.append({**run_method(cfg, weights, tiers, "gpu-only", args, context), "hbm_fraction": 1.0})
-                del tiers
+                runs.append({**run_method(cfg, weights, None, "gpu-only", args, context), "hbm_fraction": 1.0})
             except torch.OutOfMemoryError:
                 print("  gpu-only: does not fit", flush=True)
-            _empty_cache()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
         for frac in args.hbm_fraction:
-            tiers = make_tiers(cfg, device, args.batch, context, frac, extra)
+            pools = make_pools(cfg, device, args.batch, context, frac, extra)
             for method in [m for m in methods if m != "gpu-only"]:
-                runs.append({**run_method(cfg, weights, tiers, method, args, context), "hbm_fraction": frac})
-            tiers.close()
-            del tiers
-            _empty_cache()
+                runs.append({**run_method(cfg, weights, pools, method, args, context), "hbm_fraction": frac})
+            pools.close()
+            del pools
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     results["runs"] = runs
+    results["speedups"] = speedups(runs)
     config = {
         "model": args.model,
         "batch": args.batch,
@@ -256,7 +334,9 @@ def run_tiers(args: argparse.Namespace) -> dict:
         "sparse_budget": args.budget,
         "page_size": PAGE_SIZE,
         "hot_key_scale": HOT_SCALE,
+        "drift_every": args.drift_every,
         "methods": methods,
+        "executor": "graph",
     }
     rec = record("tiers", device, config, results)
     if args.json:
@@ -266,3 +346,22 @@ def run_tiers(args: argparse.Namespace) -> dict:
 
         plot_tiers(rec, args.plot_dir)
     return rec
+
+
+def speedups(runs: list[dict]) -> list[dict]:
+    """Per (context, HBM fraction): megatier dense / sparse against their baselines, same run."""
+    out = []
+    for key in sorted({(r["context"], r["hbm_fraction"]) for r in runs if r["hbm_fraction"] < 1}):
+        by = {r["method"]: r["tokens_per_s"] for r in runs if (r["context"], r["hbm_fraction"]) == key}
+        row = {"context": key[0], "hbm_fraction": key[1]}
+        for name, num, den in [
+            ("dense_vs_offload_fetch", "megatier-dense", "offload-fetch"),
+            ("sparse_vs_offload_fetch", "megatier-sparse", "offload-fetch"),
+            ("sparse_vs_sparse_offload_fetch", "megatier-sparse", "sparse-offload-fetch"),
+        ]:
+            if num in by and den in by:
+                row[name] = by[num] / by[den]
+        out.append(row)
+        print(f"  speedups at ctx {key[0]}, HBM {key[1]:g}: " + ", ".join(
+            f"{k} {v:.2f}x" for k, v in row.items() if k.endswith("fetch")), flush=True)  # fmt: skip
+    return out

@@ -10,7 +10,7 @@ import torch
 from megatier.config import ModelConfig
 from megatier.errors import MegatierError
 from megatier.executors.base import Executor
-from megatier.kv.pages import KVCache
+from megatier.kv.store import KVStore
 from megatier.weights import ModelWeights
 
 log = logging.getLogger(__name__)
@@ -32,26 +32,32 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def choose_backend(backend: str, cfg: ModelConfig, cache: KVCache) -> str:
+def choose_backend(backend: str, cfg: ModelConfig, cache: KVStore) -> str:
     """auto: the megakernel on Hopper GPUs (it decodes batches of up to 8 itself and hands prefill and
-    larger batches to its own graph executor), graph on other GPUs, the reference elsewhere. Why the
-    megakernel cannot run is logged in one line."""
-    backend = resolve_backend(backend, cache.kv.device)
+    larger batches to its own graph executor), graph on other GPUs and for tiered KV stores, the
+    reference elsewhere. Why the megakernel cannot run is logged in one line."""
+    backend = resolve_backend(backend, cache.device)
+    if backend == "megakernel" and cache.tiered:
+        raise MegatierError("megakernel: a tiered KV cache (kv_hbm/kv_dram/kv_disk) runs on backend 'graph'")
     if backend != "auto":
         return backend
-    if cache.kv.device.type != "cuda":
+    if cache.device.type != "cuda":
         return "reference"
+    if cache.tiered:
+        log.info("backend auto: graph, not the megakernel (tiered KV runs on graph)")
+        return "graph"
     try:
         from megatier.executors.megakernel.runner import check_device
 
-        check_device(cfg, cache.kv.dtype, cache.kv.device)
+        check_device(cfg, cache.dtype, cache.device)
     except (MegatierError, ImportError) as e:
         log.info("backend auto: graph, not the megakernel (%s)", str(e).removeprefix("megakernel: "))
         return "graph"
     return "megakernel"
 
 
-def create_executor(backend: str, cfg: ModelConfig, weights: ModelWeights, cache: KVCache) -> Executor:
+def create_executor(backend: str, cfg: ModelConfig, weights: ModelWeights, cache: KVStore) -> Executor:
+    """The one way every executor is built: on a KV store (the plain KVCache or a TieredKV)."""
     name = choose_backend(backend, cfg, cache)
     module, cls = BACKENDS[name].split(":")
     log.info("backend: %s", name)

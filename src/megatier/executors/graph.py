@@ -39,7 +39,8 @@ from megatier.kernels.embed import embed_rows
 from megatier.kernels.gemv import gemv_norm_logits, gemv_norm_silu, gemv_residual_add
 from megatier.kernels.gemv_qkv import gemv_qkv_rope
 from megatier.kernels.rope import rope_cos_sin_table
-from megatier.kv.pages import KVCache, block_table_tensor, pages_for
+from megatier.kv.pages import block_table_tensor, pages_for
+from megatier.kv.store import KVStore, LayerKV, StepPlan
 from megatier.weights import ModelWeights, at_layer, pack_weights
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -54,11 +55,11 @@ class GraphExecutor:
     split_tokens = 256  # a decode-attention split covers at least this many KV tokens
     gemv_max_batch = 1  # decode buckets up to this size use the fused GEMV kernels, larger ones cuBLAS
 
-    def __init__(self, cfg: ModelConfig, weights: ModelWeights, *, cache: KVCache):
+    def __init__(self, cfg: ModelConfig, weights: ModelWeights, *, cache: KVStore):
         self.cfg = cfg
         self.cache = cache
-        self.device = cache.kv.device
-        self.dtype = cache.kv.dtype
+        self.device = cache.device
+        self.dtype = cache.dtype
         self.page_size = cache.page_size
         self.num_pages = cache.num_pages
         self.w = pack_weights(weights, self.device, self.dtype)
@@ -87,10 +88,10 @@ class GraphExecutor:
     # ---- the model -------------------------------------------------------------------------------
 
     def _layers(
-        self, tokens: torch.Tensor, positions: torch.Tensor, seq_ids: torch.Tensor, tables: torch.Tensor, attend: Attend
+        self, tokens: torch.Tensor, positions: torch.Tensor, seq_ids: torch.Tensor, plan: StepPlan, attend: Attend
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run every layer over tokens [T]; returns (last layer's output x, fp32 residual before x)."""
-        cfg, w, kv, eps = self.cfg, self.w, self.cache.kv, self.cfg.rms_norm_eps
+        cfg, w, eps = self.cfg, self.w, self.cfg.rms_norm_eps
         num_tokens = tokens.shape[0]
         residual = torch.empty((num_tokens, cfg.hidden_size), dtype=torch.float32, device=self.device)
         x = F.embedding(tokens, w.embed)
@@ -98,9 +99,11 @@ class GraphExecutor:
             h = add_rms_norm(x, residual, w.input_norm[layer], eps, add=layer > 0)
             qkv = F.linear(h, w.qkv[layer], at_layer(w.qkv_bias, layer))
             q_norm, k_norm = at_layer(w.q_norm, layer), at_layer(w.k_norm, layer)
+            where = self.cache.layer_kv(plan, layer)
             q = rope_append(
-                qkv, positions, seq_ids, tables, kv, layer, self.cos_sin, cfg.num_heads, q_norm, k_norm, eps
-            )
+                qkv, positions, seq_ids, where.tables, where.pool, where.layer, self.cos_sin, cfg.num_heads,
+                q_norm, k_norm, eps,
+            )  # fmt: skip
             attn = attend(q, layer).view(num_tokens, cfg.q_size)
             h = add_rms_norm(F.linear(attn, w.o[layer], at_layer(w.o_bias, layer)), residual, w.post_norm[layer], eps)
             gate_up = F.linear(h, w.gate_up[layer], at_layer(w.gate_up_bias, layer))
@@ -153,30 +156,39 @@ class GraphExecutor:
             positions += range(start, start + take)
             seq_ids += [j] * take
         ints = torch.tensor([token_ids, positions, seq_ids], dtype=torch.int32).to(self.device)
-        tables = block_table_tensor([batch.page_tables[i][: self.max_table] for i, _, _ in chunks], self.device)
+        page_tables = [batch.page_tables[i][: self.max_table] for i, _, _ in chunks]
+        tables = block_table_tensor(page_tables, self.device)
         starts = [batch.starts[i] + first for i, first, _ in chunks]
         query_lens = [take for _, _, take in chunks]
+        step = StepBatch(token_ids, starts, query_lens, page_tables)
+        lens = torch.tensor(step.context_lens, dtype=torch.int32).to(self.device)
+        plan = self.cache.begin_step(step, tables, lens)
 
         def attend(q: torch.Tensor, layer: int) -> torch.Tensor:
-            return paged_prefill_attention(q, self.cache.kv, layer, tables, starts, query_lens, self.scale)
+            where = self.cache.context(plan, layer)
+            return paged_prefill_attention(q, where.pool, where.layer, where.tables, starts, query_lens, self.scale)
 
-        x, residual = self._layers(ints[0], ints[1], ints[2], tables, attend)
+        x, residual = self._layers(ints[0], ints[1], ints[2], plan, attend)
+        self.cache.end_step(plan)
         ends = torch.tensor(query_lens).cumsum(0) - 1
         last = ends[finished].to(self.device)
         return self._logits(x[last], residual[last]).float()
 
     # ---- decode (CUDA graphs) ----------------------------------------------------------------------
 
-    def _decode_step(self, bucket: int, num_splits: int, greedy: bool = False) -> torch.Tensor | None:
+    def _decode_step(self, plan: StepPlan, bucket: int, num_splits: int, greedy: bool = False) -> torch.Tensor | None:
         """One decode step over the persistent buffers' first `bucket` rows: writes KV; returns logits, or
         with `greedy` feeds the argmax back as the next step's input (all on the device) and returns None."""
-        seq_lens, tables = self.seq_lens[:bucket], self.block_tables[:bucket]
+        seq_lens = self.seq_lens[:bucket]
+
+        def hbm_attention(q: torch.Tensor, where: LayerKV) -> tuple[torch.Tensor, torch.Tensor]:
+            return paged_decode_attention(q, where.pool, where.layer, where.tables, where.lens, num_splits, self.scale)
 
         def attend(q: torch.Tensor, layer: int) -> torch.Tensor:
-            return paged_decode_attention(q, self.cache.kv, layer, tables, seq_lens, num_splits, self.scale)[0]
+            return self.cache.attend(plan, layer, q, hbm_attention)
 
         if bucket <= self.gemv_max_batch:
-            residual = self._gemv_layers(bucket, attend)
+            residual = self._gemv_layers(plan, bucket, attend)
             logits, parts = gemv_norm_logits(
                 residual, self.w.final_norm, self.w.lm_head, self.cfg.rms_norm_eps, logits=not greedy, argmax=greedy
             )
@@ -184,7 +196,7 @@ class GraphExecutor:
                 greedy_feedback(*parts, self.tokens[:bucket], seq_lens, self.history, self.step, self.cfg.vocab_size)
             return logits
         positions = seq_lens - 1  # padding rows get -1: no KV write
-        logits = self._logits(*self._layers(self.tokens[:bucket], positions, self.seq_ids[:bucket], tables, attend))
+        logits = self._logits(*self._layers(self.tokens[:bucket], positions, self.seq_ids[:bucket], plan, attend))
         if greedy:
             next_tokens = logits.argmax(dim=-1)
             self.tokens[:bucket].copy_(next_tokens)
@@ -194,15 +206,16 @@ class GraphExecutor:
             return None
         return logits
 
-    def _gemv_layers(self, bucket: int, attend: Attend) -> torch.Tensor:
+    def _gemv_layers(self, plan: StepPlan, bucket: int, attend: Attend) -> torch.Tensor:
         """Every layer of a decode step through the fused GEMV kernels; returns the final fp32 residual."""
         cfg, w, eps = self.cfg, self.w, self.cfg.rms_norm_eps
-        seq_lens, tables = self.seq_lens[:bucket], self.block_tables[:bucket]
+        seq_lens = self.seq_lens[:bucket]
         residual = embed_rows(self.tokens[:bucket], w.embed)
         for layer in range(cfg.num_layers):
+            where = self.cache.layer_kv(plan, layer)
             q = gemv_qkv_rope(
-                residual, w.input_norm[layer], w.qkv[layer], at_layer(w.qkv_bias, layer), seq_lens, tables,
-                self.cache.kv, layer, self.cos_sin, cfg.num_heads, at_layer(w.q_norm, layer), at_layer(w.k_norm, layer), eps,
+                residual, w.input_norm[layer], w.qkv[layer], at_layer(w.qkv_bias, layer), seq_lens, where.tables,
+                where.pool, where.layer, self.cos_sin, cfg.num_heads, at_layer(w.q_norm, layer), at_layer(w.k_norm, layer), eps,
             )  # fmt: skip
             gemv_residual_add(
                 attend(q, layer).view(bucket, cfg.q_size), w.o[layer], at_layer(w.o_bias, layer), residual
@@ -214,7 +227,10 @@ class GraphExecutor:
     def _decode_logits(self, batch: StepBatch) -> torch.Tensor:
         bucket = self._load_decode_batch(batch)
         splits = self._num_splits(bucket, max(batch.context_lens))
-        logits = self._run(("logits", bucket, splits), lambda: self._decode_step(bucket, splits))
+        plan = self.cache.begin_step(batch, self.block_tables[:bucket], self.seq_lens[:bucket])
+        key = None if plan.graph_key is None else ("logits", bucket, splits, *plan.graph_key)
+        logits = self._run(key, lambda: self._decode_step(plan, bucket, splits))
+        self.cache.end_step(plan)
         return logits[: batch.num_seqs].to(torch.float32, copy=True)  # the next replay overwrites `logits`
 
     @torch.inference_mode()
@@ -240,6 +256,8 @@ class GraphExecutor:
             raise ValueError(f"decode_greedy needs 1..{BATCH_BUCKETS[-1]} sequences of one new token each")
         if num_steps < 1:
             raise MegatierError(f"decode_greedy needs num_steps >= 1, got {num_steps}")
+        if self.cache.tiered:
+            raise MegatierError("decode_greedy: a tiered KV cache plans every step on the host; use forward()")
         self._check(batch, num_steps, resume or first_tokens is not None)
         bucket = self._resume_decode_batch(batch) if resume else self._load_decode_batch(batch)
         if first_tokens is not None:
@@ -254,8 +272,9 @@ class GraphExecutor:
             self.graphs = {k: v for k, v in self.graphs.items() if k[0] != "greedy"}  # they wrote the old buffer
         self.step.zero_()
         splits = self._num_splits(bucket, max(batch.context_lens) + num_steps - 1)
+        plan = self.cache.begin_step(batch, self.block_tables[:bucket], self.seq_lens[:bucket])
         for _ in range(num_steps):
-            self._run(("greedy", bucket, splits), lambda: self._decode_step(bucket, splits, greedy=True))
+            self._run(("greedy", bucket, splits), lambda: self._decode_step(plan, bucket, splits, greedy=True))
         return self.history[:num_steps, : batch.num_seqs]
 
     def _resume_decode_batch(self, batch: StepBatch) -> int:
@@ -303,9 +322,10 @@ class GraphExecutor:
         by_occupancy = triton.cdiv(8 * self.num_sms, batch_size * self.cfg.num_kv_heads)
         return triton.next_power_of_2(max(1, min(by_length, by_occupancy)))
 
-    def _run(self, key: tuple, step: Callable[[], torch.Tensor | None]):
-        """Run `step` eagerly without CUDA; else replay its graph, captured on first use."""
-        if not self.use_graphs:
+    def _run(self, key: tuple | None, step: Callable[[], torch.Tensor | None]):
+        """Run `step` eagerly without CUDA (or without a key: a step that cannot be captured); else replay
+        its graph, captured on first use."""
+        if not self.use_graphs or key is None:
             return step()
         if key not in self.graphs:
             # Warm up outside capture (Triton compiles, cuBLAS plans) with the step itself, then restore

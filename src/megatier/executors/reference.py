@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from megatier.config import ModelConfig, rope_inv_freq
 from megatier.executors.base import StepBatch
-from megatier.kv.pages import KVCache, slot_mapping
+from megatier.kv.pages import block_table_tensor
+from megatier.kv.store import KVStore, LayerKV
 from megatier.weights import LayerWeights, ModelWeights
 
 
@@ -61,17 +62,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> 
 class ReferenceExecutor:
     name = "reference"
 
-    def __init__(
-        self,
-        cfg: ModelConfig,
-        weights: ModelWeights,
-        *,
-        cache: KVCache,
-    ):
+    def __init__(self, cfg: ModelConfig, weights: ModelWeights, *, cache: KVStore):
         self.cfg = cfg
         self.cache = cache
-        self.device = cache.kv.device
-        self.dtype = cache.kv.dtype
+        self.device = cache.device
+        self.dtype = cache.dtype
         self.page_size = cache.page_size
         self.num_pages = cache.num_pages
         self.w = weights.to(self.device, self.dtype)
@@ -79,26 +74,34 @@ class ReferenceExecutor:
 
     @torch.inference_mode()
     def forward(self, batch: StepBatch) -> torch.Tensor:
-        cfg, dev = self.cfg, self.device
+        cfg, dev, store = self.cfg, self.device, self.cache
         tokens = torch.tensor(batch.token_ids, dtype=torch.long, device=dev)
         positions = torch.tensor([p for span in batch.positions() for p in span], device=dev)
-        pages, rows = slot_mapping(batch.page_tables, batch.positions(), self.page_size)
-        write_pages = torch.tensor(pages, dtype=torch.long, device=dev)
-        write_rows = torch.tensor(rows, dtype=torch.long, device=dev)
+        seq_of_token = torch.repeat_interleave(torch.arange(batch.num_seqs), torch.tensor(batch.query_lens)).to(dev)
+        tables = block_table_tensor(batch.page_tables, dev)
+        lens = torch.tensor(batch.context_lens, dtype=torch.int32, device=dev)
         cos, sin = rope_cos_sin(self.inv_freq, positions, self.dtype)
+        plan = store.begin_step(batch, tables, lens)
 
         x = self.w.embed[tokens]
         for layer_idx, layer in enumerate(self.w.layers):
             h = rms_norm(x, layer.input_norm, cfg.rms_norm_eps)
             q, k, v = self._qkv(layer, h, cos, sin)
-            self.cache.kv[write_pages, layer_idx, 0, :, write_rows] = k
-            self.cache.kv[write_pages, layer_idx, 1, :, write_rows] = v
-            attn = self._attention(layer_idx, q, batch)
+            where = store.layer_kv(plan, layer_idx)
+            slots = where.tables[seq_of_token, positions // self.page_size].long()
+            rows = positions % self.page_size
+            where.pool[slots, where.layer, 0, :, rows] = k
+            where.pool[slots, where.layer, 1, :, rows] = v
+            if batch.is_decode():
+                attn = store.attend(plan, layer_idx, q, self.hbm_attention)
+            else:
+                attn = self._prompt_attention(store.context(plan, layer_idx), q, batch)
             x = x + linear(attn.flatten(1), layer.o_proj, layer.o_bias)
             h = rms_norm(x, layer.post_norm, cfg.rms_norm_eps)
             gate = linear(h, layer.gate_proj, layer.gate_bias)
             up = linear(h, layer.up_proj, layer.up_bias)
             x = x + linear(F.silu(gate) * up, layer.down_proj, layer.down_bias)
+        store.end_step(plan)
 
         last = torch.tensor(batch.query_lens, device=dev).cumsum(0) - 1
         h = rms_norm(x[last], self.w.final_norm, cfg.rms_norm_eps)
@@ -115,36 +118,37 @@ class ReferenceExecutor:
             k = rms_norm(k, layer.k_norm, cfg.rms_norm_eps)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def _gather(self, layer_idx: int, tables: list[list[int]], length: int) -> torch.Tensor:
-        """K and V of the first `length` positions of each page table: [2, B, length, Hkv, D]."""
+    def _gather(self, where: LayerKV, length: int) -> torch.Tensor:
+        """K and V of the first `length` positions of each row of `where`: [2, B, length, Hkv, D], on the
+        pool's device (a host pool is read where it is)."""
         n = -(-length // self.page_size)
-        pages = torch.tensor([t[:n] + [t[0]] * (n - len(t[:n])) for t in tables], dtype=torch.long, device=self.device)
-        kv = self.cache.kv[pages, layer_idx]  # [B, pages, 2, Hkv, P, D]
-        kv = kv.permute(2, 0, 1, 4, 3, 5).reshape(2, len(tables), n * self.page_size, self.cfg.num_kv_heads, -1)
+        # Entries past a row's length may be anything (compact tables): clamp them to a real slot.
+        pages = where.tables[:, :n].long().clamp(0, where.pool.shape[0] - 1).to(where.pool.device)
+        kv = where.pool[pages, where.layer]  # [B, pages, 2, Hkv, P, D]
+        kv = kv.permute(2, 0, 1, 4, 3, 5).reshape(2, pages.shape[0], n * self.page_size, self.cfg.num_kv_heads, -1)
         return kv[:, :, :length]
 
-    def _attention(self, layer_idx: int, q: torch.Tensor, batch: StepBatch) -> torch.Tensor:
-        """Gather each sequence's K/V from its pages and attend; q [T, H, D] -> [T, H, D].
+    def hbm_attention(self, q: torch.Tensor, where: LayerKV) -> tuple[torch.Tensor, torch.Tensor]:
+        """One query per row over its first lens[b] positions of `where` (kv/store.py's HbmAttention)."""
+        length = max(int(where.lens.max()), 1) if where.lens.numel() else 1
+        k, v = self._gather(where, length).to(q.device)
+        return decode_attention(q, k, v, where.lens.to(q.device), with_lse=True)
 
-        Prompt chunks attend one by one; single-token (decode) rows attend together, padded to the longest
-        context, with every position past a row's length masked out."""
+    def _prompt_attention(self, where: LayerKV, q: torch.Tensor, batch: StepBatch) -> torch.Tensor:
+        """Each sequence's new tokens over its whole context; q [T, H, D] -> [T, H, D]."""
         out = torch.empty_like(q)
-        ends = torch.tensor(batch.query_lens).cumsum(0).tolist()
-        decode = [i for i, n in enumerate(batch.query_lens) if n == 1]
+        end = 0
         for i, (start, n) in enumerate(zip(batch.starts, batch.query_lens, strict=True)):
-            if n > 1:
-                k, v = self._gather(layer_idx, [batch.page_tables[i]], start + n)[:, 0]
-                out[ends[i] - n : ends[i]] = attention(q[ends[i] - n : ends[i]], k, v, start)
-        if decode:
-            lens = torch.tensor([batch.starts[i] + 1 for i in decode], device=self.device)
-            k, v = self._gather(layer_idx, [batch.page_tables[i] for i in decode], int(lens.max()))
-            rows = torch.tensor([ends[i] - 1 for i in decode], device=self.device)
-            out[rows] = decode_attention(q[rows], k, v, lens)
+            row = LayerKV(where.pool, where.layer, where.tables[i : i + 1], where.lens[i : i + 1])
+            k, v = self._gather(row, start + n)[:, 0].to(q.device)
+            out[end : end + n] = attention(q[end : end + n], k, v, start)
+            end += n
         return out
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
-    """One query per sequence over its first lens[b] keys: q [B, H, D], k and v [B, T, Hkv, D] -> [B, H, D].
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor, with_lse: bool = False):
+    """One query per sequence over its first lens[b] keys: q [B, H, D], k and v [B, T, Hkv, D] -> [B, H, D]
+    (and with `with_lse` the natural-log softmax denominator [B, H] fp32; -inf and output 0 where lens is 0).
 
     Positions past a sequence's length hold whatever the cache holds (even NaN): their scores become -inf
     and their values 0, so they contribute nothing."""
@@ -155,5 +159,9 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: to
     vf = v.float().masked_fill(~valid[:, :, None, None], 0)
     qf = q.float().reshape(b, kv_heads, heads // kv_heads, d)
     scores = torch.einsum("bhgd,bkhd->bhgk", qf, kf) * d**-0.5
-    probs = scores.masked_fill(~valid[:, None, None, :], float("-inf")).softmax(dim=-1)
-    return torch.einsum("bhgk,bkhd->bhgd", probs, vf).reshape(b, heads, d).to(q.dtype)
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    probs = scores.softmax(dim=-1).nan_to_num(0.0)  # a row without keys: all -inf, output 0
+    out = torch.einsum("bhgk,bkhd->bhgd", probs, vf).reshape(b, heads, d).to(q.dtype)
+    if not with_lse:
+        return out
+    return out, torch.logsumexp(scores, dim=-1).reshape(b, heads)

@@ -1,16 +1,17 @@
-"""Context locality: which pages matter, which a sparse step reads, and where each page should live.
+"""Context locality: which slices matter, which a sparse step reads, and where each slice should live.
 
-- Key metadata (Quest): channel-wise min and max of every page's keys, per layer and kv head, kept on the
-  executor's device for every page of every tier (1/(2*page_size) of the KV bytes). A page is scored
-  for a query without reading it: the upper bound of q.k over the page is q+ . max + q- . min, two
-  matmuls.
-- Importance (PAM): I <- 0.6 * S + 0.4 * I_prev per page, S the attention mass the page was estimated to
-  receive this step (softmax of the page bounds, averaged over heads and layers), relative to a uniform
-  share so pages of long and short sequences compare.
+Everything here is per (page, layer) slice: attention picks pages per layer, and the pages that matter
+differ by layer, so importance, selection and placement all keep a layer axis.
+- Key metadata (Quest): channel-wise min and max of every slice's keys, per kv head, kept on the
+  executor's device for every page of every tier (1/page_size of the KV bytes). A page is scored for a
+  query without reading it: the upper bound of q.k over the page is q+ . max + q- . min, two matmuls.
+- Importance (PAM): I <- 0.6 * S + 0.4 * I_prev per slice, S the attention mass the page was estimated
+  to receive in that layer this step (softmax of the page bounds, averaged over heads), relative to a
+  uniform share so pages of long and short sequences compare.
 - Sparse selection: per (sequence, layer) the attention sinks, the recent window and the top-scored pages
   up to a token budget (a fraction of the context); all heads of the layer read the same pages.
-- Placement: each step the scheduler swaps a page into a faster tier when that tier holds a less
-  important one (disk<->DRAM first, then DRAM<->HBM), under a byte budget, with hysteresis so pages do
+- Placement: each step the scheduler swaps a slice into a faster tier when that tier holds a less
+  important one (disk<->DRAM first, then DRAM<->HBM), under a byte budget, with hysteresis so slices do
   not ping-pong; sinks and the recent window get a priority bonus, so they stay in HBM.
 """
 
@@ -21,7 +22,7 @@ import math
 import numpy as np
 import torch
 
-from megatier.kv.tiers import DRAM, HBM, TieredKV
+from megatier.kv.tiers import DRAM, HBM, TieredPools
 
 EMA = 0.6  # weight of the newest step (PAM's lambda)
 PIN_BONUS = 1e6  # priority of sinks and the recent window: above any importance
@@ -29,10 +30,12 @@ HYSTERESIS = 1.25  # a page displaces another only if it is this much more impor
 
 
 class PageMeta:
-    """Per-page key min/max on the executor's device: [pages, layers, kv_heads, 2 (min|max), head_dim]."""
+    """Per-page key min/max on the executor's device: [pages + 1, layers, kv_heads, 2 (min|max), head_dim].
+    The last row is a sink for padding rows of a captured decode step (`spare`): never scored."""
 
     def __init__(self, num_pages: int, num_layers: int, num_kv_heads: int, head_dim: int, dtype, device):
-        self.minmax = torch.empty((num_pages, num_layers, num_kv_heads, 2, head_dim), dtype=dtype, device=device)
+        self.minmax = torch.empty((num_pages + 1, num_layers, num_kv_heads, 2, head_dim), dtype=dtype, device=device)
+        self.spare = num_pages
 
     def reset(self, pages: torch.Tensor) -> None:
         """Forget fresh pages' old keys: min = +inf, max = -inf, so the first write sets both."""
@@ -46,11 +49,14 @@ class PageMeta:
         meta[:, :, 0].scatter_reduce_(0, index, k, "amin")
         meta[:, :, 1].scatter_reduce_(0, index, k, "amax")
 
-    def set_from_keys(self, pages: torch.Tensor, keys: torch.Tensor, rows: torch.Tensor) -> None:
-        """Metadata of whole pages from their keys [n, L, Hkv, P, D], rows [n] valid rows each."""
-        valid = (torch.arange(keys.shape[3], device=keys.device)[None, :] < rows[:, None])[:, None, None, :, None]
-        self.minmax[pages, :, :, 0] = keys.masked_fill(~valid, float("inf")).amin(3).to(self.minmax.dtype)
-        self.minmax[pages, :, :, 1] = keys.masked_fill(~valid, float("-inf")).amax(3).to(self.minmax.dtype)
+    def set_from_keys(self, pages: torch.Tensor, keys: torch.Tensor, rows: torch.Tensor, layer: int | None = None) -> None:
+        """Metadata of whole pages from their keys [n, L, Hkv, P, D] (or, for one `layer`, [n, Hkv, P, D]),
+        rows [n] valid rows each."""
+        valid = torch.arange(keys.shape[-2], device=keys.device)[None, :] < rows[:, None]
+        valid = valid.view(len(rows), *([1] * (keys.dim() - 3)), keys.shape[-2], 1)
+        target = (pages, slice(None)) if layer is None else (pages, layer)
+        self.minmax[(*target, slice(None), 0)] = keys.masked_fill(~valid, float("inf")).amin(-2).to(self.minmax.dtype)
+        self.minmax[(*target, slice(None), 1)] = keys.masked_fill(~valid, float("-inf")).amax(-2).to(self.minmax.dtype)
 
     def score(self, layer: int, q: torch.Tensor, tables: torch.Tensor, valid: torch.Tensor, scale: float):
         """Page scores for q [B, H, D] over tables [B, P] (logical ids; `valid` marks real entries).
@@ -85,25 +91,25 @@ def sparse_budget_pages(num_pages: np.ndarray, fraction: float, forced: np.ndarr
 
 
 class Importance:
-    """EMA of per-page attention mass on the executor's device."""
+    """EMA of per-slice attention mass on the executor's device: value [pages, layers]."""
 
     def __init__(self, num_pages: int, num_layers: int, device: torch.device):
-        self.value = torch.zeros(num_pages, dtype=torch.float32, device=device)
+        self.value = torch.zeros((num_pages + 1, num_layers), dtype=torch.float32, device=device)  # + spare row
         self._step = torch.zeros_like(self.value)
         self._count = torch.zeros_like(self.value)
-        self.num_layers = num_layers
 
-    def add(self, tables: torch.Tensor, valid: torch.Tensor, mass: torch.Tensor, num_pages: torch.Tensor) -> None:
+    def add(
+        self, layer: int, tables: torch.Tensor, valid: torch.Tensor, mass: torch.Tensor, num_pages: torch.Tensor
+    ) -> None:
         """Accumulate one layer's mass; relative to a uniform share (1 / pages of the sequence). Padding
         entries add zero (no boolean indexing: that would make the host wait for the GPU)."""
         rel = mass * num_pages[:, None].float() * valid
-        self._step.index_add_(0, tables.flatten(), rel.flatten())
-        self._count.index_add_(0, tables.flatten(), valid.flatten().float())
+        self._step[:, layer].index_add_(0, tables.flatten(), rel.flatten())
+        self._count[:, layer].index_add_(0, tables.flatten(), valid.flatten().float())
 
     def end_step(self) -> None:
         seen = self._count > 0
-        update = EMA * self._step / self.num_layers + (1 - EMA) * self.value
-        self.value = torch.where(seen, update, self.value)
+        self.value.copy_(torch.where(seen, EMA * self._step + (1 - EMA) * self.value, self.value))
         self._step.zero_()
         self._count.zero_()
 
@@ -111,46 +117,44 @@ class Importance:
         self.value[pages] = 0.0
 
 
-def plan_migrations(tiers: TieredKV, byte_budget: int) -> int:
-    """Start the moves this step's priorities call for, within `byte_budget`; returns the bytes started.
+def plan_migrations(pools: TieredPools, byte_budget: int) -> int:
+    """Start the moves this step's slice priorities call for, within `byte_budget`; returns the bytes.
 
     Per pair of adjacent tiers (DRAM/disk first, then HBM/DRAM): first restore the faster tier's free
-    reserve by demoting its least important pages, then, while the most important page of the slower
-    tier beats the least important page of the faster one by HYSTERESIS, swap them. Nothing waits."""
+    reserve by demoting its least important slices, then, while the most important slice of the slower
+    tier beats the least important slice of the faster one by HYSTERESIS, swap them. Nothing waits."""
     started = 0
-    prio = tiers.priority
-    busy = np.zeros(tiers.num_pages, dtype=bool)
-    busy[list(tiers.inflight) + list(tiers.writing)] = True
+    prio, tier = pools.priority.reshape(-1), pools.tier.reshape(-1)
+    busy = np.repeat(pools.writing, pools.num_layers)
+    busy[list(pools.inflight)] = True
     for upper in (DRAM, HBM):
         lower = upper + 1
-        if tiers.capacity(lower) == 0 or tiers.capacity(upper) == 0:
+        if pools.capacity(lower) == 0 or pools.capacity(upper) == 0:
             continue
-        free_up, free_low = len(tiers.slots[upper]), len(tiers.slots[lower])
-        budget_pages = (byte_budget - started) // tiers.page_bytes
-        # Only the budget's worth of candidates at each end can move: partial sorts keep this O(pages).
-        ups = _ends(np.flatnonzero((tiers.tier == upper) & ~busy), prio, budget_pages + 1)  # least important
-        downs = _ends(np.flatnonzero((tiers.tier == lower) & ~busy), -prio, budget_pages + 1)  # most important
+        free_up, free_low = len(pools.slots[upper]), len(pools.slots[lower])
+        budget = (byte_budget - started) // pools.slice_bytes
+        # Only the budget's worth of candidates at each end can move: partial sorts keep this O(slices).
+        ups = _ends(np.flatnonzero((tier == upper) & ~busy), prio, budget + 1)  # least important first
+        downs = _ends(np.flatnonzero((tier == lower) & ~busy), -prio, budget + 1)  # most important first
         demote, promote, u = [], [], 0
         # Restore the reserve: new pages of the next steps land in the fastest tier.
-        while free_up + len(demote) < tiers.reserve[upper] and u < len(ups) and free_low > 0 and budget_pages > 0:
+        while free_up + len(demote) < pools.reserve[upper] and u < len(ups) and free_low > 0 and budget > 0:
             demote.append(int(ups[u]))
-            u, free_low, budget_pages = u + 1, free_low - 1, budget_pages - 1
-        for page in downs:
-            if budget_pages <= 0 or free_up == 0:
+            u, free_low, budget = u + 1, free_low - 1, budget - 1
+        for flat in downs:
+            if budget <= 0 or free_up == 0:
                 break
-            if free_up > tiers.reserve[upper]:  # room to spare: promote without displacing anyone
-                promote.append(int(page))
-                free_up, budget_pages = free_up - 1, budget_pages - 1
+            if free_up > pools.reserve[upper]:  # room to spare: promote without displacing anyone
+                promote.append(int(flat))
+                free_up, budget = free_up - 1, budget - 1
                 continue
-            if u >= len(ups) or free_low == 0 or budget_pages < 2 or prio[page] <= HYSTERESIS * prio[ups[u]] + 1e-6:
+            if u >= len(ups) or free_low == 0 or budget < 2 or prio[flat] <= HYSTERESIS * prio[ups[u]] + 1e-6:
                 break
             demote.append(int(ups[u]))
-            promote.append(int(page))
-            u, free_up, free_low, budget_pages = u + 1, free_up - 1, free_low - 1, budget_pages - 2
-        if demote:
-            started += tiers.move(demote, lower)
-        if promote:
-            started += tiers.move(promote, upper)
+            promote.append(int(flat))
+            u, free_up, free_low, budget = u + 1, free_up - 1, free_low - 1, budget - 2
+        started += pools.move(np.array(demote, dtype=np.int64), lower)
+        started += pools.move(np.array(promote, dtype=np.int64), upper)
         busy[demote + promote] = True
     return started
 

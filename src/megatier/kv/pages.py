@@ -9,17 +9,37 @@ Token at position p of a sequence lives in page `table[p // page_size]`, row `p 
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from megatier.config import ModelConfig
 
+if TYPE_CHECKING:
+    from megatier.executors.base import StepBatch
+    from megatier.kv.store import HbmAttention, LayerKV
+
+
+@dataclass
+class HbmPlan:
+    """A step over the plain cache: the executor's own tables and lengths, nothing else."""
+
+    batch: StepBatch
+    tables: torch.Tensor
+    lens: torch.Tensor
+    graph_key: tuple = ()
+
 
 @dataclass
 class KVCache:
+    """The plain KV store: every page in one device pool, logical page ids are its indices (kv/store.py)."""
+
     kv: torch.Tensor  # [num_pages, num_layers, 2, num_kv_heads, page_size, head_dim]
+    tiered = False
+
+    def __post_init__(self) -> None:
+        self.allocator = PageAllocator(self.kv.shape[0])
 
     @classmethod
     def allocate(
@@ -38,15 +58,43 @@ class KVCache:
     def page_size(self) -> int:
         return self.kv.shape[4]
 
+    @property
+    def device(self) -> torch.device:
+        return self.kv.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.kv.dtype
+
     def page_bytes(self) -> int:
         return self.kv[0].numel() * self.kv.element_size()
 
+    # -- the KVStore interface (kv/store.py): nothing to plan, the executor's kernels do it all --------
+
+    def begin_step(self, batch: StepBatch, tables: torch.Tensor, lens: torch.Tensor) -> HbmPlan:
+        return HbmPlan(batch, tables, lens)
+
+    def layer_kv(self, plan: HbmPlan, layer: int) -> LayerKV:
+        from megatier.kv.store import LayerKV
+
+        return LayerKV(self.kv, layer, plan.tables, plan.lens)
+
+    def context(self, plan: HbmPlan, layer: int) -> LayerKV:
+        return self.layer_kv(plan, layer)
+
+    def attend(self, plan: HbmPlan, layer: int, q: torch.Tensor, hbm_attention: HbmAttention) -> torch.Tensor:
+        return hbm_attention(q, self.layer_kv(plan, layer))[0]
+
+    def end_step(self, plan: HbmPlan) -> None:
+        pass
+
 
 class PageAllocator:
-    """Hands out page ids of one pool; freed pages are reused first-in first-out."""
+    """Hands out page ids of one pool, lowest first on a fresh pool; freed pages are reused most recently
+    freed first, so the pages in use stay few and warm (memory the host never touched stays unmapped)."""
 
     def __init__(self, num_pages: int):
-        self._free: deque[int] = deque(range(num_pages))
+        self._free: list[int] = list(range(num_pages - 1, -1, -1))  # a stack: the next page is at the end
         self.num_pages = num_pages
 
     @property
@@ -56,10 +104,12 @@ class PageAllocator:
     def allocate(self, n: int) -> list[int]:
         if n > len(self._free):
             raise MemoryError(f"KV cache full: {n} pages requested, {len(self._free)} free")
-        return [self._free.popleft() for _ in range(n)]
+        taken = self._free[len(self._free) - n :][::-1]
+        del self._free[len(self._free) - n :]
+        return taken
 
     def free(self, pages: list[int]) -> None:
-        self._free.extend(pages)
+        self._free.extend(reversed(pages))
 
 
 @dataclass

@@ -1,0 +1,457 @@
+"""The KV stores: the contract both honour, exact attention over any split of slices into tiers, bit-exact
+migrations, corrupt disk slices caught, budgets kept under random workloads, per-layer placement and
+selection, and identical greedy tokens end to end on the reference and graph executors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import make_hf_model
+from megatier import LLM, MegatierError, SamplingParams
+from megatier.config import ModelConfig
+from megatier.engine import Engine
+from megatier.executors.base import StepBatch
+from megatier.executors.graph import GraphExecutor
+from megatier.executors.reference import ReferenceExecutor, attention
+from megatier.kv import cpu_attention
+from megatier.kv.disk import KVCorruptError
+from megatier.kv.locality import plan_migrations
+from megatier.kv.pages import KVCache, block_table_tensor
+from megatier.kv.tiered import TieredKV
+from megatier.kv.tiers import DISK, DRAM, HBM, TieredPools
+from megatier.loader import dummy_weights
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the Triton interpreter's -inf lse rows
+
+PAGE = 4
+CPU = torch.device("cpu")
+
+
+def tiny_cfg(heads: int = 4, kv_heads: int = 2, head_dim: int = 16, layers: int = 2) -> ModelConfig:
+    return ModelConfig(
+        "llama",
+        vocab_size=32,
+        hidden_size=heads * head_dim,
+        intermediate_size=16,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+    )
+
+
+def slice_bytes(cfg: ModelConfig, dtype=torch.float32) -> int:
+    return cfg.kv_bytes_per_token(dtype) * PAGE // cfg.num_layers
+
+
+def make_pools(cfg, slices: tuple[int, int, int], tmp_path, dtype=torch.float32, device="cpu") -> TieredPools:
+    hbm, dram, disk = (n * slice_bytes(cfg, dtype) for n in slices)
+    return TieredPools(
+        cfg, page_size=PAGE, dtype=dtype, device=torch.device(device), hbm_bytes=hbm, dram_bytes=dram,
+        disk_bytes=disk, disk_dir=tmp_path / "kv",
+    )  # fmt: skip
+
+
+def put(pools: TieredPools, page: int, layer: int, tier: int, data: torch.Tensor) -> None:
+    """Place slice (page, layer) in `tier` and write its bytes there."""
+    slot = pools.assign(page, layer, tier)
+    if tier == HBM:
+        pools.hbm.kv[slot] = data.to(pools.device)
+    elif tier == DRAM:
+        pools.dram[slot] = data
+    else:
+        pools.disk.write(slot, data.contiguous().view(-1).view(torch.uint8).numpy())
+
+
+def fill_random(pools: TieredPools, tables: list[list[int]], draw_tier, gen) -> dict:
+    """Every slice of the pages in `tables` in a tier `draw_tier()` picks; returns the data by slice."""
+    data = {}
+    for table in tables:
+        for page in table:
+            for layer in range(pools.num_layers):
+                data[page, layer] = torch.randn(pools.slice_shape, generator=gen).to(pools.dtype)
+                put(pools, page, layer, draw_tier(), data[page, layer])
+    return data
+
+
+def dense_reference(q, data, tables, lens, layer, cfg) -> torch.Tensor:
+    out = []
+    for b, (n, table) in enumerate(zip(lens, tables, strict=True)):
+        kv = torch.stack([data[p, layer][0] for p in table]).float()  # [pages, 2, Hkv, P, D]
+        kv = kv.permute(1, 0, 3, 2, 4).reshape(2, -1, cfg.num_kv_heads, cfg.head_dim)[:, :n]
+        out.append(attention(q[b : b + 1].float(), kv[0], kv[1], n - 1)[0])
+    return torch.stack(out)
+
+
+def store_on(pools: TieredPools, cfg: ModelConfig, **kw) -> TieredKV:
+    return TieredKV(cfg, page_size=PAGE, dtype=pools.dtype, device=pools.device, hbm_bytes=0, pools=pools, **kw)
+
+
+def decode_plan(store, lens: list[int], tables: list[list[int]]):
+    batch = StepBatch([0] * len(lens), [n - 1 for n in lens], [1] * len(lens), tables)
+    device = store.device
+    plan = store.begin_step(batch, block_table_tensor(tables, device), torch.tensor(lens, dtype=torch.int32, device=device))
+    return plan
+
+
+def ref_attention(cfg):
+    """The reference executor's HbmAttention (no weights needed for attention alone)."""
+    ex = ReferenceExecutor.__new__(ReferenceExecutor)
+    ex.cfg, ex.page_size = cfg, PAGE
+    return ex.hbm_attention
+
+
+# -- the contract both stores honour -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["cache", "tiered"])
+def test_store_contract(kind, tmp_path):
+    """begin_step places what a step writes; layer_kv addresses it; attend over a decode batch equals dense
+    attention; the allocator hands out the store's logical pages and takes them back."""
+    cfg = tiny_cfg()
+    gen = torch.Generator().manual_seed(0)
+    if kind == "cache":
+        store = KVCache.allocate(cfg, 12, PAGE, torch.float32, CPU)
+    else:
+        store = store_on(make_pools(cfg, (24, 24, 0), tmp_path), cfg)
+    assert store.tiered is (kind == "tiered") and store.allocator.num_pages == store.num_pages >= 12
+    lens = [9, 3]
+    tables = [store.allocator.allocate(3), store.allocator.allocate(1)]
+    # A prompt step writes every page: layer_kv says where each layer's pages are.
+    prompt = StepBatch([0] * sum(lens), [0, 0], lens, tables)
+    plan = store.begin_step(prompt, block_table_tensor(tables, CPU), torch.tensor(lens, dtype=torch.int32))
+    data = {}
+    for layer in range(cfg.num_layers):
+        where = store.layer_kv(plan, layer)
+        for b, table in enumerate(tables):
+            for c, page in enumerate(table):
+                data[page, layer] = torch.randn((1, *where.pool.shape[2:]), generator=gen)
+                where.pool[int(where.tables[b, c]), where.layer] = data[page, layer][0]
+    store.end_step(plan)
+    plan = decode_plan(store, lens, tables)
+    q = torch.randn(2, cfg.num_heads, cfg.head_dim, generator=gen)
+    for layer in range(cfg.num_layers):
+        got = store.attend(plan, layer, q, ref_attention(cfg))
+        torch.testing.assert_close(got, dense_reference(q, data, tables, lens, layer, cfg), atol=1e-5, rtol=1e-5)
+    store.end_step(plan)
+    store.allocator.free([p for t in tables for p in t])
+    assert store.allocator.num_free == store.num_pages
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_tiered_attention_equals_dense_attention(data, tmp_path_factory):
+    """Any split of the slices over 1-3 tiers, chosen per (page, layer) (a tier may be empty; a sequence
+    may be one token), gives dense attention within 1e-5 in fp32, in dense mode with any PCIe share and
+    in sparse mode (every way of reading misses) with a budget of the whole context. The host partial
+    runs the C kernel (head_dim 16 and 24: no torch fallback)."""
+    tmp_path = tmp_path_factory.mktemp("split")
+    cfg = tiny_cfg(
+        heads=data.draw(st.sampled_from([2, 4])),
+        kv_heads=data.draw(st.sampled_from([1, 2])),
+        head_dim=data.draw(st.sampled_from([16, 24])),
+    )
+    lens = data.draw(st.lists(st.integers(1, 5 * PAGE), min_size=1, max_size=3))
+    used = sorted(data.draw(st.sets(st.sampled_from([HBM, DRAM, DISK]), min_size=1)))
+    num = sum(-(-n // PAGE) for n in lens) * cfg.num_layers + 2 * cfg.num_layers
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 1000)))
+    tables, page = [], 0
+    for n in lens:
+        tables.append(list(range(page, page + -(-n // PAGE))))
+        page += len(tables[-1])
+    q = torch.randn(len(lens), cfg.num_heads, cfg.head_dim, generator=gen)
+    variants = [dict(mode="dense", pcie_share=data.draw(st.sampled_from([0.0, 0.5, 1.0])))]
+    variants += [dict(mode="sparse", sparse_budget=1.0, sparse_misses=m) for m in ("gpu", "fetch", "cpu")]
+    for kw in variants:
+        pools = make_pools(cfg, (num, num, num), tmp_path / kw["mode"] / kw.get("sparse_misses", "-"))
+        kv = fill_random(pools, tables, lambda: data.draw(st.sampled_from(used)), gen)
+        store = store_on(pools, cfg, **kw)
+        for p in range(page):  # the scorer's metadata, from the keys
+            keys = torch.stack([kv[p, layer][0, 0] for layer in range(cfg.num_layers)])
+            store.meta.set_from_keys(torch.tensor([p]), keys[None], torch.tensor([PAGE]))
+        # A decode step at each sequence's last position: that page comes up to HBM (bytes unchanged).
+        plan = decode_plan(store, lens, tables)
+        calls = cpu_attention.CALLS["torch"]
+        for layer in range(cfg.num_layers):
+            got = store.attend(plan, layer, q, ref_attention(cfg))
+            want = dense_reference(q, kv, tables, lens, layer, cfg)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        assert cpu_attention.CALLS["torch"] == calls  # the host partials ran the C kernel
+        store.end_step(plan)
+        pools.close()
+
+
+def test_slices_survive_every_migration_path(tmp_path):
+    cfg = tiny_cfg()
+    pools = make_pools(cfg, (12, 12, 12), tmp_path, dtype=torch.bfloat16)
+    gen = torch.Generator().manual_seed(1)
+    originals = fill_random(pools, [[0, 1, 2]], lambda: HBM, gen)
+    flat = np.array([p * cfg.num_layers + layer for p, layer in originals])
+    for dst in (DRAM, DISK, DRAM, HBM, DRAM, DISK):
+        pools.move(flat, dst)
+        pools.wait_all()
+        for (p, layer), data in originals.items():
+            assert pools.tier[p, layer] == dst
+            assert torch.equal(pools.gather(np.array([p]), layer)[0].view(torch.int16), data.view(torch.int16))
+    # One layer of a page moves alone (per-slice placement), and a page freed mid-copy frees both ends.
+    pools.move(np.array([0 * cfg.num_layers + 1]), DRAM)
+    pools.wait_all()
+    assert pools.tier[0].tolist() == [DISK, DRAM]
+    pools.move(np.array([1 * cfg.num_layers]), DRAM)
+    pools.release([1])
+    pools.wait_all()
+    assert pools.used(DISK) == 3 and pools.used(DRAM) == 1
+    pools.close()
+
+
+def test_corrupt_or_missing_disk_slice_is_detected(tmp_path):
+    cfg = tiny_cfg(layers=1)
+    pools = make_pools(cfg, (4, 4, 4), tmp_path)
+    for p in range(2):
+        put(pools, p, 0, DISK, torch.randn(pools.slice_shape))
+    put(pools, 2, 0, HBM, torch.randn(pools.slice_shape))
+    path = pools.disk.path(int(pools.slot[0, 0]))
+    raw = bytearray(path.read_bytes())
+    raw[-5] ^= 0x40
+    path.write_bytes(bytes(raw))
+    with pytest.raises(KVCorruptError, match="corrupt"):
+        pools.read_page(0)
+    # Attention over the slice fails with the same clear error (never garbage).
+    store = store_on(pools, cfg)
+    plan = decode_plan(store, [2 * PAGE + 1], [[1, 0, 2]])
+    with pytest.raises(KVCorruptError, match=str(path)):
+        store.attend(plan, 0, torch.randn(1, cfg.num_heads, cfg.head_dim), ref_attention(cfg))
+    # A promotion of a corrupt slice fails at commit, leaving it where it was.
+    pools.move(np.array([0]), DRAM)
+    with pytest.raises(KVCorruptError):
+        pools.wait_all()
+    assert pools.tier[0, 0] == DISK and pools.used(DRAM) == 0
+    pools.disk.path(int(pools.slot[1, 0])).unlink()
+    with pytest.raises(KVCorruptError, match="missing"):
+        pools.read_page(1)
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    ops=st.lists(st.tuples(st.sampled_from(["alloc", "free", "shuffle", "migrate"]), st.integers(1, 6)), max_size=30)
+)
+def test_budgets_respected_under_random_workloads(ops, tmp_path_factory):
+    """Whatever happens, no tier holds more slices than its budget, every live slice has exactly one
+    slot, and its bytes are intact; priorities differ by layer, so layers of one page split up."""
+    cfg = tiny_cfg(layers=2)
+    pools = make_pools(cfg, (10, 8, 12), tmp_path_factory.mktemp("budget"))
+    store = store_on(pools, cfg)
+    alloc, layers = store.allocator, cfg.num_layers
+    live: dict[tuple[int, int], torch.Tensor] = {}
+    rng = np.random.default_rng(len(ops))
+    for op, n in ops:
+        if op == "alloc" and alloc.num_free >= n and n * layers < pools.capacity(HBM):
+            pages = alloc.allocate(n)
+            pools.place_for_writing(pages)
+            pools.writing[:] = False
+            for p in pages:
+                for layer in range(layers):
+                    live[p, layer] = torch.randn(pools.slice_shape)
+                    pools.hbm.kv[int(pools.slot[p, layer])] = live[p, layer]
+        elif op == "free" and live:
+            pages = sorted({p for p, _ in live})
+            gone = [int(p) for p in rng.choice(pages, size=min(n, len(pages)), replace=False)]
+            alloc.free(gone)
+            live = {k: v for k, v in live.items() if k[0] not in gone}
+        elif op == "shuffle":
+            pools.priority[:] = rng.random(pools.priority.shape).astype(np.float32) * 10
+        else:
+            started = plan_migrations(pools, n * pools.slice_bytes)
+            assert started <= n * pools.slice_bytes
+        pools.poll()
+        for t in (HBM, DRAM, DISK):
+            assert pools.used(t) <= pools.capacity(t)
+        placed = [
+            (int(pools.tier[p, layer]), int(pools.slot[p, layer]))
+            for p, layer in live
+            if p * layers + layer not in pools.inflight
+        ]
+        assert len(set(placed)) == len(placed) and all(t >= 0 for t, _ in placed)
+    pools.wait_all()
+    for (p, layer), data in live.items():
+        assert torch.equal(pools.gather(np.array([p]), layer)[0], data)
+    assert sum(pools.used(t) for t in (HBM, DRAM, DISK)) == len(live)
+    pools.close()
+
+
+def test_migration_brings_each_layers_important_slices_to_hbm(tmp_path):
+    """Hot pages differ by layer: after migration every layer's hot slices are in HBM, while HBM holds
+    fewer slices than the union of hot pages times the layers would need."""
+    cfg = tiny_cfg(layers=2)
+    pools = make_pools(cfg, (12, 24, 0), tmp_path)
+    for p in range(14):
+        for layer in range(2):
+            put(pools, p, layer, HBM if p < 5 else DRAM, torch.randn(pools.slice_shape))
+    hot = {0: [9, 11, 12, 13], 1: [6, 7, 8, 10]}
+    pools.priority[:] = 0.1
+    for layer, pages in hot.items():
+        pools.priority[pages, layer] = 5.0
+    for _ in range(8):
+        plan_migrations(pools, 2 * pools.slice_bytes)
+        pools.wait_all()
+    for layer, pages in hot.items():
+        assert (pools.tier[pages, layer] == HBM).all(), layer
+    assert pools.used(HBM) <= pools.capacity(HBM)
+    pools.close()
+
+
+def test_sparse_selection_picks_the_pages_that_matter(tmp_path):
+    """A context with three high-attention pages among twenty: a budget of sinks + recent window + three
+    must read exactly them (a selector that took the lowest-scored pages would miss them all), and the
+    result equals attention over those pages alone."""
+    cfg = tiny_cfg(heads=4, kv_heads=1, head_dim=16, layers=1)
+    pools = make_pools(cfg, (64, 64, 0), tmp_path)
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(1, cfg.num_heads, cfg.head_dim, generator=gen)
+    n_pages, hot = 20, [5, 11, 14]
+    kv = {}
+    for p in range(n_pages):
+        kv[p, 0] = torch.randn(pools.slice_shape, generator=gen) * 0.1
+        if p in hot:  # keys along q's mean direction: large scores for every head
+            kv[p, 0][0, 0] += 3 * q[0].mean(0)
+        put(pools, p, 0, HBM if p % 2 else DRAM, kv[p, 0])
+    store = store_on(pools, cfg, mode="sparse", sink_pages=1, recent_tokens=PAGE, migrate=False)
+    store.sparse_budget = (1 + 2 + len(hot)) / n_pages  # sink, recent window (2 pages), the hot ones
+    for p in range(n_pages):
+        store.meta.set_from_keys(torch.tensor([p]), kv[p, 0][:, 0][None], torch.tensor([PAGE]))
+    lens = [n_pages * PAGE]
+    plan = decode_plan(store, lens, [list(range(n_pages))])
+    got = store.attend(plan, 0, q, ref_attention(cfg))
+    read = [0, *hot, 18, 19]
+    want = dense_reference(q, {(i, 0): kv[p, 0] for i, p in enumerate(read)}, [list(range(len(read)))], [len(read) * PAGE], 0, cfg)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert store._counts[1] == len(read)
+    pools.close()
+
+
+# -- end to end -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    path, _ = make_hf_model(tmp_path_factory.mktemp("tiny"), "llama-llama3rope-tied-bias")
+    return path
+
+
+PROMPTS = [list(range(10, 80)), list(range(40, 85))]
+
+
+def test_greedy_tokens_identical_all_hbm_vs_tiered_reference(tiny_model, tmp_path):
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    common = dict(device="cpu", dtype="float32", backend="reference", max_num_batched_tokens=32, max_num_seqs=4)
+    want = [o.token_ids for o in LLM(str(tiny_model), **common).generate(PROMPTS, params)]
+    page_gib = LLM(str(tiny_model), **common).config.kv_bytes_per_token(torch.float32) * 16 / 2**30
+    # 11 pages of context in all: 8 pages of HBM and 3 of DRAM (less reserves), so slices spill to disk.
+    for mode, budget in (("dense", 0.125), ("sparse", 1.0)):
+        llm = LLM(
+            str(tiny_model), **common, kv_hbm=8 * page_gib, kv_dram=3 * page_gib, kv_disk=8 * page_gib,
+            kv_disk_dir=str(tmp_path / mode), kv_mode=mode, kv_sparse_budget=budget,
+        )  # fmt: skip
+        got = [o.token_ids for o in llm.generate(PROMPTS, params)]
+        assert got == want, mode
+        store = llm.engine.executor.cache
+        assert store.pools.moved_bytes[DRAM][DISK] > 0, (mode, store.pools.moved_bytes)  # it did spill
+        assert store.stats.bytes_read["disk"] > 0 or mode == "sparse"
+
+
+@pytest.mark.parametrize("kw", [dict(mode="dense", pcie_share=0.5), dict(mode="sparse", sparse_budget=1.0)])
+def test_greedy_tokens_identical_all_hbm_vs_tiered_graph(tiny_model, kw):
+    """The graph executor (eager on the CPU, the same code it captures on a GPU) over a tiered store."""
+    from megatier.config import load_config
+    from megatier.loader import load_safetensors_weights
+
+    cfg = load_config(tiny_model)
+    weights = load_safetensors_weights(tiny_model, cfg)
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+
+    def run(store) -> list[list[int]]:
+        engine = Engine(GraphExecutor(cfg, weights, cache=store), None, eos_token_ids=(), max_model_len=256)
+        ids = [engine.add_request(p, params) for p in PROMPTS]
+        out = {i: [] for i in ids}
+        while engine.has_unfinished():
+            for u in engine.step():
+                out[u.request_id] += u.new_token_ids
+        return [out[i] for i in ids]
+
+    page_bytes = cfg.kv_bytes_per_token(torch.float32) * 16
+    want = run(KVCache.allocate(cfg, 16, 16, torch.float32, CPU))
+    store = TieredKV(cfg, page_size=16, dtype=torch.float32, device=CPU, hbm_bytes=8 * page_bytes, dram_bytes=4 * page_bytes, **kw)
+    assert run(store) == want
+    assert store.stats.bytes_read["dram"] + store.stats.bytes_read["pcie"] > 0  # DRAM slices were read
+
+
+def test_sparse_mode_reads_its_budget(tiny_model):
+    llm = LLM(str(tiny_model), device="cpu", max_num_batched_tokens=64, kv_mode="sparse", kv_sparse_budget=0.25)
+    llm.generate([[t % 300 for t in range(480)]], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    stats = llm.engine.executor.cache.stats
+    pages_per_layer_step = stats.selected_slices / stats.steps / llm.config.num_layers
+    assert pages_per_layer_step == pytest.approx(0.25 * 31, abs=1)  # 30-31 pages of context
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(kv_mode="fast"), "kv_mode"),
+        (dict(kv_hbm=1e-3, kv_disk=1.0), "kv_disk needs kv_dram"),
+        (dict(kv_hbm=1e-9), "kv_hbm"),
+        (dict(kv_hbm=0.01, kv_sparse_budget=0.0), "kv_sparse_budget"),
+        (dict(kv_hbm=0.01, backend="megakernel"), "backend"),
+    ],
+)
+def test_bad_tier_settings_are_refused(tiny_model, kwargs, match):
+    with pytest.raises(MegatierError, match=match):
+        LLM(str(tiny_model), device="cpu", **kwargs)
+
+
+def test_graph_executor_accepts_a_tiered_store_but_not_multi_step(tiny_model):
+    from megatier.config import load_config
+
+    cfg = load_config(tiny_model)
+    store = TieredKV(cfg, page_size=16, dtype=torch.float32, device=CPU, hbm_bytes=8 * cfg.kv_bytes_per_token(torch.float32) * 16)
+    ex = GraphExecutor(cfg, dummy_weights(cfg, 0, torch.float32, CPU), cache=store)
+    with pytest.raises(MegatierError, match="tiered KV cache plans every step"):
+        ex.decode_greedy(StepBatch([1], [0], [1], [[0]]), 2)
+
+
+def test_each_layers_hot_pages_migrate_to_hbm_end_to_end(tmp_path):
+    """Decode steps over a sparse store whose hot pages differ by layer: importance is tracked per
+    (page, layer) and migration brings each layer's own hot slices into HBM, within the HBM budget,
+    raising the hit rate (a per-page importance summed over layers would move both layers' sets)."""
+    cfg = tiny_cfg(heads=4, kv_heads=1, head_dim=16, layers=2)
+    n_pages, hot = 24, {0: [4, 7, 9], 1: [12, 15, 17]}
+    pools = make_pools(cfg, (20, 60, 0), tmp_path)
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(1, cfg.num_heads, cfg.head_dim, generator=gen)
+    store = store_on(pools, cfg, mode="sparse", sink_pages=1, recent_tokens=PAGE, migration_bytes=4 * pools.slice_bytes)
+    store.sparse_budget = 6 / n_pages
+    for p in range(n_pages):
+        for layer in range(2):
+            data = torch.randn(pools.slice_shape, generator=gen) * 0.1
+            if p in hot[layer]:
+                data[0, 0] += 3 * q[0].mean(0)
+            put(pools, p, layer, HBM if p < 3 or p >= n_pages - 2 else DRAM, data)
+            store.meta.set_from_keys(torch.tensor([p]), data[0, 0], torch.tensor([PAGE]), layer)
+    hits = []
+    for _ in range(8):
+        plan = decode_plan(store, [n_pages * PAGE], [list(range(n_pages))])
+        before = (store.stats.hbm_hits, store.stats.selected_slices)
+        for layer in range(2):
+            store.attend(plan, layer, q, ref_attention(cfg))
+        store.end_step(plan)
+        pools.wait_all()
+        hits.append((store.stats.hbm_hits - before[0]) / (store.stats.selected_slices - before[1]))
+    for layer, pages in hot.items():
+        assert (pools.tier[pages, layer] == HBM).all(), (layer, pools.tier[:, layer])
+        other = hot[1 - layer]
+        assert not (pools.tier[other, layer] == HBM).all(), layer  # the other layer's set stayed out
+    assert hits[0] < 0.8 and hits[-1] == 1.0, hits
+    pools.close()
