@@ -1,23 +1,29 @@
 """Micro-benchmarks behind the tier bandwidth split: PCIe copies, CPU attention, GPU split-KV, disk.
 
-Each figure is bytes of KV (or copy) per second, measured on this machine in this process.
+Each figure is bytes of KV (or copy) per second, measured on this machine in this process. Without CUDA
+(`python -m megatier.bench.tier_micro`) the CPU and disk parts run and the rest is skipped.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import statistics
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
 
 from megatier.bench.common import cuda_time
-from megatier.kv.cpu_attention import cpu_attention, default_threads
+from megatier.kv.cpu_attention import auto_isa, cpu_attention, default_threads, host_read_bandwidth, supported_isas
 from megatier.kv.disk import DiskPool
 
 PAGE_SIZE = 16
+# (query heads, kv heads, head_dim) of the shapes the CPU kernel is held to (issue #17).
+KERNEL_SHAPES = {"llama-3.2-1b": (32, 8, 64), "llama-3.1-8b": (32, 8, 128)}
 
 
 def _wall(fn, reps: int = 5) -> float:
@@ -31,7 +37,8 @@ def _wall(fn, reps: int = 5) -> float:
 
 
 def pcie(cfg, device) -> dict:
-    """Pinned H2D / D2H GB/s by size, and the strided per-layer fetch (one 2D DMA per run)."""
+    """Pinned H2D / D2H GB/s by size, the strided per-layer fetch (one 2D DMA per run), and the gather
+    kernel over scattered slices in pinned memory (both directions)."""
     n = 1 << 28
     host = torch.randint(0, 255, (n,), dtype=torch.uint8).pin_memory()
     dev = torch.randint(0, 255, (n,), dtype=torch.uint8, device=device)
@@ -62,34 +69,40 @@ def pcie(cfg, device) -> dict:
 
     out["strided_layer_fetch_GBps"] = rows * piece / statistics.median(cuda_time(strided, 10)) / 1e9
     out["strided_slice_bytes"] = piece
+    # The gather kernel the tiered store fetches and migrates with: scattered slices, zero-copy, one launch.
+    from megatier.kernels.copy_slices import copy_slices
+
+    shape = (2, cfg.num_kv_heads, PAGE_SIZE, cfg.head_dim)
+    slices = n // (piece * 2)
+    pinned = host[: slices * piece].view(torch.bfloat16).view(slices, 1, *shape)
+    staging = torch.empty((slices, 1, *shape), dtype=torch.bfloat16, device=device)
+    src = torch.randperm(slices, device=device).int()
+    dst = torch.arange(slices, dtype=torch.int32, device=device)
+    for name, a, b in (("gather_h2d_GBps", pinned, staging), ("gather_d2h_GBps", staging, pinned)):
+        out[name] = (
+            slices * piece / statistics.median(cuda_time(lambda a=a, b=b: copy_slices(a, b, src, dst), 10)) / 1e9
+        )
     return out
 
 
-def cpu_attention_bw(cfg, device) -> dict:
-    """GB/s of KV read by the CPU kernel (C and torch) by thread count, and C under a concurrent PCIe copy."""
-    heads, kv_heads, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+def _pages(heads: int, kv_heads: int, d: int, nbytes: int, batch: int = 16):
+    """(q, pool, offsets, pages, rows, bytes read): batch sequences over about nbytes of bf16 pages in a
+    random order, as a long-running cache leaves them."""
     slice_bytes = 2 * kv_heads * PAGE_SIZE * d * 2
-    num = (1 << 30) // slice_bytes
-    batch = 16
+    num = nbytes // slice_bytes
     pool = torch.empty((num, 2, kv_heads, PAGE_SIZE, d), dtype=torch.bfloat16)
     pool.view(-1).normal_()
     q = torch.randn(batch, heads, d)
     offsets = np.linspace(0, num, batch + 1).astype(np.int64)
     pages = np.random.default_rng(0).permutation(num).astype(np.int32)
     rows = np.full(num, PAGE_SIZE, dtype=np.int32)
-    nbytes = num * slice_bytes
-    cores = default_threads() + (1 if torch.cuda.is_available() else 0)
-    out: dict = {"c_GBps": {}, "torch_GBps": {}}
-    for t in sorted({1, 2, 4, 8, cores - 1, cores}):
-        sec = _wall(lambda t=t: cpu_attention(q, pool, offsets, pages, rows, d**-0.5, threads=t, impl="c"))
-        out["c_GBps"][t] = nbytes / sec / 1e9
-    torch_threads = torch.get_num_threads()
-    for t in sorted({1, 4, cores}):
-        torch.set_num_threads(t)
-        sec = _wall(lambda: cpu_attention(q, pool, offsets, pages, rows, d**-0.5, impl="torch"), reps=2)
-        out["torch_GBps"][t] = nbytes / sec / 1e9
-    torch.set_num_threads(torch_threads)
-    # Contention: the DRAM share of a dense step is read by the CPU while PCIe reads another share.
+    return q, pool, offsets, pages, rows, num * slice_bytes
+
+
+@contextlib.contextmanager
+def _pcie_pump(device) -> Iterator[Callable[[], float]]:
+    """A pinned host-to-device copy loop on a side stream while the block runs; yields a function that
+    gives the copy GB/s from the block's start to the call."""
     host = torch.empty(1 << 28, dtype=torch.uint8).pin_memory()
     dev = torch.empty(1 << 28, dtype=torch.uint8, device=device)
     stop = threading.Event()
@@ -108,13 +121,69 @@ def cpu_attention_bw(cfg, device) -> dict:
     thread.start()
     time.sleep(0.2)
     t0, c0 = time.perf_counter(), copied[0]
-    sec = _wall(lambda: cpu_attention(q, pool, offsets, pages, rows, d**-0.5, impl="c"))
-    window = time.perf_counter() - t0
-    stop.set()
-    thread.join()
-    out["c_GBps_during_pcie"] = nbytes / sec / 1e9
-    out["pcie_GBps_during_c"] = (copied[0] - c0) / window / 1e9
+    try:
+        yield lambda: (copied[0] - c0) / (time.perf_counter() - t0) / 1e9
+    finally:
+        stop.set()
+        thread.join()
+
+
+def cpu_attention_bw(cfg, device) -> dict:
+    """GB/s of KV read by the CPU kernel (C and torch) by thread count, and C under a concurrent PCIe copy
+    (CUDA only)."""
+    d = cfg.head_dim
+    q, pool, offsets, pages, rows, nbytes = _pages(cfg.num_heads, cfg.num_kv_heads, d, 1 << 30)
+    cores = default_threads() + (1 if torch.cuda.is_available() else 0)
+    out: dict = {"c_GBps": {}, "torch_GBps": {}}
+    for t in sorted({1, 2, 4, 8, cores - 1, cores}):
+        sec = _wall(lambda t=t: cpu_attention(q, pool, offsets, pages, rows, d**-0.5, threads=t, impl="c"))
+        out["c_GBps"][t] = nbytes / sec / 1e9
+    torch_threads = torch.get_num_threads()
+    for t in sorted({1, 4, cores}):
+        torch.set_num_threads(t)
+        sec = _wall(lambda: cpu_attention(q, pool, offsets, pages, rows, d**-0.5, impl="torch"), reps=2)
+        out["torch_GBps"][t] = nbytes / sec / 1e9
+    torch.set_num_threads(torch_threads)
+    # Contention: the DRAM share of a dense step is read by the CPU while PCIe reads another share.
+    out["c_GBps_during_pcie"] = out["pcie_GBps_during_c"] = None
+    if device.type == "cuda":
+        with _pcie_pump(device) as pcie_rate:
+            sec = _wall(lambda: cpu_attention(q, pool, offsets, pages, rows, d**-0.5, impl="c"))
+            out["pcie_GBps_during_c"] = pcie_rate()
+        out["c_GBps_during_pcie"] = nbytes / sec / 1e9
     out["threads_default"] = default_threads()
+    return out
+
+
+def _kernel_shape(device, heads: int, kv_heads: int, d: int, kv_bytes: int, threads: int) -> dict:
+    q, pool, offsets, pages, rows, nbytes = _pages(heads, kv_heads, d, kv_bytes)
+
+    def run(isa: str | None = None) -> None:
+        cpu_attention(q, pool, offsets, pages, rows, d**-0.5, threads=threads, impl="c", isa=isa)
+
+    rates = {
+        isa: nbytes / _wall(lambda i=isa: run(i), reps=2 if isa == "scalar" else 5) / 1e9 for isa in supported_isas()
+    }
+    out = {"kv_GB": nbytes / 1e9, "GBps": rates, "GBps_during_pcie": None, "pcie_GBps_during": None}
+    if device.type == "cuda":
+        with _pcie_pump(device) as pcie_rate:
+            sec = _wall(run)
+            out["pcie_GBps_during"] = pcie_rate()
+        out["GBps_during_pcie"] = nbytes / sec / 1e9
+    return out
+
+
+def kernel_vs_probe(device, kv_bytes: int = 4 << 30) -> dict:
+    """The C kernel's KV GB/s for each shape of KERNEL_SHAPES (kv_bytes of bf16 pages, batch 16, default
+    threads) by SIMD variant, as a fraction of the host read bandwidth the same threads reach (issue #17
+    asks >= 80%); and the default variant while PCIe copies run (CUDA only)."""
+    threads = default_threads()
+    probe = host_read_bandwidth(threads=threads) / 1e9
+    out: dict = {"host_read_GBps": probe, "isa_auto": auto_isa(), "threads": threads}
+    for name, (heads, kv_heads, d) in KERNEL_SHAPES.items():
+        shape = _kernel_shape(device, heads, kv_heads, d, kv_bytes, threads)
+        shape["of_probe"] = {isa: rate / probe for isa, rate in shape["GBps"].items()}
+        out[name] = shape
     return out
 
 
@@ -162,10 +231,28 @@ def run_micro(cfg, device) -> dict:
     for name, fn in (
         ("pcie", lambda: pcie(cfg, device)),
         ("cpu_attention", lambda: cpu_attention_bw(cfg, device)),
+        ("cpu_kernel_vs_probe", lambda: kernel_vs_probe(device)),
         ("gpu_split_kv", lambda: gpu_split_kv(cfg, device)),
         ("disk", lambda: disk(cfg)),
     ):
+        if device.type != "cuda" and name in ("pcie", "gpu_split_kv"):
+            print(f"  micro {name}: skipped (no CUDA)", flush=True)
+            continue
         out[name] = fn()
         print(f"  micro {name}: {out[name]}", flush=True)
         torch.cuda.empty_cache()
     return out
+
+
+def main() -> None:
+    from megatier.config import load_config
+    from megatier.loader import resolve_model
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="llama-3.2-1b", help="the shape of the thread-count sweep")
+    args = parser.parse_args()
+    run_micro(load_config(resolve_model(args.model)), torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+if __name__ == "__main__":
+    main()

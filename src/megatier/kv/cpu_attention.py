@@ -1,15 +1,20 @@
 """Decode attention on host CPU cores over KV pages in host memory (the DRAM tier computes in place).
 
 Two implementations of one function, `cpu_attention`:
-- "c": cpu_attention.c, compiled once with the system C compiler (-O3 -march=native -fopenmp) into the
-  user cache and called through ctypes, which releases the GIL. It reads bf16 or fp32 pages in place
-  and splits the work over threads in balanced tasks.
-- "torch": gathers the pages and uses torch matmuls; the fallback where no C compiler is found.
-`megatier bench tiers` measures both on the GPU machine.
+- "c": cpu_attention.c, compiled once with the system C compiler into the user cache and called through
+  ctypes, which releases the GIL. It reads bf16 or fp32 pages in place with the widest SIMD this CPU has
+  (AVX-512-BF16, AVX-512, AVX2 or scalar, chosen at run time; `auto_isa()` says which) on a persistent
+  pool of pinned threads. Calls run one at a time, from any thread.
+- "torch": gathers the pages and uses torch matmuls; the fallback where no C compiler is found or the
+  KV dtype is neither bf16 nor fp32.
+Every C call goes through `attend_job(AttendJob *)`, which a CUDA host function can also call directly
+(`host_fn()`). `host_read_bandwidth()` measures what the same threads can read; `megatier bench tiers
+--micro` (or `python -m megatier.bench.tier_micro`) compares the two.
 """
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import hashlib
 import logging
@@ -27,11 +32,46 @@ from megatier.errors import MegatierError
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_attention.c")
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-ffp-contract=fast", "-shared", "-fPIC", "-std=gnu11"]
+# No -march: each SIMD variant names its own target, so a library built on one machine runs on another.
+FLAGS = ["-O3", "-pthread", "-fno-math-errno", "-ffp-contract=fast", "-shared", "-fPIC", "-std=gnu11"]
+ISAS = ("scalar", "avx2", "avx512", "avx512bf16")  # the C enum's order
+IMPLS = ("auto", "c", "torch")
+MAX_GROUP_FLOATS = 1 << 15  # the C limit on G x head_dim (padded to 32)
+
+# Calls by implementation: an ISA name for the C kernel, "torch" for the fallback (tests check the path).
+CALLS: collections.Counter[str] = collections.Counter()
 
 _lib: ctypes.CDLL | None = None
 _lib_error: str | None = None
 _lock = threading.Lock()
+
+
+class AttendJob(ctypes.Structure):
+    """attend_job_t of cpu_attention.c, field for field: every argument of one call. The pointers are raw:
+    `make_job` keeps the buffers they point to alive in `keep`; the arrays are read when the job runs."""
+
+    _fields_ = [
+        ("q", ctypes.c_void_p),
+        ("kv", ctypes.c_void_p),
+        ("offsets", ctypes.c_void_p),
+        ("pages", ctypes.c_void_p),
+        ("rows", ctypes.c_void_p),
+        ("out", ctypes.c_void_p),
+        ("lse", ctypes.c_void_p),
+        ("page_stride", ctypes.c_int64),
+        ("v_offset", ctypes.c_int64),
+        ("head_stride", ctypes.c_int64),
+        ("scale", ctypes.c_float),
+        ("dtype", ctypes.c_int32),
+        ("D", ctypes.c_int32),
+        ("num_kv_heads", ctypes.c_int32),
+        ("G", ctypes.c_int32),
+        ("num_seqs", ctypes.c_int32),
+        ("threads", ctypes.c_int32),
+        ("isa", ctypes.c_int32),
+        ("status", ctypes.c_int32),
+        ("elapsed_ns", ctypes.c_int64),
+    ]
 
 
 def _cache_dir() -> Path:
@@ -68,11 +108,13 @@ def load_library() -> ctypes.CDLL | None:
                 return None
             os.replace(tmp, path)
         lib = ctypes.CDLL(str(path))
-        i32, i64, ptr = ctypes.c_int32, ctypes.c_int64, ctypes.c_void_p
-        lib.attend.restype = ctypes.c_int
-        lib.attend.argtypes = [ptr, ptr, i32, i64, i64, i64, i32, i32, i32, i32, ptr, ptr, ptr, ctypes.c_float]
-        lib.attend.argtypes += [ptr, ptr, i32, i32]
-        lib.vector_width.restype = ctypes.c_int
+        if lib.attend_job_size() != ctypes.sizeof(AttendJob):
+            raise RuntimeError("AttendJob does not match attend_job_t in cpu_attention.c")
+        lib.attend_job.argtypes = [ctypes.c_void_p]
+        lib.attend_job.restype = None
+        lib.isa_supported.argtypes = [ctypes.c_int]
+        lib.read_bandwidth.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int]
+        lib.read_bandwidth.restype = ctypes.c_double
         _lib = lib
         return lib
 
@@ -81,6 +123,120 @@ def default_threads() -> int:
     """Every core but one on a GPU machine (that one drives the GPU); every core otherwise."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, cores - 1) if torch.cuda.is_available() else cores
+
+
+def supported_isas() -> list[str]:
+    """The C kernel's SIMD variants this CPU runs (none without a C compiler)."""
+    lib = load_library()
+    return [name for i, name in enumerate(ISAS) if lib is not None and lib.isa_supported(i)]
+
+
+def auto_isa() -> str | None:
+    """The variant impl="auto" runs here, or None where the C kernel is unavailable."""
+    lib = load_library()
+    return ISAS[lib.best_isa()] if lib is not None else None
+
+
+def host_fn() -> int:
+    """The address of attend_job, a cudaHostFn_t: cudaLaunchHostFunc(stream, host_fn(), addressof(job))."""
+    lib = _require_library()
+    return ctypes.cast(lib.attend_job, ctypes.c_void_p).value
+
+
+def _require_library() -> ctypes.CDLL:
+    lib = load_library()
+    if lib is None:
+        raise MegatierError(f"the C CPU attention kernel is unavailable: {_lib_error}")
+    return lib
+
+
+def _isa_id(lib: ctypes.CDLL, isa: str | None) -> int:
+    if isa in (None, "auto"):
+        return lib.best_isa()
+    if isa not in ISAS:
+        raise MegatierError(f"unknown CPU attention isa {isa!r}; choose from auto, {', '.join(ISAS)}")
+    if not lib.isa_supported(ISAS.index(isa)):
+        raise MegatierError(
+            f"this CPU cannot run the {isa} CPU attention kernel (it runs {', '.join(supported_isas())})"
+        )
+    return ISAS.index(isa)
+
+
+def _unsupported(q: torch.Tensor, pool: torch.Tensor) -> str | None:
+    """Why the C kernel cannot take these inputs, or None."""
+    if pool.dtype not in (torch.bfloat16, torch.float32):
+        return f"needs bf16 or fp32 KV, not {pool.dtype}"
+    group, head_dim = q.shape[1] // pool.shape[2], q.shape[2]
+    if group * -(-head_dim // 32) * 32 > MAX_GROUP_FLOATS:
+        return f"takes at most {MAX_GROUP_FLOATS} query-head x head_dim values per kv head"
+    return None
+
+
+def make_job(
+    q: torch.Tensor,
+    pool: torch.Tensor,
+    offsets: np.ndarray,
+    pages: np.ndarray,
+    rows: np.ndarray,
+    scale: float,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    *,
+    threads: int | None = None,
+    isa: str | None = None,
+) -> AttendJob:
+    """An AttendJob over these buffers, used in place: q fp32 [B, H, D] and out/lse fp32 [B, H, D] / [B, H]
+    contiguous, offsets int64, pages and rows int32 C-contiguous (see cpu_attention). Whatever is in them
+    when the job runs is what it reads, so a caller may rewrite them between runs."""
+    lib = _require_library()
+    num_seqs, num_heads, head_dim = q.shape
+    num_kv_heads = pool.shape[2]
+    if pool.stride(3) != head_dim or pool.stride(4) != 1:
+        raise ValueError("each (K|V, head) block of a page must be contiguous")
+    for name, t, shape in (("q", q, q.shape), ("out", out, q.shape), ("lse", lse, q.shape[:2])):
+        if t.dtype != torch.float32 or not t.is_contiguous() or t.shape != shape or t.device.type != "cpu":
+            raise ValueError(f"{name} must be a contiguous fp32 host tensor of shape {tuple(shape)}")
+    for name, a, dtype in (("offsets", offsets, np.int64), ("pages", pages, np.int32), ("rows", rows, np.int32)):
+        if a.dtype != dtype or not a.flags.c_contiguous:
+            raise ValueError(f"{name} must be a C-contiguous {np.dtype(dtype).name} array")
+    if len(offsets) != num_seqs + 1 or num_heads % num_kv_heads:
+        raise ValueError("offsets needs B + 1 entries and the query heads a multiple of the kv heads")
+    job = AttendJob(
+        q=q.data_ptr(),
+        kv=pool.data_ptr(),
+        offsets=offsets.ctypes.data,
+        pages=pages.ctypes.data,
+        rows=rows.ctypes.data,
+        out=out.data_ptr(),
+        lse=lse.data_ptr(),
+        page_stride=pool.stride(0),
+        v_offset=pool.stride(1),
+        head_stride=pool.stride(2),
+        scale=scale,
+        dtype=0 if pool.dtype == torch.bfloat16 else 1,
+        D=head_dim,
+        num_kv_heads=num_kv_heads,
+        G=num_heads // num_kv_heads,
+        num_seqs=num_seqs,
+        threads=threads or default_threads(),
+        isa=_isa_id(lib, isa),
+    )
+    job.keep = (q, pool, offsets, pages, rows, out, lse)
+    return job
+
+
+def run_job(job: AttendJob) -> None:
+    """Run one job on the C kernel (blocking; the GIL is released meanwhile)."""
+    _require_library().attend_job(ctypes.byref(job))
+    if job.status == -1:
+        raise MemoryError("CPU attention: out of host memory for its work buffers")
+    if job.status == -3:
+        raise MegatierError(
+            f"this CPU cannot run CPU attention kernel variant {job.isa} (it runs {', '.join(supported_isas())})"
+        )
+    if job.status != 0:
+        raise ValueError(f"CPU attention: the C kernel refused the job (status {job.status})")
+    CALLS[ISAS[job.isa]] += 1
 
 
 def cpu_attention(
@@ -93,63 +249,48 @@ def cpu_attention(
     *,
     threads: int | None = None,
     impl: str = "auto",
+    isa: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q [B, H, D] (fp32, host) over host pages.
 
     pool [slots, 2, kv_heads, page_size, D]: one layer of a page pool (a strided view is fine as long as
     each (K|V, head) block is contiguous). Sequence b reads pool slots pages[offsets[b]:offsets[b+1]],
     rows[i] rows of slot pages[i]. Returns (out [B, H, D], lse [B, H]) fp32; a sequence with no pages
-    gets out 0 and lse -inf.
+    gets out 0 and lse -inf. impl: "auto" (C where it can, else torch), "c" or "torch"; isa forces a
+    SIMD variant of the C kernel (one of ISAS; the CPU must have it).
     """
-    lib = load_library() if impl in ("auto", "c") else None
-    if impl == "c" and lib is None:
-        raise MegatierError(f"the C CPU attention kernel is unavailable: {_lib_error}")
-    if lib is not None and pool.dtype in (torch.bfloat16, torch.float32) and q.shape[-1] % lib.vector_width() == 0:
-        return _attend_c(lib, q, pool, offsets, pages, rows, scale, threads or default_threads())
+    if impl not in IMPLS:
+        raise MegatierError(f"unknown CPU attention impl {impl!r}; choose from {', '.join(IMPLS)}")
+    if impl == "torch" and isa not in (None, "auto"):
+        raise MegatierError("isa picks a variant of the C kernel; it does not apply to impl='torch'")
+    lib = _require_library() if impl == "c" else load_library() if impl == "auto" else None
+    reason = _unsupported(q, pool) if lib is not None else "is unavailable"
+    if reason is None:
+        return _attend_c(q, pool, offsets, pages, rows, scale, threads, isa)
     if impl == "c":
-        raise MegatierError("the C CPU attention kernel needs bf16 or fp32 KV and head_dim % vector_width() == 0")
+        raise MegatierError(f"the C CPU attention kernel {reason}")
+    CALLS["torch"] += 1
     return _attend_torch(q, pool, offsets, pages, rows, scale)
 
 
-def _attend_c(lib, q, pool, offsets, pages, rows, scale, threads):
-    num_seqs, num_heads, head_dim = q.shape
-    num_kv_heads = pool.shape[2]
-    if pool.stride(3) != head_dim or pool.stride(4) != 1:
-        raise ValueError("each (K|V, head) block of a page must be contiguous")
+def _attend_c(q, pool, offsets, pages, rows, scale, threads, isa):
     q = q.float().contiguous()
+    out = torch.empty(q.shape, dtype=torch.float32)
+    lse = torch.empty(q.shape[:2], dtype=torch.float32)
     offsets = np.ascontiguousarray(offsets, dtype=np.int64)
     pages = np.ascontiguousarray(pages, dtype=np.int32)
     rows = np.ascontiguousarray(rows, dtype=np.int32)
-    out = torch.empty((num_seqs, num_heads, head_dim), dtype=torch.float32)
-    lse = torch.empty((num_seqs, num_heads), dtype=torch.float32)
-    # Enough tasks to keep every thread busy, none so small that scheduling costs more than reading.
-    total = max(int(offsets[-1]), 1)
-    chunk = max(1, min(64, total * num_kv_heads // (4 * threads)))
-    rc = lib.attend(
-        q.data_ptr(),
-        pool.data_ptr(),
-        0 if pool.dtype == torch.bfloat16 else 1,
-        pool.stride(0),
-        pool.stride(1),
-        pool.stride(2),
-        head_dim,
-        num_kv_heads,
-        num_heads // num_kv_heads,
-        num_seqs,
-        offsets.ctypes.data,
-        pages.ctypes.data,
-        rows.ctypes.data,
-        scale,
-        out.data_ptr(),
-        lse.data_ptr(),
-        chunk,
-        threads,
-    )
-    if rc == -1:
-        raise MemoryError("CPU attention: out of host memory for its work buffers")
-    if rc != 0:
-        raise ValueError(f"CPU attention: unsupported shape (head_dim {head_dim})")
+    run_job(make_job(q, pool, offsets, pages, rows, scale, out, lse, threads=threads, isa=isa))
     return out, lse
+
+
+def host_read_bandwidth(nbytes: int = 1 << 30, threads: int | None = None, reps: int = 5) -> float:
+    """Bytes/s at which the C kernel's threads read a host buffer of nbytes (the best of reps passes): the
+    memory bound the kernel is measured against."""
+    lib = _require_library()
+    buf = torch.empty(nbytes, dtype=torch.uint8)
+    buf.fill_(0x5A)  # touched, so every page is real memory (an untouched one reads the shared zero page)
+    return lib.read_bandwidth(buf.data_ptr(), nbytes, threads or default_threads(), reps)
 
 
 def _attend_torch(q, pool, offsets, pages, rows, scale):
