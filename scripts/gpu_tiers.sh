@@ -1,36 +1,52 @@
 #!/usr/bin/env bash
-# One GPU-machine run of the tiered KV benchmarks (issue #5), each stage time-boxed so one failure
-# leaves the others' results:
-#   1. Llama-3.2-1B shape: micro-benchmarks (PCIe, CPU attention vs threads, GPU split-KV, disk), a
-#      logits check of tiered dense against all-HBM, and every method at 8K/16K/32K context, batch 16,
-#      HBM budget = 1/8 of the KV;
-#   2. Llama-3.1-8B shape: every method at batch 16 x 8K context (16 GiB of KV, 2 GiB in HBM);
-#   3. Llama-3.2-1B shape at 32K: the HBM budget at 1/16 and 1/4 (for the throughput-vs-HBM plot).
-# Usage (device tool): bash scripts/gpu_tiers.sh  -> JSON and log under $OUT (default bench/results).
+# The GPU-machine runs of the tiered KV benchmarks (issue #17), each stage time-boxed so one failure
+# leaves the others' results. Everything runs on the graph executor.
+#   bash scripts/gpu_tiers.sh 1b    Llama-3.2-1B shape: micro-benchmarks (host read bandwidth and the CPU
+#                                   kernel beside it, with and without PCIe traffic; PCIe copies and the
+#                                   gather kernel), a logits check against all-HBM, every method at batch
+#                                   16 x 32K with HBM = 1/8 of the KV, then 8K/16K and the HBM sweep
+#   bash scripts/gpu_tiers.sh 8b    Llama-3.1-8B shape: every method at batch 16 x 8K and x 32K
+# Pass the commit as MEGATIER_COMMIT (the tree travels without .git; see gpu_final.sh). JSON, PNG and the
+# log go to $OUT (default bench/results).
 set -uo pipefail
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
 export PYTHONPATH=src PYTHONUNBUFFERED=1 MEGATIER_CACHE_DIR=/tmp/megatier-cache
+: "${MEGATIER_COMMIT:?set MEGATIER_COMMIT to the commit under test}"
+export MEGATIER_COMMIT
 PY=${PY:-python3}
 LOG="$OUT/tiers_log.txt"
 {
+  echo "# commit $MEGATIER_COMMIT | $(date -u +%FT%TZ) | bash scripts/gpu_tiers.sh $*"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   nproc
   $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-  gcc --version | head -1
-} 2>&1 | tee "$LOG"
+} 2>&1 | tee -a "$LOG"
 
 stage() {
   local limit=$1
   shift
-  echo "== $*" | tee -a "$LOG"
+  echo "== megatier bench tiers $*" | tee -a "$LOG"
   timeout "$limit" $PY -m megatier.cli bench tiers "$@" 2>&1 | tee -a "$LOG"
   echo "== exit ${PIPESTATUS[0]}" | tee -a "$LOG"
 }
 
-stage 220 --model llama-3.2-1b --batch 16 --context 8192 16384 32768 --hbm-fraction 0.125 --steps 4 --micro --check \
-  --json "$OUT/tiers_llama-3.2-1b.json"
-stage 170 --model llama-3.1-8b --batch 16 --context 8192 --hbm-fraction 0.125 --steps 4 --json "$OUT/tiers_llama-3.1-8b.json"
-stage 130 --model llama-3.2-1b --batch 16 --context 32768 --hbm-fraction 0.0625 0.25 --steps 4 \
-  --methods offload-fetch static-dense megatier-dense static-sparse megatier-sparse \
-  --json "$OUT/tiers_llama-3.2-1b_hbm.json"
+case "${1:-}" in
+  1b)
+    stage 300 --model llama-3.2-1b --batch 16 --context 32768 --hbm-fraction 0.125 --micro --check \
+      --json "$OUT/tiers_llama-3.2-1b.json" --plot-dir "$OUT"
+    stage 200 --model llama-3.2-1b --batch 16 --context 8192 16384 --hbm-fraction 0.125 --repeats 2 \
+      --methods gpu-only offload-fetch megatier-dense sparse-offload-fetch megatier-sparse \
+      --json "$OUT/tiers_llama-3.2-1b_contexts.json"
+    ;;
+  8b)
+    stage 280 --model llama-3.1-8b --batch 16 --context 8192 --hbm-fraction 0.125 --repeats 2 \
+      --json "$OUT/tiers_llama-3.1-8b_8k.json"
+    stage 280 --model llama-3.1-8b --batch 16 --context 32768 --hbm-fraction 0.125 --repeats 1 \
+      --methods offload-fetch megatier-dense sparse-offload-fetch megatier-sparse --json "$OUT/tiers_llama-3.1-8b_32k.json"
+    ;;
+  *)
+    echo "usage: $0 1b|8b" >&2
+    exit 2
+    ;;
+esac

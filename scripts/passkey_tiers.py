@@ -3,8 +3,8 @@
 A five-digit pass key is hidden at several depths of a filler text; the model is asked for it at the
 end. Dense tiered attention must give the same answers as the all-in-HBM engine (lossless); sparse mode
 reads 1/8 of the context per layer (sinks, recent window, best-scored pages). The HBM budget is 1/8 of
-the KV too, so the HBM hit rate of selected pages is measured on real attention (the locality PAM
-relies on), with online migration on. Runs on the CPU ("HBM" is then host memory; the placement logic
+the KV too, so the HBM hit rate of selected (page, layer) slices is measured on real attention (the locality
+PAM relies on), with online migration on. Runs on the CPU ("HBM" is then host memory; the placement logic
 is the same). Usage: python scripts/passkey_tiers.py [--contexts 2048 4096] [--json out.json]
 """
 
@@ -74,9 +74,9 @@ def run(args: argparse.Namespace) -> dict:
             row[name] = {"text": out.text, "found": str(key) in out.text, "tokens": out.token_ids}
             row[name]["seconds"] = round(time.perf_counter() - t0, 1)
             if name != "all-hbm":
-                stats = llm.engine.executor.stats
-                row[name]["hbm_hit_rate"] = stats.hit_rate
-                row[name]["hbm_pages"] = llm.engine.executor.tiers.capacity(0)
+                store = llm.engine.executor.cache
+                row[name]["hbm_hit_rate"] = store.stats.hit_rate
+                row[name]["hbm_pages"] = store.capacity(0) / llm.config.num_layers
         row["dense_equals_all_hbm"] = row["dense"]["tokens"] == row["all-hbm"]["tokens"]
         print(json.dumps({k: v for k, v in row.items()}, default=str), flush=True)
         results.append(row)
@@ -110,20 +110,20 @@ def locality(args: argparse.Namespace, kv_token: int) -> dict:
         kv_sparse_budget=args.budget,
     )
     prompt = make_prompt(llm, context, 0.5, 12345)
-    engine, stats = llm.engine, llm.engine.executor.stats
+    engine, stats = llm.engine, llm.engine.executor.cache.stats
     engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=args.locality_tokens, ignore_eos=True))
     curve = []
     while engine.has_unfinished():
-        before = (stats.hbm_hits, stats.selected_pages)
+        before = (stats.hbm_hits, stats.selected_slices)
         engine.step()
-        selected = stats.selected_pages - before[1]
+        selected = stats.selected_slices - before[1]
         if selected:
             curve.append((stats.hbm_hits - before[0]) / selected)
     half = curve[len(curve) // 2 :]
     return {
         "context": len(prompt),
         "decode_steps": len(curve),
-        "hbm_pages": llm.engine.executor.tiers.capacity(0),
+        "hbm_pages": llm.engine.executor.cache.capacity(0) / llm.config.num_layers,
         "context_pages": -(-len(prompt) // 16),
         "hit_rate_all_steps": sum(curve) / len(curve),
         "hit_rate_second_half": sum(half) / len(half),

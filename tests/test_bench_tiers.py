@@ -23,6 +23,8 @@ def test_bench_tiers_smoke(tmp_path):
         "128",
         "--steps",
         "1",
+        "--repeats",
+        "1",
         "--warmup",
         "1",
     ]
@@ -30,7 +32,8 @@ def test_bench_tiers_smoke(tmp_path):
     assert main(argv) == 0
     runs = json.loads((tmp_path / "r.json").read_text())["results"]["runs"]
     assert {r["method"] for r in runs} == set(METHODS)
-    assert all(r["tokens_per_s"] > 0 and 0 <= r["hbm_hit_rate"] <= 1 for r in runs)
+    assert all(r["tokens_per_s"] > 0 for r in runs)
+    assert all(0 <= r["hbm_hit_rate"] <= 1 for r in runs if r["method"] != "gpu-only")
     dense = [r for r in runs if r["method"] == "static-dense" and r["hbm_fraction"] == 0.25 and r["context"] == 128]
     assert dense and dense[0]["bytes_read_per_step"]["dram"] > 0  # HBM holds a quarter: the rest is read in DRAM
     assert len(list((tmp_path / "p").glob("*.png"))) == 3

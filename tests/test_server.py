@@ -13,9 +13,11 @@ import time
 import httpx
 import openai
 import pytest
+import torch
 
 from conftest import make_hf_model, write_byte_tokenizer
 from megatier import LLM, SamplingParams
+from megatier.serve.app import create_app
 from serve_helpers import MAX_MODEL_LEN, live_server, make_app
 
 KEY = "test-key"
@@ -510,3 +512,24 @@ def test_shutdown_ends_long_streams_with_abort(model_dir):
         assert events[-1] == "data: [DONE]"
         assert json.loads(events[-2][6:])["choices"][0]["finish_reason"] == "abort"
         wait_for(lambda: pages_in_use(app) == 0)
+
+
+def test_server_with_tiered_kv_streams_past_hbm(model_dir, reference):
+    """--kv-hbm/--kv-dram on loopback: a prompt whose KV is several times the HBM budget streams back the
+    in-process all-HBM tokens, and /metrics shows the pages per tier and the hit rate."""
+    page_gib = reference.config.kv_bytes_per_token(torch.float32) * 16 / 2**30
+    llm = LLM(str(model_dir), max_model_len=MAX_MODEL_LEN, kv_hbm=6 * page_gib, kv_dram=16 * page_gib)
+    app = create_app(llm, served_model_name="tiny")
+    prompt = "the tiered cache " * 12  # 204 bytes: 13 pages of 16 tokens, the HBM holds 6
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    want = reference.generate(prompt, params)[0].text
+    with live_server(app) as (url, _):
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+        stream = client.completions.create(
+            model="tiny", prompt=prompt, max_tokens=20, temperature=0, stream=True, extra_body={"ignore_eos": True}
+        )
+        assert "".join(chunk.choices[0].text for chunk in stream) == want
+        text = httpx.get(f"{url}/metrics").text
+        dram = float(re.search(r'^megatier:kv_tier_pages\{tier="dram"\} (\S+)$', text, re.M).group(1))
+        assert dram == 0  # the request finished: its pages are free again
+        assert 0 < metric(url, "megatier:kv_hbm_hit_rate") < 1  # decode steps read DRAM slices

@@ -94,7 +94,9 @@ def store_on(pools: TieredPools, cfg: ModelConfig, **kw) -> TieredKV:
 def decode_plan(store, lens: list[int], tables: list[list[int]]):
     batch = StepBatch([0] * len(lens), [n - 1 for n in lens], [1] * len(lens), tables)
     device = store.device
-    plan = store.begin_step(batch, block_table_tensor(tables, device), torch.tensor(lens, dtype=torch.int32, device=device))
+    plan = store.begin_step(
+        batch, block_table_tensor(tables, device), torch.tensor(lens, dtype=torch.int32, device=device)
+    )
     return plan
 
 
@@ -327,7 +329,9 @@ def test_sparse_selection_picks_the_pages_that_matter(tmp_path):
     plan = decode_plan(store, lens, [list(range(n_pages))])
     got = store.attend(plan, 0, q, ref_attention(cfg))
     read = [0, *hot, 18, 19]
-    want = dense_reference(q, {(i, 0): kv[p, 0] for i, p in enumerate(read)}, [list(range(len(read)))], [len(read) * PAGE], 0, cfg)
+    want = dense_reference(
+        q, {(i, 0): kv[p, 0] for i, p in enumerate(read)}, [list(range(len(read)))], [len(read) * PAGE], 0, cfg
+    )
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert store._counts[1] == len(read)
     pools.close()
@@ -384,7 +388,9 @@ def test_greedy_tokens_identical_all_hbm_vs_tiered_graph(tiny_model, kw):
 
     page_bytes = cfg.kv_bytes_per_token(torch.float32) * 16
     want = run(KVCache.allocate(cfg, 16, 16, torch.float32, CPU))
-    store = TieredKV(cfg, page_size=16, dtype=torch.float32, device=CPU, hbm_bytes=8 * page_bytes, dram_bytes=4 * page_bytes, **kw)
+    store = TieredKV(
+        cfg, page_size=16, dtype=torch.float32, device=CPU, hbm_bytes=8 * page_bytes, dram_bytes=4 * page_bytes, **kw
+    )
     assert run(store) == want
     assert store.stats.bytes_read["dram"] + store.stats.bytes_read["pcie"] > 0  # DRAM slices were read
 
@@ -416,7 +422,9 @@ def test_graph_executor_accepts_a_tiered_store_but_not_multi_step(tiny_model):
     from megatier.config import load_config
 
     cfg = load_config(tiny_model)
-    store = TieredKV(cfg, page_size=16, dtype=torch.float32, device=CPU, hbm_bytes=8 * cfg.kv_bytes_per_token(torch.float32) * 16)
+    store = TieredKV(
+        cfg, page_size=16, dtype=torch.float32, device=CPU, hbm_bytes=8 * cfg.kv_bytes_per_token(torch.float32) * 16
+    )
     ex = GraphExecutor(cfg, dummy_weights(cfg, 0, torch.float32, CPU), cache=store)
     with pytest.raises(MegatierError, match="tiered KV cache plans every step"):
         ex.decode_greedy(StepBatch([1], [0], [1], [[0]]), 2)
@@ -455,3 +463,82 @@ def test_each_layers_hot_pages_migrate_to_hbm_end_to_end(tmp_path):
         assert not (pools.tier[other, layer] == HBM).all(), layer  # the other layer's set stayed out
     assert hits[0] < 0.8 and hits[-1] == 1.0, hits
     pools.close()
+
+
+# -- on the GPU machine ----------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(mode="dense"),  # balanced PCIe share + host partial as a host node
+        dict(mode="dense", pcie_share=0.0),
+        dict(mode="dense", fetch_all=True),
+        dict(mode="sparse", sparse_budget=1.0),
+        dict(mode="sparse", sparse_budget=1.0, sparse_misses="fetch"),
+        dict(mode="sparse", sparse_budget=1.0, sparse_misses="cpu"),
+    ],
+)
+def test_cuda_graph_tiered_decode_equals_all_hbm(tiny_model, kw):
+    """The graph executor on CUDA captures the tiered decode step (host partial as a host node, PCIe
+    gathers on a side stream) and gives the all-HBM executor's greedy tokens and, step by step, its
+    logits within fp32 rounding."""
+    from megatier.config import load_config
+    from megatier.loader import load_safetensors_weights
+
+    cuda = torch.device("cuda")
+    cfg = load_config(tiny_model)
+    weights = load_safetensors_weights(tiny_model, cfg)
+    page_bytes = cfg.kv_bytes_per_token(torch.float32) * 16
+    prompts = [list(range(10, 80)), list(range(40, 85)), list(range(3, 150))]
+
+    def run(store):
+        ex = GraphExecutor(cfg, weights, cache=store)
+        tables = [store.allocator.allocate(16) for _ in prompts]
+        logits = ex.forward(StepBatch([t for p in prompts for t in p], [0] * 3, [len(p) for p in prompts], tables))
+        tokens, steps = [logits.argmax(-1).tolist()], []
+        for i in range(24):
+            logits = ex.forward(StepBatch(tokens[-1], [len(p) + i for p in prompts], [1] * 3, tables))
+            steps.append(logits)
+            tokens.append(logits.argmax(-1).tolist())
+        return tokens, torch.stack(steps), ex
+
+    want, want_logits, _ = run(KVCache.allocate(cfg, 64, 16, torch.float32, cuda))
+    store = TieredKV(
+        cfg, page_size=16, dtype=torch.float32, device=cuda, hbm_bytes=10 * page_bytes, dram_bytes=48 * page_bytes, **kw
+    )
+    got, got_logits, ex = run(store)
+    assert got == want
+    torch.testing.assert_close(got_logits, want_logits, atol=1e-4, rtol=1e-4)
+    assert store.stats.hit_rate < 1  # DRAM slices were read
+    if kw.get("sparse_misses") != "cpu":
+        assert ex.graphs, "the tiered decode step was not captured"
+
+
+@pytest.mark.gpu
+def test_cuda_host_partial_runs_inside_the_graph(tiny_model):
+    """Replays of a captured dense step run the C kernel as a host node: its measured time grows with
+    replays while Python does nothing per layer."""
+    from megatier.config import load_config
+
+    cuda = torch.device("cuda")
+    cfg = load_config(tiny_model)
+    page_bytes = cfg.kv_bytes_per_token(torch.bfloat16) * 16
+    store = TieredKV(
+        cfg,
+        page_size=16,
+        dtype=torch.bfloat16,
+        device=cuda,
+        hbm_bytes=8 * page_bytes,
+        dram_bytes=64 * page_bytes,
+        pcie_share=0.0,
+    )
+    ex = GraphExecutor(cfg, dummy_weights(cfg, 0, torch.bfloat16, cuda), cache=store)
+    table = store.allocator.allocate(40)
+    ex.forward(StepBatch(list(range(600)), [0], [600], [table]))
+    for i in range(6):
+        ex.forward(StepBatch([1], [600 + i], [1], [table]))
+    torch.cuda.synchronize()
+    assert ex.graphs and store.stats.bytes_read["dram"] > 0
+    assert store.stats.cpu_s > 0  # measured inside the host function

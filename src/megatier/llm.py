@@ -145,6 +145,11 @@ class LLM:
                 mode=kv_mode,
                 sparse_budget=kv_sparse_budget,
             )
+            # A step's new KV lands in HBM, every layer of every page it writes: bound what one step writes
+            # (a prompt chunk of T tokens touches T / page_size + 1 pages) so any prompt streams through.
+            room = cache.writable_pages()
+            max_num_seqs = max(1, min(max_num_seqs, room // 2))
+            max_num_batched_tokens = max(1, min(max_num_batched_tokens, (room - max_num_seqs) * page_size))
         else:
             num_pages = min(kv_bytes // (token_bytes * page_size), -(-limit // page_size) * max_num_seqs)
             if num_pages < 2:

@@ -69,7 +69,9 @@ class Workload:
         forced = forced_columns(np.array([pages]), pages, SINK_PAGES, recent_pages_for(RECENT_TOKENS, PAGE_SIZE))[0]
         self.free_cols = np.flatnonzero(~forced)
         count = min(len(self.free_cols), max(0, math.ceil(budget * pages) - int(forced.sum())))
-        self.hot = [[self.rng.choice(self.free_cols, count, replace=False) for _ in range(layers)] for _ in range(batch)]
+        self.hot = [
+            [self.rng.choice(self.free_cols, count, replace=False) for _ in range(layers)] for _ in range(batch)
+        ]
 
     def drift(self) -> list[tuple[int, int, np.ndarray, np.ndarray]]:
         """Swap a quarter of every hot set for cold columns: (seq, layer, cooled, heated) per set."""
@@ -276,7 +278,9 @@ def check_exactness(cfg, weights, device) -> dict:
         if spec is None:
             store = KVCache.allocate(cfg, args.batch * (context // PAGE_SIZE + 2), PAGE_SIZE, torch.bfloat16, device)
         else:
-            store = TieredKV(cfg, page_size=PAGE_SIZE, dtype=torch.bfloat16, device=device, hbm_bytes=0, pools=pools, **spec)
+            store = TieredKV(
+                cfg, page_size=PAGE_SIZE, dtype=torch.bfloat16, device=device, hbm_bytes=0, pools=pools, **spec
+            )
         ex = GraphExecutor(cfg, weights, cache=store)
         tables = fill(store, work, args.batch, context, args.seed)
         for b in range(args.batch):

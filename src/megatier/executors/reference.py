@@ -139,6 +139,8 @@ class ReferenceExecutor:
         out = torch.empty_like(q)
         end = 0
         for i, (start, n) in enumerate(zip(batch.starts, batch.query_lens, strict=True)):
+            if n == 0:
+                continue
             row = LayerKV(where.pool, where.layer, where.tables[i : i + 1], where.lens[i : i + 1])
             k, v = self._gather(row, start + n)[:, 0].to(q.device)
             out[end : end + n] = attention(q[end : end + n], k, v, start)

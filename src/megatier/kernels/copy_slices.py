@@ -47,7 +47,9 @@ def copy_slices(
     On CUDA the Triton kernel runs (either pool may be pinned host memory); without CUDA torch indexing
     does the same, unless `kernel` forces the kernel (tests run it under TRITON_INTERPRET=1)."""
     if src.dtype != dst.dtype or src.shape[1:] != dst.shape[1:]:
-        raise ValueError(f"copy_slices: pools differ ({src.dtype} {tuple(src.shape)} vs {dst.dtype} {tuple(dst.shape)})")
+        raise ValueError(
+            f"copy_slices: pools differ ({src.dtype} {tuple(src.shape)} vs {dst.dtype} {tuple(dst.shape)})"
+        )
     n = src_idx.shape[0]
     if not (kernel if kernel is not None else src.is_cuda or dst.is_cuda):
         m = n if count is None else int(count)

@@ -26,9 +26,7 @@ from megatier.kv.cpu_attention import cpu_attention, host_fn, make_job, run_job
 
 
 class HostPartial:
-    def __init__(
-        self, pool: torch.Tensor, cfg: ModelConfig, scale: float, device: torch.device, threads: int | None
-    ):
+    def __init__(self, pool: torch.Tensor, cfg: ModelConfig, scale: float, device: torch.device, threads: int | None):
         """pool: the DRAM slice pool [slots, 1, 2, kv_heads, page_size, head_dim] (pinned on CUDA)."""
         self.pool, self.cfg, self.scale, self.device, self.threads = pool[:, 0], cfg, scale, device, threads
         self.page_size = pool.shape[4]
@@ -53,7 +51,7 @@ class HostPartial:
         first B of `rows` rows (the rest are padding and read nothing)."""
         if self._done is not None:
             self._done.synchronize()  # the jobs still in flight read the current arrays
-        self._step_elapsed = sum(job.elapsed for job in self._jobs) if self._jobs else 0.0
+        self._step_elapsed = sum(job.c.elapsed_ns for job in self._jobs) / 1e9 if self._jobs else 0.0
         self._elapsed += self._step_elapsed
         if not self.active:
             return
@@ -65,7 +63,7 @@ class HostPartial:
             job.pages_np[: len(slots)] = slots
             job.c.num_seqs = rows
             job.work = len(slots)
-            job.elapsed = 0.0
+            job.c.elapsed_ns = 0
             self._bytes += len(slots) * self.pool[0].numel() * self.pool.element_size()
         self._lists = lists
 
@@ -95,9 +93,7 @@ class HostPartial:
         rows = q.shape[0]
         if not self.cuda:
             job.q[:rows].copy_(q.float())
-            t0 = time.perf_counter()
             run_job(job.c)
-            job.elapsed += time.perf_counter() - t0
             return layer
         main = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(main)
@@ -157,7 +153,9 @@ class HostPartial:
             rows = np.where(is_last, last_rows[:, None], self.page_size)[mine].astype(np.int32)
             t0 = time.perf_counter()
             if which == DRAM:
-                out, lse = cpu_attention(q_host, self.pool, offsets, slot[mine].astype(np.int32), rows, self.scale, threads=self.threads)
+                out, lse = cpu_attention(
+                    q_host, self.pool, offsets, slot[mine].astype(np.int32), rows, self.scale, threads=self.threads
+                )
                 self._bytes += int(mine.sum()) * self.pool[0].numel() * self.pool.element_size()
             else:
                 staging = torch.empty((int(mine.sum()), *pools.slice_shape), dtype=pools.dtype)
@@ -221,5 +219,3 @@ class _Job:
     c: object
     address: int
     work: int = 0
-    elapsed: float = 0.0
-

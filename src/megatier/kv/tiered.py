@@ -169,7 +169,10 @@ class TieredKV:
         self.sparse_budget, self.sink_pages = sparse_budget, sink_pages
         self.recent_pages = recent_pages_for(recent_tokens, page_size)
         self.migrate = migrate
-        self.migration_bytes = migration_bytes or 2 * max(self.pools.reserve[HBM], 1) * self.pools.slice_bytes
+        # Per step, twice the HBM reserve, and at least 8 pages' worth (a small HBM still follows its
+        # selections within a few steps).
+        default_slices = max(2 * self.pools.reserve[HBM], 8 * cfg.num_layers)
+        self.migration_bytes = migration_bytes or default_slices * self.pools.slice_bytes
         self.fetch_all, self.sparse_misses = fetch_all, sparse_misses
         cuda = device.type == "cuda"
         start_share = 1.0 if fetch_all else pcie_share if pcie_share is not None else 0.3 if cuda else 0.0
@@ -185,15 +188,21 @@ class TieredKV:
         self._buffers: dict[str, torch.Tensor] = {}
         self._generation = 0  # bumped when a persistent buffer is reallocated (captured graphs go stale)
         self._counts = torch.zeros(3, dtype=torch.int64, device=device)  # sparse: hits, selected, over PCIe
+        self._fetch_stream = torch.cuda.Stream(device) if cuda else None
+        # Per staging buffer: (its copy is done, its reader is done).
+        self._fetch_events = [(torch.cuda.Event(), torch.cuda.Event()) for _ in range(2)] if cuda else []
         self._last_step_start: float | None = None
+        self._last_step_s: float | None = None
 
     # -- the KVStore interface ---------------------------------------------------------------------------
 
     def begin_step(self, batch: StepBatch, tables: torch.Tensor, lens: torch.Tensor) -> TierPlan:
         pools = self.pools
         now = time.perf_counter()
+        self._last_step_s = None
         if batch.is_decode() and self._last_step_start is not None:
-            self.stats.step_s += now - self._last_step_start
+            self._last_step_s = now - self._last_step_start
+            self.stats.step_s += self._last_step_s
         self._last_step_start = now if batch.is_decode() else None
         pools.poll()
         pages, _ = slot_mapping(batch.page_tables, batch.positions(), self.page_size)
@@ -232,7 +241,9 @@ class TieredKV:
             return self.layer_kv(plan, layer)
         ctx = np.array(plan.batch.context_lens, dtype=np.int64)
         counts = -(-ctx // self.page_size)
-        pages = np.concatenate([np.asarray(t[:n], dtype=np.int64) for t, n in zip(plan.batch.page_tables, counts, strict=True)])
+        pages = np.concatenate(
+            [np.asarray(t[:n], dtype=np.int64) for t, n in zip(plan.batch.page_tables, counts, strict=True)]
+        )
         staging = self.pools.gather(pages, layer)
         width = int(counts.max())
         first = np.concatenate(([0], np.cumsum(counts)[:-1]))
@@ -264,8 +275,6 @@ class TieredKV:
                 self.stats.bytes_read["hbm"] += hits * pools.slice_bytes
                 self.stats.bytes_read["pcie"] += pcie * pools.slice_bytes
                 self.stats.bytes_read["dram"] += self.host.take_bytes_read()
-            elif self._last_step_start is not None and self.stats.step_s:
-                self.balancer.update(self.host.last_busy_fraction(time.perf_counter() - self._last_step_start))
         elif self.mode == "sparse":
             self._meta_from_pages(plan.written)
         prio = self.importance.value[: self.num_pages].cpu().numpy() if self.mode == "sparse" else 0.0
@@ -278,6 +287,10 @@ class TieredKV:
 
     def page_bytes(self) -> int:
         return self.pools.page_bytes
+
+    def writable_pages(self) -> int:
+        """Pages one step may write: every layer of each must be in HBM at once (beside the reserve)."""
+        return (self.pools.capacity(HBM) - self.pools.reserve[HBM]) // self.num_layers
 
     def used(self, tier: int) -> int:
         return self.pools.used(tier)
@@ -371,9 +384,11 @@ class TieredKV:
                 "fetch_tables": self._upload("fetch_tables", fetch_tables, (layers, rows_dev, fetch_tables.shape[2])),
                 "fetch_lens": self._upload("fetch_lens", take * p, (layers, rows_dev)),
                 "fetch_dst": self._arange("fetch_dst", capacity),
-                "staging": self._staging(capacity),
+                "staging": [self._staging(capacity, f"staging{i}") for i in range(2)],
             }
         self.host.set_lists([_csr(to_cpu[layer], slot[layer]) for layer in range(layers)], rows_dev)
+        if self._last_step_s:  # the previous step's host time is known once set_lists has waited for it
+            self.balancer.update(self.host.last_busy_fraction(self._last_step_s))
         self._disk_lists = [_csr(on_disk[layer], slot[layer]) for layer in range(layers)] if on_disk.any() else None
         stats, sb = self.stats, pools.slice_bytes
         stats.selected_slices += int(valid.sum()) * layers
@@ -387,21 +402,54 @@ class TieredKV:
         host = self.host.start(layer, q)  # q to the host first: the host works while the GPU does
         parts = [hbm_attention(q, LayerKV(self.hbm_pool, 0, d["hbm_tables"][layer, : q.shape[0]], lens))]
         if self._fetching:
-            staging = d["staging"]
-            copy_slices(self.dram_pool, staging, d["fetch_src"][layer], d["fetch_dst"], d["fetch_count"][layer])
+            if layer == 0:  # layers 0 and 1 start now; each later one once its buffer's reader is done
+                for first in range(min(2, self.num_layers)):
+                    self._start_fetch(first)
+            staging = self._wait_fetch(layer)
             fetched = LayerKV(staging, 0, d["fetch_tables"][layer, : q.shape[0]], d["fetch_lens"][layer, : q.shape[0]])
             parts.append(hbm_attention(q, fetched))
+            self._release_fetch(layer)
         if self._disk_lists is not None:
             parts.append(self.host.disk_partial(q, self._disk_lists[layer], self.pools))
         if host is not None:
             parts.append(self.host.finish(host))
         return parts
 
-    def _staging(self, slices: int) -> torch.Tensor:
-        buf = self._buffers.get("staging")
+    def _start_fetch(self, layer: int) -> None:
+        """Gather `layer`'s PCIe share into staging buffer layer % 2, on the fetch stream (on CUDA), once
+        the layer two back has read that buffer: the copy of the next layer overlaps this one's work."""
+        d, buf = self._dense, layer % 2
+        args = (self.dram_pool, d["staging"][buf], d["fetch_src"][layer], d["fetch_dst"], d["fetch_count"][layer])
+        if self._fetch_stream is None:
+            copy_slices(*args)
+            return
+        main = torch.cuda.current_stream(self.device)
+        if layer < 2:
+            self._fetch_stream.wait_stream(main)  # this step's tables are uploaded
+        else:
+            self._fetch_stream.wait_event(self._fetch_events[buf][1])
+        with torch.cuda.stream(self._fetch_stream):
+            copy_slices(*args)
+            self._fetch_events[buf][0].record()
+
+    def _wait_fetch(self, layer: int) -> torch.Tensor:
+        if self._fetch_stream is not None:
+            torch.cuda.current_stream(self.device).wait_event(self._fetch_events[layer % 2][0])
+        return self._dense["staging"][layer % 2]
+
+    def _release_fetch(self, layer: int) -> None:
+        if self._fetch_stream is not None:
+            self._fetch_events[layer % 2][1].record(torch.cuda.current_stream(self.device))
+        if layer + 2 < self.num_layers:
+            self._start_fetch(layer + 2)
+
+    def _staging(self, slices: int, name: str = "staging") -> torch.Tensor:
+        buf = self._buffers.get(name)
         if buf is None or buf.shape[0] < slices:
             size = max(slices * 5 // 4, 1 if buf is None else buf.shape[0])
-            buf = self._buffers["staging"] = torch.empty((size, *self.pools.slice_shape), dtype=self.dtype, device=self.device)
+            buf = self._buffers[name] = torch.empty(
+                (size, *self.pools.slice_shape), dtype=self.dtype, device=self.device
+            )
             self._generation += 1
         return buf
 
@@ -416,7 +464,9 @@ class TieredKV:
 
     def _plan_sparse(self, plan: TierPlan, ctx: np.ndarray, num_pages: np.ndarray) -> None:
         """Selection runs on the device, per layer; the host only fixes the capture's top-k width."""
-        budget = np.minimum(num_pages, np.maximum(np.ceil(num_pages * self.sparse_budget), self.sink_pages + self.recent_pages))
+        budget = np.minimum(
+            num_pages, np.maximum(np.ceil(num_pages * self.sparse_budget), self.sink_pages + self.recent_pages)
+        )
         self._k_max = 1 << int(max(1, budget.max()) - 1).bit_length()
         self._k_max = min(self._k_max, plan.tables.shape[1])
         if self.sparse_misses == "fetch":  # allocated now, so the graph key below names them
@@ -433,13 +483,15 @@ class TieredKV:
         cols_all = torch.arange(width, device=q.device)[None, :]
         valid = cols_all < n[:, None]
         self._meta_from_decode(layer, tables, lens, n)
-        scores, mass = self.meta.score(layer, q, tables, valid, self.scale)
-        self.importance.add(layer, torch.where(valid, tables, self.meta.spare), valid, mass, n)
-        forced = ((cols_all < torch.clamp(n, max=self.sink_pages)[:, None]) | (cols_all >= (n - self.recent_pages)[:, None])) & valid
+        scores = self.meta.score(layer, q, tables, valid, self.scale)
+        forced = (
+            (cols_all < torch.clamp(n, max=self.sink_pages)[:, None]) | (cols_all >= (n - self.recent_pages)[:, None])
+        ) & valid
         want = torch.ceil(n.float() * self.sparse_budget).long()
         budget = torch.minimum(n, torch.maximum(want, forced.sum(1)))
         cols, chosen = select_pages(scores, forced, valid, budget, self._k_max)
         pages = tables.gather(1, cols)
+        self.importance.add(layer, torch.where(valid, tables, self.meta.spare), valid, pages, chosen)
         tier = self._tier_dev[pages, layer]
         slot = self._slot_dev[pages, layer]
         is_last = cols == (n - 1)[:, None]
@@ -462,7 +514,9 @@ class TieredKV:
             staging = self._staging(rows * self._k_max)
             first = mine.long().argsort(descending=True, stable=True).int()  # the misses, in row order
             src = slot.flatten().int()[first]
-            copy_slices(self.dram_pool, staging, src, self._arange("staged", rows * self._k_max), mine.sum().int()[None])
+            copy_slices(
+                self.dram_pool, staging, src, self._arange("staged", rows * self._k_max), mine.sum().int()[None]
+            )
             position = (mine.long().cumsum(0) - 1).view(rows, self._k_max).int()  # each miss's staging slot
             order = _tier_order(mine.view(rows, self._k_max), is_last)
             parts.append(hbm_attention(q, LayerKV(staging, 0, position.gather(1, order), dram_lens)))
@@ -540,4 +594,3 @@ def _merge(parts: list[tuple[torch.Tensor, torch.Tensor]], out_dtype: torch.dtyp
     if outs.is_cuda:
         return merge_attention_states(outs, lses, out_dtype=out_dtype)[0]
     return merge_attention_states_reference(outs, lses)[0].to(out_dtype)
-

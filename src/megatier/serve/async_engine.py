@@ -259,5 +259,7 @@ class AsyncEngine:
             return
         scheduler = self.engine.scheduler
         self.metrics.engine_state(len(scheduler.running), len(scheduler.waiting), scheduler.num_pages_in_use)
+        if self.engine.executor.cache.tiered:
+            self.metrics.tier_state(self.engine.executor.cache)
         if updates:
             self._loop.call_soon_threadsafe(self._dispatch, updates)

@@ -40,6 +40,7 @@ class ServerMetrics:
         self.kv_pages_in_use = Gauge("megatier:kv_pages_in_use", "KV cache pages held by sequences", registry=r)
         self.kv_pages_total = Gauge("megatier:kv_pages_total", "KV cache pages in the pool", registry=r)
         self.kv_pages_total.set(num_kv_pages)
+        self._migrated_seen = 0
         self.prompt_tokens = Counter("megatier:prompt_tokens", "Prompt tokens of admitted requests", registry=r)
         self.generation_tokens = Counter("megatier:generation_tokens", "Generated tokens", registry=r)
         self.finished = Counter(
@@ -49,10 +50,31 @@ class ServerMetrics:
             "megatier:requests_rejected", "Requests refused with 503 (queue full or shutting down)", registry=r
         )
 
+        # Tiered KV (kv_hbm / kv_dram / kv_disk): where the pages are, what moved, how often HBM served.
+        self.kv_tier_pages = Gauge(
+            "megatier:kv_tier_pages", "KV pages' worth of (page, layer) slices in each tier", ["tier"], registry=r
+        )
+        self.kv_migrated_bytes = Counter(
+            "megatier:kv_migrated_bytes", "KV bytes moved between tiers by the placement scheduler", registry=r
+        )
+        self.kv_hbm_hit_rate = Gauge(
+            "megatier:kv_hbm_hit_rate", "Share of the KV slices read by decode steps that were in HBM", registry=r
+        )
+
     def engine_state(self, running: int, waiting: int, kv_pages_in_use: int) -> None:
         self.running.set(running)
         self.waiting.set(waiting)
         self.kv_pages_in_use.set(kv_pages_in_use)
+
+    def tier_state(self, store) -> None:
+        """The gauges of a TieredKV store (kv/tiered.py) after a step."""
+        for tier, pages in store.pages_per_tier().items():
+            self.kv_tier_pages.labels(tier).set(pages)
+        moved = store.stats.migrated_bytes - self._migrated_seen
+        if moved > 0:
+            self.kv_migrated_bytes.inc(moved)
+        self._migrated_seen = store.stats.migrated_bytes
+        self.kv_hbm_hit_rate.set(store.stats.hit_rate)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
