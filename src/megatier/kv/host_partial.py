@@ -7,7 +7,7 @@ into pinned memory and later reads the results from it (kernels/copy_slices.py: 
 pinned-buffer bookkeeping does not belong in a graph), and the kernel runs as a CUDA host function (`cudaLaunchHostFunc`, the C entry point itself: no Python, no GIL), which a captured
 CUDA graph records as a host node. So the same code runs eagerly and inside the graph executor's
 captured decode step. The per-layer slice lists live in arrays the jobs point to; `set_lists` rewrites
-them before each step (after the previous step's host work is done).
+them before each step, after waiting for the previous step.
 
 Without CUDA (CI) the same job runs synchronously on the calling thread.
 """
@@ -36,7 +36,6 @@ class HostPartial:
         self._rows = 0  # rows of the buffers below
         self._jobs: list = []
         self._lists: list[tuple[np.ndarray, np.ndarray]] = []
-        self._done: torch.cuda.Event | None = None  # the previous step's last host job has run
         self._elapsed = 0.0
         self._step_elapsed = 0.0
         self._bytes = 0
@@ -49,8 +48,8 @@ class HostPartial:
     def set_lists(self, lists: list[tuple[np.ndarray, np.ndarray]], rows: int) -> None:
         """This step's slices for the host, per layer: (offsets [B + 1] int64, DRAM slots int32) over the
         first B of `rows` rows (the rest are padding and read nothing)."""
-        if self._done is not None:
-            self._done.synchronize()  # the jobs still in flight read the current arrays
+        if self.cuda:  # host jobs of a step still in flight read the current arrays (events recorded
+            torch.cuda.current_stream(self.device).synchronize()  # inside a graph cannot be waited on)
         self._step_elapsed = sum(job.c.elapsed_ns for job in self._jobs) / 1e9 if self._jobs else 0.0
         self._elapsed += self._step_elapsed
         if not self.active:
@@ -117,8 +116,6 @@ class HostPartial:
             index = self._index[:rows]
             copy_slices(job.out, job.out_dev, index, index)  # and reads the results from it
             copy_slices(job.lse, job.lse_dev, index, index)
-            self._done = torch.cuda.Event()
-            self._done.record(self.stream)
         torch.cuda.current_stream(self.device).wait_stream(self.stream)
         return job.out_dev[:rows], job.lse_dev[:rows]
 
