@@ -95,6 +95,5 @@ def read_bandwidth(device: torch.device, nbytes: int = 1 << 30, iters: int = 20)
     A decode step mostly reads, so the weight-streaming floor is weight bytes over this, not over the
     copy bandwidth (which also pays for writes, and which a read-mostly kernel can beat)."""
     src = torch.rand(nbytes // 4, dtype=torch.float32, device=device)
-    out = torch.empty((), dtype=torch.float32, device=device)
-    times = cuda_time(lambda: torch.sum(src, out=out), iters)
+    times = cuda_time(lambda: src.sum(), iters)
     return nbytes / statistics.median(times)
