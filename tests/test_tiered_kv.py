@@ -496,7 +496,8 @@ def test_cuda_graph_tiered_decode_equals_all_hbm(tiny_model, kw):
     def run(store):
         ex = GraphExecutor(cfg, weights, cache=store)
         tables = [store.allocator.allocate(16) for _ in prompts]
-        logits = ex.forward(StepBatch([t for p in prompts for t in p], [0] * 3, [len(p) for p in prompts], tables))
+        # One prompt per step: HBM cannot take all three prompts' pages at once, so earlier ones spill.
+        logits = torch.cat([ex.forward(StepBatch(p, [0], [len(p)], [t])) for p, t in zip(prompts, tables, strict=True)])
         tokens, steps = [logits.argmax(-1).tolist()], []
         for i in range(24):
             logits = ex.forward(StepBatch(tokens[-1], [len(p) + i for p in prompts], [1] * 3, tables))
@@ -506,7 +507,7 @@ def test_cuda_graph_tiered_decode_equals_all_hbm(tiny_model, kw):
 
     want, want_logits, _ = run(KVCache.allocate(cfg, 64, 16, torch.float32, cuda))
     store = TieredKV(
-        cfg, page_size=16, dtype=torch.float32, device=cuda, hbm_bytes=10 * page_bytes, dram_bytes=48 * page_bytes, **kw
+        cfg, page_size=16, dtype=torch.float32, device=cuda, hbm_bytes=14 * page_bytes, dram_bytes=48 * page_bytes, **kw
     )
     got, got_logits, ex = run(store)
     assert got == want
