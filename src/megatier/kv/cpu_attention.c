@@ -116,7 +116,6 @@ typedef struct {
 } block_t;
 
 typedef struct {
-    const char *name;
     int chunk; /* row elements per vector step; rows are padded to a multiple of it */
     int split; /* bf16: each chunk holds the even elements, then the odd ones */
     int dp;    /* bf16: q is held as hi, mid, lo bf16 parts for dpbf16 (exact to fp32 rounding) */
@@ -505,11 +504,11 @@ static T256 void block_avx2(const block_t *b) {
 #endif
 
 static const variant_t variants[NUM_ISAS] = {
-    [ISA_SCALAR] = {"scalar", 1, 0, 0, block_scalar},
+    [ISA_SCALAR] = {1, 0, 0, block_scalar},
 #if X86
-    [ISA_AVX2] = {"avx2", 16, 1, 0, block_avx2},
-    [ISA_AVX512] = {"avx512", 32, 1, 0, block_avx512},
-    [ISA_AVX512BF16] = {"avx512bf16", 32, 1, 1, block_avx512bf16},
+    [ISA_AVX2] = {16, 1, 0, block_avx2},
+    [ISA_AVX512] = {32, 1, 0, block_avx512},
+    [ISA_AVX512BF16] = {32, 1, 1, block_avx512bf16},
 #endif
 };
 
