@@ -33,7 +33,7 @@ case "${1:-}" in
     # Every test file with GPU tests, each test listed by name with its outcome (-v -rA). The megakernel
     # takes every SM (a cooperative launch), so the files that launch it run alone.
     header gpu_tests.log tests
-    pytest=("$PY" -m pytest -v -rA -p no:cacheprovider)
+    pytest=("$PY" -m pytest -v -rA -p no:cacheprovider --timeout 120 --timeout-method thread)
     solo=(tests/test_megakernel_gpu.py tests/test_backends.py tests/test_tiers.py)
     shared=$(grep -l "mark.gpu" tests/test_*.py | grep -v -e megakernel_gpu -e backends -e tiers)
     stage 300 gpu_tests.log "${pytest[@]}" -n 4 tests/test_kernels.py $shared

@@ -8,7 +8,7 @@ export PYTHONPATH=src PYTHONUNBUFFERED=1 MEGATIER_CACHE_DIR=/tmp/megatier-cache
 : "${MEGATIER_COMMIT:?set MEGATIER_COMMIT}"
 export MEGATIER_COMMIT
 echo "# commit $MEGATIER_COMMIT | $(nvidia-smi --query-gpu=name --format=csv,noheader) | $(date -u +%FT%TZ)" | tee "$OUT/gpu_tiers_quick.log"
-timeout 70 python3 -m pytest -v -rA -p no:cacheprovider --timeout 40 tests/test_tiered_kv.py -m gpu 2>&1 | tee -a "$OUT/gpu_tiers_quick.log" | tail -12
+timeout 70 python3 -m pytest -v -rA -p no:cacheprovider --timeout 40 --timeout-method thread tests/test_tiered_kv.py -m gpu 2>&1 | tee -a "$OUT/gpu_tiers_quick.log" | tail -12
 timeout 45 python3 - <<'PY' 2>&1 | tee -a "$OUT/gpu_tiers_quick.log"
 import json, os, torch
 from megatier.bench.common import record, write_json
