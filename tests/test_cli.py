@@ -72,3 +72,13 @@ def test_bad_input_exits_2_with_one_line(tiny, capsys, argv, message):
     assert main([a.replace("{tiny}", str(tiny)) for a in argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_engine_options_are_checked_by_name(tiny):
+    """An unknown or out-of-range engine option is a one-line error naming it, before anything loads."""
+    from megatier.errors import MegatierError
+
+    with pytest.raises(MegatierError, match="max_num_sequences"):
+        LLM(str(tiny), max_num_sequences=4)
+    with pytest.raises(MegatierError, match="max_num_batched_tokens"):
+        LLM(str(tiny), max_num_batched_tokens=0)

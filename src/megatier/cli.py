@@ -8,6 +8,7 @@ import math
 import os
 import sys
 
+from megatier.args import EngineArgs, add_batching_cli_args, add_cli_args
 from megatier.errors import MegatierError
 
 DESCRIPTION = """\
@@ -23,31 +24,6 @@ examples:
 """
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model")
-    g.add_argument(
-        "--model",
-        help="Hugging Face model directory, .gguf file, or built-in shape name "
-        "(with --load-format dummy); default: the embedded SmolLM2-135M-Instruct",
-    )
-    g.add_argument("--device", default="auto", help="auto (GPU if present), cpu or cuda")
-    g.add_argument("--dtype", default="auto", help="auto, float32 or bfloat16 (auto: float32 on CPU, bfloat16 on GPU)")
-    g.add_argument("--load-format", default="auto", choices=["auto", "dummy"], help="dummy: seeded random weights")
-    g.add_argument(
-        "--backend", default="auto", help="auto, reference, graph or megakernel (bench latency: a comma list runs each)"
-    )
-    g.add_argument("--seed", type=int, default=0, help="seed for dummy weights and unseeded sampling")
-    g.add_argument("--max-model-len", type=int, help="longest context (prompt + output) in tokens")
-    g.add_argument("--kv-cache-gb", type=float, help="memory for the KV cache (default: 2 GiB on CPU, most of the GPU)")
-    g = p.add_argument_group("tiered KV cache (any of these turns it on)")
-    g.add_argument("--kv-hbm", type=float, help="GiB of KV in GPU memory (default: --kv-cache-gb's default)")
-    g.add_argument("--kv-dram", type=float, help="GiB of KV in pinned host memory")
-    g.add_argument("--kv-disk", type=float, help="GiB of KV on disk (needs --kv-dram)")
-    g.add_argument("--kv-disk-dir", help="directory for disk KV pages (default: a temporary directory)")
-    g.add_argument("--kv-mode", default="dense", choices=["dense", "sparse"], help="dense: lossless; sparse: top pages")
-    g.add_argument("--kv-sparse-budget", type=float, default=0.125, help="sparse: fraction of the context read")
-
-
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling")
     g.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate (default 256)")
@@ -57,28 +33,6 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p times the top probability")
     g.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
-
-
-def build_llm(args: argparse.Namespace, **engine_args):
-    from megatier.llm import LLM
-
-    return LLM(
-        args.model,
-        device=args.device,
-        dtype=args.dtype,
-        load_format=args.load_format,
-        backend=args.backend,
-        seed=args.seed,
-        max_model_len=args.max_model_len,
-        kv_cache_gb=args.kv_cache_gb,
-        kv_hbm=args.kv_hbm,
-        kv_dram=args.kv_dram,
-        kv_disk=args.kv_disk,
-        kv_disk_dir=args.kv_disk_dir,
-        kv_mode=args.kv_mode,
-        kv_sparse_budget=args.kv_sparse_budget,
-        **engine_args,
-    )
 
 
 def sampling_params(args: argparse.Namespace):
@@ -97,7 +51,9 @@ def sampling_params(args: argparse.Namespace):
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    llm = build_llm(args)
+    from megatier.llm import LLM
+
+    llm = LLM.from_args(EngineArgs.from_cli(args))
     params = sampling_params(args)
     if args.chat:
         stream = llm.chat_stream([{"role": "user", "content": args.prompt}], params)
@@ -111,7 +67,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
-    llm = build_llm(args)
+    from megatier.llm import LLM
+
+    llm = LLM.from_args(EngineArgs.from_cli(args))
     params = sampling_params(args)
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict[str, str]] = []
@@ -186,13 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="complete a prompt, streaming the text to stdout")
     p.add_argument("prompt", help="the text to complete")
     p.add_argument("--chat", action="store_true", help="send the prompt as a user message through the chat template")
-    add_model_args(p)
+    add_cli_args(p)
     add_sampling_args(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="interactive chat with the model's chat template and history")
     p.add_argument("--system", help="system prompt")
-    add_model_args(p)
+    add_cli_args(p)
     add_sampling_args(p)
     p.set_defaults(func=cmd_chat)
 
@@ -200,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="bench", required=True, metavar="BENCH"
     )
     p = bench.add_parser("latency", help="per-token decode latency of one batch of sequences")
-    add_model_args(p)
+    add_cli_args(p)
     p.add_argument(
         "--batch", type=int_list, default=[1], help="sequences decoded together; a comma list runs each (default 1)"
     )
@@ -221,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench_latency)
 
     p = bench.add_parser("throughput", help="decode tokens/s as the batch grows, at a fixed context")
-    add_model_args(p)
+    add_cli_args(p)
     p.add_argument(
         "--batches",
         type=int_list,
@@ -243,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench_serve)
 
     p = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API")
-    add_model_args(p)
+    add_cli_args(p)
+    add_batching_cli_args(p)
     add_serve_args(p)
     p.set_defaults(func=cmd_serve)
     return parser
@@ -255,12 +214,6 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--port", type=int, default=8000)
     g.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (not on /health, /metrics, /version)")
     g.add_argument("--served-model-name", help="the model name clients send (default: --model as given)")
-    g.add_argument("--max-num-seqs", type=int, default=256, help="sequences in the running batch at most")
-    g.add_argument(
-        "--max-num-batched-tokens",
-        type=int,
-        help="tokens per engine step; longer prompts are prefilled in chunks (default 2048 on GPU, 256 on CPU)",
-    )
     g.add_argument(
         "--max-queue-len", type=int, default=1024, help="sequences that may wait for the batch; beyond that, HTTP 503"
     )

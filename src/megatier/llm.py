@@ -15,11 +15,13 @@ from pathlib import Path
 
 import torch
 
+from megatier.args import EngineArgs
 from megatier.config import ModelConfig, load_config, parse_dtype
 from megatier.engine import CompletionOutput, Engine, RequestOutput, SequenceUpdate
 from megatier.errors import MegatierError
 from megatier.executors import create_executor, resolve_backend
 from megatier.kv.pages import KVCache
+from megatier.kv.store import KVStore
 from megatier.kv.tiered import TieredKV
 from megatier.loader import (
     LOAD_FORMATS,
@@ -30,6 +32,7 @@ from megatier.loader import (
 )
 from megatier.sampling import SamplingParams
 from megatier.tokenizer import Message, Tokenizer
+from megatier.weights import ModelWeights
 
 log = logging.getLogger(__name__)
 
@@ -74,90 +77,36 @@ def default_kv_bytes(device: torch.device, weight_bytes: int) -> int:
 
 
 class LLM:
-    def __init__(
-        self,
-        model: str | Path | None = None,
-        *,
-        device: str = "auto",
-        dtype: str = "auto",
-        load_format: str = "auto",
-        seed: int = 0,
-        backend: str = "auto",
-        max_model_len: int | None = None,
-        max_num_seqs: int = 256,
-        max_num_batched_tokens: int | None = None,
-        page_size: int = 16,
-        kv_cache_gb: float | None = None,
-        decode_steps_per_sync: int = 8,
-        kv_hbm: float | None = None,
-        kv_dram: float | None = None,
-        kv_disk: float | None = None,
-        kv_disk_dir: str | None = None,
-        kv_mode: str = "dense",
-        kv_sparse_budget: float = 0.125,
-    ):
-        """kv_hbm / kv_dram / kv_disk (GiB) turn on the tiered KV cache (kv/tiers.py): pages beyond the
+    def __init__(self, model: str | Path | None = None, **options):
+        """Options are EngineArgs' fields (megatier/args.py), e.g. backend="graph", max_model_len=4096.
+        kv_hbm / kv_dram / kv_disk (GiB) turn on the tiered KV cache (kv/tiers.py): pages beyond the
         GPU budget live in pinned host memory, then in files under kv_disk_dir (default: a temporary
         directory). kv_mode "dense" attends to every page (lossless); "sparse" to the sinks, the recent
         window and the best-scored pages, kv_sparse_budget of the context."""
-        t0 = time.perf_counter()
-        if load_format not in LOAD_FORMATS:
-            raise MegatierError(f"unknown load_format {load_format!r}: expected one of {', '.join(LOAD_FORMATS)}")
-        self.seed = seed
-        self.device = resolve_device(device)
-        if max_num_batched_tokens is None:
-            # A step's token budget bounds how long running streams wait for a prompt chunk: on a CPU a
-            # 2048-token chunk takes seconds, so use a small one there.
-            max_num_batched_tokens = 2048 if self.device.type == "cuda" else 256
-        if page_size < 1 or max_num_seqs < 1 or max_num_batched_tokens < 1:
-            raise MegatierError("page_size, max_num_seqs and max_num_batched_tokens must be >= 1")
-        resolve_backend(backend, self.device)
-        self.model_path = resolve_model(model)
-        self.config = load_config(self.model_path)
-        self.dtype = resolve_dtype(dtype, self.config, self.device)
-        if load_format == "dummy":
-            weights = dummy_weights(self.config, seed, self.dtype, self.device)
-        elif self.model_path.suffix == ".json":
-            raise MegatierError(f"{model!r} is a built-in shape without weights: use load_format='dummy'")
-        else:
-            weights = load_safetensors_weights(self.model_path, self.config)
-        has_tokenizer = self.model_path.is_dir() and (self.model_path / "tokenizer.json").is_file()
-        self.tokenizer = Tokenizer(self.model_path) if has_tokenizer else None
-        self.generation_defaults = load_generation_defaults(self.model_path, self.config)
+        try:
+            args = EngineArgs(model, **options)
+        except TypeError as e:
+            raise MegatierError(f"LLM: {e}") from None
+        self._build(args)
 
+    @classmethod
+    def from_args(cls, args: EngineArgs) -> LLM:
+        llm = cls.__new__(cls)
+        llm._build(args)
+        return llm
+
+    def _build(self, args: EngineArgs) -> None:
+        """resolve -> load -> KV -> engine."""
+        t0 = time.perf_counter()
+        self.args = args
+        self._resolve(args)
+        weights = self._load(args)
         weight_bytes = weights.numel() * torch.finfo(self.dtype).bits // 8
-        kv_bytes = (
-            int(kv_cache_gb * (1 << 30)) if kv_cache_gb is not None else default_kv_bytes(self.device, weight_bytes)
+        cache, max_num_seqs, max_num_batched_tokens = self._kv_cache(args, weight_bytes)
+        executor = create_executor(args.backend, self.config, weights, cache)
+        self.max_model_len = min(
+            args.max_model_len or self.config.max_position_embeddings, cache.num_pages * cache.page_size
         )
-        token_bytes = self.config.kv_bytes_per_token(self.dtype)
-        limit = max_model_len or self.config.max_position_embeddings
-        tiered = kv_hbm is not None or kv_dram is not None or kv_disk is not None or kv_mode != "dense"
-        if tiered:
-            cache = TieredKV(
-                self.config,
-                page_size=page_size,
-                dtype=self.dtype,
-                device=self.device,
-                hbm_bytes=int(kv_hbm * (1 << 30)) if kv_hbm is not None else kv_bytes,
-                dram_bytes=int((kv_dram or 0) * (1 << 30)),
-                disk_bytes=int((kv_disk or 0) * (1 << 30)),
-                disk_dir=kv_disk_dir,
-                mode=kv_mode,
-                sparse_budget=kv_sparse_budget,
-            )
-            # A step's new KV lands in HBM, every layer of every page it writes: bound what one step writes
-            # (a prompt chunk of T tokens touches T / page_size + 1 pages) so any prompt streams through.
-            room = cache.writable_pages()
-            max_num_seqs = max(1, min(max_num_seqs, room // 2))
-            max_num_batched_tokens = max(1, min(max_num_batched_tokens, (room - max_num_seqs) * page_size))
-        else:
-            num_pages = min(kv_bytes // (token_bytes * page_size), -(-limit // page_size) * max_num_seqs)
-            if num_pages < 2:
-                raise MegatierError(f"kv_cache_gb={kv_cache_gb} holds fewer than 2 pages of {page_size} tokens")
-            cache = KVCache.allocate(self.config, num_pages, page_size, self.dtype, self.device)
-        executor = create_executor(backend, self.config, weights, cache)
-        num_pages = cache.num_pages
-        self.max_model_len = min(limit, num_pages * page_size)
         eos = self.generation_defaults.eos_token_ids or self.config.eos_token_ids
         if not eos and self.tokenizer and self.tokenizer.eos_token_id is not None:
             eos = (self.tokenizer.eos_token_id,)
@@ -168,10 +117,11 @@ class LLM:
             max_model_len=self.max_model_len,
             max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens,
-            decode_steps_per_sync=decode_steps_per_sync,
-            seed=seed,
+            decode_steps_per_sync=args.decode_steps_per_sync,
+            seed=args.seed,
         )
         self.backend = executor.name
+        num_pages = cache.num_pages
         self.stats = LoadStats(time.perf_counter() - t0, weight_bytes, num_pages, num_pages * cache.page_bytes())
         log.info(
             "loaded %s on %s (%s, backend %s) in %.2fs",
@@ -181,6 +131,73 @@ class LLM:
             self.backend,
             self.stats.load_seconds,
         )
+
+    def _resolve(self, args: EngineArgs) -> None:
+        """Check the options; find the device, the model and its config, the dtype."""
+        if args.load_format not in LOAD_FORMATS:
+            raise MegatierError(f"unknown load_format {args.load_format!r}: expected one of {', '.join(LOAD_FORMATS)}")
+        if (
+            min(args.page_size, args.max_num_seqs, args.max_num_batched_tokens or 1) < 1
+            or args.max_num_batched_tokens == 0
+        ):
+            raise MegatierError("page_size, max_num_seqs and max_num_batched_tokens must be >= 1")
+        self.seed = args.seed
+        self.device = resolve_device(args.device)
+        resolve_backend(args.backend, self.device)
+        self.model_path = resolve_model(args.model)
+        self.config = load_config(self.model_path)
+        self.dtype = resolve_dtype(args.dtype, self.config, self.device)
+
+    def _load(self, args: EngineArgs) -> ModelWeights:
+        """Weights, tokenizer and generation defaults."""
+        if args.load_format == "dummy":
+            weights = dummy_weights(self.config, args.seed, self.dtype, self.device)
+        elif self.model_path.suffix == ".json":
+            raise MegatierError(f"{args.model!r} is a built-in shape without weights: use load_format='dummy'")
+        else:
+            weights = load_safetensors_weights(self.model_path, self.config)
+        has_tokenizer = self.model_path.is_dir() and (self.model_path / "tokenizer.json").is_file()
+        self.tokenizer = Tokenizer(self.model_path) if has_tokenizer else None
+        self.generation_defaults = load_generation_defaults(self.model_path, self.config)
+        return weights
+
+    def _kv_cache(self, args: EngineArgs, weight_bytes: int) -> tuple[KVStore, int, int]:
+        """The KV store, and the batch limits it allows (max_num_seqs, max_num_batched_tokens)."""
+        page_size, max_num_seqs = args.page_size, args.max_num_seqs
+        # A step's token budget bounds how long running streams wait for a prompt chunk: on a CPU a
+        # 2048-token chunk takes seconds, so use a small one there.
+        max_num_batched_tokens = args.max_num_batched_tokens or (2048 if self.device.type == "cuda" else 256)
+        kv_bytes = (
+            int(args.kv_cache_gb * (1 << 30))
+            if args.kv_cache_gb is not None
+            else default_kv_bytes(self.device, weight_bytes)
+        )
+        if args.tiered:
+            cache = TieredKV(
+                self.config,
+                page_size=page_size,
+                dtype=self.dtype,
+                device=self.device,
+                hbm_bytes=_gib(args.kv_hbm) if args.kv_hbm is not None else kv_bytes,
+                dram_bytes=_gib(args.kv_dram or 0),
+                disk_bytes=_gib(args.kv_disk or 0),
+                disk_dir=args.kv_disk_dir,
+                mode=args.kv_mode,
+                sparse_budget=args.kv_sparse_budget,
+            )
+            # A step's new KV lands in HBM, every layer of every page it writes: bound what one step writes
+            # (a prompt chunk of T tokens touches T / page_size + 1 pages) so any prompt streams through.
+            room = cache.writable_pages()
+            max_num_seqs = max(1, min(max_num_seqs, room // 2))
+            max_num_batched_tokens = max(1, min(max_num_batched_tokens, (room - max_num_seqs) * page_size))
+            return cache, max_num_seqs, max_num_batched_tokens
+        limit = args.max_model_len or self.config.max_position_embeddings
+        token_bytes = self.config.kv_bytes_per_token(self.dtype)
+        num_pages = min(kv_bytes // (token_bytes * page_size), -(-limit // page_size) * max_num_seqs)
+        if num_pages < 2:
+            raise MegatierError(f"kv_cache_gb={args.kv_cache_gb} holds fewer than 2 pages of {page_size} tokens")
+        cache = KVCache.allocate(self.config, num_pages, page_size, self.dtype, self.device)
+        return cache, max_num_seqs, max_num_batched_tokens
 
     # -- inputs --------------------------------------------------------------------------------------------
 
@@ -277,8 +294,14 @@ class LLM:
             self.engine.abort_request(rid)
 
 
+def _gib(gib: float) -> int:
+    return int(gib * (1 << 30))
+
+
 def _merge(out: RequestOutput, update: SequenceUpdate) -> None:
     c = out.outputs[update.index]
+    if update.prompt_logprobs is not None and update.index == 0:
+        out.prompt_logprobs = update.prompt_logprobs
     c.text += update.delta_text
     c.token_ids.extend(update.new_token_ids)
     if c.logprobs is not None:

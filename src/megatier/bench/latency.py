@@ -14,8 +14,10 @@ import time
 
 import torch
 
+from megatier.args import EngineArgs
 from megatier.bench.common import copy_bandwidth, cuda_time, model_config, read_bandwidth, record, write_json
 from megatier.errors import MegatierError
+from megatier.llm import LLM
 from megatier.sampling import SamplingParams
 
 
@@ -75,8 +77,6 @@ def measure_case(llm, batch: int, input_len: int, output_len: int, iters: int, s
 def run_latency(args: argparse.Namespace) -> dict:
     """Every backend x batch x prompt length in one process, plus the copy bandwidth and the baselines
     (timed on the first case) in the same run."""
-    from megatier.cli import build_llm
-
     unknown = [b for b in filter(None, args.baselines.split(",")) if b not in BASELINES]
     if unknown:
         raise MegatierError(f"unknown baseline {unknown[0]!r}: choose from {', '.join(BASELINES)}")
@@ -85,7 +85,7 @@ def run_latency(args: argparse.Namespace) -> dict:
         del llm  # free the previous backend's weights and KV cache first
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        llm = build_llm(argparse.Namespace(**{**vars(args), "backend": backend}))
+        llm = LLM.from_args(EngineArgs.from_cli(args, backend=backend))
         for batch in args.batch:
             for input_len in args.input_len:
                 row = measure_case(llm, batch, input_len, args.output_len, args.iters, args.seed)

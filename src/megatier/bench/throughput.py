@@ -11,14 +11,14 @@ import argparse
 
 import torch
 
+from megatier.args import EngineArgs
 from megatier.bench.common import copy_bandwidth, model_config, record, write_json
 from megatier.bench.latency import time_generation
+from megatier.llm import LLM
 
 
 def run_throughput(args: argparse.Namespace) -> dict:
-    from megatier.cli import build_llm
-
-    llm = build_llm(args, max_num_seqs=max(args.batches))
+    llm = LLM.from_args(EngineArgs.from_cli(args, max_num_seqs=max(args.batches)))
     cfg = llm.config
     gen = torch.Generator().manual_seed(args.seed)
     rows = []

@@ -14,6 +14,8 @@ import socket
 
 import uvicorn
 
+from megatier.args import EngineArgs
+from megatier.llm import LLM
 from megatier.serve.app import create_app
 from megatier.serve.async_engine import AsyncEngine
 
@@ -54,9 +56,7 @@ def served_model_name(args: argparse.Namespace) -> str:
 
 
 def run_server(args: argparse.Namespace) -> None:
-    from megatier.cli import build_llm
-
-    llm = build_llm(args, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
+    llm = LLM.from_args(EngineArgs.from_cli(args))
     name = served_model_name(args)
     app = create_app(llm, served_model_name=name, api_key=args.api_key, max_queue_len=args.max_queue_len)
     print(f"megatier: serving {name!r} ({llm.backend} on {llm.device}) at http://{args.host}:{args.port}/v1")
