@@ -34,8 +34,8 @@ case "${1:-}" in
     # takes every SM (a cooperative launch), so the files that launch it run alone.
     header gpu_tests.log tests
     pytest=("$PY" -m pytest -v -rA -p no:cacheprovider --timeout 120 --timeout-method thread)
-    solo=(tests/test_megakernel_gpu.py tests/test_backends.py tests/test_tiers.py)
-    shared=$(grep -l "mark.gpu" tests/test_*.py | grep -v -e megakernel_gpu -e backends -e tiers)
+    solo=(tests/test_megakernel_gpu.py tests/test_backends.py)
+    shared=$(grep -l "mark.gpu" tests/test_*.py | grep -v -e megakernel_gpu -e backends)
     stage 300 gpu_tests.log "${pytest[@]}" -n 4 tests/test_kernels.py $shared
     stage 280 gpu_tests.log "${pytest[@]}" "${solo[@]}"
     ;;

@@ -15,6 +15,7 @@ Without CUDA (CI) the same job runs synchronously on the calling thread.
 from __future__ import annotations
 
 import ctypes
+import functools
 import time
 
 import numpy as np
@@ -99,11 +100,7 @@ class HostPartial:
         with torch.cuda.stream(self.stream):
             index = self._index[:rows]
             copy_slices(q.float().contiguous(), job.q, index, index)  # the GPU writes pinned memory itself
-            from cuda.bindings import runtime as cudart
-
-            (err,) = cudart.cudaLaunchHostFunc(self.stream.cuda_stream, cudart.cudaHostFn_t(host_fn()), job.address)
-            if err != cudart.cudaError_t.cudaSuccess:
-                raise RuntimeError(f"cudaLaunchHostFunc failed: {err}")
+            launch_host_func(self.stream.cuda_stream, host_fn(), job.address)
         return layer
 
     def finish(self, handle: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -200,6 +197,20 @@ class HostPartial:
                 job.pages_np = np.zeros(2 * slices, dtype=np.int32)
                 job.rows_np = np.full(2 * slices, self.page_size, dtype=np.int32)
                 job.c.pages, job.c.rows = job.pages_np.ctypes.data, job.rows_np.ctypes.data
+
+
+@functools.cache
+def _libcuda() -> ctypes.CDLL:
+    return ctypes.CDLL("libcuda.so.1")
+
+
+def launch_host_func(stream: int, fn: int, data: int) -> None:
+    """cuLaunchHostFunc(stream, fn, data) through the driver itself. cuda-python's wrapper passes the
+    driver a trampoline and a heap record of (fn, data) that it frees after the first call, so a captured
+    graph's host node, which calls it on every replay, would read freed memory."""
+    err = _libcuda().cuLaunchHostFunc(ctypes.c_void_p(stream), ctypes.c_void_p(fn), ctypes.c_void_p(data))
+    if err:
+        raise RuntimeError(f"cuLaunchHostFunc failed: CUresult {err}")
 
 
 class _Job:
