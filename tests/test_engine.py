@@ -196,3 +196,51 @@ def test_chat_and_logprobs(tiny):
         [[{"role": "user", "content": "a"}], [{"role": "user", "content": "b"}]], SamplingParams(max_tokens=3)
     )
     assert len(batch) == 2
+
+
+@pytest.mark.parametrize("budget", [256, 7])  # the whole prompt in one step, and in chunks of 7 tokens
+def test_prompt_logprobs_equal_a_full_sequence_log_softmax(tmp_path, budget):
+    path, model = make_hf_model(tmp_path, "llama-mqa-untied")
+    llm = LLM(str(path), max_num_batched_tokens=budget)
+    prompts = [torch.randint(0, 300, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (40, 1, 23)]
+    params = [SamplingParams(temperature=0, max_tokens=3, prompt_logprobs=2), SamplingParams(max_tokens=3)]
+    outs = llm.generate(prompts, [params[0], params[0], params[1]])
+    assert outs[2].prompt_logprobs is None and outs[1].prompt_logprobs.logprobs == [None]
+    scored, ids = outs[0].prompt_logprobs, prompts[0]
+    assert len(scored) == 40 and scored.logprobs[0] is None and scored.ranks[0] is None
+    with torch.no_grad():
+        logp = model(torch.tensor([ids])).logits[0].log_softmax(-1)
+    got = torch.tensor([scored.logprobs[p][ids[p]] for p in range(1, 40)])
+    assert torch.allclose(got, logp[torch.arange(39), torch.tensor(ids[1:])], atol=1e-5)
+    for p in range(1, 40):
+        top = logp[p - 1].topk(2)
+        assert set(top.indices.tolist()) <= set(scored.logprobs[p]) and len(scored.logprobs[p]) <= 3
+        assert scored.ranks[p] == int((logp[p - 1] > logp[p - 1, ids[p]]).sum()) + 1
+    # The generated tokens are those of a request without prompt logprobs.
+    assert outs[0].token_ids == llm.generate(ids, SamplingParams(temperature=0, max_tokens=3))[0].token_ids
+
+
+def test_prompt_logprobs_survive_preemption(tiny):
+    """A sequence preempted mid-prompt is recomputed from the start; it keeps the logprobs it had and
+    scores the rest once."""
+    prompts = [torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (30, 22, 17)]
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, prompt_logprobs=1)
+    roomy = LLM(str(tiny), page_size=4, kv_cache_gb=0.01).generate(prompts, params)
+    page_bytes = 4 * load_config(tiny).kv_bytes_per_token(torch.float32)
+    cramped = LLM(
+        str(tiny), page_size=4, kv_cache_gb=16 * page_bytes / 2**30, max_model_len=64, max_num_batched_tokens=8
+    )
+    outputs = cramped.generate(prompts, params)
+    for ours, theirs in zip(outputs, roomy, strict=True):
+        assert ours.token_ids == theirs.token_ids and ours.prompt_logprobs.ranks == theirs.prompt_logprobs.ranks
+        for a, b in zip(ours.prompt_logprobs.logprobs[1:], theirs.prompt_logprobs.logprobs[1:], strict=True):
+            assert a.keys() == b.keys() and list(a.values()) == pytest.approx(list(b.values()), abs=1e-5)
+
+
+def test_logit_bias_token_ids_are_checked_against_the_vocabulary():
+    engine = script_engine(SCRIPT)
+    with pytest.raises(MegatierError, match="logit_bias token id 16 is outside the vocabulary"):
+        engine.add_request([1, 2], SamplingParams(logit_bias={16: 1.0}))
+    assert not engine.has_unfinished()
+    tokens, _ = run(engine, [1, 2], SamplingParams(temperature=0, max_tokens=3, logit_bias={9: 6.0}))
+    assert tokens == [9, 9, 9]  # the runner-up (5 below the best) wins with a bias of 6

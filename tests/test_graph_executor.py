@@ -97,6 +97,25 @@ def test_mixed_batches_match_reference(case, chunks_and_splits):
     assert rel_err(ours, theirs) < 1e-4
 
 
+def test_all_logits_of_chosen_sequences_match_reference():
+    """StepBatch.all_logits: every new token's logits for sequences 0 and 2, across prefill passes of 6
+    tokens, beside a sequence that returns only its last; a decode step with all_logits is unchanged."""
+    cfg = tiny_config("qwen3-headdim24")
+    graph, ref = executors(cfg, dummy_weights(cfg, 0, torch.float32, DEVICE), torch.float32)
+    graph.max_prefill_tokens = 6
+    tables = shuffled_tables(24, [5, 4, 4], seed=1)
+    gen = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, cfg.vocab_size, (13 + 5 + 9,), generator=gen).tolist()
+    batch = StepBatch(tokens, [0, 0, 0], [13, 5, 9], tables, all_logits=frozenset({0, 2}))
+    assert batch.logit_counts() == [13, 1, 9] and batch.last_logit_rows() == [12, 13, 22]
+    ours, theirs = graph.forward(batch), ref.forward(batch)
+    assert ours.shape == theirs.shape == (23, cfg.vocab_size) and rel_err(ours, theirs) < 1e-4
+    plain = ref.forward(StepBatch(tokens, [0, 0, 0], [13, 5, 9], tables))
+    assert rel_err(theirs[batch.last_logit_rows()], plain) < 1e-6
+    decode = StepBatch([1, 2, 3], [13, 5, 9], [1, 1, 1], tables, all_logits=frozenset({1}))
+    assert rel_err(graph.forward(decode), ref.forward(decode)) < 1e-4
+
+
 def test_fused_decode_of_several_rows_matches_reference():
     """Decode batches of several rows through the fused GEMV kernels (their tensor-core path), which the
     default gemv_max_batch leaves to cuBLAS."""

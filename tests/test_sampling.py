@@ -117,6 +117,20 @@ def test_logprobs_are_the_model_distribution():
         assert value == pytest.approx(float(expected[token]), abs=1e-5)
 
 
+def test_logit_bias_moves_the_choice_and_leaves_logprobs_raw():
+    logits = random_logits(7)
+    best, rival = torch.topk(logits, 2).indices.tolist()
+    gap = float(logits[best] - logits[rival])
+    for bias, winner in [(gap + 0.01, rival), (gap - 0.01, best)]:
+        params = SamplingParams(temperature=0, logit_bias={rival: bias}, logprobs=0)
+        assert not params.plain_greedy
+        out = sample(logits[None], [SampleRow(params, None, [], [])])[0]
+        assert out.token_id == winner
+        assert out.logprobs[winner] == pytest.approx(float(logits.log_softmax(-1)[winner]), abs=1e-5)
+    banned = SamplingParams(temperature=0.7, logit_bias={best: -100, rival: -100})
+    assert {best, rival}.isdisjoint(draw(logits, banned, s) for s in range(100))
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
@@ -130,6 +144,10 @@ def test_logprobs_are_the_model_distribution():
         (dict(logprobs=21), "logprobs"),
         (dict(stop=[""]), "stop strings"),
         (dict(presence_penalty=3), "presence_penalty"),
+        (dict(prompt_logprobs=-1), "prompt_logprobs"),
+        (dict(logit_bias={3: 100.5}), "logit_bias"),
+        (dict(logit_bias={-1: 1}), "logit_bias"),
+        (dict(logit_bias={3: "x"}), "logit_bias"),
     ],
 )
 def test_invalid_parameters_are_rejected(kwargs, message):

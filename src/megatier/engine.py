@@ -16,8 +16,8 @@ import torch
 from megatier.detokenizer import IncrementalDetokenizer
 from megatier.errors import MegatierError
 from megatier.executors.base import Executor, GreedyChunk, StepBatch
-from megatier.sampling import SampleRow, SamplingParams, sample
-from megatier.scheduler import Scheduler, Sequence, Status
+from megatier.sampling import PromptLogprobs, SampleRow, SamplingParams, sample
+from megatier.scheduler import ScheduledBatch, Scheduler, Sequence, Status
 from megatier.tokenizer import Tokenizer
 
 
@@ -40,6 +40,7 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
+    prompt_logprobs: PromptLogprobs | None = None  # with SamplingParams.prompt_logprobs
 
     @property
     def text(self) -> str:
@@ -70,6 +71,7 @@ class SequenceUpdate:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     new_logprobs: list[dict[int, float]] = field(default_factory=list)
+    prompt_logprobs: PromptLogprobs | None = None  # on a sequence's first update, if they were asked for
 
 
 @dataclass
@@ -117,6 +119,7 @@ class Engine:
         if request_id in self.requests:
             raise MegatierError(f"request id {request_id!r} is already in use")
         self.check_prompt(prompt_ids)
+        self.check_params(params)
         seqs = []
         for i in range(params.n):
             seed = (
@@ -146,6 +149,14 @@ class Engine:
                 f"the prompt has {len(prompt_ids)} tokens; the maximum context length is {self.max_model_len} "
                 "(prompt plus at least one generated token)"
             )
+
+    def check_params(self, params: SamplingParams) -> None:
+        """Raise MegatierError for settings this model cannot take (SamplingParams checks the rest); reads
+        only fixed settings, like check_prompt."""
+        vocab = self.executor.cfg.vocab_size
+        bad = next((t for t in params.logit_bias or () if t >= vocab), None)
+        if bad is not None:
+            raise MegatierError(f"logit_bias token id {bad} is outside the vocabulary (0..{vocab - 1})")
 
     def abort_request(self, request_id: str) -> None:
         """Cancel a request now and free its KV pages (no-op for unknown or finished requests)."""
@@ -178,18 +189,8 @@ class Engine:
             if hasattr(self.executor, "decode_greedy_async"):
                 return self._pipeline(self._queue_chunk(batch.seqs, multi, resume=False))
             return self._decode_multi(batch.seqs, multi)
-        logits = self.executor.forward(
-            StepBatch(
-                token_ids=[
-                    t
-                    for s, n in zip(batch.seqs, batch.num_tokens, strict=True)
-                    for t in s.token_ids[s.num_computed :][:n]
-                ],
-                starts=[s.num_computed for s in batch.seqs],
-                query_lens=batch.num_tokens,
-                page_tables=[s.table.pages for s in batch.seqs],
-            )
-        )
+        step = self._step_batch(batch)
+        logits = self._score_prompts(batch.seqs, step, self.executor.forward(step))
         ready = []
         for row, (seq, n) in enumerate(zip(batch.seqs, batch.num_tokens, strict=True)):
             seq.num_computed += n
@@ -208,6 +209,35 @@ class Engine:
             self._append(seq, [s.token_id], [s.logprobs] if s.logprobs else [])
             for (_, seq), s in zip(ready, sampled, strict=True)
         ]
+
+    def _step_batch(self, batch: ScheduledBatch) -> StepBatch:
+        """The executor's view of a scheduled step; a prompt being scored gets every new token's logits."""
+        return StepBatch(
+            token_ids=[
+                t for s, n in zip(batch.seqs, batch.num_tokens, strict=True) for t in s.token_ids[s.num_computed :][:n]
+            ],
+            starts=[s.num_computed for s in batch.seqs],
+            query_lens=batch.num_tokens,
+            page_tables=[s.table.pages for s in batch.seqs],
+            all_logits=frozenset(i for i, s in enumerate(batch.seqs) if s.scoring_prompt),
+        )
+
+    def _score_prompts(self, seqs: list[Sequence], step: StepBatch, logits: torch.Tensor) -> torch.Tensor:
+        """Add the prompt logprobs that this step's rows give (the row of position p predicts the prompt
+        token at p + 1; a prompt split over steps is scored chunk by chunk); return each sequence's
+        last-token logits."""
+        if not step.all_logits:
+            return logits
+        row = 0
+        for i, (seq, count) in enumerate(zip(seqs, step.logit_counts(), strict=True)):
+            if i in step.all_logits:
+                scored, start = len(seq.prompt_logprobs), step.starts[i]
+                first, end = scored - start - 1, min(count, len(seq.prompt_ids) - start - 1)
+                if first < end:
+                    targets = seq.prompt_ids[scored : scored + end - first]
+                    seq.prompt_logprobs.extend(logits[row + first : row + end], targets, seq.params.prompt_logprobs)
+            row += count
+        return logits[step.last_logit_rows()]
 
     def _sample_row(self, seq: Sequence) -> SampleRow:
         p = seq.params
@@ -316,6 +346,7 @@ class Engine:
         """Add sampled tokens one by one, stopping at the first that ends the sequence. Tokens computed
         past the end by a multi-step decode are dropped; their KV went with the freed pages."""
         p = seq.params
+        first = seq.num_output == 0
         taken: list[int] = []
         for token in new_tokens:
             seq.token_ids.append(token)
@@ -335,6 +366,7 @@ class Engine:
             seq.finish_reason,
             seq.stop_reason,
             new_logprobs[: len(taken)] if p.logprobs is not None else [],
+            seq.prompt_logprobs if first else None,
         )
         if finished and all(s.status is Status.FINISHED for s in self.requests.get(seq.request_id, [])):
             self.requests.pop(seq.request_id, None)

@@ -33,7 +33,9 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     ignore_eos: bool = False
     logprobs: int | None = None  # top-N logprobs per generated token (0: only the sampled token's)
+    prompt_logprobs: int | None = None  # top-N logprobs per prompt token (0: only the prompt token's)
     skip_special_tokens: bool = True
+    logit_bias: dict[int, float] | None = None  # added to a token's logit before sampling (OpenAI's)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -52,6 +54,11 @@ class SamplingParams:
             (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
             (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be between 0 and 20"),
+            (
+                self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
+                "prompt_logprobs must be between 0 and 20",
+            ),
+            (_valid_bias(self.logit_bias), "logit_bias maps token ids (>= 0) to biases in [-100, 100]"),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
         ]
         for ok, message in checks:
@@ -68,10 +75,20 @@ class SamplingParams:
         return (
             self.greedy
             and self.logprobs is None
+            and not self.logit_bias
             and self.presence_penalty == 0
             and self.frequency_penalty == 0
             and self.repetition_penalty == 1
         )
+
+
+def _valid_bias(bias: dict[int, float] | None) -> bool:
+    if bias is None:
+        return True
+    return isinstance(bias, dict) and all(
+        isinstance(t, int) and not isinstance(t, bool) and t >= 0 and isinstance(b, int | float) and -100 <= b <= 100
+        for t, b in bias.items()
+    )
 
 
 @dataclass
@@ -92,6 +109,7 @@ class Sampled:
 
 
 def _apply_penalties(logits: torch.Tensor, row: SampleRow) -> torch.Tensor:
+    """Repetition, presence and frequency penalties, then logit_bias, in place."""
     p = row.params
     if p.repetition_penalty != 1 and (row.prompt_ids or row.output_ids):
         seen = torch.tensor(sorted(set(row.prompt_ids) | set(row.output_ids)), device=logits.device)
@@ -100,6 +118,9 @@ def _apply_penalties(logits: torch.Tensor, row: SampleRow) -> torch.Tensor:
     if (p.presence_penalty or p.frequency_penalty) and row.output_ids:
         ids, counts = torch.tensor(row.output_ids, device=logits.device).unique(return_counts=True)
         logits[ids] -= p.presence_penalty + p.frequency_penalty * counts.to(logits.dtype)
+    if p.logit_bias:
+        ids = torch.tensor(list(p.logit_bias), device=logits.device)
+        logits[ids] += torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype, device=logits.device)
     return logits
 
 
@@ -158,3 +179,28 @@ def _logprobs(raw: torch.Tensor, token: int, top_n: int | None) -> dict[int, flo
         values, ids = logp.topk(top_n)
         result |= {int(t): float(v) for t, v in zip(ids, values, strict=True)}
     return result
+
+
+@dataclass
+class PromptLogprobs:
+    """Per prompt position: the log-probability of the prompt token given the tokens before it, with the
+    top-N alternatives, and its rank (1: the most likely). Position 0 has None: nothing predicts it."""
+
+    logprobs: list[dict[int, float] | None] = field(default_factory=lambda: [None])
+    ranks: list[int | None] = field(default_factory=lambda: [None])
+
+    def __len__(self) -> int:
+        return len(self.logprobs)
+
+    def extend(self, logits: torch.Tensor, tokens: list[int], top_n: int) -> None:
+        """Score the next len(tokens) prompt positions from their predecessors' fp32 logits [len(tokens), vocab]
+        (the model's own distribution, as vLLM reports)."""
+        logp = logits.log_softmax(-1)
+        ids = torch.tensor(tokens, device=logits.device)
+        chosen = logp.gather(-1, ids[:, None])
+        ranks = (logp > chosen).sum(-1) + 1
+        top_values, top_ids = logp.topk(top_n, dim=-1)
+        rows = zip(tokens, chosen[:, 0].tolist(), top_ids.tolist(), top_values.tolist(), strict=True)
+        for token, value, alt_ids, alt_values in rows:
+            self.logprobs.append({token: value} | dict(zip(alt_ids, alt_values, strict=True)))
+        self.ranks.extend(ranks.tolist())

@@ -17,7 +17,7 @@ import torch
 
 from megatier.detokenizer import IncrementalDetokenizer
 from megatier.kv.pages import PageAllocator, PageTable
-from megatier.sampling import SamplingParams
+from megatier.sampling import PromptLogprobs, SamplingParams
 
 
 class Status(enum.Enum):
@@ -38,6 +38,7 @@ class Sequence:
     detok: IncrementalDetokenizer
     token_ids: list[int] = field(default_factory=list)  # prompt, then every sampled token
     logprobs: list[dict[int, float]] = field(default_factory=list)
+    prompt_logprobs: PromptLogprobs | None = None  # with params.prompt_logprobs; filled during prefill
     table: PageTable = field(default_factory=PageTable)
     num_computed: int = 0  # tokens whose KV is in the cache
     status: Status = Status.WAITING
@@ -47,6 +48,13 @@ class Sequence:
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_ids)
+        if self.params.prompt_logprobs is not None:
+            self.prompt_logprobs = PromptLogprobs()
+
+    @property
+    def scoring_prompt(self) -> bool:
+        """Its prompt logprobs are wanted and not all taken yet (a preempted sequence keeps those it has)."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.prompt_ids)
 
     @property
     def output_ids(self) -> list[int]:

@@ -4,6 +4,7 @@ optional greedy fast path, k decode steps on the device per host sync."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Protocol
 
 import torch
@@ -16,12 +17,14 @@ class StepBatch:
     """Sequence i feeds tokens at positions [starts[i], starts[i] + query_lens[i]) and attends to every
     position below the end. A prefill chunk and a decode step are the same thing with different lengths.
     The KV of those positions is written into the pages of `page_tables[i]`, which the scheduler has
-    already sized. Logits come back for the last new token of each sequence."""
+    already sized. Logits come back for the last new token of each sequence, and for every new token
+    of the sequences listed in `all_logits` (what prompt logprobs score), in batch order."""
 
     token_ids: list[int]  # all new tokens, sequence after sequence
     starts: list[int]
     query_lens: list[int]
     page_tables: list[list[int]]
+    all_logits: frozenset[int] = frozenset()  # sequences whose every new token's logits come back
 
     @property
     def num_seqs(self) -> int:
@@ -37,11 +40,20 @@ class StepBatch:
     def is_decode(self) -> bool:
         return all(n == 1 for n in self.query_lens)
 
+    def logit_counts(self) -> list[int]:
+        """Rows of `forward`'s output per sequence: query_lens[i] for those in all_logits, else 1."""
+        return [n if i in self.all_logits else 1 for i, n in enumerate(self.query_lens)]
+
+    def last_logit_rows(self) -> list[int]:
+        """The row of `forward`'s output that holds each sequence's last new token."""
+        return [end - 1 for end in accumulate(self.logit_counts())]
+
 
 class Executor(Protocol):
     """Runs the model over a paged KV cache. Constructed as `Cls(cfg, weights, cache=KVCache)`: the
     caller allocates the cache, so executors of one model (prefill and decode paths) can share it.
-    `forward` returns fp32 logits [num_seqs, vocab]."""
+    `forward` returns fp32 logits [sum(batch.logit_counts()), vocab]: one row per sequence, or one per
+    new token for the sequences in `batch.all_logits`."""
 
     name: str
     cache: KVCache

@@ -122,10 +122,12 @@ class GraphExecutor:
         self._check(batch)
         if batch.is_decode() and batch.num_seqs <= BATCH_BUCKETS[-1]:
             return self._decode_logits(batch)
-        logits = torch.empty((batch.num_seqs, self.cfg.vocab_size), dtype=torch.float32, device=self.device)
-        offsets = [0]
-        for n in batch.query_lens:
+        counts = batch.logit_counts()
+        logits = torch.empty((sum(counts), self.cfg.vocab_size), dtype=torch.float32, device=self.device)
+        offsets, out_rows = [0], [0]  # where each sequence's tokens start in the batch, its rows in `logits`
+        for n, c in zip(batch.query_lens, counts, strict=True):
             offsets.append(offsets[-1] + n)
+            out_rows.append(out_rows[-1] + c)
         done = [0] * batch.num_seqs
         while True:
             # One pass: the next chunk of each unfinished sequence, up to the token budget.
@@ -137,18 +139,32 @@ class GraphExecutor:
                     budget -= take
             if not chunks:
                 return logits
-            finished = [j for j, (i, first, take) in enumerate(chunks) if first + take == batch.query_lens[i]]
-            rows = self._prefill_pass(batch, offsets, chunks, finished)
-            for j, row in zip(finished, rows, strict=True):
-                logits[chunks[j][0]] = row
+            rows, dest = self._wanted_rows(batch, chunks, out_rows)
+            logits[dest] = self._prefill_pass(batch, offsets, chunks, rows)
             for i, _, take in chunks:
                 done[i] += take
 
+    @staticmethod
+    def _wanted_rows(
+        batch: StepBatch, chunks: list[tuple[int, int, int]], out_rows: list[int]
+    ) -> tuple[list[int], list[int]]:
+        """The tokens of a pass whose logits `forward` returns (indices into the pass: every token of a
+        sequence in batch.all_logits, else the last of a sequence's last chunk) and their rows in its output."""
+        rows, dest, pos = [], [], 0
+        for i, first, take in chunks:
+            if i in batch.all_logits:
+                rows += range(pos, pos + take)
+                dest += range(out_rows[i] + first, out_rows[i] + first + take)
+            elif first + take == batch.query_lens[i]:
+                rows.append(pos + take - 1)
+                dest.append(out_rows[i])
+            pos += take
+        return rows, dest
+
     def _prefill_pass(
-        self, batch: StepBatch, offsets: list[int], chunks: list[tuple[int, int, int]], finished: list[int]
+        self, batch: StepBatch, offsets: list[int], chunks: list[tuple[int, int, int]], rows: list[int]
     ) -> torch.Tensor:
-        """Run chunks (sequence, first new token, count); return fp32 logits of the last token of each
-        chunk listed in `finished`."""
+        """Run chunks (sequence, first new token, count); return fp32 logits of the pass's tokens `rows`."""
         token_ids, positions, seq_ids = [], [], []
         for j, (i, first, take) in enumerate(chunks):
             start = batch.starts[i] + first
@@ -170,9 +186,8 @@ class GraphExecutor:
 
         x, residual = self._layers(ints[0], ints[1], ints[2], plan, attend)
         self.cache.end_step(plan)
-        ends = torch.tensor(query_lens).cumsum(0) - 1
-        last = ends[finished].to(self.device)
-        return self._logits(x[last], residual[last]).float()
+        wanted = torch.tensor(rows, dtype=torch.long).to(self.device)
+        return self._logits(x[wanted], residual[wanted]).float()
 
     # ---- decode (CUDA graphs) ----------------------------------------------------------------------
 

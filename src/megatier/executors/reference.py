@@ -103,9 +103,16 @@ class ReferenceExecutor:
             x = x + linear(F.silu(gate) * up, layer.down_proj, layer.down_bias)
         store.end_step(plan)
 
-        last = torch.tensor(batch.query_lens, device=dev).cumsum(0) - 1
-        h = rms_norm(x[last], self.w.final_norm, cfg.rms_norm_eps)
+        h = rms_norm(x[self._logit_rows(batch)], self.w.final_norm, cfg.rms_norm_eps)
         return linear(h, self.w.lm_head, None).float()
+
+    def _logit_rows(self, batch: StepBatch) -> torch.Tensor:
+        """Indices of the new tokens whose logits `forward` returns (StepBatch.logit_counts)."""
+        rows, end = [], 0
+        for i, n in enumerate(batch.query_lens):
+            rows += range(end if i in batch.all_logits else end + n - 1, end + n)
+            end += n
+        return torch.tensor(rows, device=self.device)
 
     def _qkv(self, layer: LayerWeights, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         cfg = self.cfg
