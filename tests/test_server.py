@@ -216,7 +216,6 @@ ERROR_CASES = {
     "top_p above one": ("/v1/completions", {"prompt": "a", "top_p": 2}, 400, None, "top_p"),
     "max_tokens zero": ("/v1/completions", {"prompt": "a", "max_tokens": 0}, 400, None, "max_tokens"),
     "too many logprobs": ("/v1/completions", {"prompt": "a", "logprobs": 30}, 400, None, "logprobs"),
-    "echo": ("/v1/completions", {"prompt": "a", "echo": True}, 400, "echo", "not supported"),
     "empty prompt": ("/v1/completions", {"prompt": []}, 400, "prompt", "empty"),
     "token id outside the vocabulary": ("/v1/completions", {"prompt": [1, 100000]}, 400, "prompt", "vocabulary"),
     "prompt longer than max-model-len": ("/v1/completions", {"prompt": LONG_PROMPT}, 400, "prompt", "context length"),

@@ -27,6 +27,7 @@ from starlette.requests import HTTPConnection
 from megatier import __version__
 from megatier.errors import MegatierError
 from megatier.llm import LLM
+from megatier.sampling import SamplingParams
 from megatier.serve.async_engine import AsyncEngine, EngineFailure, Overloaded, RequestStream
 from megatier.serve.metrics import ServerMetrics
 from megatier.serve.protocol import (
@@ -109,12 +110,29 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     tokenizer = state.llm.tokenizer
     with bad_input("prompt"):
         prompts = body.prompt_ids(tokenizer)
+    with bad_input("echo"):
+        echo = body.echo_texts(prompts, tokenizer) if body.echo else None
     with bad_input(None):
-        params = body.sampling_params(state.llm.default_sampling_params(), body.max_tokens, body.logprobs)
+        max_tokens = 1 if body.prompt_only else body.max_tokens
+        params = body.sampling_params(
+            state.llm.default_sampling_params(), max_tokens, body.logprobs, body.engine_prompt_logprobs()
+        )
+    _check_params(state, params)
+    fmt = CompletionFormat(
+        state.model_name,
+        params.n,
+        params.logprobs,
+        tokenizer,
+        prompts,
+        body.include_usage,
+        body.continuous_usage,
+        echo=echo,
+        prompt_only=body.prompt_only,
+        prompt_top_n=body.prompt_logprobs,
+    )
     with bad_input("prompt"):
         stream = state.engine.submit(prompts, params)
-    fmt = CompletionFormat(state.model_name, params.n, params.logprobs, tokenizer, body.include_usage)
-    return await _respond(request, body.stream, stream, fmt, prompts)
+    return await _respond(request, body.stream, stream, fmt)
 
 
 @router.post("/v1/chat/completions")
@@ -129,33 +147,38 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     with bad_input(None):
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         params = body.sampling_params(state.llm.default_sampling_params(), max_tokens, top_n)
+    _check_params(state, params)
     with bad_input("messages"):
         stream = state.engine.submit([prompt], params)
-    fmt = ChatFormat(state.model_name, params.n, params.logprobs, tokenizer, body.include_usage)
-    return await _respond(request, body.stream, stream, fmt, [prompt])
+    fmt = ChatFormat(
+        state.model_name, params.n, params.logprobs, tokenizer, [prompt], body.include_usage, body.continuous_usage
+    )
+    return await _respond(request, body.stream, stream, fmt)
+
+
+def _check_params(state: ServerState, params: SamplingParams) -> None:
+    """What only the model can judge (logit_bias token ids), before the request is admitted."""
+    with bad_input("logit_bias"):
+        state.llm.engine.check_params(params)
 
 
 async def _respond(
-    request: Request,
-    streaming: bool,
-    stream: RequestStream,
-    fmt: CompletionFormat | ChatFormat,
-    prompts: list[list[int]],
+    request: Request, streaming: bool, stream: RequestStream, fmt: CompletionFormat | ChatFormat
 ) -> Response:
-    prompt_tokens = sum(len(p) for p in prompts)
+    prompt_tokens = sum(len(p) for p in fmt.prompts)
     if streaming:
         return EventStream(_events(stream, fmt, prompt_tokens), stream)
-    choices = await _collect(request, stream, fmt.n, len(prompts))
+    choices = await _collect(request, stream, fmt)
     return JSONResponse(fmt.response(choices, prompt_tokens))
 
 
-async def _collect(request: Request, stream: RequestStream, n: int, num_prompts: int) -> list[Choice]:
+async def _collect(request: Request, stream: RequestStream, fmt: CompletionFormat | ChatFormat) -> list[Choice]:
     """Gather every update of a non-streaming request; cancel it at once if the client goes away."""
     watcher = asyncio.create_task(_close_on_disconnect(request, stream))
     try:
-        choices = [Choice() for _ in range(num_prompts * n)]
+        choices = [Choice() for _ in range(len(fmt.prompts) * fmt.n)]
         async for prompt_index, update in stream:
-            choices[prompt_index * n + update.index].add(update)
+            choices[prompt_index * fmt.n + update.index].add(fmt.take(update))
         return choices
     except MegatierError as e:
         raise ApiError(400, str(e)) from None
@@ -178,7 +201,8 @@ async def _events(stream: RequestStream, fmt: CompletionFormat | ChatFormat, pro
         yield sse(chunk)
     completion_tokens = 0
     try:
-        async for prompt_index, update in stream:
+        async for prompt_index, raw in stream:
+            update = fmt.take(raw)
             completion_tokens += len(update.new_token_ids)
             chunk = fmt.chunk(prompt_index * fmt.n + update.index, update)
             if chunk is not None:
@@ -211,10 +235,8 @@ class EventStream(StreamingResponse):
 # -- models, tokens, probes --------------------------------------------------------------------------------
 
 
-@router.get("/v1/models")
-async def list_models(request: Request) -> dict[str, Any]:
-    state = _state(request)
-    model = {
+def _model_card(state: ServerState) -> dict[str, Any]:
+    return {
         "id": state.model_name,
         "object": "model",
         "created": state.started,
@@ -222,7 +244,18 @@ async def list_models(request: Request) -> dict[str, Any]:
         "root": str(state.llm.model_path),
         "max_model_len": state.llm.max_model_len,
     }
-    return {"object": "list", "data": [model]}
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> dict[str, Any]:
+    return {"object": "list", "data": [_model_card(_state(request))]}
+
+
+@router.get("/v1/models/{model_id:path}")
+async def retrieve_model(model_id: str, request: Request) -> dict[str, Any]:
+    state = _state(request)
+    state.check_model(model_id)
+    return _model_card(state)
 
 
 @router.post("/tokenize")

@@ -1,8 +1,10 @@
 """Request bodies of the OpenAI-compatible API, and their translation into token ids and SamplingParams.
 
 Fields follow the OpenAI API plus the extras that vLLM and SGLang accept and their benchmark tools send
-(top_k, min_p, ignore_eos, min_tokens, ...). Unknown fields are ignored, as the peers do. pydantic checks
-types; SamplingParams checks values, so each rule lives in one place.
+(top_k, min_p, ignore_eos, min_tokens, prompt_logprobs, ...). Unknown fields are ignored, as the peers do;
+known fields asking for what this server cannot do (tools, structured output, suffix, best_of) are
+refused with a 400 naming the field rather than silently ignored. pydantic checks types; SamplingParams
+checks values, so each rule lives in one place.
 """
 
 from __future__ import annotations
@@ -10,7 +12,15 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidatorFunctionWrapHandler, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from megatier.errors import MegatierError
@@ -19,7 +29,25 @@ from megatier.tokenizer import Message, Tokenizer
 
 
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    include_usage: bool = False  # a last chunk with the request's usage
+    continuous_usage_stats: bool = False  # vLLM's: every chunk carries its choice's usage so far
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+
+    @field_validator("type")
+    @classmethod
+    def _text_only(cls, kind: str) -> str:
+        if kind != "text":
+            raise _unsupported(f"{kind!r} is not supported (no structured output on this server): use 'text'")
+        return kind
+
+
+def _unsupported(message: str) -> PydanticCustomError:
+    """A 400 whose message is `message` alone (a ValueError would get pydantic's "Value error, " prefix)."""
+    return PydanticCustomError("unsupported", message)
 
 
 class GenerationRequest(BaseModel):
@@ -41,6 +69,8 @@ class GenerationRequest(BaseModel):
     ignore_eos: bool = False
     min_tokens: int = 0
     skip_special_tokens: bool = True
+    logit_bias: dict[int, float] | None = None  # JSON keys are token id strings
+    response_format: ResponseFormat | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
 
@@ -48,7 +78,13 @@ class GenerationRequest(BaseModel):
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
-    def sampling_params(self, defaults: SamplingParams, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    @property
+    def continuous_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.continuous_usage_stats
+
+    def sampling_params(
+        self, defaults: SamplingParams, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None
+    ) -> SamplingParams:
         """The request's settings over `defaults` (the model's generation_config.json); raises MegatierError
         for values out of range."""
         given = {
@@ -68,18 +104,23 @@ class GenerationRequest(BaseModel):
             "include_stop_str_in_output": self.include_stop_str_in_output,
             "ignore_eos": self.ignore_eos,
             "logprobs": logprobs,
+            "prompt_logprobs": prompt_logprobs,
             "skip_special_tokens": self.skip_special_tokens,
+            "logit_bias": self.logit_bias,
         }
-        keep_none = {"max_tokens", "seed", "logprobs"}  # None is a meaningful value for these
+        keep_none = {"max_tokens", "seed", "logprobs", "prompt_logprobs"}  # None is a meaningful value for these
         return dataclasses.replace(defaults, **{k: v for k, v in given.items() if v is not None or k in keep_none})
 
 
 class CompletionRequest(GenerationRequest):
     # One prompt or a batch of them, each as text or as token ids.
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = 16
+    max_tokens: int | None = 16  # 0 with echo: only score the prompt (lm-eval's loglikelihood requests)
     logprobs: int | None = None
-    echo: bool = False
+    echo: bool = False  # the prompt's text (and, with logprobs, its tokens' logprobs) before each choice's
+    prompt_logprobs: int | None = None  # vLLM's: each choice gets "prompt_logprobs", top-N per prompt token
+    suffix: str | None = None
+    best_of: int | None = None
 
     @field_validator("prompt", mode="wrap")
     @classmethod
@@ -92,18 +133,46 @@ class CompletionRequest(GenerationRequest):
                 "prompt_type", "expected a string, a list of strings, a list of token ids or a list of token id lists"
             ) from None
 
-    @field_validator("echo")
+    @field_validator("suffix")
     @classmethod
-    def _no_echo(cls, echo: bool) -> bool:
-        if echo:
-            raise ValueError("echo=true is not supported")
-        return echo
+    def _no_suffix(cls, suffix: str | None) -> str | None:
+        if suffix:
+            raise _unsupported("is not supported (no insertion on this server)")
+        return suffix
+
+    @field_validator("best_of")
+    @classmethod
+    def _no_best_of(cls, best_of: int | None) -> int | None:
+        if best_of not in (None, 1):
+            raise _unsupported("only best_of=1 is supported: use n for several choices")
+        return best_of
+
+    @property
+    def prompt_only(self) -> bool:
+        """echo with max_tokens=0: the engine generates one token (it needs the prompt's last logits for
+        nothing else), and the response drops it."""
+        return self.echo and self.max_tokens == 0
+
+    def engine_prompt_logprobs(self) -> int | None:
+        """SamplingParams.prompt_logprobs: enough alternatives for both the echoed logprobs and vLLM's field."""
+        wanted = [n for n in (self.prompt_logprobs, self.logprobs if self.echo else None) if n is not None]
+        return max(wanted) if wanted else None
 
     def prompt_ids(self, tokenizer: Tokenizer | None) -> list[list[int]]:
         prompts = [self.prompt] if isinstance(self.prompt, str) or _is_ids(self.prompt) else self.prompt
         if not prompts:
             raise MegatierError("the prompt is empty")
         return [encode(p, tokenizer) if isinstance(p, str) else list(p) for p in prompts]
+
+    def echo_texts(self, prompts: list[list[int]], tokenizer: Tokenizer | None) -> list[str]:
+        """Each prompt's text as echo returns it: as sent, or decoded from its token ids."""
+        sent = [self.prompt] if isinstance(self.prompt, str) or _is_ids(self.prompt) else self.prompt
+        if tokenizer is None:  # only token id prompts get this far without one
+            raise MegatierError("echo=true needs the model's tokenizer to return the prompt's text")
+        return [
+            p if isinstance(p, str) else tokenizer.decode(ids, self.skip_special_tokens)
+            for p, ids in zip(sent, prompts, strict=True)
+        ]
 
 
 class ContentPart(BaseModel):
@@ -125,6 +194,27 @@ class ChatCompletionRequest(GenerationRequest):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
+    functions: list[dict[str, Any]] | None = None
+
+    @field_validator("tool_choice", "function_call")
+    @classmethod
+    def _no_forced_calls(cls, choice: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
+        if choice not in (None, "none", "auto"):
+            raise _unsupported("tool calling is not supported by this server: send 'none' or leave it out")
+        return choice
+
+    @field_validator("tools", "functions")
+    @classmethod
+    def _no_tools(cls, tools: list[dict[str, Any]] | None, info: ValidationInfo) -> list[dict[str, Any]] | None:
+        choice_field = "tool_choice" if info.field_name == "tools" else "function_call"
+        if tools and info.data.get(choice_field) != "none":
+            raise _unsupported(
+                f"tool calling is not supported by this server: send no {info.field_name}, or {choice_field}='none'"
+            )
+        return tools
 
     def num_logprobs(self) -> int | None:
         """SamplingParams.logprobs: how many alternatives per token, None for no logprobs at all."""
