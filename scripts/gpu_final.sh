@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU-machine validation run behind the README's tables, in two parts (one device call each):
 #   bash scripts/gpu_final.sh tests   every GPU test: kernels, graph, fused GEMV, megakernel, backends
+#                                     (tests-shared / tests-solo: either half, one device call each)
 #   bash scripts/gpu_final.sh bench   bench latency (megakernel, graph, HF static cache, PyTorch CUDA graph,
 #                                     copy bandwidth; 1K/4K/16K contexts; batch 2/4/8), bench throughput
 #                                     (batch 1..256 at 1K context, PNG), Llama-3.1-8B batch 1
@@ -29,15 +30,15 @@ stage() {  # stage SECONDS LOGNAME COMMAND...: time-boxed, so one failure leaves
   echo "== exit ${PIPESTATUS[0]}" | tee -a "$OUT/$log"
 }
 case "${1:-}" in
-  tests)
+  tests | tests-shared | tests-solo)
     # Every test file with GPU tests, each test listed by name with its outcome (-v -rA). The megakernel
     # takes every SM (a cooperative launch), so the files that launch it run alone.
-    header gpu_tests.log tests
+    header gpu_tests.log "$1"
     pytest=("$PY" -m pytest -v -rA -p no:cacheprovider --timeout 120 --timeout-method thread)
     solo=(tests/test_megakernel_gpu.py tests/test_backends.py)
     shared=$(grep -l "mark.gpu" tests/test_*.py | grep -v -e megakernel_gpu -e backends)
-    stage 300 gpu_tests.log "${pytest[@]}" -n 4 tests/test_kernels.py $shared
-    stage 280 gpu_tests.log "${pytest[@]}" "${solo[@]}"
+    [ "$1" = tests-solo ] || stage 300 gpu_tests.log "${pytest[@]}" -n 4 tests/test_kernels.py $shared
+    [ "$1" = tests-shared ] || stage 280 gpu_tests.log "${pytest[@]}" "${solo[@]}"
     ;;
   bench | latency)
     header gpu_bench.log "$1"
