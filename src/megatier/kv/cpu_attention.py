@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from megatier.cache import cache_root
 from megatier.errors import MegatierError
 
 log = logging.getLogger(__name__)
@@ -74,14 +75,6 @@ class AttendJob(ctypes.Structure):
     ]
 
 
-def _cache_dir() -> Path:
-    """$MEGATIER_CACHE_DIR, else $XDG_CACHE_HOME/megatier, else ~/.cache/megatier (as gguf_import)."""
-    root = os.environ.get("MEGATIER_CACHE_DIR")
-    if not root:
-        root = str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "megatier")
-    return Path(root).expanduser() / "cpu_attention"
-
-
 def load_library() -> ctypes.CDLL | None:
     """The compiled C kernel, built on first use; None (with a logged reason) if it cannot be built."""
     global _lib, _lib_error
@@ -95,7 +88,7 @@ def load_library() -> ctypes.CDLL | None:
             return None
         source = SOURCE.read_bytes()
         key = hashlib.sha256(source + " ".join([compiler, *FLAGS]).encode() + os.uname().machine.encode())
-        path = _cache_dir() / f"cpu_attention-{key.hexdigest()[:16]}.so"
+        path = cache_root() / "cpu_attention" / f"cpu_attention-{key.hexdigest()[:16]}.so"
         if not path.is_file():
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".{os.getpid()}.tmp")

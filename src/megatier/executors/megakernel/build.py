@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+from megatier.cache import cache_root
 from megatier.config import ModelConfig
 from megatier.errors import MegatierError
 from megatier.executors.megakernel.isa import TILE, WORDS, Counters, c_defines
@@ -197,10 +198,6 @@ def source(kc: KernelConfig) -> str:
     return defines + '#include "megakernel.cu"\n'
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("MEGATIER_CACHE", Path.home() / ".cache" / "megatier")) / "cubin"
-
-
 def compile_cubin(kc: KernelConfig, log: io.StringIO | None = None) -> bytes:
     """The cubin for `kc`, from the disk cache or freshly compiled (then `log` receives ptxas -v)."""
     from cuda.core import Program, ProgramOptions
@@ -212,7 +209,7 @@ def compile_cubin(kc: KernelConfig, log: io.StringIO | None = None) -> bytes:
     key = hashlib.sha256()
     for part in (src, repr(sorted(options.items())), ARCH, _nvrtc_version(), *(f.read_text() for f in files)):
         key.update(part.encode())
-    path = cache_dir() / f"megakernel-{key.hexdigest()[:32]}.cubin"
+    path = cache_root() / "cubin" / f"megakernel-{key.hexdigest()[:32]}.cubin"
     if path.is_file():
         return path.read_bytes()
     program = Program(src, code_type="c++", options=ProgramOptions(include_path=includes, **options))
