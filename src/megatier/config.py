@@ -88,12 +88,6 @@ class ModelConfig:
         """Bytes of K and V for one token over all layers."""
         return 2 * self.num_layers * self.kv_size * torch.finfo(dtype).bits // 8
 
-    def num_params(self) -> int:
-        h, i = self.hidden_size, self.intermediate_size
-        per_layer = h * (self.q_size + 2 * self.kv_size) + self.q_size * h + 3 * h * i + 2 * h
-        head = 0 if self.tie_word_embeddings else self.vocab_size * h
-        return self.vocab_size * h + self.num_layers * per_layer + h + head
-
 
 def _get(d: dict[str, Any], key: str, source: str, kind: type = int) -> Any:
     if key not in d or d[key] is None:

@@ -171,10 +171,6 @@ class Engine:
     def num_running(self) -> int:
         return len(self.scheduler.running)
 
-    @property
-    def num_waiting(self) -> int:
-        return len(self.scheduler.waiting)
-
     # -- one step -----------------------------------------------------------------------------------------
 
     def step(self) -> list[SequenceUpdate]:

@@ -114,10 +114,9 @@ class PageAllocator:
 
 @dataclass
 class PageTable:
-    """The pages of one sequence, in order; `num_tokens` of them hold written KV."""
+    """The pages of one sequence, in order (the sequence's num_computed says how many tokens hold KV)."""
 
     pages: list[int] = field(default_factory=list)
-    num_tokens: int = 0
 
     def pages_needed(self, total_tokens: int, page_size: int) -> int:
         return max(0, -(-total_tokens // page_size) - len(self.pages))
