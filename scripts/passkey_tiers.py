@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> dict:
                 kv_hbm=hbm,
                 kv_dram=gib + 0.01,
                 kv_mode="sparse",
-                kv_sparse_budget=args.budget,
+                kv_sparse_budget=args.kv_sparse_budget,
             ),
         }
         for name, llm in engines.items():
@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> dict:
         summary["locality"] = summary_locality
     return {
         "model": "SmolLM2-135M-Instruct (embedded GGUF, Q4_1)",
-        "budget": args.budget,
+        "budget": args.kv_sparse_budget,
         "summary": summary,
         "cases": results,
         "torch_threads": torch.get_num_threads(),
@@ -107,7 +107,7 @@ def locality(args: argparse.Namespace, kv_token: int) -> dict:
         kv_hbm=max(gib / 8, 24 * page_gib),
         kv_dram=gib + 0.01,
         kv_mode="sparse",
-        kv_sparse_budget=args.budget,
+        kv_sparse_budget=args.kv_sparse_budget,
     )
     prompt = make_prompt(llm, context, 0.5, 12345)
     engine, stats = llm.engine, llm.engine.executor.cache.stats
@@ -135,7 +135,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--contexts", type=int, nargs="+", default=[2048, 4096])
     p.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
-    p.add_argument("--budget", type=float, default=0.125)
+    p.add_argument("--kv-sparse-budget", type=float, default=0.125)
     p.add_argument("--locality-tokens", type=int, default=0, help="also measure the hit rate over this many tokens")
     p.add_argument("--json")
     args = p.parse_args()

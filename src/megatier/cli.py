@@ -254,7 +254,9 @@ def add_bench_tiers_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=16, help="sequences decoded together (default 16)")
     p.add_argument("--context", type=int, nargs="+", default=[32768], help="context length(s) to measure")
     p.add_argument("--hbm-fraction", type=float, nargs="+", default=[0.125], help="HBM budget / total KV")
-    p.add_argument("--budget", type=float, default=0.125, help="sparse token budget (fraction of the context)")
+    p.add_argument(
+        "--kv-sparse-budget", type=float, default=0.125, help="sparse: fraction of the context read per step"
+    )
     p.add_argument("--methods", nargs="+", default=None, help="subset of the methods (default: all)")
     p.add_argument("--steps", type=int, default=8, help="timed decode steps per repeat (default 8)")
     p.add_argument("--repeats", type=int, default=3, help="repeats of --steps; the median step is reported")

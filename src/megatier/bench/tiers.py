@@ -179,7 +179,7 @@ def drift(store, work: Workload, tables: list[list[int]]) -> None:
 def run_method(cfg, weights, pools: TieredPools | None, method: str, args, context: int) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     n = math.ceil(context / PAGE_SIZE)
-    work = Workload(args.batch, n, cfg.num_layers, args.budget, args.seed)
+    work = Workload(args.batch, n, cfg.num_layers, args.kv_sparse_budget, args.seed)
     spec = METHODS[method]
     if spec is None:
         extra = args.steps * args.repeats + 64
@@ -188,7 +188,7 @@ def run_method(cfg, weights, pools: TieredPools | None, method: str, args, conte
     else:
         store = TieredKV(
             cfg, page_size=PAGE_SIZE, dtype=torch.bfloat16, device=device, hbm_bytes=0, pools=pools,
-            sparse_budget=args.budget, sink_pages=SINK_PAGES, recent_tokens=RECENT_TOKENS, **spec,
+            sparse_budget=args.kv_sparse_budget, sink_pages=SINK_PAGES, recent_tokens=RECENT_TOKENS, **spec,
         )  # fmt: skip
     ex = GraphExecutor(cfg, weights, cache=store)
     tables = fill(store, work, args.batch, context, args.seed)
@@ -269,12 +269,12 @@ def run_method(cfg, weights, pools: TieredPools | None, method: str, args, conte
 def check_exactness(cfg, weights, device) -> dict:
     """Logits of every lossless tiered method against all-HBM on the same KV and tokens, one decode step
     (sparse with a budget of the whole context is lossless too)."""
-    args = argparse.Namespace(batch=4, budget=1.0, seed=1, steps=1, repeats=1, warmup=0, drift_every=10**9)
+    args = argparse.Namespace(batch=4, kv_sparse_budget=1.0, seed=1, steps=1, repeats=1, warmup=0, drift_every=10**9)
     context = 1024
     logits = {}
     for name, spec in [("gpu-only", None), ("megatier-dense", dict(mode="dense", pcie_share=0.25))]:
         pools = None if spec is None else make_pools(cfg, device, args.batch, context, 0.25, 8)
-        work = Workload(args.batch, math.ceil(context / PAGE_SIZE), cfg.num_layers, args.budget, args.seed)
+        work = Workload(args.batch, math.ceil(context / PAGE_SIZE), cfg.num_layers, args.kv_sparse_budget, args.seed)
         if spec is None:
             store = KVCache.allocate(cfg, args.batch * (context // PAGE_SIZE + 2), PAGE_SIZE, torch.bfloat16, device)
         else:
@@ -335,7 +335,7 @@ def run_tiers(args: argparse.Namespace) -> dict:
         "batch": args.batch,
         "contexts": args.context,
         "hbm_fractions": args.hbm_fraction,
-        "sparse_budget": args.budget,
+        "kv_sparse_budget": args.kv_sparse_budget,
         "page_size": PAGE_SIZE,
         "hot_key_scale": HOT_SCALE,
         "drift_every": args.drift_every,

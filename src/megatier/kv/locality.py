@@ -84,7 +84,7 @@ def select_pages(
     return cols, torch.arange(k_max, device=cols.device)[None, :] < budget[:, None]
 
 
-def sparse_budget_pages(num_pages: np.ndarray, fraction: float, forced: np.ndarray) -> np.ndarray:
+def sparse_budget_pages(num_pages: np.ndarray, fraction: float, forced: np.ndarray | int) -> np.ndarray:
     """Pages read per sequence: `fraction` of its pages, at least its forced pages, at most all."""
     want = np.ceil(num_pages * fraction).astype(np.int64)
     return np.minimum(num_pages, np.maximum(want, forced))

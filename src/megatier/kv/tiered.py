@@ -40,6 +40,7 @@ from megatier.kv.locality import (
     plan_migrations,
     recent_pages_for,
     select_pages,
+    sparse_budget_pages,
 )
 from megatier.kv.pages import slot_mapping
 from megatier.kv.store import HbmAttention, LayerKV
@@ -226,7 +227,7 @@ class TieredKV:
         elif self.mode == "dense":
             self._plan_dense(plan, logical, ctx, num_pages)
         else:
-            self._plan_sparse(plan, ctx, num_pages)
+            self._plan_sparse(plan, num_pages)
         return plan
 
     def layer_kv(self, plan: TierPlan, layer: int) -> LayerKV:
@@ -462,11 +463,9 @@ class TieredKV:
 
     # -- sparse ------------------------------------------------------------------------------------------
 
-    def _plan_sparse(self, plan: TierPlan, ctx: np.ndarray, num_pages: np.ndarray) -> None:
+    def _plan_sparse(self, plan: TierPlan, num_pages: np.ndarray) -> None:
         """Selection runs on the device, per layer; the host only fixes the capture's top-k width."""
-        budget = np.minimum(
-            num_pages, np.maximum(np.ceil(num_pages * self.sparse_budget), self.sink_pages + self.recent_pages)
-        )
+        budget = sparse_budget_pages(num_pages, self.sparse_budget, self.sink_pages + self.recent_pages)
         self._k_max = 1 << int(max(1, budget.max()) - 1).bit_length()
         self._k_max = min(self._k_max, plan.tables.shape[1])
         if self.sparse_misses == "fetch":  # allocated now, so the graph key below names them
