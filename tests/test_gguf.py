@@ -24,9 +24,12 @@ from megatier.gguf_import import cached_gguf_dir, convert_gguf, default_gguf_pat
 from megatier.gguf_tokenizer import build_tokenizer
 from megatier.kv.pages import KVCache
 from megatier.loader import load_safetensors_weights
+from megatier.quant.blocks import QuantWeight
 from megatier.tokenizer import Tokenizer
 
-Q8_0, F16, BF16, Q8_1 = (GGMLQuantizationType[k] for k in ("Q8_0", "F16", "BF16", "Q8_1"))
+Q8_0, Q4_0, Q4_1, Q5_0, F16, BF16, Q8_1 = (
+    GGMLQuantizationType[k] for k in ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "F16", "BF16", "Q8_1")
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -38,10 +41,13 @@ def cache_dir(tmp_path_factory):
         yield path
 
 
-def run_reference(model_dir: Path, prompt: list[int], decode_steps: int) -> tuple[list[torch.Tensor], list[int]]:
+def run_reference(
+    model_dir: Path, prompt: list[int], decode_steps: int, quantization: str = "auto"
+) -> tuple[list[torch.Tensor], list[int]]:
     """Greedy run of the reference executor in fp32: logits after the prompt and after each decoded token."""
     cfg = load_config(model_dir)
-    weights = load_safetensors_weights(model_dir, cfg)
+    weights = load_safetensors_weights(model_dir, cfg, quantization)
+    assert weights.is_quantized() != (quantization == "none")
     num_pages = -(-(len(prompt) + decode_steps) // 16)
     cache = KVCache.allocate(cfg, num_pages, page_size=16, dtype=torch.float32, device=torch.device("cpu"))
     executor = ReferenceExecutor(cfg, weights, cache=cache)
@@ -68,16 +74,24 @@ def relative_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
 # --- tiny synthetic GGUFs -------------------------------------------------------------------------
 
 TINY_CASES = {
-    # untied head stored as F16, embedding as Q8_0, F16, BF16 and Q8_0 projections
+    # untied head stored as F16, embedding as Q8_0, F16, BF16, Q8_0, Q4_1 (K, its rows reordered) and Q5_0
+    # (dequantized to fp32: no kept-quantized form) projections
     "llama-mqa-untied": {
         "token_embd.weight": Q8_0,
         "output.weight": F16,
         "blk.0.ffn_down.weight": F16,
+        "blk.0.attn_k.weight": Q4_1,
         "blk.1.attn_q.weight": Q8_0,
         "blk.1.ffn_gate.weight": BF16,
+        "blk.1.ffn_up.weight": Q5_0,
     },
-    # tied Q8_0 embedding, biases everywhere, Llama 3 RoPE scaling stored as rope_freqs.weight
-    "llama-llama3rope-tied-bias": {"token_embd.weight": Q8_0, "blk.0.attn_k.weight": F16},
+    # tied Q8_0 embedding, Q4_0 Q, Q4_1 down, biases everywhere, Llama 3 RoPE scaling as rope_freqs.weight
+    "llama-llama3rope-tied-bias": {
+        "token_embd.weight": Q8_0,
+        "blk.0.attn_k.weight": F16,
+        "blk.0.attn_q.weight": Q4_0,
+        "blk.1.ffn_down.weight": Q4_1,
+    },
 }
 
 
@@ -99,17 +113,55 @@ def test_tiny_gguf_matches_transformers(tmp_path, case):
         )
         assert cfg.rope.original_max_position == rope["original_max_position_embeddings"]
     weights = load_safetensors_weights(out, cfg)
-    assert weights.embed.dtype == torch.float32  # dequantized
+    assert isinstance(weights.embed, QuantWeight) and weights.embed.kind == "Q8_0"  # kept quantized
     stored_f16 = weights.lm_head if case == "llama-mqa-untied" else weights.layers[0].k_proj
     assert stored_f16.dtype == torch.float16  # F16 and BF16 keep their dtype
     if case == "llama-mqa-untied":
         assert weights.layers[1].gate_proj.dtype == torch.bfloat16
+        assert weights.layers[1].up_proj.dtype == torch.float32  # Q5_0: dequantized in the cache
+        assert weights.layers[0].k_proj.kind == "Q4_1"
+    else:
+        assert (weights.layers[0].q_proj.kind, weights.layers[1].down_proj.kind) == ("Q4_0", "Q4_1")
 
     prompt = torch.randint(0, cfg.vocab_size, (9,), generator=torch.Generator().manual_seed(1)).tolist()
     ours, tokens = run_reference(out, prompt, decode_steps=4)
     theirs = transformers_logits(model, tokens, len(prompt))
     for a, b in zip(ours, theirs, strict=True):
         assert relative_error(a, b) < 1e-4
+
+
+@pytest.mark.parametrize("case", sorted(TINY_CASES))
+def test_tiny_gguf_kept_quantized_equals_dequantized_fp32(tmp_path, case):
+    """Same math, fewer bytes: the block matmuls give the dequantized fp32 model's logits up to rounding."""
+    _, model = make_hf_model(tmp_path / "hf", case)
+    out = tmp_path / "converted"
+    convert_gguf(write_llama_gguf(tmp_path / "tiny.gguf", model, kinds=TINY_CASES[case]), out)
+    prompt = torch.randint(0, model.config.vocab_size, (9,), generator=torch.Generator().manual_seed(2)).tolist()
+    kept, tokens = run_reference(out, prompt, decode_steps=4)
+    fp32, fp32_tokens = run_reference(out, prompt, decode_steps=4, quantization="none")
+    assert tokens == fp32_tokens
+    for a, b in zip(kept, fp32, strict=True):
+        assert relative_error(a, b) < 1e-5
+
+
+def test_types_without_a_kept_form_are_dequantized_and_named_once(tmp_path, caplog):
+    _, model = make_hf_model(tmp_path / "hf", "llama-mqa-untied")
+    kinds = {"blk.0.ffn_up.weight": Q5_0, "blk.1.ffn_up.weight": Q5_0, "blk.0.ffn_gate.weight": Q4_1}
+    with caplog.at_level("WARNING", logger="megatier.gguf_import"):
+        convert_gguf(write_llama_gguf(tmp_path / "q5.gguf", model, kinds=kinds), tmp_path / "out")
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        "q5.gguf: 2 tensors of Q5_0 not kept quantized (supported: Q8_0, Q4_0, Q4_1, Q4_K); dequantized to float32 "
+        "in the conversion cache"
+    ]
+
+
+def test_gguf_changed_after_conversion_is_refused(tmp_path, tiny_gguf):
+    out = tmp_path / "out"
+    convert_gguf(tiny_gguf, out)
+    os.utime(tiny_gguf, ns=(time.time_ns(), time.time_ns() + 10**9))
+    with pytest.raises(MegatierError, match=r"changed since it was converted into .*; load the .gguf file again"):
+        load_safetensors_weights(out, load_config(out))
 
 
 def test_llama3_rope_recovered_from_llama32_divisors():
@@ -312,6 +364,17 @@ def test_default_model_logits_match_transformers_gguf_load(smol_dir, smol_transf
     for a, b in zip(ours, theirs, strict=True):
         assert relative_error(a, b) < 1e-4
     assert [int(t.argmax()) for t in theirs[:-1]] == tokens[len(prompt) :]  # greedy tokens identical
+
+
+@pytest.mark.slow
+def test_default_model_kept_quantized_equals_dequantized_fp32(smol_dir):
+    """Q4_1 / Q8_0 blocks multiplied in place give the logits of the fp32 model they dequantize to."""
+    prompt = Tokenizer(smol_dir).encode_chat([{"role": "user", "content": "What is the capital of France?"}])
+    kept, tokens = run_reference(smol_dir, prompt, decode_steps=8)
+    fp32, fp32_tokens = run_reference(smol_dir, prompt, decode_steps=8, quantization="none")
+    assert tokens == fp32_tokens
+    for a, b in zip(kept, fp32, strict=True):
+        assert relative_error(a, b) < 1e-5
 
 
 STRINGS = [

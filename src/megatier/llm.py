@@ -30,6 +30,7 @@ from megatier.loader import (
     load_safetensors_weights,
     resolve_model,
 )
+from megatier.quant.schemes import QUANTIZATIONS, apply_quantization
 from megatier.sampling import SamplingParams
 from megatier.tokenizer import Message, Tokenizer
 from megatier.weights import ModelWeights
@@ -136,6 +137,10 @@ class LLM:
         """Check the options; find the device, the model and its config, the dtype."""
         if args.load_format not in LOAD_FORMATS:
             raise MegatierError(f"unknown load_format {args.load_format!r}: expected one of {', '.join(LOAD_FORMATS)}")
+        if args.quantization not in QUANTIZATIONS:
+            raise MegatierError(
+                f"unknown quantization {args.quantization!r}: expected one of {', '.join(QUANTIZATIONS)}"
+            )
         if (
             min(args.page_size, args.max_num_seqs, args.max_num_batched_tokens or 1) < 1
             or args.max_num_batched_tokens == 0
@@ -151,11 +156,13 @@ class LLM:
     def _load(self, args: EngineArgs) -> ModelWeights:
         """Weights, tokenizer and generation defaults."""
         if args.load_format == "dummy":
-            weights = dummy_weights(self.config, args.seed, self.dtype, self.device)
+            weights = apply_quantization(
+                dummy_weights(self.config, args.seed, self.dtype, self.device), args.quantization
+            )
         elif self.model_path.suffix == ".json":
             raise MegatierError(f"{args.model!r} is a built-in shape without weights: use load_format='dummy'")
         else:
-            weights = load_safetensors_weights(self.model_path, self.config)
+            weights = load_safetensors_weights(self.model_path, self.config, args.quantization)
         has_tokenizer = self.model_path.is_dir() and (self.model_path / "tokenizer.json").is_file()
         self.tokenizer = Tokenizer(self.model_path) if has_tokenizer else None
         self.generation_defaults = load_generation_defaults(self.model_path, self.config)

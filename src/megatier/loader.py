@@ -1,7 +1,10 @@
 """Load a model: a Hugging Face directory (safetensors, memory-mapped), a GGUF file, or dummy weights.
 
 `resolve_model` turns what the user named (nothing, a directory, a .gguf file) into a Hugging Face
-directory; GGUF files, the embedded default model included, are converted once into the user cache.
+directory; GGUF files, the embedded default model included, are converted once into the user cache
+(their Q8_0/Q4 tensors stay in the GGUF and load as QuantWeight). FP8 checkpoints
+(quantization_config.quant_method "fp8", `weight` + `weight_scale` as vLLM reads them) load as FP8
+QuantWeights; `quantization` (quant/schemes.py) may then dequantize or requantize every matrix.
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ from safetensors import SafetensorError, safe_open
 
 from megatier.config import ModelConfig
 from megatier.errors import MegatierError
-from megatier.weights import ModelWeights, expected_shapes, weights_from_tensors
+from megatier.quant.blocks import QuantWeight, fp8_from_checkpoint
+from megatier.quant.schemes import apply_quantization
+from megatier.weights import Matrix, ModelWeights, expected_shapes, weights_from_tensors
 
 log = logging.getLogger(__name__)
 
@@ -122,23 +127,50 @@ def _open_tensors(files: list[Path]) -> dict[str, tuple[Path, torch.Tensor]]:
     return tensors
 
 
-def load_safetensors_weights(model_dir: Path, cfg: ModelConfig) -> ModelWeights:
-    """Check every tensor's name, shape and dtype against the config; return memory-mapped views."""
+def _checkpoint_quantization(model_dir: Path) -> str | None:
+    """config.json's quantization_config.quant_method: None or "fp8"; any other method is refused."""
+    config = json.loads((model_dir / "config.json").read_text())
+    method = (config.get("quantization_config") or {}).get("quant_method")
+    if method not in (None, "fp8"):
+        raise MegatierError(f"{model_dir}: quantization_config.quant_method {method!r} is not supported (only fp8)")
+    return method
+
+
+def load_safetensors_weights(model_dir: Path, cfg: ModelConfig, quantization: str = "auto") -> ModelWeights:
+    """Check every tensor's name, shape and dtype against the config; return memory-mapped views (a
+    converted GGUF's kept-quantized tensors read from the GGUF), then apply `quantization`."""
     tensors = _open_tensors(_safetensors_files(model_dir))
     shapes = expected_shapes(cfg)
     if cfg.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)  # some tied checkpoints store the copy anyway
-    checked: dict[str, torch.Tensor] = {}
+    quantized: dict[str, Matrix] = {}
+    if model_dir.is_dir() and (model_dir / "gguf_tensors.json").is_file():
+        from megatier.gguf_import import quantized_tensors
+
+        quantized = quantized_tensors(model_dir, cfg.num_heads, cfg.num_kv_heads)
+    fp8 = _checkpoint_quantization(model_dir) == "fp8"
+    checked: dict[str, Matrix] = {}
+    used: set[str] = set()
     for name, shape in shapes.items():
+        if name in quantized:
+            checked[name] = quantized[name]
+            if checked[name].shape != shape:
+                raise MegatierError(f"{model_dir}: tensor {name!r} has shape {checked[name].shape}, expected {shape}")
+            continue
         if name not in tensors:
             raise MegatierError(f"{model_dir}: tensor {name!r} missing from the safetensors files")
         path, t = tensors[name]
+        used.add(name)
         if tuple(t.shape) != shape:
             raise MegatierError(f"{path}: tensor {name!r} has shape {tuple(t.shape)}, config.json implies {shape}")
+        if fp8 and t.dtype == torch.float8_e4m3fn:
+            checked[name] = _fp8_weight(path, name, t, tensors)
+            used |= {f"{name}_scale", name.removesuffix("weight") + "input_scale"}
+            continue
         if not t.is_floating_point() or t.element_size() == 1:
             raise MegatierError(f"{path}: tensor {name!r} has unsupported dtype {t.dtype}")
         checked[name] = t
-    unused = sorted(n for n in tensors if n not in shapes and "rotary_emb" not in n)
+    unused = sorted(n for n in tensors if n not in used and "rotary_emb" not in n)
     if unused:
         log.warning(
             "%s: ignoring %d tensors the architecture does not use, e.g. %s",
@@ -146,7 +178,22 @@ def load_safetensors_weights(model_dir: Path, cfg: ModelConfig) -> ModelWeights:
             len(unused),
             unused[0],
         )
-    return weights_from_tensors(cfg, checked)
+    return apply_quantization(weights_from_tensors(cfg, checked), quantization)
+
+
+def _fp8_weight(
+    path: Path, name: str, weight: torch.Tensor, tensors: dict[str, tuple[Path, torch.Tensor]]
+) -> QuantWeight:
+    """An FP8 checkpoint's weight with its per-tensor or per-channel `weight_scale` (activations stay bf16/fp32:
+    a static `input_scale` is not used)."""
+    if f"{name}_scale_inv" in tensors:
+        raise MegatierError(f"{path}: tensor {name!r} has block-wise FP8 scales (weight_scale_inv): not supported")
+    if f"{name}_scale" not in tensors:
+        raise MegatierError(f"{path}: FP8 tensor {name!r} has no {name}_scale")
+    try:
+        return fp8_from_checkpoint(weight, tensors[f"{name}_scale"][1], name)
+    except MegatierError as e:
+        raise MegatierError(f"{path}: {e}") from None
 
 
 def dummy_weights(cfg: ModelConfig, seed: int, dtype: torch.dtype, device: torch.device) -> ModelWeights:

@@ -1,30 +1,39 @@
 """Model weights in the canonical Hugging Face layout ([out_features, in_features] matrices).
 
 Every loader (safetensors, GGUF, dummy) produces these containers and every executor reads them;
-fast executors derive their packed layouts from them.
+fast executors derive their packed layouts from them. A matrix is a plain tensor or a `QuantWeight`
+(quant/blocks.py), kept in its block format: the reference executor multiplies it block by block, the
+GPU executors' packing dequantizes it (they have no quantized GEMMs wired yet).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass, fields
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, fields, replace
 
 import torch
 
 from megatier.config import ModelConfig
+from megatier.quant.blocks import QuantWeight
+
+log = logging.getLogger(__name__)
+
+Matrix = torch.Tensor | QuantWeight
+MATRIX_FIELDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass
 class LayerWeights:
     input_norm: torch.Tensor  # [hidden]
-    q_proj: torch.Tensor  # [q_size, hidden]
-    k_proj: torch.Tensor  # [kv_size, hidden]
-    v_proj: torch.Tensor  # [kv_size, hidden]
-    o_proj: torch.Tensor  # [hidden, q_size]
+    q_proj: Matrix  # [q_size, hidden]
+    k_proj: Matrix  # [kv_size, hidden]
+    v_proj: Matrix  # [kv_size, hidden]
+    o_proj: Matrix  # [hidden, q_size]
     post_norm: torch.Tensor  # [hidden]
-    gate_proj: torch.Tensor  # [intermediate, hidden]
-    up_proj: torch.Tensor  # [intermediate, hidden]
-    down_proj: torch.Tensor  # [hidden, intermediate]
+    gate_proj: Matrix  # [intermediate, hidden]
+    up_proj: Matrix  # [intermediate, hidden]
+    down_proj: Matrix  # [hidden, intermediate]
     q_bias: torch.Tensor | None = None
     k_bias: torch.Tensor | None = None
     v_bias: torch.Tensor | None = None
@@ -38,12 +47,12 @@ class LayerWeights:
 
 @dataclass
 class ModelWeights:
-    embed: torch.Tensor  # [vocab, hidden]
+    embed: Matrix  # [vocab, hidden]
     layers: list[LayerWeights]
     final_norm: torch.Tensor  # [hidden]
-    lm_head: torch.Tensor  # [vocab, hidden]; the same tensor as `embed` when embeddings are tied
+    lm_head: Matrix  # [vocab, hidden]; the same object as `embed` when embeddings are tied
 
-    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+    def tensors(self) -> Iterator[tuple[str, Matrix]]:
         """(Hugging Face name, tensor) for every weight, the tied LM head once."""
         yield "model.embed_tokens.weight", self.embed
         for i, layer in enumerate(self.layers):
@@ -57,6 +66,17 @@ class ModelWeights:
 
     def numel(self) -> int:
         return sum(t.numel() for _, t in self.tensors())
+
+    def is_quantized(self) -> bool:
+        return any(isinstance(t, QuantWeight) for _, t in self.tensors())
+
+    def map_matrices(self, fn: Callable[[Matrix], Matrix]) -> ModelWeights:
+        """`fn` applied to every matrix (projections, embedding, LM head; the tie kept); norms and biases
+        stay as they are."""
+        embed = fn(self.embed)
+        layers = [replace(layer, **{f: fn(getattr(layer, f)) for f in MATRIX_FIELDS}) for layer in self.layers]
+        lm_head = embed if self.lm_head is self.embed else fn(self.lm_head)
+        return ModelWeights(embed=embed, layers=layers, final_norm=self.final_norm, lm_head=lm_head)
 
     def to(self, device: torch.device | str, dtype: torch.dtype) -> ModelWeights:
         """Cast floating weights to `dtype` on `device`, keeping the tie between embed and lm_head."""
@@ -167,7 +187,11 @@ class PackedWeights:
 
 
 def pack_weights(w: ModelWeights, device: torch.device | str, dtype: torch.dtype) -> PackedWeights:
-    """Stack and concatenate once, on `device`, in `dtype` (norm weights and biases too)."""
+    """Stack and concatenate once, on `device`, in `dtype` (norm weights and biases too). Quantized
+    matrices are dequantized here, one at a time on `device`: the packed layout is plain."""
+    if w.is_quantized():
+        log.info("packing weights: quantized matrices dequantized to %s (no quantized GEMMs wired here yet)", dtype)
+        w = w.map_matrices(lambda t: t.to(device).dequantize().to(dtype) if isinstance(t, QuantWeight) else t)
 
     def stack(get) -> torch.Tensor | None:
         parts = [get(layer) for layer in w.layers]

@@ -3,7 +3,8 @@
 This is the oracle every fast path is tested against, so it favours clarity over speed: one loop over
 layers, one loop over sequences for attention, softmax in fp32. In bf16 it rounds where Hugging Face
 transformers rounds (norm outputs, projections, residual), so a bf16 run errs as a plain bf16 PyTorch
-run does.
+run does. Quantized matrices (quant/) stay in their block formats: every matmul and the embedding go
+through quant/cpu.py, which dequantizes a cache-sized chunk at a time.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from megatier.config import ModelConfig, rope_inv_freq
 from megatier.executors.base import StepBatch
 from megatier.kv.pages import block_table_tensor
 from megatier.kv.store import KVStore, LayerKV
-from megatier.weights import LayerWeights, ModelWeights
+from megatier.quant import cpu as quant_cpu
+from megatier.weights import LayerWeights, Matrix, ModelWeights
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -38,8 +40,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos[:, None, :] + rotated * sin[:, None, :]
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    return F.linear(x, w, b)
+def linear(x: torch.Tensor, w: Matrix, b: torch.Tensor | None) -> torch.Tensor:
+    return quant_cpu.linear(x, w, b)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
@@ -83,7 +85,7 @@ class ReferenceExecutor:
         cos, sin = rope_cos_sin(self.inv_freq, positions, self.dtype)
         plan = store.begin_step(batch, tables, lens)
 
-        x = self.w.embed[tokens]
+        x = quant_cpu.embedding(tokens, self.w.embed, self.dtype)
         for layer_idx, layer in enumerate(self.w.layers):
             h = rms_norm(x, layer.input_norm, cfg.rms_norm_eps)
             q, k, v = self._qkv(layer, h, cos, sin)
