@@ -32,13 +32,11 @@ class ScriptExecutor:
         head_dim=8,
     )
 
-    def __init__(self, script: list[int], runner_up: int = 9, with_multi_step: bool = False, num_pages: int = 64):
+    def __init__(self, script: list[int], runner_up: int = 9, num_pages: int = 64):
         self.script, self.runner_up = script, runner_up
         self.num_pages = num_pages
         self.cache = KVCache.allocate(self.cfg, num_pages, self.page_size, torch.float32, self.device)
-        self.multi_step_calls = 0
-        if with_multi_step:
-            self.decode_greedy = self._decode_greedy
+        self.forward_calls = 0
 
     def _row(self, context_len: int) -> torch.Tensor:
         row = torch.zeros(self.cfg.vocab_size)
@@ -47,11 +45,8 @@ class ScriptExecutor:
         return row
 
     def forward(self, batch: StepBatch) -> torch.Tensor:
+        self.forward_calls += 1
         return torch.stack([self._row(c) for c in batch.context_lens])
-
-    def _decode_greedy(self, batch: StepBatch, num_steps: int) -> torch.Tensor:
-        self.multi_step_calls += 1
-        return torch.tensor([[int(self._row(c + k).argmax()) for c in batch.context_lens] for k in range(num_steps)])
 
 
 def run(engine: Engine, prompt: list[int], params: SamplingParams):
@@ -62,8 +57,9 @@ def run(engine: Engine, prompt: list[int], params: SamplingParams):
     return [t for u in updates for t in u.new_token_ids], updates[-1]
 
 
-def script_engine(script, max_model_len=64, **kw) -> Engine:
-    return Engine(ScriptExecutor(script, **kw), None, eos_token_ids=(EOS,), max_model_len=max_model_len)
+def script_engine(script, max_model_len=64, overlap=True, **kw) -> Engine:
+    executor = ScriptExecutor(script, **kw)
+    return Engine(executor, None, eos_token_ids=(EOS,), max_model_len=max_model_len, overlap=overlap)
 
 
 SCRIPT = [0, 0, 5, 6, 7, 8, EOS, 7, 8, 5, 6, 7, 8, 5, 6, 7]  # after a 2-token prompt: 5 6 7 8 EOS ...
@@ -100,21 +96,26 @@ def test_bad_prompts_are_rejected(prompt, message):
         script_engine(SCRIPT).add_request(prompt, SamplingParams())
 
 
-def test_multi_step_decode_gives_the_same_tokens_and_truncates_at_eos():
-    engine = script_engine(SCRIPT, with_multi_step=True)
-    engine.decode_steps_per_sync = 4
+@pytest.mark.parametrize("overlap", [False, True])
+def test_overlapped_steps_give_the_same_tokens_and_drop_the_one_past_eos(overlap):
+    """Overlapped, the step after the one that samples EOS is already queued when EOS is seen: it runs,
+    and its token is dropped. max_tokens is known ahead, so no step runs past it."""
+    engine = script_engine(SCRIPT, overlap=overlap)
     tokens, last = run(engine, [1, 2], SamplingParams(temperature=0, max_tokens=10))
     assert tokens == [5, 6, 7, 8, EOS] and last.finish_reason == "stop"
-    assert engine.executor.multi_step_calls >= 1
+    assert engine.executor.forward_calls == 5 + overlap
     assert engine.scheduler.num_pages_in_use == 0
+    engine = script_engine(SCRIPT, overlap=overlap)
+    tokens, last = run(engine, [1, 2], SamplingParams(temperature=0, max_tokens=3))
+    assert tokens == [5, 6, 7] and last.finish_reason == "length" and engine.executor.forward_calls == 3
 
 
-@pytest.mark.parametrize("with_multi_step", [False, True])
-def test_request_that_needs_exactly_every_free_page_finishes(with_multi_step):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_request_that_needs_exactly_every_free_page_finishes(overlap):
     """Prompt 2 + 15 outputs: KV for 16 tokens (the last output never enters the cache) = all 4 pages.
     A scheduler that refuses the last free page preempts the request forever instead."""
-    executor = ScriptExecutor(SCRIPT, with_multi_step=with_multi_step, num_pages=4)
-    engine = Engine(executor, None, eos_token_ids=(EOS,), max_model_len=64, decode_steps_per_sync=4)
+    executor = ScriptExecutor(SCRIPT, num_pages=4)
+    engine = Engine(executor, None, eos_token_ids=(EOS,), max_model_len=64, overlap=overlap)
     engine.add_request([1, 2], SamplingParams(temperature=0, max_tokens=15, ignore_eos=True))
     tokens = []
     for _ in range(100):

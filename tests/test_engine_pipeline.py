@@ -1,8 +1,10 @@
-"""The pipelined greedy engine (the next chunk queued before the host reads the current one) against the
-engine that samples one token per step: same tokens, texts, finish reasons, streams and freed pages.
+"""The overlapped engine (step N + 1 scheduled and queued before the host takes step N's tokens, which it
+feeds from the device) against the engine that takes each step's tokens before it schedules the next:
+same tokens, texts, finish reasons, logprobs, streams and freed pages, greedy and sampled.
 
-The reference executor has no device-side greedy loop, so LoopGreedy adds one that loops forward() on
-the CPU and keeps the state a resumed chunk continues from."""
+Checked wraps the reference executor: it records every forward pass and checks each one's KV writes
+against the scheduler's page ownership when it is queued (on a GPU they land later, but before
+anything queued after them)."""
 
 from __future__ import annotations
 
@@ -14,10 +16,10 @@ import pytest
 import torch
 
 from conftest import make_hf_model, write_byte_tokenizer
-from megatier import LLM, MegatierError, SamplingParams
+from megatier import LLM, SamplingParams
 from megatier.config import load_config
 from megatier.engine import Engine, SequenceUpdate
-from megatier.executors.base import GreedyChunk, StepBatch
+from megatier.executors.base import StepBatch
 from megatier.executors.reference import ReferenceExecutor
 from megatier.kv.pages import KVCache
 from megatier.loader import load_safetensors_weights
@@ -27,71 +29,33 @@ from megatier.serve.metrics import ServerMetrics
 from megatier.tokenizer import Tokenizer
 
 PAGE = 4
-STEPS = 4  # decode_steps_per_sync of the multi-step engines
 
 
-class LoopGreedy:
-    """ReferenceExecutor plus decode_greedy (and, `with_async`, decode_greedy_async with resume) run
-    step by step on the CPU. Each chunk's KV writes are checked against the scheduler's page ownership
-    when it is queued: on a GPU they land later, but before anything queued after them."""
+class Checked:
+    """ReferenceExecutor that records (sequences, longest query, fed tokens) per forward pass and checks
+    that every row writes only pages of one running sequence, no two rows the same sequence's."""
 
-    name = "loop-greedy"
+    name = "checked"
 
-    def __init__(self, inner: ReferenceExecutor, with_async: bool):
+    def __init__(self, inner: ReferenceExecutor):
         self.inner = inner
         self.cfg, self.cache, self.device = inner.cfg, inner.cache, inner.device
         self.page_size, self.num_pages = inner.page_size, inner.num_pages
         self.scheduler: Scheduler | None = None
         self.max_context = 0  # the engine's max_model_len
-        self.resume_state: tuple[list[int], list[int]] | None = None  # each row's next token and start
-        self.calls: list[tuple[str, int, int]] = []  # (kind, sequences, tokens per sequence or steps)
-        if with_async:
-            self.decode_greedy_async = self._decode_greedy_async
+        self.calls: list[tuple[int, int, int]] = []  # (sequences, new tokens, tokens fed from the device)
 
     def forward(self, batch: StepBatch) -> torch.Tensor:
-        self.resume_state = None
-        self.calls.append(("forward", batch.num_seqs, max(batch.query_lens)))
-        return self.inner.forward(batch)
-
-    def decode_greedy(self, batch: StepBatch, num_steps: int) -> torch.Tensor:
-        self.calls.append(("sync", batch.num_seqs, num_steps))
-        return torch.tensor(self._loop(batch, num_steps, resume=False))
-
-    def _decode_greedy_async(
-        self, batch: StepBatch, num_steps: int, *, resume: bool = False, first_tokens: torch.Tensor | None = None
-    ) -> GreedyChunk:
-        kind = "resume" if resume else "handoff" if first_tokens is not None else "async"
-        self.calls.append((kind, batch.num_seqs, num_steps))
-        return GreedyChunk(torch.tensor(self._loop(batch, num_steps, resume, first_tokens)))
-
-    def _loop(
-        self, batch: StepBatch, num_steps: int, resume: bool, first_tokens: torch.Tensor | None = None
-    ) -> list[list[int]]:
-        if resume:
-            if self.resume_state is None or self.resume_state[1] != batch.starts:
-                raise MegatierError(f"resume at {batch.starts}, device state {self.resume_state}")
-            feed = self.resume_state[0]
-        else:
-            feed = batch.token_ids if first_tokens is None else first_tokens.tolist()
-        assert max(batch.starts) + num_steps <= self.max_context, "a chunk writes KV past the context limit"
-        self._check_owned(batch, num_steps)
-        tokens = []
-        for step in range(num_steps):
-            starts = [s + step for s in batch.starts]
-            feed = self.inner.forward(StepBatch(feed, starts, batch.query_lens, batch.page_tables)).argmax(-1).tolist()
-            tokens.append(feed)
-        self.resume_state = (feed, [s + num_steps for s in batch.starts])
-        return tokens
-
-    def _check_owned(self, batch: StepBatch, num_steps: int) -> None:
-        """Every row writes only pages of one running sequence, and no two rows the same sequence's."""
+        self.calls.append((batch.num_seqs, len(batch.token_ids), len(batch.fed_at)))
+        assert max(batch.context_lens) <= self.max_context, "a step writes KV past the context limit"
         owner = {p: s for s in self.scheduler.running for p in s.table.pages}
         writers = []
-        for start, table in zip(batch.starts, batch.page_tables, strict=True):
-            seqs = {owner.get(table[pos // self.page_size]) for pos in range(start, start + num_steps)}
-            assert len(seqs) == 1 and None not in seqs, f"a chunk writes pages not owned by its sequence: {seqs}"
+        for span, table in zip(batch.positions(), batch.page_tables, strict=True):
+            seqs = {owner.get(table[pos // self.page_size]) for pos in span}
+            assert len(seqs) == 1 and None not in seqs, f"a step writes pages not owned by its sequence: {seqs}"
             writers.append(seqs.pop())
         assert len(set(writers)) == len(writers)
+        return self.inner.forward(batch)
 
 
 @pytest.fixture(scope="module")
@@ -103,16 +67,16 @@ def model(tmp_path_factory):
 
 
 def make_engine(model, mode: str, *, eos: int = 257, num_pages: int = 96, **kw) -> Engine:
-    """mode: "one" (one token per step), "sync" (decode_greedy), "pipelined" (decode_greedy_async)."""
+    """mode: "one" (each step's tokens taken before the next is scheduled) or "pipelined" (overlapped)."""
     cfg, weights, tokenizer = model
     reference = ReferenceExecutor(cfg, weights, cache=KVCache.allocate(cfg, num_pages, PAGE, torch.float32, "cpu"))
-    executor = LoopGreedy(reference, with_async=mode == "pipelined")
+    executor = Checked(reference)
     engine = Engine(
         executor,
         tokenizer,
         eos_token_ids=(eos,),
         max_model_len=kw.pop("max_model_len", 128),
-        decode_steps_per_sync=1 if mode == "one" else STEPS,
+        overlap=mode == "pipelined",
         **kw,
     )
     executor.scheduler, executor.max_context = engine.scheduler, engine.max_model_len
@@ -125,6 +89,10 @@ def prompt(n: int, seed: int) -> list[int]:
 
 def greedy(**kw) -> SamplingParams:
     return SamplingParams(temperature=0, **kw)
+
+
+def sampled(**kw) -> SamplingParams:
+    return SamplingParams(**{"seed": 4, "ignore_eos": True} | kw)
 
 
 @dataclass
@@ -146,6 +114,10 @@ class Seen:
     @property
     def text(self) -> str:
         return "".join(u.delta_text for u in self.updates)
+
+    @property
+    def logprobs(self) -> list[dict[int, float]]:
+        return [lp for u in self.updates for lp in u.new_logprobs]
 
     @property
     def ending(self) -> tuple[str | None, str | int | None]:
@@ -210,6 +182,17 @@ def scenario(name: str, stop_text: str) -> dict[str, Req]:
             "a": Req(prompt(10, 8), greedy(max_tokens=100, ignore_eos=True)),
             "b": Req(prompt(3, 3), greedy(max_tokens=100, ignore_eos=True)),  # longer-lived: room binds
         }
+    if name == "sampled":  # every sampler stage; "n2" may stop at EOS once min_tokens are out
+        return {
+            "top_p": Req(prompt(5, 1), sampled(temperature=0.7, top_p=0.95, seed=3, max_tokens=20, logprobs=2)),
+            "pen": Req(prompt(9, 2), sampled(top_k=20, repetition_penalty=1.3, frequency_penalty=0.3, max_tokens=14)),
+            "n2": Req(
+                prompt(6, 4), SamplingParams(n=2, temperature=1.2, min_p=0.05, seed=5, max_tokens=12, min_tokens=4)
+            ),
+            "g": Req(
+                prompt(3, 3), greedy(max_tokens=16, ignore_eos=True, logit_bias={65: 2.0}), add_after=("top_p", 5)
+            ),
+        }
     if name == "add_and_abort":
         return {
             "a": Req(prompt(5, 1), long),
@@ -219,10 +202,9 @@ def scenario(name: str, stop_text: str) -> dict[str, Req]:
     raise AssertionError(name)
 
 
-def eos_mid_chunk(tokens: list[int]) -> int:
-    """A token that first appears in `tokens` at an index 2 past a multiple of STEPS: the second step of
-    a chunk when the first token comes from the prompt's forward pass."""
-    return next(t for i, t in enumerate(tokens) if i % STEPS == 2 and t not in tokens[:i])
+def eos_mid_stream(tokens: list[int]) -> int:
+    """A token that first appears in `tokens` at index 2 or later: EOS there ends a stream mid-way."""
+    return next(t for i, t in enumerate(tokens) if i >= 2 and t not in tokens[:i])
 
 
 def assert_same_streams(reqs: dict[str, Req], got: dict, expected: dict) -> None:
@@ -235,91 +217,86 @@ def assert_same_streams(reqs: dict[str, Req], got: dict, expected: dict) -> None
             assert have.ending == want.ending == (None, None)
             continue
         assert (have.tokens, have.text, have.ending) == (want.tokens, want.text, want.ending), key
-        assert all(len(u.new_token_ids) <= STEPS for u in have.updates)  # streams as often as before
+        assert [lp.keys() for lp in have.logprobs] == [lp.keys() for lp in want.logprobs]
+        for a, b in zip(have.logprobs, want.logprobs, strict=True):
+            assert list(a.values()) == pytest.approx(list(b.values()), abs=1e-5)
+        assert all(len(u.new_token_ids) == 1 for u in have.updates)  # every token streams as it comes
 
 
-def decode_steps(engine: Engine) -> int:
-    """Device steps that only decode: the steps of greedy chunks, and forward passes of one token each."""
-    return sum(n for kind, _, n in engine.executor.calls if kind != "forward" or n == 1)
+def computed_tokens(engine: Engine) -> int:
+    return sum(n for _, n, _ in engine.executor.calls)
 
 
-@pytest.mark.parametrize("name", ["different_lengths", "eos_and_stop", "context_limit", "add_and_abort"])
-def test_multi_step_engines_match_one_token_per_step(model, name):
+@pytest.mark.parametrize("name", ["different_lengths", "eos_and_stop", "context_limit", "sampled", "add_and_abort"])
+def test_pipelined_engine_matches_one_step_at_a_time(model, name):
     dry = {
         key: drive(make_engine(model, "one"), {key: Req(p, greedy(max_tokens=30, ignore_eos=True))})[(key, 0)]
         for key, p in DRY_PROMPTS.items()
     }
-    eos = eos_mid_chunk(dry["eos"].tokens)
+    eos = eos_mid_stream(dry["eos"].tokens)
     reqs = scenario(name, dry["stop"].text)
     kw = dict(eos=eos, max_model_len=40 if name == "context_limit" else 128)
-    expected = drive(make_engine(model, "one", **kw), reqs)
-    engines = {mode: make_engine(model, mode, **kw) for mode in ("sync", "pipelined")}
-    got = {mode: drive(engine, reqs) for mode, engine in engines.items()}
+    one = make_engine(model, "one", **kw)
+    expected = drive(one, reqs)
+    pipelined = make_engine(model, "pipelined", **kw)
+    assert_same_streams(reqs, drive(pipelined, reqs), expected)
 
-    for mode in engines:
-        assert_same_streams(reqs, got[mode], expected)
-    kinds = {mode: {c[0] for c in engine.executor.calls} for mode, engine in engines.items()}
-    assert kinds["sync"] == {"forward", "sync"}
-    assert {"forward", "handoff", "resume"} <= kinds["pipelined"] <= {"forward", "handoff", "async", "resume"}
-    if name != "add_and_abort":  # no more device work than before (aborts land elsewhere in a stream)
-        assert decode_steps(engines["pipelined"]) == decode_steps(engines["sync"])
+    assert all(fed == 0 for _, _, fed in one.executor.calls)
+    assert any(fed for _, _, fed in pipelined.executor.calls)
+    if name != "add_and_abort":  # at most one step past each stop (max_tokens and the context limit are known ahead)
+        stops = sum(seen.ending[0] == "stop" for seen in expected.values())
+        assert computed_tokens(one) <= computed_tokens(pipelined) <= computed_tokens(one) + stops
     if name == "eos_and_stop":  # the scenario does what it says
         assert expected[("eos", 0)].ending == ("stop", None) and expected[("eos", 0)].tokens[-1] == eos
         assert expected[("stop", 0)].ending[0] == "stop" and isinstance(expected[("stop", 0)].ending[1], str)
-        assert len(got["pipelined"][("eos", 0)].updates[-1].new_token_ids) < STEPS  # it ended mid-chunk
     if name == "different_lengths":
         assert [len(expected[(k, 0)].tokens) for k in "abc"] == [7, 13, 30]
     if name == "context_limit":
         assert expected[("a", 0)].ending == ("length", None) and len(expected[("a", 0)].tokens) == 30
+    if name == "sampled":
+        assert len(expected[("top_p", 0)].logprobs) == 20 and expected[("n2", 0)].tokens != expected[("n2", 1)].tokens
 
 
-@pytest.mark.parametrize("mode", ["pipelined", "sync"])
+@pytest.mark.parametrize("mode", ["pipelined", "one"])
 def test_preemption_when_pages_run_out(model, mode):
-    """24 pages of 4 tokens cannot hold six sequences of up to 54 tokens: the scheduler must preempt."""
-    reqs = {str(n): Req(prompt(n, n), greedy(max_tokens=24, ignore_eos=True)) for n in (9, 30, 17, 5, 22, 13)}
+    """24 pages of 4 tokens cannot hold six sequences of up to 54 tokens: the scheduler must preempt,
+    also sequences whose newest token is still on the device."""
+    params = [greedy(max_tokens=24, ignore_eos=True), sampled(temperature=0.8, max_tokens=24, presence_penalty=0.5)]
+    reqs = {str(n): Req(prompt(n, n), params[n % 2]) for n in (9, 30, 17, 5, 22, 13)}
     kw = dict(num_pages=24, max_model_len=64, max_num_batched_tokens=32)
-    expected = drive(make_engine(model, "one", **kw), reqs)
+    expected = drive(make_engine(model, "one", num_pages=96, max_model_len=64), reqs)
     engine = make_engine(model, mode, **kw)
     preempted = []
     preempt = engine.scheduler._preempt
-    engine.scheduler._preempt = lambda seq: (preempted.append(seq), preempt(seq))
+    engine.scheduler._preempt = lambda seq: (preempted.append(seq.num_pending), preempt(seq))
     got = drive(engine, reqs)
-    assert preempted
+    assert preempted and (mode == "one" or any(preempted))
     assert {k: v.tokens for k, v in got.items()} == {k: v.tokens for k, v in expected.items()}
-    assert "resume" in [c[0] for c in engine.executor.calls] or mode == "sync"
 
 
-def test_request_added_mid_flight_drains_then_schedules(model):
+def test_request_added_mid_flight_joins_the_next_step(model):
     engine = make_engine(model, "pipelined")
     calls = engine.executor.calls
     a = engine.add_request(prompt(5, 1), greedy(max_tokens=30, ignore_eos=True))
-    assert [len(u.new_token_ids) for u in engine.step()] == [1]  # the prompt's forward pass, chunk 1 queued
-    assert [len(u.new_token_ids) for u in engine.step()] == [STEPS]  # chunk 1 read, chunk 2 queued
-    assert [c[0] for c in calls[1:]] == ["handoff", "resume"]
+    assert engine.step() == []  # the prompt's step is queued; its token is taken by the next step
+    assert [(u.request_id, len(u.new_token_ids)) for u in engine.step()] == [(a, 1)]
+    assert calls == [(1, 5, 0), (1, 1, 1)]  # the decode step feeds the token sampled on the device
     engine.add_request(prompt(7, 2), greedy(max_tokens=3))
-    before = len(calls)
-    updates = engine.step()  # reads chunk 2 and queues nothing: someone is waiting
-    assert [(u.request_id, len(u.new_token_ids)) for u in updates] == [(a, STEPS)] and len(calls) == before
-    engine.step()
-    assert calls[before] == ("forward", 2, 7)  # the waiting prompt joins a normal step
+    assert [u.request_id for u in engine.step()] == [a]
+    assert calls[-1] == (2, 8, 1)  # the waiting prompt joins the decode step at once
 
 
-def test_first_chunk_is_queued_behind_the_prefill(model):
-    """Right after a prompt's forward pass the first chunk is already queued, fed the argmax on the
-    device; when that first token is EOS the sequence ends at once, its chunk's tokens are dropped and
-    its pages come back."""
+def test_eos_as_the_first_token_drops_the_step_behind_it(model):
+    """The step after a prompt's is queued before its first token is seen: when that token is EOS, the
+    sequence ends, that step's token is dropped and every page comes back."""
     p = prompt(6, 11)
     first = drive(make_engine(model, "one"), {"x": Req(p, greedy(max_tokens=1))})[("x", 0)].tokens[0]
-    engine = make_engine(model, "pipelined")
-    engine.add_request(p, greedy(max_tokens=10, ignore_eos=True))
-    assert [u.new_token_ids for u in engine.step()] == [[first]]
-    assert engine.executor.calls == [("forward", 1, 6), ("handoff", 1, STEPS)]
-
     engine = make_engine(model, "pipelined", eos=first)
     engine.add_request(p, greedy(max_tokens=10))
+    assert engine.step() == []
     (update,) = engine.step()
     assert (update.new_token_ids, update.finish_reason) == ([first], "stop")
-    assert engine.executor.calls[-1] == ("handoff", 1, STEPS)
+    assert engine.executor.calls == [(1, 6, 0), (1, 1, 1)]
     assert engine.step() == [] and not engine.has_unfinished()
     assert engine.scheduler.num_pages_in_use == 0
 
@@ -327,15 +304,16 @@ def test_first_chunk_is_queued_behind_the_prefill(model):
 def test_abort_mid_flight_frees_pages_and_drops_tokens(model):
     engine = make_engine(model, "pipelined")
     a = engine.add_request(prompt(5, 1), greedy(max_tokens=30, ignore_eos=True))
-    b = engine.add_request(prompt(9, 2), greedy(max_tokens=30, ignore_eos=True))
+    b = engine.add_request(prompt(9, 2), sampled(max_tokens=30, repetition_penalty=1.2))
     engine.step()
-    engine.step()  # chunk 2 of both is in flight
+    engine.step()  # a decode step of both is in flight
     pages = engine.scheduler.num_pages_in_use
     engine.abort_request(b)
     assert engine.scheduler.num_pages_in_use < pages
-    assert {u.request_id for u in engine.step()} == {a}  # b's tokens from chunk 2 are dropped
+    assert {u.request_id for u in engine.step()} == {a}  # b's token from the step in flight is dropped
+    assert engine.executor.calls[-1][:1] == (1,)  # a alone, its token fed from the device
     engine.step()
-    assert engine.executor.calls[-2][:2] == ("async", 1)  # a alone, from its own tokens again
+    assert engine.sampler._slots == {}  # b's penalty counts went with it
 
 
 def test_async_engine_serves_a_pipelined_engine(model):
@@ -369,41 +347,41 @@ def test_async_engine_serves_a_pipelined_engine(model):
     got = asyncio.run(serve())
     assert [got[i] for i in (0, 2, 3)] == [alone[i] for i in (0, 2, 3)]
     assert len(got[1]) >= 6 and got[1] == alone[1][: len(got[1])]
-    assert "resume" in [c[0] for c in engine.executor.calls]
+    assert any(fed for _, _, fed in engine.executor.calls)
     assert engine.scheduler.num_pages_in_use == 0
 
 
-class WithoutAsync:
-    """An executor seen without decode_greedy_async: the engine takes its synchronous path."""
-
-    def __init__(self, inner):
-        self._inner = inner
-
-    def __getattr__(self, name: str):
-        if name == "decode_greedy_async":
-            raise AttributeError(name)
-        return getattr(self._inner, name)
-
-
 @pytest.mark.gpu
-def test_graph_engine_pipelined_equals_synchronous_chunks():
-    """The graph backend at the Llama-3.2-1B shape: pipelined chunks run the very graphs synchronous ones
-    do (same chunk sizes and buckets), so the tokens are identical. Prints both timings."""
-    llm = LLM("llama-3.2-1b", backend="graph", load_format="dummy", max_model_len=512, kv_cache_gb=2.0)
+@pytest.mark.parametrize("backend", ["graph", "megakernel"])
+def test_gpu_engine_pipelined_equals_one_step_at_a_time(backend):
+    """A GPU backend at the Llama-3.2-1B shape, greedy and sampled (T 0.7, top-p 0.95, seeded): the
+    overlapped loop gives the tokens that taking each step's tokens before the next gives. Prints both
+    timings."""
+    if backend == "megakernel" and torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the megakernel needs sm_90")
+    llm = LLM("llama-3.2-1b", backend=backend, load_format="dummy", max_model_len=512, kv_cache_gb=2.0)
     prompts = [torch.randint(0, 128256, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 40, 17)]
-    params = [greedy(max_tokens=n, ignore_eos=True) for n in (70, 33, 101)]
+    lengths = (70, 33, 101)
+    params = [greedy(max_tokens=n, ignore_eos=True) for n in lengths]
+    params += [
+        SamplingParams(temperature=0.7, top_p=0.95, seed=i, max_tokens=n, ignore_eos=True)
+        for i, n in enumerate(lengths)
+    ]
     outputs = {}
-    for mode, executor in (("pipelined", llm.engine.executor), ("synchronous", WithoutAsync(llm.engine.executor))):
-        llm.engine.executor = executor
-        for batch in ([prompts[0]], prompts):
-            llm.generate(batch, params[: len(batch)])  # warm-up: graphs captured
+    for overlap in (True, False):
+        llm.engine.overlap = overlap
+        for kind, batch in (("greedy", slice(0, 1)), ("greedy", slice(0, 3)), ("sampled", slice(3, 6))):
+            llm.generate(prompts[: batch.stop - batch.start], params[batch])  # warm-up: graphs captured
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            outputs[mode, len(batch)] = [o.token_ids for o in llm.generate(batch, params[: len(batch)])]
-            print(f"{mode} batch {len(batch)}: {(time.perf_counter() - t0) * 1e3:.1f} ms")
-    for batch in (1, 3):
-        assert outputs["pipelined", batch] == outputs["synchronous", batch]
-    assert [len(t) for t in outputs["pipelined", 3]] == [70, 33, 101]
+            out = llm.generate(prompts[: batch.stop - batch.start], params[batch])
+            outputs[overlap, kind, batch.stop - batch.start] = [o.token_ids for o in out]
+            print(
+                f"{backend} overlap={overlap} {kind} batch {batch.stop - batch.start}: {(time.perf_counter() - t0) * 1e3:.1f} ms"
+            )
+    for key in [k for k in outputs if k[0]]:
+        assert outputs[key] == outputs[(False, *key[1:])], key
+    assert [len(t) for t in outputs[True, "sampled", 3]] == list(lengths)
     # Dummy weights settle into repeating one token after a few steps (3 distinct tokens on an H200), so
-    # only ask that the tokens change at all: a stale input token after a resume would still show.
-    assert len(set(outputs["pipelined", 1][0])) > 1
+    # only ask that the tokens change at all: a stale input token would still show.
+    assert len(set(outputs[True, "greedy", 1][0])) > 1

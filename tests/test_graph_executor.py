@@ -15,7 +15,6 @@ import torch
 from conftest import ARCH_CASES, TINY
 from fp32_oracle import assert_greedy_under_fp32
 from megatier.config import ModelConfig, config_from_hf
-from megatier.errors import MegatierError
 from megatier.executors.base import StepBatch
 from megatier.executors.graph import GraphExecutor
 from megatier.executors.reference import ReferenceExecutor
@@ -180,41 +179,44 @@ def test_decode_greedy_matches_reference_greedy(num_seqs):
     assert rel_err(graph.forward(after), ref.forward(after)) < 1e-4
 
 
-def queue_resumed_chunks(graph: GraphExecutor, first: list[int], starts: list[int], tables, chunk_steps: list[int]):
-    """Queue greedy chunks of `chunk_steps` steps, each after the first resuming from the device state,
-    with page tables that hold only what the chunks so far need (they grow as an engine's do)."""
-    page_size, ones, done, chunks = graph.page_size, [1] * len(starts), 0, []
-    for i, n in enumerate(chunk_steps):
-        held = [t[: pages_for(s + done + n, page_size)] for t, s in zip(tables, starts, strict=True)]
-        batch = StepBatch([] if i else first, [s + done for s in starts], ones, held)
-        chunks.append(graph.decode_greedy_async(batch, n, resume=i > 0))
-        done += n
-    return chunks
+def fed_greedy_steps(graph: GraphExecutor, first: torch.Tensor, starts: list[int], tables, num_steps: int):
+    """Greedy decode steps as the engine queues them: each forward is fed the previous step's argmax
+    from the device (no host round trip), page tables holding only what the steps so far need."""
+    page_size, n, feed, out = graph.page_size, len(starts), first, []
+    for step in range(num_steps):
+        held = [t[: pages_for(s + step + 1, page_size)] for t, s in zip(tables, starts, strict=True)]
+        batch = StepBatch([0] * n, [s + step for s in starts], [1] * n, held, fed=feed, fed_at=list(range(n)))
+        feed = graph.forward(batch).argmax(-1)
+        out.append(feed)
+    return torch.stack(out)
 
 
-def test_resumed_greedy_chunks_equal_one_call():
+def test_steps_fed_from_the_device_equal_decode_greedy():
     cfg = tiny_config("llama-mqa-untied")
     graph, _ = executors(cfg, dummy_weights(cfg, 3, torch.float32, DEVICE), torch.float32, num_pages=32)
     tables = shuffled_tables(32, [6, 5], seed=5)
     gen = torch.Generator().manual_seed(8)
     prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=gen).tolist() for n in (9, 3)]
     prefill = StepBatch([t for p in prompts for t in p], [0, 0], [9, 3], tables)
-    first = [int(r.argmax()) for r in graph.forward(prefill)]
-    starts, ones = [9, 3], [1, 1]
-
-    # A page id a resume failed to upload would leave this stale one: overwriting sequence 1's prompt.
-    graph.block_tables.fill_(tables[1][0])
-    chunks = queue_resumed_chunks(graph, first, starts, tables, [3, 1, 3])  # crosses page boundaries
-    ours = [row for chunk in chunks for row in chunk.result()]
-    with pytest.raises(MegatierError, match="sequence 1 starts at 11, but the device state is at 10"):
-        graph.decode_greedy_async(StepBatch([], [16, 11], ones, tables), 1, resume=True)
-    with pytest.raises(MegatierError, match="the batch has 1 sequences, the previous chunk 2"):
-        graph.decode_greedy_async(StepBatch([], [16], [1], tables[:1]), 1, resume=True)
-    graph.forward(prefill)  # the same KV again; a forward also ends what a resume may continue
-    with pytest.raises(MegatierError, match="must follow a greedy chunk"):
-        graph.decode_greedy_async(StepBatch([], [16, 10], ones, tables), 1, resume=True)
-    theirs = graph.decode_greedy(StepBatch(first, starts, ones, tables), 7).tolist()
+    first = graph.forward(prefill).argmax(-1)
+    ours = fed_greedy_steps(graph, first, [9, 3], tables, 7).tolist()  # crosses page boundaries
+    graph.forward(prefill)  # the same KV again
+    theirs = graph.decode_greedy(StepBatch(first.tolist(), [9, 3], [1, 1], tables), 7).tolist()
     assert ours == theirs and len({t for row in ours for t in row}) > 2
+
+
+def test_fed_tokens_land_in_mixed_batches():
+    """A prompt chunk before a decode row fed from the device: the fed token goes where token_ids holds
+    its placeholder, as if the host had written it."""
+    cfg = tiny_config("llama-mqa-untied")
+    graph, _ = executors(cfg, dummy_weights(cfg, 3, torch.float32, DEVICE), torch.float32, num_pages=32)
+    tables = shuffled_tables(32, [6, 5], seed=6)
+    graph.forward(StepBatch(list(range(1, 10)), [0], [9], tables[1:]))  # sequence 1's context
+    chunk = list(range(20, 27))
+    kept = graph.forward(StepBatch([*chunk, 42], [0, 9], [7, 1], tables))
+    fed = torch.tensor([42], device=DEVICE)
+    ours = graph.forward(StepBatch([*chunk, 0], [0, 9], [7, 1], tables, fed=fed, fed_at=[7]))
+    assert torch.equal(ours, kept)
 
 
 @pytest.mark.parametrize("case", ["llama-llama3rope-tied-bias", "qwen3-headdim24"])
@@ -302,24 +304,23 @@ def test_llama_1b_bf16_error_within_plain_bf16_reference(llama_1b):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("num_seqs", [1, 8])
-def test_llama_1b_resumed_chunks_queue_without_waiting(llama_1b, num_seqs):
-    """Four queued chunks of 16 steps (page tables growing between them) return before the first one
-    has run on the device, and give the tokens of one decode_greedy call: the same kernels (one
-    attention split at these lengths, so the same graphs)."""
+def test_llama_1b_fed_steps_queue_without_waiting(llama_1b, num_seqs):
+    """64 decode steps, each fed the previous argmax on the device (page tables growing between them),
+    are queued before the first one has run, and give the tokens of one decode_greedy call."""
     prompt_lens = [5, 17, 32, 64, 3, 48, 100, 9][:num_seqs]
     gen = torch.Generator().manual_seed(13)
     prompts = [torch.randint(0, LLAMA_1B.vocab_size, (n,), generator=gen).tolist() for n in prompt_lens]
     tables = [list(range(i * 16, (i + 1) * 16)) for i in range(num_seqs)]
     prefill = StepBatch([t for p in prompts for t in p], [0] * num_seqs, prompt_lens, tables)
     graph = llama_executor(GraphExecutor, llama_1b, torch.bfloat16)
-    first = [int(r.argmax()) for r in graph.forward(prefill)]
-    for chunk in queue_resumed_chunks(graph, first, prompt_lens, tables, [16] * 4):  # graphs, pinned buffers
-        chunk.result()
-
+    first = graph.forward(prefill).argmax(-1)
+    fed_greedy_steps(graph, first, prompt_lens, tables, 64)  # graphs captured, pinned buffers cached
     graph.forward(prefill)
-    chunks = queue_resumed_chunks(graph, first, prompt_lens, tables, [16] * 4)
-    assert not chunks[0].done.query()  # no launch waited for the device
-    ours = [row for chunk in chunks for row in chunk.result()]
+    torch.cuda._sleep(2_000_000_000)  # about a second of spinning on the stream, ahead of the steps
+    slept = torch.cuda.Event()
+    slept.record()
+    ours = fed_greedy_steps(graph, first, prompt_lens, tables, 64)
+    assert not slept.query()  # no step waited for the device (it would have waited for the spin)
     graph.forward(prefill)
-    theirs = graph.decode_greedy(StepBatch(first, prompt_lens, [1] * num_seqs, tables), 64).tolist()
-    assert ours == theirs and len({t for row in ours for t in row}) > 3
+    theirs = graph.decode_greedy(StepBatch(first.tolist(), prompt_lens, [1] * num_seqs, tables), 64)
+    assert ours.tolist() == theirs.tolist() and len({t for row in ours.tolist() for t in row}) > 3

@@ -22,9 +22,7 @@ from megakernel_helpers import (
     random_prompts,
     toy_config,
 )
-from megatier.errors import MegatierError
 from megatier.executors.base import StepBatch
-from megatier.executors.megakernel import runner
 from megatier.executors.megakernel.interp import Interpreter, unpack_index
 from megatier.executors.megakernel.isa import Op
 from megatier.executors.megakernel.layout import Dims, StepBuffers, choose_splits
@@ -209,36 +207,32 @@ def test_llama1b_long_context_splits(llama):
 
 
 @pytest.mark.parametrize("lengths", [[32], [40, 3, 90]])
-def test_llama1b_resumed_async_chunks_equal_one_call(llama, lengths, monkeypatch):
-    """Chunks queued without waiting, the first fed its tokens from the device, each later one resumed
-    from the device state with page tables that grow in between, give exactly the tokens of one
-    synchronous call, also when the host token ring wraps (each chunk read before the one after next
-    is queued, as the engine does); a resume that does not continue is refused."""
+def test_llama1b_steps_fed_from_the_device_equal_one_call(llama, lengths):
+    """Decode steps queued as the engine queues them, each forward fed the previous argmax from the
+    device with page tables that grow in between, give exactly the tokens of one decode_greedy call, and
+    none of them waits for the device."""
     cfg, weights = llama
-    steps = [16, 5, 16, 9]
-    prompts, tables, caches = _caches(cfg, weights, lengths, sum(steps))
+    steps = 46
+    prompts, tables, caches = _caches(cfg, weights, lengths, steps)
     cache = caches[torch.bfloat16]
     saved = cache.kv.clone()
     batch = decode_batch(prompts, tables)
-    want = MegakernelExecutor(cfg, weights, cache=cache).decode_greedy(batch, sum(steps)).cpu()
+    want = MegakernelExecutor(cfg, weights, cache=cache).decode_greedy(batch, steps).cpu()
     cache.kv.copy_(saved)
-    monkeypatch.setattr(runner, "RING_STEPS", 26)  # chunk 2's rows wrap; chunks 2 and 3 fit together
     ex = MegakernelExecutor(cfg, weights, cache=cache)
-    short = [t[: -(-(s + steps[0]) // PAGE)] for t, s in zip(tables, batch.starts, strict=True)]
-    first = torch.tensor(batch.token_ids, device=CUDA)
-    chunks = [
-        ex.decode_greedy_async(StepBatch([], batch.starts, batch.query_lens, short), steps[0], first_tokens=first)
-    ]
-    got, done = [], steps[0]
-    for n in steps[1:]:
-        starts = [s + done for s in batch.starts]
-        chunks.append(ex.decode_greedy_async(StepBatch([], starts, batch.query_lens, tables), n, resume=True))
-        got += chunks[-2].result()
-        done += n
-    got += chunks[-1].result()
-    assert torch.equal(torch.tensor(got), want)
-    with pytest.raises(MegatierError, match="resume: sequence 0 starts at"):
-        ex.decode_greedy_async(StepBatch([], batch.starts, batch.query_lens, tables), 1, resume=True)
+    n, feed, got = batch.num_seqs, torch.tensor(batch.token_ids, device=CUDA), []
+    ex.forward(batch)  # compiled, graph captured
+    cache.kv.copy_(saved)
+    torch.cuda._sleep(2_000_000_000)  # about a second of spinning on the stream, ahead of the steps
+    slept = torch.cuda.Event()
+    slept.record()
+    for step in range(steps):
+        held = [t[: -(-(s + step + 1) // PAGE)] for t, s in zip(tables, batch.starts, strict=True)]
+        starts = [s + step for s in batch.starts]
+        feed = ex.forward(StepBatch([0] * n, starts, [1] * n, held, fed=feed, fed_at=list(range(n)))).argmax(-1)
+        got.append(feed)
+    assert not slept.query()  # no step waited for the device (it would have waited for the spin)
+    assert torch.equal(torch.stack(got).cpu(), want)
 
 
 def test_llama1b_steps_looped_in_one_launch_equal_one_launch_per_step(llama):

@@ -25,7 +25,7 @@ class EngineArgs:
     max_model_len: int | None = None  # longest context (prompt + output) in tokens
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None  # per step; None: 2048 on GPU, 256 on CPU
-    decode_steps_per_sync: int = 8
+    overlap: bool = True  # schedule and queue step N + 1 while the device runs step N
     # KV cache
     page_size: int = 16
     kv_cache_gb: float | None = None  # None: 2 GiB on CPU, most of the free GPU memory

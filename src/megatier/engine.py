@@ -1,22 +1,24 @@
 """The engine: requests in, one step at a time: schedule -> executor.forward -> sample -> detokenize.
 
-It is single-threaded on purpose; the HTTP server drives it from one background thread. Plain-greedy
-decode batches run k steps on the device per host sync; with an executor that can queue such chunks
-(`decode_greedy_async`), the engine queues the next chunk before it reads the current one's tokens, so
-stop checks, detokenization and scheduling overlap the device's work instead of idling it.
+It is single-threaded on purpose; the HTTP server drives it from one background thread. Each step
+queues a forward pass and the sampler behind it on the device, then takes the tokens of the step
+before (the overlap loop): while the device computes step N + 1, the host applies stop rules,
+detokenizes and streams step N. Step N + 1 was scheduled before step N's tokens were known, so it
+feeds them from the device, and a sequence that step N ends has its token from step N + 1 dropped.
 """
 
 from __future__ import annotations
 
 import itertools
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
 
 from megatier.detokenizer import IncrementalDetokenizer
 from megatier.errors import MegatierError
-from megatier.executors.base import Executor, GreedyChunk, StepBatch
-from megatier.sampling import PromptLogprobs, SampleRow, SamplingParams, sample
+from megatier.executors.base import Executor, StepBatch, upload
+from megatier.sampling import PromptLogprobs, Sampled, Sampler, SampleRow, SamplingParams
 from megatier.scheduler import ScheduledBatch, Scheduler, Sequence, Status
 from megatier.tokenizer import Tokenizer
 
@@ -75,12 +77,19 @@ class SequenceUpdate:
 
 
 @dataclass
-class _Chunk:
-    """Greedy decode steps queued on the device whose tokens the host has not taken yet."""
+class _Launched:
+    """A step queued on the device: the sequences it samples for, in the order of `sampled`'s rows."""
 
     seqs: list[Sequence]
-    num_steps: int
-    tokens: GreedyChunk
+    sampled: Sampled | None
+
+    def feed(self, seqs: list[Sequence]) -> torch.Tensor:
+        """The device tokens this step samples for `seqs` (each of them one of its own)."""
+        if seqs == self.seqs[: len(seqs)]:
+            return self.sampled.tokens[: len(seqs)]
+        row = {id(s): i for i, s in enumerate(self.seqs)}
+        index = upload(torch.tensor([row[id(s)] for s in seqs]), self.sampled.tokens.device)
+        return self.sampled.tokens[index]
 
 
 class Engine:
@@ -93,23 +102,25 @@ class Engine:
         max_model_len: int,
         max_num_seqs: int = 256,
         max_num_batched_tokens: int = 2048,
-        decode_steps_per_sync: int = 8,
+        overlap: bool = True,
         seed: int = 0,
     ):
         self.executor = executor
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
         self.max_model_len = max_model_len
-        self.decode_steps_per_sync = decode_steps_per_sync
-        self.scheduler = Scheduler(executor.cache.allocator, executor.page_size, max_num_seqs, max_num_batched_tokens)
+        self.overlap = overlap  # False: each step's tokens are taken before the next step is scheduled
+        self.scheduler = Scheduler(
+            executor.cache.allocator, executor.page_size, max_num_seqs, max_num_batched_tokens, max_model_len
+        )
+        self.sampler = Sampler(executor.cfg.vocab_size, executor.device)
         self.requests: dict[str, list[Sequence]] = {}
         self._seeds = torch.Generator().manual_seed(seed)
         self._ids = itertools.count()
-        # At most one chunk is in flight between steps. Its sequences' num_computed and token_ids do not
-        # count it yet; it runs for all of them, so a sequence that ends meanwhile (stop, abort) has pages
-        # freed that the chunk still writes. All device work is queued on one CUDA stream, so a later
-        # step that reuses those pages runs after the chunk; on CPU, executors run eagerly.
-        self._in_flight: _Chunk | None = None
+        # Steps queued on the device whose tokens the host has not taken, oldest first (at most one
+        # between calls to step()). A sequence that ends meanwhile has pages freed that such a step still
+        # writes; all device work is queued on one stream, so a later step reusing them runs after it.
+        self._in_flight: deque[_Launched] = deque()
 
     # -- request lifecycle ---------------------------------------------------------------------------------
 
@@ -125,11 +136,10 @@ class Engine:
             seed = (
                 params.seed + i if params.seed is not None else int(torch.randint(2**62, (1,), generator=self._seeds))
             )
-            generator = None if params.greedy else torch.Generator(self.executor.device).manual_seed(seed)
             detok = IncrementalDetokenizer(
                 self.tokenizer, params.stop, params.include_stop_str_in_output, params.skip_special_tokens
             )
-            seqs.append(Sequence(request_id, i, list(prompt_ids), params, generator, detok))
+            seqs.append(Sequence(request_id, i, list(prompt_ids), params, seed, detok))
         self.requests[request_id] = seqs
         for seq in seqs:
             self.scheduler.add(seq)
@@ -162,7 +172,7 @@ class Engine:
         """Cancel a request now and free its KV pages (no-op for unknown or finished requests)."""
         for seq in self.requests.pop(request_id, []):
             if seq.status is not Status.FINISHED:
-                self.scheduler.finish(seq, "abort")
+                self._finish_seq(seq, "abort")
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
@@ -174,48 +184,65 @@ class Engine:
     # -- one step -----------------------------------------------------------------------------------------
 
     def step(self) -> list[SequenceUpdate]:
-        if self._in_flight is not None:
-            chunk, self._in_flight = self._in_flight, None
-            return self._pipeline(chunk)
+        """Queue the next step, then take the tokens of the one before it (with `overlap`; else of this
+        one), so the host's stop checks and streaming run while the device computes."""
         batch = self.scheduler.schedule()
-        if not batch.seqs:
-            return []
-        multi = self._greedy_steps(batch.seqs)
-        if multi > 1:
-            if hasattr(self.executor, "decode_greedy_async"):
-                return self._pipeline(self._queue_chunk(batch.seqs, multi, resume=False))
-            return self._decode_multi(batch.seqs, multi)
+        if batch.seqs:
+            self._in_flight.append(self._launch(batch))
+        if len(self._in_flight) > (1 if self.overlap and batch.seqs else 0):
+            return self._take(self._in_flight.popleft())
+        return []
+
+    def _launch(self, batch: ScheduledBatch) -> _Launched:
+        """Queue the forward pass and the sampler behind it; nothing waits for the device (but prompt
+        logprobs, which read the prompt's logits)."""
         step = self._step_batch(batch)
         logits = self._score_prompts(batch.seqs, step, self.executor.forward(step))
         ready = []
         for row, (seq, n) in enumerate(zip(batch.seqs, batch.num_tokens, strict=True)):
             seq.num_computed += n
             if seq.num_uncomputed == 0:  # the whole prompt (or the last token) is in: sample the next one
-                ready.append((row, seq))
+                ready.append(row)
         if not ready:
+            return _Launched([], None)
+        seqs = [batch.seqs[r] for r in ready]
+        rows = [self._sample_row(seq) for seq in seqs]
+        sampled = self.sampler.sample(logits if len(ready) == len(batch.seqs) else logits[ready], rows)
+        for seq in seqs:
+            seq.num_pending += 1
+        return _Launched(seqs, sampled)
+
+    def _take(self, launched: _Launched) -> list[SequenceUpdate]:
+        """Wait for a step's tokens and append them; a sequence that ended (or was aborted) since the step
+        was queued gets none."""
+        if launched.sampled is None:
             return []
-        if len(ready) == len(batch.seqs):
-            handoff = self._first_chunk_on_device(batch.seqs, logits)
-            if handoff is not None:
-                first, self._in_flight = handoff
-                return [self._append(seq, [t], []) for seq, t in zip(batch.seqs, first, strict=True)]
-        rows = [self._sample_row(seq) for _, seq in ready]
-        sampled = sample(logits[[r for r, _ in ready]], rows)
-        return [
-            self._append(seq, [s.token_id], [s.logprobs] if s.logprobs else [])
-            for (_, seq), s in zip(ready, sampled, strict=True)
-        ]
+        updates = []
+        for seq, (token, logprobs) in zip(launched.seqs, launched.sampled.result(), strict=True):
+            if seq.status is not Status.FINISHED:
+                seq.num_pending -= 1
+                updates.append(self._append(seq, token, logprobs))
+        return updates
 
     def _step_batch(self, batch: ScheduledBatch) -> StepBatch:
-        """The executor's view of a scheduled step; a prompt being scored gets every new token's logits."""
+        """The executor's view of a scheduled step; a prompt being scored gets every new token's logits.
+        A decode token that the step in flight samples is fed from the device."""
+        token_ids, fed_at, fed = [], [], []
+        for s, n in zip(batch.seqs, batch.num_tokens, strict=True):
+            known = s.token_ids[s.num_computed : s.num_computed + n]
+            if len(known) < n:  # n == 1: its newest token is still on the device
+                fed_at.append(len(token_ids))
+                fed.append(s)
+                known = [0]
+            token_ids += known
         return StepBatch(
-            token_ids=[
-                t for s, n in zip(batch.seqs, batch.num_tokens, strict=True) for t in s.token_ids[s.num_computed :][:n]
-            ],
+            token_ids=token_ids,
             starts=[s.num_computed for s in batch.seqs],
             query_lens=batch.num_tokens,
             page_tables=[s.table.pages for s in batch.seqs],
             all_logits=frozenset(i for i, s in enumerate(batch.seqs) if s.scoring_prompt),
+            fed=self._in_flight[-1].feed(fed) if fed else None,
+            fed_at=fed_at,
         )
 
     def _score_prompts(self, seqs: list[Sequence], step: StepBatch, logits: torch.Tensor) -> torch.Tensor:
@@ -237,136 +264,41 @@ class Engine:
 
     def _sample_row(self, seq: Sequence) -> SampleRow:
         p = seq.params
+        position = seq.num_output + seq.num_pending  # the output this draw makes
         banned: tuple[int, ...] = ()
-        if seq.num_output < p.min_tokens:
+        if position < p.min_tokens:
             banned = tuple(p.stop_token_ids) + (() if p.ignore_eos else self.eos_token_ids)
-        return SampleRow(p, seq.generator, seq.prompt_ids, seq.output_ids, banned)
+        return SampleRow(seq, p, seq.seed, position, seq.prompt_ids, banned)
 
-    def _greedy_steps(self, seqs: list[Sequence], ahead: int = 0, pending: int = 0) -> int:
-        """How many greedy decode steps the device may run for `seqs`, counted from `ahead` tokens past
-        what the host has taken (the steps of a chunk in flight, assumed kept by every sequence), with
-        `pending` more sampled on the device but not appended yet (they hold no KV); 0 when it must
-        not. Pages for them are ensured."""
-        # A tiered KV store plans placement on the host every step, so it takes one step per sync.
-        multi_step = hasattr(self.executor, "decode_greedy") and not self.executor.cache.tiered
-        if not multi_step or self.decode_steps_per_sync <= 1 or self.scheduler.waiting:
-            return 0
-        # Someone else waits for a turn; or, with a chunk in flight, a sequence ended (it left `running`).
-        if len(seqs) != len(self.scheduler.running):
-            return 0
-        # Each has one token without KV (its newest output) and owes no more tokens before EOS may end it.
-        if not all(
-            s.params.plain_greedy
-            and s.num_uncomputed + pending == 1
-            and s.num_output + pending >= max(1, s.params.min_tokens)
-            for s in seqs
-        ):
-            return 0
-        # Run until the longest-lived sequence would stop; one that stops sooner has its extra tokens
-        # dropped (the batch keeps full speed instead of falling back to one step per sync). No sequence
-        # may write KV past the context limit, though.
-        wanted = max(self._tokens_left(s) for s in seqs) - ahead - pending
-        room = min(self.max_model_len - s.num_computed for s in seqs) - ahead
-        k = min(self.decode_steps_per_sync, wanted, room)
-        if k < 1 or not self.scheduler.ensure_capacity(seqs, ahead + k):
-            return 0
-        return k
-
-    def _tokens_left(self, seq: Sequence) -> int:
-        limit = self.max_model_len - len(seq.token_ids)
-        if seq.params.max_tokens is not None:
-            limit = min(limit, seq.params.max_tokens - seq.num_output)
-        return limit
-
-    def _queue_chunk(self, seqs: list[Sequence], k: int, resume: bool, ahead: int = 0) -> _Chunk:
-        batch = StepBatch(
-            token_ids=[] if resume else [s.token_ids[-1] for s in seqs],
-            starts=[s.num_computed + ahead for s in seqs],
-            query_lens=[1] * len(seqs),
-            page_tables=[s.table.pages for s in seqs],
-        )
-        return _Chunk(seqs, k, self.executor.decode_greedy_async(batch, k, resume=resume))
-
-    def _first_chunk_on_device(self, seqs: list[Sequence], logits: torch.Tensor) -> tuple[list[int], _Chunk] | None:
-        """Every sequence of the batch has just taken its prompt: where they decode plain greedy (and
-        the executor queues chunks), their first tokens stay on the device as the argmax and the first
-        decode chunk is queued behind it, so the device goes on decoding while the host reads those
-        tokens. The tokens and the chunk in flight, or None."""
-        if not hasattr(self.executor, "decode_greedy_async"):
-            return None
-        k = self._greedy_steps(seqs, pending=1)
-        if k <= 1:
-            return None
-        first = logits.argmax(-1)
-        tokens = GreedyChunk.copy_of(first[None])  # queued before the chunk: readable before it ends
-        batch = StepBatch(
-            token_ids=[],
-            starts=[s.num_computed for s in seqs],
-            query_lens=[1] * len(seqs),
-            page_tables=[s.table.pages for s in seqs],
-        )
-        chunk = _Chunk(seqs, k, self.executor.decode_greedy_async(batch, k, first_tokens=first))
-        return tokens.result()[0], chunk
-
-    def _pipeline(self, chunk: _Chunk) -> list[SequenceUpdate]:
-        """Queue the chunk after `chunk` when it is safe (the same sequences, all still running, alone,
-        plain greedy, pages ensured), then take `chunk`'s tokens while the device runs the next one."""
-        k = self._greedy_steps(chunk.seqs, ahead=chunk.num_steps)
-        if k:
-            self._in_flight = self._queue_chunk(chunk.seqs, k, resume=True, ahead=chunk.num_steps)
-        return self._take(chunk.seqs, chunk.num_steps, chunk.tokens.result())
-
-    def _decode_multi(self, seqs: list[Sequence], k: int) -> list[SequenceUpdate]:
-        tokens = self.executor.decode_greedy(
-            StepBatch(
-                token_ids=[s.token_ids[-1] for s in seqs],
-                starts=[s.num_computed for s in seqs],
-                query_lens=[1] * len(seqs),
-                page_tables=[s.table.pages for s in seqs],
-            ),
-            k,
-        ).tolist()
-        return self._take(seqs, k, tokens)
-
-    def _take(self, seqs: list[Sequence], k: int, tokens: list[list[int]]) -> list[SequenceUpdate]:
-        """Append k greedy steps' tokens [k][len(seqs)]; a sequence that ended (or was aborted) while
-        they were computed gets none."""
-        updates = []
-        for col, seq in enumerate(seqs):
-            if seq.status is Status.RUNNING:
-                seq.num_computed += k
-                updates.append(self._append(seq, [row[col] for row in tokens], []))
-        return updates
-
-    def _append(self, seq: Sequence, new_tokens: list[int], new_logprobs: list[dict[int, float]]) -> SequenceUpdate:
-        """Add sampled tokens one by one, stopping at the first that ends the sequence. Tokens computed
-        past the end by a multi-step decode are dropped; their KV went with the freed pages."""
-        p = seq.params
+    def _append(self, seq: Sequence, token: int, logprobs: dict[int, float] | None) -> SequenceUpdate:
+        """Add a sampled token and apply the stop rules to it."""
         first = seq.num_output == 0
-        taken: list[int] = []
-        for token in new_tokens:
-            seq.token_ids.append(token)
-            taken.append(token)
-            reason, stop_reason = self._check_stop(seq, token)
-            if reason:
-                self.scheduler.finish(seq, reason, stop_reason)
-                break
-        seq.logprobs.extend(new_logprobs[: len(taken)])
+        seq.token_ids.append(token)
+        reason, stop_reason = self._check_stop(seq, token)
+        if reason:
+            self._finish_seq(seq, reason, stop_reason)
+        if logprobs is not None:
+            seq.logprobs.append(logprobs)
         finished = seq.status is Status.FINISHED
         update = SequenceUpdate(
             seq.request_id,
             seq.index,
-            taken,
+            [token],
             seq.detok.release(final=finished),
             finished,
             seq.finish_reason,
             seq.stop_reason,
-            new_logprobs[: len(taken)] if p.logprobs is not None else [],
+            [logprobs] if logprobs is not None else [],
             seq.prompt_logprobs if first else None,
         )
         if finished and all(s.status is Status.FINISHED for s in self.requests.get(seq.request_id, [])):
             self.requests.pop(seq.request_id, None)
         return update
+
+    def _finish_seq(self, seq: Sequence, reason: str, stop_reason: str | int | None = None) -> None:
+        """End a sequence: its pages and its sampler state go back."""
+        self.scheduler.finish(seq, reason, stop_reason)
+        self.sampler.release(seq)
 
     def _check_stop(self, seq: Sequence, token: int) -> tuple[str | None, str | int | None]:
         p = seq.params

@@ -118,7 +118,7 @@ class LLM:
             max_model_len=self.max_model_len,
             max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens,
-            decode_steps_per_sync=args.decode_steps_per_sync,
+            overlap=args.overlap,
             seed=args.seed,
         )
         self.backend = executor.name

@@ -1,7 +1,8 @@
-"""SamplingParams and the sampler: logits -> next tokens (+ logprobs), one row per sequence.
+"""SamplingParams and the Sampler: a step's logits -> next tokens (+ logprobs) on the device, batched.
 
-Every row carries its own settings and its own torch.Generator, so a request's tokens depend only on
-its logits and its seed, never on which other requests share the batch.
+Every row carries its own settings, and its random number comes from its sequence's seed and output
+position, so a request's tokens depend only on its logits and its seed, never on which other requests
+share the batch; the tokens reach the host through pinned memory without stalling the device.
 """
 
 from __future__ import annotations
@@ -70,16 +71,9 @@ class SamplingParams:
         return self.temperature == 0 or self.top_k == 1
 
     @property
-    def plain_greedy(self) -> bool:
-        """Greedy with nothing that needs the host between steps (penalties, logprobs)."""
-        return (
-            self.greedy
-            and self.logprobs is None
-            and not self.logit_bias
-            and self.presence_penalty == 0
-            and self.frequency_penalty == 0
-            and self.repetition_penalty == 1
-        )
+    def has_penalties(self) -> bool:
+        """Repetition, presence or frequency penalties: the sampler keeps token counts for them."""
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
 
 
 def _valid_bias(bias: dict[int, float] | None) -> bool:
@@ -93,92 +87,200 @@ def _valid_bias(bias: dict[int, float] | None) -> bool:
 
 @dataclass
 class SampleRow:
-    """What the sampler needs to know about one sequence this step."""
+    """One sequence's draw this step."""
 
+    key: object  # the sequence: its penalty counts live on the device under this key until release(key)
     params: SamplingParams
-    generator: torch.Generator | None
-    prompt_ids: list[int]
-    output_ids: list[int]
+    seed: int
+    position: int  # which of the sequence's outputs this token is: with the seed, it fixes the draw
+    prompt_ids: list[int]  # for the repetition penalty; read when the key is first seen
     banned_ids: tuple[int, ...] = ()  # EOS and stop tokens while min_tokens is not reached
 
 
-@dataclass
+def _mix32(x: int) -> int:
+    """A 32-bit integer hash with full avalanche (Wellons' lowbias32)."""
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def uniform(seed: int, position: int) -> float:
+    """The number in [0, 1) that picks a sequence's output `position`: a counter-based hash of (seed,
+    position), so a seed gives the same tokens in every run and whatever else shares the batch."""
+    seed %= 2**64
+    x = _mix32(_mix32(_mix32(seed & 0xFFFFFFFF) ^ (seed >> 32)) ^ (position & 0xFFFFFFFF))
+    high, low = _mix32(x ^ 0x9E3779B9), _mix32(x ^ 0x7F4A7C15)
+    return ((high << 21) | (low >> 11)) / 2.0**53
+
+
 class Sampled:
-    token_id: int
-    logprobs: dict[int, float] | None  # sampled token and the top-N alternatives
+    """One step's tokens: `tokens` [rows] int64 on the device (what the next step feeds), with the
+    tokens and logprobs on their way to pinned host memory behind an event (on CPU: already there)."""
+
+    def __init__(self, tokens: torch.Tensor, raw: torch.Tensor, top_n: list[int | None]):
+        self.tokens, self.top_n = tokens, top_n
+        wanted = [n for n in top_n if n is not None]
+        ids, values = tokens[:, None], None
+        if wanted:
+            logp = raw.log_softmax(-1)
+            values = logp.gather(1, ids)
+            if max(wanted):
+                top = logp.topk(max(wanted), dim=-1)
+                ids, values = torch.cat((ids, top.indices), 1), torch.cat((values, top.values), 1)
+        self._ids, self._values = _to_host(ids), None if values is None else _to_host(values)
+        self._done = None
+        if tokens.is_cuda:
+            self._done = torch.cuda.Event()
+            self._done.record(torch.cuda.current_stream(tokens.device))
+
+    def result(self) -> list[tuple[int, dict[int, float] | None]]:
+        """Wait for the device; each row's token and, where asked, its logprob and the top-N alternatives
+        (the model's own distribution, before penalties and filters, as vLLM reports)."""
+        if self._done is not None:
+            self._done.synchronize()
+        ids = self._ids.tolist()
+        values = None if self._values is None else self._values.tolist()
+        out = []
+        for row, n in enumerate(self.top_n):
+            logprobs = None
+            if n is not None:
+                logprobs = {ids[row][0]: values[row][0]} | dict(
+                    zip(ids[row][1 : 1 + n], values[row][1 : 1 + n], strict=True)
+                )
+            out.append((ids[row][0], logprobs))
+        return out
 
 
-def _apply_penalties(logits: torch.Tensor, row: SampleRow) -> torch.Tensor:
-    """Repetition, presence and frequency penalties, then logit_bias, in place."""
-    p = row.params
-    if p.repetition_penalty != 1 and (row.prompt_ids or row.output_ids):
-        seen = torch.tensor(sorted(set(row.prompt_ids) | set(row.output_ids)), device=logits.device)
-        vals = logits[seen]
-        logits[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
-    if (p.presence_penalty or p.frequency_penalty) and row.output_ids:
-        ids, counts = torch.tensor(row.output_ids, device=logits.device).unique(return_counts=True)
-        logits[ids] -= p.presence_penalty + p.frequency_penalty * counts.to(logits.dtype)
-    if p.logit_bias:
-        ids = torch.tensor(list(p.logit_bias), device=logits.device)
-        logits[ids] += torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype, device=logits.device)
-    return logits
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """A copy of device `t` in pinned host memory, queued without waiting."""
+    if not t.is_cuda:
+        return t.clone()
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return host.copy_(t, non_blocking=True)
 
 
-def _filter(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
-    """Temperature, then top-k, top-p and min-p masks (excluded tokens get -inf)."""
-    logits = logits / p.temperature
-    if p.top_k > 0 and p.top_k < logits.numel():
-        kth = torch.topk(logits, p.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if p.top_p < 1:
-        sorted_logits, order = logits.sort(descending=True)
-        probs = sorted_logits.softmax(-1)
-        # Drop a token when the tokens ranked above it already reach top_p; the best token always stays.
-        drop = (probs.cumsum(-1) - probs) >= p.top_p
-        logits = logits.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
-    if p.min_p > 0:
-        probs = logits.softmax(-1)
-        logits = logits.masked_fill(probs < p.min_p * probs.max(), float("-inf"))
-    return logits
+class Sampler:
+    """Picks one token per row of a step's logits on their device, right behind the work computing them,
+    without waiting for it. Every setting is a per-row tensor; a stage no row of the batch uses is skipped
+    (neutral settings leave a row unchanged, so a row's token never depends on the others); the random
+    number of a row comes from `uniform(seed, position)`; penalties read per-sequence token counts kept
+    on the device and updated by each draw."""
 
+    def __init__(self, vocab_size: int, device: torch.device):
+        self.vocab_size, self.device = vocab_size, device
+        self._slots: dict[object, int] = {}  # key -> row of the count tensors
+        self._free: list[int] = []
+        self._counts = torch.zeros((0, vocab_size), dtype=torch.int32, device=device)  # output tokens
+        self._in_prompt = torch.zeros((0, vocab_size), dtype=torch.bool, device=device)
 
-def sample(logits: torch.Tensor, rows: list[SampleRow]) -> list[Sampled]:
-    """Pick one token per row of fp32 `logits` [num_rows, vocab]."""
-    if logits.shape[0] != len(rows):
-        raise ValueError(f"{logits.shape[0]} logit rows for {len(rows)} sequences")
-    out: list[Sampled | None] = [None] * len(rows)
-    # Plain greedy rows need nothing but an argmax: one batched call (one device sync) for all of them.
-    plain = [i for i, row in enumerate(rows) if row.params.plain_greedy and not row.banned_ids]
-    if plain:
-        for i, token in zip(plain, logits[plain].argmax(-1).tolist(), strict=True):
-            out[i] = Sampled(token, None)
-    for i, row in enumerate(rows):
-        if out[i] is not None:
-            continue
-        p = row.params
-        raw = logits[i]
-        x = _apply_penalties(raw.clone(), row)
-        if row.banned_ids:
-            x[list(row.banned_ids)] = float("-inf")
-        if p.greedy:
-            token = int(x.argmax())
+    def release(self, key: object) -> None:
+        """Forget a finished sequence's penalty counts (its slot is reset when reused, in stream order)."""
+        slot = self._slots.pop(key, None)
+        if slot is not None:
+            self._free.append(slot)
+
+    @torch.inference_mode()
+    def sample(self, logits: torch.Tensor, rows: list[SampleRow]) -> Sampled:
+        """Queue the choice of one token per row of fp32 `logits` [len(rows), vocab]; greedy rows
+        (temperature 0 or top_k 1) take the argmax of the penalized logits."""
+        if logits.shape[0] != len(rows):
+            raise ValueError(f"{logits.shape[0]} logit rows for {len(rows)} sequences")
+        penalized = [i for i, r in enumerate(rows) if r.params.has_penalties]
+        slots = self._upload([self._slot(rows[i]) for i in penalized], torch.long) if penalized else None
+        x = self._adjust(logits, rows, penalized, slots)
+        greedy = [r.params.greedy for r in rows]
+        if all(greedy):
+            tokens = x.argmax(-1)
         else:
-            probs = _filter(x, p).softmax(-1)
-            token = int(torch.multinomial(probs, 1, generator=row.generator))
-        out[i] = Sampled(token, _logprobs(raw, token, p.logprobs))
-    return out
+            tokens = self._draw(x, rows)
+            if any(greedy):
+                tokens = torch.where(self._upload(greedy, torch.bool), x.argmax(-1), tokens)
+        if penalized:
+            counted = tokens[self._upload(penalized, torch.long)]
+            self._counts.index_put_((slots, counted), torch.ones_like(counted, dtype=torch.int32), accumulate=True)
+        return Sampled(tokens, logits, [r.params.logprobs for r in rows])
 
+    def _upload(self, values: list, dtype: torch.dtype) -> torch.Tensor:
+        """A small host list on the device without waiting for queued work (pageable memory would)."""
+        t = torch.tensor(values, dtype=dtype)
+        return t.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else t
 
-def _logprobs(raw: torch.Tensor, token: int, top_n: int | None) -> dict[int, float] | None:
-    """Log-probabilities under the model's own distribution (before sampling filters), as vLLM reports."""
-    if top_n is None:
-        return None
-    logp = raw.log_softmax(-1)
-    result = {token: float(logp[token])}
-    if top_n:
-        values, ids = logp.topk(top_n)
-        result |= {int(t): float(v) for t, v in zip(ids, values, strict=True)}
-    return result
+    def _slot(self, row: SampleRow) -> int:
+        """The count row of `row`'s sequence; a new one is cleared and marked with its prompt's tokens."""
+        if row.key in self._slots:
+            return self._slots[row.key]
+        if not self._free:
+            grow = max(8, self._counts.shape[0])
+            self._free = list(range(self._counts.shape[0] + grow - 1, self._counts.shape[0] - 1, -1))
+            self._counts = torch.cat((self._counts, self._counts.new_zeros((grow, self.vocab_size))))
+            self._in_prompt = torch.cat((self._in_prompt, self._in_prompt.new_zeros((grow, self.vocab_size))))
+        slot = self._slots[row.key] = self._free.pop()
+        self._counts[slot].zero_()
+        self._in_prompt[slot].zero_()
+        self._in_prompt[slot, self._upload(row.prompt_ids, torch.long)] = True
+        return slot
+
+    def _adjust(
+        self, logits: torch.Tensor, rows: list[SampleRow], penalized: list[int], slots: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Repetition, presence and frequency penalties, then logit_bias, then bans (-inf), on a copy:
+        `logits` stays raw for logprobs."""
+        bias = [(i, t, b) for i, r in enumerate(rows) for t, b in (r.params.logit_bias or {}).items()]
+        bans = [(i, t) for i, r in enumerate(rows) for t in r.banned_ids]
+        if not (penalized or bias or bans):
+            return logits
+        x = logits.clone()
+        if penalized:
+            idx = self._upload(penalized, torch.long)
+            p = [rows[i].params for i in penalized]
+            rep, presence, frequency = self._upload(
+                [[q.repetition_penalty for q in p], [q.presence_penalty for q in p], [q.frequency_penalty for q in p]],
+                torch.float32,
+            )[:, :, None]
+            counts = self._counts[slots]
+            seen = counts > 0
+            xp = x[idx]
+            xp = torch.where(seen | self._in_prompt[slots], torch.where(xp > 0, xp / rep, xp * rep), xp)
+            x[idx] = xp - (seen * presence + counts * frequency)
+        if bias:
+            i, t, b = zip(*bias, strict=True)
+            x.index_put_(
+                (self._upload(i, torch.long), self._upload(t, torch.long)), self._upload(b, torch.float32), True
+            )
+        if bans:
+            i, t = zip(*bans, strict=True)
+            x[self._upload(i, torch.long), self._upload(t, torch.long)] = float("-inf")
+        return x
+
+    def _draw(self, x: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+        """Temperature, then the top-k, top-p and min-p masks (the host sampler's order); then the token
+        whose interval of the cumulative distribution (fp64, vocabulary order) holds the row's number."""
+        p = [r.params for r in rows]
+        floats = self._upload(
+            [[1.0 if q.greedy else q.temperature for q in p], [q.top_p for q in p], [q.min_p for q in p]], torch.float32
+        )
+        y = x / floats[0, :, None]
+        top_k = [q.top_k if 0 < q.top_k < self.vocab_size else 0 for q in p]
+        if any(top_k):
+            k = self._upload(top_k, torch.long)
+            kth = y.topk(max(top_k), dim=-1).values.gather(1, (k.clamp(min=1) - 1)[:, None])
+            y = y.masked_fill((y < kth) & (k > 0)[:, None], float("-inf"))
+        if any(q.top_p < 1 for q in p):
+            top_p = floats[1, :, None]
+            sorted_y, order = y.sort(dim=-1, descending=True)
+            probs = sorted_y.softmax(-1)
+            # Drop a token when the tokens ranked above it already reach top_p; the best token always stays.
+            drop = ((probs.cumsum(-1) - probs) >= top_p) & (top_p < 1)
+            y = y.scatter(1, order, sorted_y.masked_fill(drop, float("-inf")))
+        if any(q.min_p > 0 for q in p):
+            probs = y.softmax(-1)
+            y = y.masked_fill(probs < floats[2, :, None] * probs.amax(-1, keepdim=True), float("-inf"))
+        cdf = y.softmax(-1).double().cumsum(-1)
+        u = self._upload([uniform(r.seed, r.position) for r in rows], torch.float64)
+        picked = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
+        return picked.clamp_(max=self.vocab_size - 1)
 
 
 @dataclass

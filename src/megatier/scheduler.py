@@ -13,8 +13,6 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-import torch
-
 from megatier.detokenizer import IncrementalDetokenizer
 from megatier.kv.pages import PageAllocator, PageTable
 from megatier.sampling import PromptLogprobs, SamplingParams
@@ -34,13 +32,14 @@ class Sequence:
     index: int
     prompt_ids: list[int]
     params: SamplingParams
-    generator: torch.Generator | None
+    seed: int  # with each output's position, fixes the sampler's random numbers
     detok: IncrementalDetokenizer
     token_ids: list[int] = field(default_factory=list)  # prompt, then every sampled token
     logprobs: list[dict[int, float]] = field(default_factory=list)
     prompt_logprobs: PromptLogprobs | None = None  # with params.prompt_logprobs; filled during prefill
     table: PageTable = field(default_factory=PageTable)
     num_computed: int = 0  # tokens whose KV is in the cache
+    num_pending: int = 0  # tokens sampled by steps still in flight: on the device, not in token_ids yet
     status: Status = Status.WAITING
     finish_reason: str | None = None
     stop_reason: str | int | None = None
@@ -67,11 +66,17 @@ class Sequence:
 
     @property
     def num_uncomputed(self) -> int:
-        return len(self.token_ids) - self.num_computed
+        return len(self.token_ids) + self.num_pending - self.num_computed
 
     @property
     def in_decode(self) -> bool:
-        return self.num_uncomputed == 1 and len(self.token_ids) > len(self.prompt_ids)
+        return self.num_uncomputed == 1 and self.num_output + self.num_pending > 0
+
+    def ends_with_pending(self, max_model_len: int) -> bool:
+        """Its tokens in flight reach max_tokens or the context limit: another step would be wasted."""
+        total = len(self.token_ids) + self.num_pending
+        max_tokens = self.params.max_tokens
+        return total >= max_model_len or (max_tokens is not None and total - len(self.prompt_ids) >= max_tokens)
 
 
 @dataclass
@@ -81,10 +86,18 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, allocator: PageAllocator, page_size: int, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(
+        self,
+        allocator: PageAllocator,
+        page_size: int,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_model_len: int,
+    ):
         # The KV store's allocator: a tiered one also frees the slices of each freed page.
         self.allocator = allocator
         self.page_size = page_size
+        self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -128,15 +141,6 @@ class Scheduler:
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
 
-    def ensure_capacity(self, seqs: list[Sequence], extra_tokens: int) -> bool:
-        """Try to give every running `seqs` room for `extra_tokens` more tokens (multi-step decode)."""
-        need = sum(s.table.pages_needed(s.num_computed + extra_tokens, self.page_size) for s in seqs)
-        if need > self.allocator.num_free:
-            return False
-        for s in seqs:
-            self._grow(s, s.num_computed + extra_tokens)
-        return True
-
     def _make_room(self, seq: Sequence, total_tokens: int, keep: list[Sequence], preempted: list[Sequence]) -> bool:
         """Grow running `seq` to `total_tokens`, preempting the newest running sequences not in `keep`.
         False if `seq` itself had to go."""
@@ -154,8 +158,8 @@ class Scheduler:
         preempted: list[Sequence] = []
         budget = self.max_num_batched_tokens
 
-        # 1. One token for every running sequence in decode.
-        for seq in [s for s in self.running if s.in_decode]:
+        # 1. One token for every running sequence in decode (not one that the steps in flight end).
+        for seq in [s for s in self.running if s.in_decode and not s.ends_with_pending(self.max_model_len)]:
             if budget == 0:
                 break
             if seq.status is Status.RUNNING and self._make_room(seq, seq.num_computed + 1, seqs, preempted):

@@ -14,12 +14,12 @@ Batches that are not pure decode (prefill chunks, mixed) run eagerly, split into
 `max_prefill_tokens` tokens so long prompts need bounded activation memory. A decode batch is padded to
 a bucket size (padding rows have length 0: they read no KV and write none) and replayed as a CUDA graph
 captured on first use of its (bucket, attention splits). Every per-step input lives in persistent
-device buffers filled before the replay, and positions and KV slots are derived on the device from
-seq_lens and the block tables. `decode_greedy` replays a graph that also takes the argmax and feeds it
-back, so many steps need one host sync; `decode_greedy_async` queues such a chunk and returns at once,
-and a resumed chunk continues from the tokens and lengths the previous one left in those buffers, so the
-host can prepare the next chunk while the device runs this one. Without CUDA (tests, TRITON_INTERPRET=1)
-the same code runs eagerly.
+device buffers filled before the replay (tokens sampled by the step before, still on the device, are
+copied in behind it), and positions and KV slots are derived on the device from seq_lens and the block
+tables; nothing waits for the device, so the engine queues the next step while this one runs.
+`decode_greedy` (kernel tests and benchmarks) replays a graph that also takes the argmax and feeds it
+back, so many steps need one host sync. Without CUDA (tests, TRITON_INTERPRET=1) the same code runs
+eagerly.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import triton
 
 from megatier.config import ModelConfig, rope_inv_freq
 from megatier.errors import MegatierError
-from megatier.executors.base import GreedyChunk, StepBatch
+from megatier.executors.base import StepBatch, upload
 from megatier.kernels import add_rms_norm, paged_decode_attention, paged_prefill_attention, rope_append, silu_mul
 from megatier.kernels.argmax import greedy_feedback
 from megatier.kernels.embed import embed_rows
@@ -81,9 +81,6 @@ class GraphExecutor:
         self.step = torch.zeros(1, dtype=torch.int64, device=self.device)  # next row of `history`
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor | None]] = {}
         self.graph_pool = None
-        # After a greedy chunk: each row's next start and how many of its page ids the device holds,
-        # what a resumed chunk continues from. None once anything else has used the decode buffers.
-        self.resume_state: tuple[list[int], list[int]] | None = None
 
     # ---- the model -------------------------------------------------------------------------------
 
@@ -118,7 +115,6 @@ class GraphExecutor:
 
     @torch.inference_mode()
     def forward(self, batch: StepBatch) -> torch.Tensor:
-        self.resume_state = None
         self._check(batch)
         if batch.is_decode() and batch.num_seqs <= BATCH_BUCKETS[-1]:
             return self._decode_logits(batch)
@@ -129,6 +125,7 @@ class GraphExecutor:
             offsets.append(offsets[-1] + n)
             out_rows.append(out_rows[-1] + c)
         done = [0] * batch.num_seqs
+        tokens = batch.token_tensor(self.device, torch.int32)
         while True:
             # One pass: the next chunk of each unfinished sequence, up to the token budget.
             chunks, budget = [], self.max_prefill_tokens
@@ -140,7 +137,7 @@ class GraphExecutor:
             if not chunks:
                 return logits
             rows, dest = self._wanted_rows(batch, chunks, out_rows)
-            logits[dest] = self._prefill_pass(batch, offsets, chunks, rows)
+            logits[dest] = self._prefill_pass(batch, tokens, offsets, chunks, rows)
             for i, _, take in chunks:
                 done[i] += take
 
@@ -162,16 +159,23 @@ class GraphExecutor:
         return rows, dest
 
     def _prefill_pass(
-        self, batch: StepBatch, offsets: list[int], chunks: list[tuple[int, int, int]], rows: list[int]
+        self,
+        batch: StepBatch,
+        batch_tokens: torch.Tensor,
+        offsets: list[int],
+        chunks: list[tuple[int, int, int]],
+        rows: list[int],
     ) -> torch.Tensor:
-        """Run chunks (sequence, first new token, count); return fp32 logits of the pass's tokens `rows`."""
-        token_ids, positions, seq_ids = [], [], []
+        """Run chunks (sequence, first new token, count) of the batch's tokens (on the device); return fp32
+        logits of the pass's tokens `rows`."""
+        token_ids, index, positions, seq_ids = [], [], [], []
         for j, (i, first, take) in enumerate(chunks):
             start = batch.starts[i] + first
             token_ids += batch.token_ids[offsets[i] + first : offsets[i] + first + take]
+            index += range(offsets[i] + first, offsets[i] + first + take)
             positions += range(start, start + take)
             seq_ids += [j] * take
-        ints = torch.tensor([token_ids, positions, seq_ids], dtype=torch.int32).to(self.device)
+        ints = upload(torch.tensor([index, positions, seq_ids], dtype=torch.int32), self.device)
         page_tables = [batch.page_tables[i][: self.max_table] for i, _, _ in chunks]
         tables = block_table_tensor(page_tables, self.device)
         starts = [batch.starts[i] + first for i, first, _ in chunks]
@@ -184,7 +188,7 @@ class GraphExecutor:
             where = self.cache.context(plan, layer)
             return paged_prefill_attention(q, where.pool, where.layer, where.tables, starts, query_lens, self.scale)
 
-        x, residual = self._layers(ints[0], ints[1], ints[2], plan, attend)
+        x, residual = self._layers(batch_tokens[ints[0]], ints[1], ints[2], plan, attend)
         self.cache.end_step(plan)
         wanted = torch.tensor(rows, dtype=torch.long).to(self.device)
         return self._logits(x[wanted], residual[wanted]).float()
@@ -253,19 +257,9 @@ class GraphExecutor:
         """Run `num_steps` greedy decode steps on the device: step 0 feeds the batch's tokens, each later
         step feeds the previous argmax. The page tables must have room for num_steps tokens from each
         sequence's start. Returns the chosen tokens [num_steps, B] int64 on the device, without a sync."""
-        return self._queue_greedy(batch, num_steps, resume=False).clone()
+        return self._queue_greedy(batch, num_steps).clone()
 
-    @torch.inference_mode()
-    def decode_greedy_async(
-        self, batch: StepBatch, num_steps: int, *, resume: bool = False, first_tokens: torch.Tensor | None = None
-    ) -> GreedyChunk:
-        """decode_greedy queued without waiting, or with `resume` continued from the previous chunk's
-        device state, or fed `first_tokens` (the AsyncGreedyDecoder protocol in base.py)."""
-        return GreedyChunk.copy_of(self._queue_greedy(batch, num_steps, resume, first_tokens))
-
-    def _queue_greedy(
-        self, batch: StepBatch, num_steps: int, resume: bool, first_tokens: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def _queue_greedy(self, batch: StepBatch, num_steps: int) -> torch.Tensor:
         """Queue the greedy steps; return the history rows they fill (overwritten by the next chunk)."""
         if not batch.is_decode() or batch.num_seqs > BATCH_BUCKETS[-1]:
             raise ValueError(f"decode_greedy needs 1..{BATCH_BUCKETS[-1]} sequences of one new token each")
@@ -273,14 +267,8 @@ class GraphExecutor:
             raise MegatierError(f"decode_greedy needs num_steps >= 1, got {num_steps}")
         if self.cache.tiered:
             raise MegatierError("decode_greedy: a tiered KV cache plans every step on the host; use forward()")
-        self._check(batch, num_steps, resume or first_tokens is not None)
-        bucket = self._resume_decode_batch(batch) if resume else self._load_decode_batch(batch)
-        if first_tokens is not None:
-            self.tokens[: batch.num_seqs].copy_(first_tokens)
-        self.resume_state = (
-            [s + num_steps for s in batch.starts],
-            [min(len(t), self.max_table) for t in batch.page_tables],
-        )
+        self._check(batch, num_steps)
+        bucket = self._load_decode_batch(batch)
         if self.history.shape[0] < num_steps:
             rows = triton.next_power_of_2(num_steps)
             self.history = torch.zeros((rows, BATCH_BUCKETS[-1]), dtype=torch.int64, device=self.device)
@@ -292,34 +280,19 @@ class GraphExecutor:
             self._run(("greedy", bucket, splits), lambda: self._decode_step(plan, bucket, splits, greedy=True))
         return self.history[:num_steps, : batch.num_seqs]
 
-    def _resume_decode_batch(self, batch: StepBatch) -> int:
-        """Check that `batch` continues the previous greedy chunk; upload only the page ids it gained
-        (tokens and lengths are already on the device). Returns its bucket."""
-        if self.resume_state is None:
-            raise MegatierError("decode_greedy_async(resume=True) must follow a greedy chunk, with no forward() since")
-        starts, known = self.resume_state
-        if len(starts) != batch.num_seqs:
-            raise MegatierError(f"resume: the batch has {batch.num_seqs} sequences, the previous chunk {len(starts)}")
-        for i, (start, expected) in enumerate(zip(batch.starts, starts, strict=True)):
-            if start != expected:
-                raise MegatierError(f"resume: sequence {i} starts at {start}, but the device state is at {expected}")
-        for i, (table, have) in enumerate(zip(batch.page_tables, known, strict=True)):
-            new = table[have : self.max_table]
-            if new:
-                self._upload(self.block_tables[i, have : have + len(new)], torch.tensor(new, dtype=torch.int32))
-        return next(b for b in BATCH_BUCKETS if b >= batch.num_seqs)
-
     def _load_decode_batch(self, batch: StepBatch) -> int:
-        """Copy a decode batch into the persistent buffers; return its bucket (padding rows get length 0)."""
+        """Copy a decode batch (fed tokens too) into the persistent buffers; return its bucket (padding rows
+        get length 0)."""
         num_seqs = batch.num_seqs
         bucket = next(b for b in BATCH_BUCKETS if b >= num_seqs)
         ints = torch.zeros((2, bucket), dtype=torch.int32)
-        ints[0, :num_seqs] = torch.tensor(batch.token_ids or [0] * num_seqs, dtype=torch.int32)
+        ints[0, :num_seqs] = torch.tensor(batch.token_ids, dtype=torch.int32)
         ints[1, :num_seqs] = torch.tensor(batch.context_lens, dtype=torch.int32)
         tables = block_table_tensor([t[: self.max_table] for t in batch.page_tables], torch.device("cpu"))
         self._upload(self.tokens[:bucket], ints[0])
         self._upload(self.seq_lens[:bucket], ints[1])
         self._upload(self.block_tables[:num_seqs, : tables.shape[1]], tables)
+        batch.feed_into(self.tokens[:bucket])
         return bucket
 
     def _upload(self, dst: torch.Tensor, src: torch.Tensor) -> None:
@@ -362,10 +335,9 @@ class GraphExecutor:
         graph.replay()
         return out
 
-    def _check(self, batch: StepBatch, num_steps: int = 1, no_tokens: bool = False) -> None:
-        """`batch` must fit, run for `num_steps` greedy steps; with `no_tokens` (a resumed batch, or one fed
-        from the device) its token_ids are not read."""
-        if min(batch.query_lens, default=1) < 1 or (not no_tokens and len(batch.token_ids) != sum(batch.query_lens)):
+    def _check(self, batch: StepBatch, num_steps: int = 1) -> None:
+        """`batch` must fit, run for `num_steps` greedy steps."""
+        if min(batch.query_lens, default=1) < 1 or len(batch.token_ids) != sum(batch.query_lens):
             raise ValueError("StepBatch: every sequence needs >= 1 new token and token_ids must hold all of them")
         for i, (context, table) in enumerate(zip(batch.context_lens, batch.page_tables, strict=True)):
             end = context + num_steps - 1

@@ -77,7 +77,7 @@ class ReferenceExecutor:
     @torch.inference_mode()
     def forward(self, batch: StepBatch) -> torch.Tensor:
         cfg, dev, store = self.cfg, self.device, self.cache
-        tokens = torch.tensor(batch.token_ids, dtype=torch.long, device=dev)
+        tokens = batch.token_tensor(dev)
         positions = torch.tensor([p for span in batch.positions() for p in span], device=dev)
         seq_of_token = torch.repeat_interleave(torch.arange(batch.num_seqs), torch.tensor(batch.query_lens)).to(dev)
         tables = block_table_tensor(batch.page_tables, dev)

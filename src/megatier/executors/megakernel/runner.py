@@ -1,13 +1,13 @@
 """MegakernelExecutor: decode steps in cooperative launches that loop over steps, captured as CUDA graphs.
 
-Construct as `MegakernelExecutor(cfg, weights, cache=cache)`. `forward(batch)` runs one decode step and
-returns fp32 logits; prefill (any batch with more than one new token per sequence) and decode batches
-larger than MAX_BATCH go to a GraphExecutor that shares the KV cache and the packed weights.
-`decode_greedy(batch, num_steps)` runs num_steps steps on the device with the greedy token fed back by
-the kernel itself, replaying a CUDA graph of one launch of `check_every` steps; `decode_greedy_async`
-queues them without waiting and can resume from the device state (base.AsyncGreedyDecoder), so the
-engine's host work overlaps the kernel. The kernel writes each step's tokens straight into a pinned
-host ring, so between two chunks the stream holds nothing but the next launch (and new page ids).
+Construct as `MegakernelExecutor(cfg, weights, cache=cache)`. `forward(batch)` queues one decode step
+(a replayed CUDA graph of one launch; tokens the previous step sampled are copied in on the device) and
+returns its fp32 logits without waiting, so the engine samples behind it and schedules the next step
+meanwhile; an abort the kernel reported (its diagnostics are host memory) raises at the next call.
+Prefill (any batch with more than one new token per sequence) and decode batches larger than MAX_BATCH
+go to a GraphExecutor that shares the KV cache and the packed weights. `decode_greedy(batch, num_steps)`
+(kernel tests and benchmarks) runs num_steps steps on the device with the greedy token fed back by the
+kernel itself, replaying a CUDA graph of one launch of `check_every` steps.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 
 from megatier.config import ModelConfig
 from megatier.errors import MegatierError
-from megatier.executors.base import GreedyChunk, StepBatch
+from megatier.executors.base import StepBatch
 from megatier.executors.graph import GraphExecutor
 from megatier.executors.megakernel.build import MAX_BATCH, PARAMS, KernelConfig, check_supported, compile_cubin
 from megatier.executors.megakernel.isa import STAMPS
@@ -30,7 +30,6 @@ from megatier.kv.pages import KVCache
 from megatier.weights import ModelWeights
 
 DIAG_KINDS = {1: "a counter wait timed out", 2: "a weight chunk never arrived", 3: "the ring never drained"}
-RING_STEPS = 1024  # rows of the host token ring: steps queued before a chunk's tokens must be read
 
 
 class _TorchStream:
@@ -55,8 +54,6 @@ class _Variant:
     program: Program | None = None
     words: torch.Tensor | None = None
     lengths: torch.Tensor | None = None
-    next_row: int = 0  # the token ring's row of the next queued step (the kernel's step counter)
-    table_lens: list[int] | None = None  # page ids of each sequence already on the device
 
 
 class MegakernelExecutor:
@@ -99,19 +96,17 @@ class MegakernelExecutor:
         self._programs: dict[tuple[int, int], tuple[Program, torch.Tensor, torch.Tensor]] = {}  # (batch, splits)
         self._graphs: dict[tuple[int, int, int], torch.cuda.CUDAGraph | None] = {}
         self.graph_error: str | None = None
-        self._resume: tuple[str, list[int]] | None = None  # who ran the last greedy chunk, and its ends
 
     # -- public API --------------------------------------------------------------------------------
 
     @torch.inference_mode()
     def forward(self, batch: StepBatch) -> torch.Tensor:
-        self._resume = None
+        self._raise_if_aborted()
         if not batch.is_decode() or batch.num_seqs > MAX_BATCH:
             return self.fallback.forward(batch)
         v = self._prepare(batch, steps=1)
-        self._launch(v)
-        self._check(v)
-        return v.bufs.logits.clone()
+        self._queue(v, 1)
+        return v.bufs.logits.clone()  # the next step overwrites the buffer
 
     @torch.inference_mode()
     def decode_greedy(
@@ -125,7 +120,6 @@ class MegakernelExecutor:
             return self.fallback.decode_greedy(batch, num_steps)
         if num_steps < 1:
             raise MegatierError(f"num_steps must be >= 1, got {num_steps}")
-        self._resume = None
         v = self._prepare(batch, steps=num_steps)
         k = min(check_every, num_steps)
         done = 0
@@ -139,34 +133,6 @@ class MegakernelExecutor:
                     break
         self._check(v)
         return v.bufs.out_tokens[:done].to(self.device)
-
-    @torch.inference_mode()
-    def decode_greedy_async(
-        self, batch: StepBatch, num_steps: int, *, resume: bool = False, first_tokens: torch.Tensor | None = None
-    ) -> GreedyChunk:
-        """num_steps greedy steps queued on the current stream without waiting; with `resume`, continued
-        from the previous chunk's device state (tokens, positions, epoch), only new page ids uploaded;
-        with `first_tokens` (device [B]), step 0 feeds those. An abort the kernel reported in an earlier
-        chunk raises here (its diagnostics are host memory)."""
-        self._raise_if_aborted()
-        if not batch.is_decode():
-            raise MegatierError("decode_greedy_async needs a decode batch (one new token per sequence)")
-        if num_steps < 1:
-            raise MegatierError(f"num_steps must be >= 1, got {num_steps}")
-        who = "fallback" if batch.num_seqs > MAX_BATCH else "kernel"
-        if resume:
-            self._check_resume(batch, who)
-        self._resume = (who, [s + num_steps for s in batch.starts])
-        if who == "fallback":
-            return self.fallback.decode_greedy_async(batch, num_steps, resume=resume, first_tokens=first_tokens)
-        if resume:
-            v = self._resume_variant(batch, num_steps)
-        else:
-            v = self._prepare(batch, steps=num_steps, first_tokens=first_tokens)
-        self._queue(v, num_steps)
-        chunk = GreedyChunk.rows_of(v.bufs.out_tokens, v.next_row, num_steps, torch.cuda.current_stream(self.device))
-        v.next_row += num_steps
-        return chunk
 
     def set_schedule(self, strategy: str, seed: int = 0, num_sms: int | None = None) -> None:
         """Assign instructions to SMs differently from the next step on (results must not change)."""
@@ -215,31 +181,6 @@ class MegakernelExecutor:
         if num_steps % k:
             self._launch(v, steps=num_steps % k)
 
-    def _check_resume(self, batch: StepBatch, who: str) -> None:
-        if self._resume is None:
-            raise MegatierError("decode_greedy_async(resume=True) must follow a greedy chunk, with no forward() since")
-        last, ends = self._resume
-        if last != who or len(ends) != batch.num_seqs:
-            raise MegatierError(f"resume: the batch has {batch.num_seqs} sequences, the previous chunk {len(ends)}")
-        for i, (start, end) in enumerate(zip(batch.starts, ends, strict=True)):
-            if start != end:
-                raise MegatierError(f"resume: sequence {i} starts at {start}, but the device state is at {end}")
-
-    def _resume_variant(self, batch: StepBatch, num_steps: int) -> _Variant:
-        """The variant the previous chunk ran, with the page ids its sequences gained uploaded; tokens,
-        positions, counters, the epoch and the token ring's row stay as the kernel left them."""
-        ends = self._check_room(batch, num_steps)
-        v = self._variants[batch.num_seqs]
-        self._program(v, choose_splits(max(ends)))
-        if v.bufs.out_tokens.shape[0] < num_steps:
-            raise MegatierError(f"resume: {num_steps} steps exceed the {v.bufs.out_tokens.shape[0]} of the first chunk")
-        for b, (table, have) in enumerate(zip(batch.page_tables, v.table_lens, strict=True)):
-            if len(table) > have:
-                new = torch.tensor(table[have:], dtype=torch.int32).pin_memory()
-                v.bufs.table[b, have : len(table)].copy_(new, non_blocking=True)
-        v.table_lens = [len(t) for t in batch.page_tables]
-        return v
-
     def _raise_if_aborted(self) -> None:
         d = self.diag.tolist()
         if d[0]:
@@ -260,15 +201,12 @@ class MegakernelExecutor:
                 )
         return ends
 
-    def _prepare(self, batch: StepBatch, steps: int, first_tokens: torch.Tensor | None = None) -> _Variant:
+    def _prepare(self, batch: StepBatch, steps: int) -> _Variant:
         ends = self._check_room(batch, steps)
         v = self._variant(batch.num_seqs, steps)
         self._program(v, choose_splits(max(ends)))
-        token_ids = batch.token_ids if first_tokens is None else [0] * batch.num_seqs
-        v.bufs.load(token_ids, batch.starts, batch.page_tables)
-        if first_tokens is not None:
-            v.bufs.tokens.copy_(first_tokens)
-        v.next_row, v.table_lens = 0, [len(t) for t in batch.page_tables]
+        v.bufs.load(batch.token_ids, batch.starts, batch.page_tables)
+        batch.feed_into(v.bufs.tokens)
         return v
 
     def _variant(self, b: int, steps: int) -> _Variant:
@@ -283,7 +221,7 @@ class MegakernelExecutor:
             kc = KernelConfig(self.cfg, b, self.page_size, self.num_pages, self.timeline, self.chunk_columns)
             kernel = _load_kernel(compile_cubin(kc), kc, self.device)
             dims = Dims.of(self.cfg, b, MAX_SPLITS, self.page_size, self.num_pages)
-            bufs = StepBuffers.allocate(dims, torch.bfloat16, self.device, max_steps=max(steps, RING_STEPS))
+            bufs = StepBuffers.allocate(dims, torch.bfloat16, self.device, max_steps=steps)
             params = torch.zeros(len(PARAMS), dtype=torch.int64, device=self.device)
             v = _Variant(kc, kernel, bufs, params, None)
             self._variants[b] = v
