@@ -170,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--output-len", type=int, default=128, help="tokens generated per sequence (default 128)")
     p.add_argument("--iters", type=int, default=3, help="timed repetitions; the median is reported")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); else sampled, seeded")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling with --temperature (default 1: off)")
     p.add_argument(
         "--baselines",
         default="",

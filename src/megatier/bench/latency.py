@@ -1,7 +1,7 @@
 """`megatier bench latency`: per-step decode latency of one batch, through the whole engine.
 
 Each timed run prefills `batch` random prompts of `input_len` tokens and decodes `output_len` tokens
-greedily with EOS ignored. The decode figure is (end - first token) / (output_len - 1): everything a step
+with EOS ignored: greedily, or sampled (`--temperature`, `--top-p`, seeded) through the same loop. The decode figure is (end - first token) / (output_len - 1): everything a step
 costs, embedding, sampling and bookkeeping included. On CUDA the device's copy bandwidth is measured in
 the same run, and achieved bandwidth counts weight bytes plus the KV bytes each step reads.
 """
@@ -26,7 +26,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_generation(llm, prompts: list[list[int]], output_len: int) -> tuple[float, float]:
+def time_generation(
+    llm, prompts: list[list[int]], output_len: int, temperature: float = 0.0, top_p: float = 1.0
+) -> tuple[float, float]:
     """(seconds until every sequence has its first token, seconds per decode step of the whole batch
     after that). Prompts are prefilled in chunks, so early sequences start decoding while later ones
     prefill; the step time is therefore the time from the last first token to the end, over the tokens
@@ -34,10 +36,13 @@ def time_generation(llm, prompts: list[list[int]], output_len: int) -> tuple[flo
     time per output token as vLLM's benchmarks define it). The first token counts when the host has it:
     no device sync there, since the engine may already have queued the next steps behind the prefill."""
     engine, device = llm.engine, llm.device
-    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+    params = [
+        SamplingParams(temperature=temperature, top_p=top_p, seed=i, max_tokens=output_len, ignore_eos=True)
+        for i in range(len(prompts))
+    ]
     _sync(device)
     t0 = time.perf_counter()
-    ids = [engine.add_request(p, params) for p in prompts]
+    ids = [engine.add_request(p, q) for p, q in zip(prompts, params, strict=True)]
     produced = dict.fromkeys(ids, 0)
     t_first, decoded = None, 0
     while engine.has_unfinished():
@@ -51,13 +56,22 @@ def time_generation(llm, prompts: list[list[int]], output_len: int) -> tuple[flo
     return t_first - t0, (t_end - t_first) * len(prompts) / max(decoded, 1)
 
 
-def measure_case(llm, batch: int, input_len: int, output_len: int, iters: int, seed: int) -> dict:
+def measure_case(
+    llm,
+    batch: int,
+    input_len: int,
+    output_len: int,
+    iters: int,
+    seed: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+) -> dict:
     """One (batch, prompt length) case on a loaded LLM: medians of `iters` timed generations."""
     cfg = llm.config
     gen = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(0, cfg.vocab_size, (input_len,), generator=gen).tolist() for _ in range(batch)]
-    time_generation(llm, prompts, min(output_len, 8))  # warm-up: compilation, graph capture
-    runs = [time_generation(llm, prompts, output_len) for _ in range(iters)]
+    time_generation(llm, prompts, min(output_len, 8), temperature, top_p)  # warm-up: compilation, graph capture
+    runs = [time_generation(llm, prompts, output_len, temperature, top_p) for _ in range(iters)]
     ttft = statistics.median(r[0] for r in runs)
     step = statistics.median(r[1] for r in runs)
     kv_bytes = int(batch * (input_len + output_len / 2) * cfg.kv_bytes_per_token(llm.dtype))
@@ -65,6 +79,8 @@ def measure_case(llm, batch: int, input_len: int, output_len: int, iters: int, s
         "backend": llm.backend,
         "batch": batch,
         "input_len": input_len,
+        "temperature": temperature,
+        "top_p": top_p,
         "ttft_ms": ttft * 1e3,
         "decode_step_us": step * 1e6,
         "tokens_per_s": batch / step,
@@ -88,7 +104,9 @@ def run_latency(args: argparse.Namespace) -> dict:
         llm = LLM.from_args(EngineArgs.from_cli(args, backend=backend))
         for batch in args.batch:
             for input_len in args.input_len:
-                row = measure_case(llm, batch, input_len, args.output_len, args.iters, args.seed)
+                row = measure_case(
+                    llm, batch, input_len, args.output_len, args.iters, args.seed, args.temperature, args.top_p
+                )
                 prompts = row.pop("prompts")
                 rows.append(row)
                 print_row(row, llm)
@@ -126,7 +144,8 @@ def run_latency(args: argparse.Namespace) -> dict:
 
 def print_row(row: dict, llm) -> None:
     print(
-        f"{llm.backend:10} batch {row['batch']:3} | {row['input_len']:6} in | decode step {row['decode_step_us']:9.1f} us"
+        f"{llm.backend:10} batch {row['batch']:3} | {row['input_len']:6} in | T {row['temperature']:g} top-p "
+        f"{row['top_p']:g} | decode step {row['decode_step_us']:9.1f} us"
         f" ({row['tokens_per_s']:9.1f} tok/s) | first token {row['ttft_ms']:8.2f} ms | {row['achieved_GBps']:7.1f} GB/s",
         flush=True,
     )
