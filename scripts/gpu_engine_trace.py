@@ -1,10 +1,10 @@
 """Where a decode step's time goes through the whole engine: `bench latency`'s batch-1 workload under
 torch.profiler, the device's timeline split into kernels, copies and idle gaps.
 
-    PYTHONPATH=src python3 scripts/gpu_engine_trace.py --out DIR [--backend megakernel] [--decode-kernel megakernel] [--steps-per-sync 8,16]
+    PYTHONPATH=src python3 scripts/gpu_engine_trace.py --out DIR [--backend megakernel] [--decode-kernel megakernel] [--temperature 0,0.7]
 
-For each steps-per-sync value: the engine-level step time (median of 3, as `bench latency` measures it),
-then one traced generation: from the first token to the end, how long the device ran the decode kernel,
+For each temperature (0: greedy; else with top-p 0.95): the engine-level step time (median of 3, as
+`bench latency` measures it), then one traced generation: from the first token to the end, how long the device ran the decode kernel,
 other kernels, copies and memsets, and how long it idled before the first launch, between launches and
 after the last one. Writes DIR/engine_trace.json.
 """
@@ -27,11 +27,13 @@ from megatier.llm import LLM
 from megatier.sampling import SamplingParams
 
 GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
+TOP_P = 0.95  # with a temperature above 0
 
 
-def traced_generation(llm: LLM, prompt: list[int], output_len: int) -> list[dict]:
+def traced_generation(llm: LLM, prompt: list[int], output_len: int, temperature: float) -> list[dict]:
     """One generation with the device timeline recorded; marks the first token and the end."""
-    engine, params = llm.engine, SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+    engine = llm.engine
+    params = SamplingParams(temperature=temperature, top_p=TOP_P, seed=0, max_tokens=output_len, ignore_eos=True)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         rid = engine.add_request(prompt, params)
         first = False
@@ -83,7 +85,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--backend", default="megakernel")
     parser.add_argument("--decode-kernel", default="megakernel", help="a name part of the kernels that decode")
-    parser.add_argument("--steps-per-sync", default="8")
+    parser.add_argument("--temperature", default="0,0.7", help="a comma list; 0: greedy, else top-p 0.95")
     parser.add_argument("--input-len", type=int, default=32)
     parser.add_argument("--output-len", type=int, default=128)
     args = parser.parse_args()
@@ -95,25 +97,21 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "runs": {},
     }
-    for k in (int(s) for s in args.steps_per_sync.split(",")):
-        llm = LLM(
-            "llama-3.2-1b", device="cuda", load_format="dummy", backend=args.backend, max_model_len=4096,
-            decode_steps_per_sync=k,
-        )  # fmt: skip
-        gen = torch.Generator().manual_seed(0)
-        prompt = torch.randint(0, llm.config.vocab_size, (args.input_len,), generator=gen).tolist()
-        time_generation(llm, [prompt], 8)
-        steps = [time_generation(llm, [prompt], args.output_len)[1] * 1e6 for _ in range(3)]
+    llm = LLM("llama-3.2-1b", device="cuda", load_format="dummy", backend=args.backend, max_model_len=4096)
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, llm.config.vocab_size, (args.input_len,), generator=gen).tolist()
+    for t in (float(s) for s in args.temperature.split(",")):
+        top_p = TOP_P if t else 1.0
+        time_generation(llm, [prompt], 8, t, top_p)
+        steps = [time_generation(llm, [prompt], args.output_len, t, top_p)[1] * 1e6 for _ in range(3)]
         run = {"step_us": statistics.median(steps), "step_us_all": steps}
-        run |= split_timeline(traced_generation(llm, prompt, args.output_len), args.decode_kernel)
+        run |= split_timeline(traced_generation(llm, prompt, args.output_len, t), args.decode_kernel)
         decode_steps = args.output_len - 1
         run["decode_kernel_us_per_step"] = run["busy_us"].get("decode kernel", 0.0) / decode_steps
         run["span_us_per_step"] = run["span_us"] / decode_steps
-        res["runs"][str(k)] = run
-        print(json.dumps({str(k): run}, indent=1), flush=True)
+        res["runs"][f"T={t:g}"] = run
+        print(json.dumps({f"T={t:g}": run}, indent=1), flush=True)
         (args.out / "engine_trace.json").write_text(json.dumps(res, indent=1))
-        del llm
-        torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":
