@@ -207,7 +207,9 @@ class Engine:
             return _Launched([], None)
         seqs = [batch.seqs[r] for r in ready]
         rows = [self._sample_row(seq) for seq in seqs]
-        sampled = self.sampler.sample(logits if len(ready) == len(batch.seqs) else logits[ready], rows)
+        if len(ready) < len(batch.seqs):  # some prompts are not all in yet
+            logits = logits[upload(torch.tensor(ready), logits.device)]
+        sampled = self.sampler.sample(logits, rows)
         for seq in seqs:
             seq.num_pending += 1
         return _Launched(seqs, sampled)

@@ -85,7 +85,7 @@ class Executor(Protocol):
     `forward` returns fp32 logits [sum(batch.logit_counts()), vocab] on the device: one row per
     sequence, or one per new token for the sequences in `batch.all_logits`. It queues its work on the
     current stream and returns without waiting for the device (the engine samples behind it and
-    schedules the next step meanwhile); the logits stay valid until the next `forward`."""
+    schedules the next step meanwhile); each call returns a tensor of its own."""
 
     name: str
     cache: KVCache

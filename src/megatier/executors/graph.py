@@ -177,11 +177,11 @@ class GraphExecutor:
             seq_ids += [j] * take
         ints = upload(torch.tensor([index, positions, seq_ids], dtype=torch.int32), self.device)
         page_tables = [batch.page_tables[i][: self.max_table] for i, _, _ in chunks]
-        tables = block_table_tensor(page_tables, self.device)
+        tables = upload(block_table_tensor(page_tables, torch.device("cpu")), self.device)
         starts = [batch.starts[i] + first for i, first, _ in chunks]
         query_lens = [take for _, _, take in chunks]
         step = StepBatch(token_ids, starts, query_lens, page_tables)
-        lens = torch.tensor(step.context_lens, dtype=torch.int32).to(self.device)
+        lens = upload(torch.tensor(step.context_lens, dtype=torch.int32), self.device)
         plan = self.cache.begin_step(step, tables, lens)
 
         def attend(q: torch.Tensor, layer: int) -> torch.Tensor:
@@ -190,7 +190,7 @@ class GraphExecutor:
 
         x, residual = self._layers(batch_tokens[ints[0]], ints[1], ints[2], plan, attend)
         self.cache.end_step(plan)
-        wanted = torch.tensor(rows, dtype=torch.long).to(self.device)
+        wanted = upload(torch.tensor(rows, dtype=torch.long), self.device)
         return self._logits(x[wanted], residual[wanted]).float()
 
     # ---- decode (CUDA graphs) ----------------------------------------------------------------------
