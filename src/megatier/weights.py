@@ -70,12 +70,15 @@ class ModelWeights:
     def is_quantized(self) -> bool:
         return any(isinstance(t, QuantWeight) for _, t in self.tensors())
 
-    def map_matrices(self, fn: Callable[[Matrix], Matrix]) -> ModelWeights:
-        """`fn` applied to every matrix (projections, embedding, LM head; the tie kept); norms and biases
-        stay as they are."""
-        embed = fn(self.embed)
+    def map_matrices(
+        self, fn: Callable[[Matrix], Matrix], embeddings: Callable[[Matrix], Matrix] | None = None
+    ) -> ModelWeights:
+        """`fn` applied to every projection, `embeddings` (default `fn`) to the embedding and LM head (the
+        tie kept); norms and biases stay as they are."""
+        embeddings = embeddings or fn
+        embed = embeddings(self.embed)
         layers = [replace(layer, **{f: fn(getattr(layer, f)) for f in MATRIX_FIELDS}) for layer in self.layers]
-        lm_head = embed if self.lm_head is self.embed else fn(self.lm_head)
+        lm_head = embed if self.lm_head is self.embed else embeddings(self.lm_head)
         return ModelWeights(embed=embed, layers=layers, final_norm=self.final_norm, lm_head=lm_head)
 
     def to(self, device: torch.device | str, dtype: torch.dtype) -> ModelWeights:
