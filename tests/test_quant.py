@@ -34,7 +34,8 @@ from megatier.quant.blocks import (
     from_gguf,
     quantize_fp8,
 )
-from megatier.weights import MATRIX_FIELDS
+from megatier.quant.schemes import apply_quantization
+from megatier.weights import MATRIX_FIELDS, pack_weights
 
 KINDS = sorted(GGUF_BLOCKS)
 
@@ -228,3 +229,12 @@ def test_bad_fp8_checkpoints_get_one_line_errors(tmp_path, edit, match):
     with pytest.raises(MegatierError, match=match) as info:
         load_safetensors_weights(path, load_config(path))
     assert "\n" not in str(info.value)
+
+
+def test_packing_for_the_gpu_executors_dequantizes(tmp_path):
+    path, _ = make_hf_model(tmp_path / "m", "llama-mqa-untied")
+    fp8 = load_safetensors_weights(path, load_config(path), "fp8")
+    packed = pack_weights(fp8, "cpu", torch.float32)
+    plain = pack_weights(apply_quantization(fp8, "none"), "cpu", torch.float32)
+    assert torch.equal(packed.qkv, plain.qkv) and torch.equal(packed.gate_up, plain.gate_up)
+    assert torch.equal(packed.qkv[1, :64], fp8.layers[1].q_proj.dequantize())

@@ -21,11 +21,12 @@ import torch.nn.functional as F
 
 from megatier.config import ModelConfig, rope_inv_freq
 from megatier.executors.reference import apply_rope, rms_norm, rope_cos_sin
+from megatier.quant.schemes import dequantized
 from megatier.weights import ModelWeights, at_layer, pack_weights
 
 
 def hf_model(model_path: Path, weights: ModelWeights, device: torch.device, dtype: torch.dtype):
-    """A transformers model of the same architecture holding exactly `weights`."""
+    """A transformers model of the same architecture holding exactly `weights` (quantized ones dequantized)."""
     import transformers
 
     config_file = model_path if model_path.suffix == ".json" else model_path / "config.json"
@@ -34,7 +35,7 @@ def hf_model(model_path: Path, weights: ModelWeights, device: torch.device, dtyp
     config = getattr(transformers, f"{family}Config")(**data)
     with torch.device("meta"):
         model = getattr(transformers, f"{family}ForCausalLM")(config)
-    state = {name: t.to(device=device, dtype=dtype) for name, t in weights.tensors()}
+    state = {name: dequantized(t.to(device)).to(dtype=dtype) for name, t in weights.tensors()}
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.tie_weights()

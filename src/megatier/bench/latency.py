@@ -167,7 +167,7 @@ def run_baselines(llm, names: list[str], prompts: list[list[int]], output_len: i
     if llm.model_path.suffix == ".json":
         weights = dummy_weights(cfg, llm.seed, llm.dtype, llm.device)
     else:
-        weights = load_safetensors_weights(llm.model_path, cfg)
+        weights = load_safetensors_weights(llm.model_path, cfg, llm.args.quantization)
     ids = torch.tensor(prompts, device=llm.device)
     out = {}
     for name in names:
