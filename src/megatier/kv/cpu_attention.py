@@ -16,25 +16,19 @@ from __future__ import annotations
 
 import collections
 import ctypes
-import hashlib
 import logging
-import os
-import shutil
-import subprocess
 import threading
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from megatier.cache import cache_root
+from megatier import cbuild
 from megatier.errors import MegatierError
 
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_attention.c")
-# No -march: each SIMD variant names its own target, so a library built on one machine runs on another.
-FLAGS = ["-O3", "-pthread", "-fno-math-errno", "-ffp-contract=fast", "-shared", "-fPIC", "-std=gnu11"]
 ISAS = ("scalar", "avx2", "avx512", "avx512bf16")  # the C enum's order
 IMPLS = ("auto", "c", "torch")
 MAX_GROUP_FLOATS = 1 << 15  # the C limit on G x head_dim (padded to 32)
@@ -76,31 +70,16 @@ class AttendJob(ctypes.Structure):
 
 
 def load_library() -> ctypes.CDLL | None:
-    """The compiled C kernel, built on first use; None (with a logged reason) if it cannot be built."""
+    """The compiled C kernel, built on first use (megatier.cbuild); None (with a logged reason) if it
+    cannot be built."""
     global _lib, _lib_error
     with _lock:
         if _lib is not None or _lib_error is not None:
             return _lib
-        compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
-        if compiler is None:
-            _lib_error = "no C compiler found"
+        lib, _lib_error = cbuild.build("cpu_attention", SOURCE)
+        if lib is None:
             log.warning("CPU attention: %s; using the torch implementation", _lib_error)
             return None
-        source = SOURCE.read_bytes()
-        key = hashlib.sha256(source + " ".join([compiler, *FLAGS]).encode() + os.uname().machine.encode())
-        path = cache_root() / "cpu_attention" / f"cpu_attention-{key.hexdigest()[:16]}.so"
-        if not path.is_file():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            proc = subprocess.run(
-                [compiler, *FLAGS, str(SOURCE), "-o", str(tmp), "-lm"], capture_output=True, text=True
-            )
-            if proc.returncode != 0:
-                _lib_error = f"compiling {SOURCE.name} failed: {proc.stderr.strip()[:500]}"
-                log.warning("CPU attention: %s; using the torch implementation", _lib_error)
-                return None
-            os.replace(tmp, path)
-        lib = ctypes.CDLL(str(path))
         if lib.attend_job_size() != ctypes.sizeof(AttendJob):
             raise RuntimeError("AttendJob does not match attend_job_t in cpu_attention.c")
         lib.attend_job.argtypes = [ctypes.c_void_p]
@@ -112,10 +91,7 @@ def load_library() -> ctypes.CDLL | None:
         return lib
 
 
-def default_threads() -> int:
-    """Every core but one on a GPU machine (that one drives the GPU); every core otherwise."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores - 1) if torch.cuda.is_available() else cores
+default_threads = cbuild.default_threads
 
 
 def supported_isas() -> list[str]:
@@ -144,15 +120,7 @@ def _require_library() -> ctypes.CDLL:
 
 
 def _isa_id(lib: ctypes.CDLL, isa: str | None) -> int:
-    if isa in (None, "auto"):
-        return lib.best_isa()
-    if isa not in ISAS:
-        raise MegatierError(f"unknown CPU attention isa {isa!r}; choose from auto, {', '.join(ISAS)}")
-    if not lib.isa_supported(ISAS.index(isa)):
-        raise MegatierError(
-            f"this CPU cannot run the {isa} CPU attention kernel (it runs {', '.join(supported_isas())})"
-        )
-    return ISAS.index(isa)
+    return cbuild.isa_id(lib, ISAS, isa, "CPU attention")
 
 
 def _unsupported(q: torch.Tensor, pool: torch.Tensor) -> str | None:
