@@ -36,6 +36,7 @@ static struct {
     atomic_uint gen, pending;
     work_fn fn;
     void *ctx;
+    int first; /* 1 when the caller is worker 0 (run_pool_with_caller): pool worker i is worker i + 1 */
 } pool = {.lock = PTHREAD_MUTEX_INITIALIZER};
 
 static int64_t now_ns(void) {
@@ -74,7 +75,7 @@ static void *worker_main(void *arg) {
         seen = atomic_load(&pool.gen);
         int workers = (int)(seen & 511);
         if (me >= workers) continue;
-        pool.fn(pool.ctx, me, workers);
+        pool.fn(pool.ctx, me + pool.first, workers + pool.first);
         if (atomic_fetch_sub(&pool.pending, 1) == 1) wake_all(&pool.pending);
     }
     return NULL;
@@ -98,7 +99,7 @@ static void pool_init(void) {
 }
 
 /* With pool.lock held: run fn on `threads` workers (started on first need) and wait for all of them. */
-static void run_pool(work_fn fn, void *ctx, int threads) {
+__attribute__((unused)) static void run_pool(work_fn fn, void *ctx, int threads) {
     pool_init();
     while (pool.started < threads) {
         pthread_t tid;
@@ -114,9 +115,37 @@ static void run_pool(work_fn fn, void *ctx, int threads) {
     }
     pool.fn = fn;
     pool.ctx = ctx;
+    pool.first = 0;
     atomic_store(&pool.pending, (unsigned)n);
     atomic_store(&pool.gen, (((atomic_load(&pool.gen) >> 9) + 1) << 9) | (unsigned)n);
     wake_all(&pool.gen);
+    for (unsigned left; (left = atomic_load(&pool.pending)) != 0;) wait_while(&pool.pending, left);
+}
+
+/* With pool.lock held: run fn on `threads` workers, the calling thread being worker 0 and pool threads
+ * the others, and wait for all of them. For callers that have nothing else to do meanwhile: no core is
+ * left to a sleeping caller, and one worker fewer needs waking. */
+__attribute__((unused)) static void run_pool_with_caller(work_fn fn, void *ctx, int threads) {
+    pool_init();
+    while (pool.started < threads - 1) {
+        pthread_t tid;
+        pool.start_gen[pool.started] = atomic_load(&pool.gen);
+        if (pthread_create(&tid, NULL, worker_main, (void *)(intptr_t)pool.started) != 0) break;
+        pthread_detach(tid);
+        pool.started++;
+    }
+    const int n = threads - 1 < pool.started ? threads - 1 : pool.started;
+    if (n <= 0) {
+        fn(ctx, 0, 1);
+        return;
+    }
+    pool.fn = fn;
+    pool.ctx = ctx;
+    pool.first = 1;
+    atomic_store(&pool.pending, (unsigned)n);
+    atomic_store(&pool.gen, (((atomic_load(&pool.gen) >> 9) + 1) << 9) | (unsigned)n);
+    wake_all(&pool.gen);
+    fn(ctx, 0, n + 1);
     for (unsigned left; (left = atomic_load(&pool.pending)) != 0;) wait_while(&pool.pending, left);
 }
 

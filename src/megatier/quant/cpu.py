@@ -1,4 +1,5 @@
-"""x @ W^T for a QuantWeight in plain vectorized torch (the reference path, CPU or CUDA).
+"""x @ W^T for a QuantWeight: on the host for a few rows of x by the C kernel (quant/cmatmul.py) when it
+builds, otherwise in plain vectorized torch (the reference path, CPU or CUDA), described here.
 
 The matrix is never materialized in fp32: output features are taken a chunk at a time (about
 CHUNK_ELEMENTS weights, a cache-sized fp32 tile), dequantized and multiplied. The per-block terms are
@@ -18,9 +19,14 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from megatier.quant import cmatmul
 from megatier.quant.blocks import QuantWeight, fp8_to_float
 
 CHUNK_ELEMENTS = 1 << 20  # weights dequantized at once: a 4 MiB fp32 tile, which stays in L2/L3
+# Up to this many rows of x, host products go to the C kernel (quant/cmatmul.py), which unpacks the
+# weights in registers once per tile of x rows; more rows amortize this path's dequantized chunks over
+# a BLAS matmul better.
+C_MAX_ROWS = 16
 
 Planes = dict[str, torch.Tensor]
 
@@ -31,6 +37,11 @@ def linear(x: torch.Tensor, w: torch.Tensor | QuantWeight, bias: torch.Tensor | 
         return F.linear(x, w, bias)
     n, k = w.shape
     x2 = x.reshape(-1, k).float()
+    if x2.shape[0] <= C_MAX_ROWS and x2.device.type == "cpu" and w.device.type == "cpu" and cmatmul.usable(w):
+        out = cmatmul.matmul(x2, w)
+        if bias is not None:
+            out += bias.float()
+        return out.to(x.dtype).reshape(*x.shape[:-1], n)
     prepare, chunk = MATMULS[w.kind]
     xs = prepare(x2)
     out = torch.empty((x2.shape[0], n), dtype=torch.float32, device=x.device)
