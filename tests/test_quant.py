@@ -81,8 +81,11 @@ def test_row_views_and_gathers_keep_the_numbers():
 
 @pytest.mark.parametrize("kind", [*KINDS, "FP8"])
 @pytest.mark.parametrize("rows_in", [1, 7])
-def test_cpu_linear_equals_the_dequantized_matmul(kind, rows_in, monkeypatch):
+@pytest.mark.parametrize("path", ["torch", "auto"])
+def test_cpu_linear_equals_the_dequantized_matmul(kind, rows_in, path, monkeypatch):
     monkeypatch.setattr(cpu, "CHUNK_ELEMENTS", 3000)  # several chunks, the last one short
+    if path == "torch":
+        monkeypatch.setattr(cpu, "C_MAX_ROWS", 0)  # never the C kernel (tests/test_quant_matmul.py)
     gen = torch.Generator().manual_seed(1)
     n, k = 45, 512
     if kind == "FP8":

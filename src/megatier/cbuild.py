@@ -26,7 +26,7 @@ FLAGS = ["-O3", "-pthread", "-fno-math-errno", "-ffp-contract=fast", "-shared", 
 
 def build(name: str, source: Path, flags: list[str] = FLAGS) -> tuple[ctypes.CDLL | None, str | None]:
     """(the loaded library, None), or (None, why not)."""
-    compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    compiler = shutil.which(os.environ["CC"]) if os.environ.get("CC") else shutil.which("gcc") or shutil.which("cc")
     if compiler is None:
         return None, "no C compiler found"
     text = source.read_bytes() + b"".join(h.read_bytes() for h in HEADERS)
