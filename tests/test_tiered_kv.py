@@ -369,7 +369,7 @@ def test_greedy_tokens_identical_all_hbm_vs_tiered_reference(tiny_model, tmp_pat
 
 @pytest.mark.parametrize("kw", [dict(mode="dense", pcie_share=0.5), dict(mode="sparse", sparse_budget=1.0)])
 def test_greedy_tokens_identical_all_hbm_vs_tiered_graph(tiny_model, kw):
-    """The graph executor (eager on the CPU, the same code it captures on a GPU) over a tiered store."""
+    """The graph executor over a tiered store: eager on the CPU (Triton interpreted), captured on a GPU."""
     from megatier.config import load_config
     from megatier.loader import load_safetensors_weights
 
@@ -387,9 +387,10 @@ def test_greedy_tokens_identical_all_hbm_vs_tiered_graph(tiny_model, kw):
         return [out[i] for i in ids]
 
     page_bytes = cfg.kv_bytes_per_token(torch.float32) * 16
-    want = run(KVCache.allocate(cfg, 16, 16, torch.float32, CPU))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # compiled Triton needs CUDA tensors
+    want = run(KVCache.allocate(cfg, 16, 16, torch.float32, device))
     store = TieredKV(
-        cfg, page_size=16, dtype=torch.float32, device=CPU, hbm_bytes=8 * page_bytes, dram_bytes=4 * page_bytes, **kw
+        cfg, page_size=16, dtype=torch.float32, device=device, hbm_bytes=8 * page_bytes, dram_bytes=4 * page_bytes, **kw
     )
     assert run(store) == want
     assert store.stats.bytes_read["dram"] + store.stats.bytes_read["pcie"] > 0  # DRAM slices were read
