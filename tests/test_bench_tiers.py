@@ -37,3 +37,15 @@ def test_bench_tiers_smoke(tmp_path):
     dense = [r for r in runs if r["method"] == "static-dense" and r["hbm_fraction"] == 0.25 and r["context"] == 128]
     assert dense and dense[0]["bytes_read_per_step"]["dram"] > 0  # HBM holds a quarter: the rest is read in DRAM
     assert len(list((tmp_path / "p").glob("*.png"))) == 3
+
+
+def test_bench_tiers_migration_budget_is_applied(tmp_path):
+    """--migration-mib reaches the store (the budget's effect is tested on the store in test_tiered_kv.py)."""
+    path, _ = make_hf_model(tmp_path / "model", "llama-mqa-untied")
+    argv = ["bench", "tiers", "--model", str(path), "--batch", "2", "--context", "256", "--steps", "2"]
+    argv += ["--repeats", "1", "--warmup", "2", "--drift-every", "2", "--hbm-fraction", "0.25"]
+    argv += ["--methods", "megatier-sparse", "--migration-mib", "0.25", "--json", str(tmp_path / "r.json")]
+    assert main(argv) == 0
+    (run,) = json.loads((tmp_path / "r.json").read_text())["results"]["runs"]
+    assert run["migration_budget_bytes"] == 2**18
+    assert run["migrated_bytes_per_step"] <= 2**18

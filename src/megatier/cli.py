@@ -266,6 +266,7 @@ def add_bench_tiers_args(p: argparse.ArgumentParser) -> None:
         "--warmup", type=int, help="untimed steps per method (default: 4; sparse migration: until it settles)"
     )
     p.add_argument("--drift-every", type=int, default=8, help="steps between drifts of the hot pages (default 8)")
+    p.add_argument("--migration-mib", type=float, help="migration budget per step in MiB (default: the store's)")
     p.add_argument("--micro", action="store_true", help="also run the micro-benchmarks (PCIe, CPU, GPU, disk)")
     p.add_argument("--check", action="store_true", help="also check tiered logits against GPU-only on a small case")
     p.add_argument("--json", help="write the result record to this file")

@@ -188,7 +188,8 @@ def run_method(cfg, weights, pools: TieredPools | None, method: str, args, conte
     else:
         store = TieredKV(
             cfg, page_size=PAGE_SIZE, dtype=torch.bfloat16, device=device, hbm_bytes=0, pools=pools,
-            sparse_budget=args.kv_sparse_budget, sink_pages=SINK_PAGES, recent_tokens=RECENT_TOKENS, **spec,
+            sparse_budget=args.kv_sparse_budget, sink_pages=SINK_PAGES, recent_tokens=RECENT_TOKENS,
+            migration_bytes=int(args.migration_mib * 2**20) if args.migration_mib else None, **spec,
         )  # fmt: skip
     ex = GraphExecutor(cfg, weights, cache=store)
     tables = fill(store, work, args.batch, context, args.seed)
@@ -247,6 +248,7 @@ def run_method(cfg, weights, pools: TieredPools | None, method: str, args, conte
         result |= {
             "hit_rate_per_step": [round(h, 4) for h in hit_curve],
             "pcie_share": store.balancer.share,
+            "migration_budget_bytes": store.migration_bytes,
             **store.stats.as_dict(),
         }
         for table in tables:
@@ -339,6 +341,7 @@ def run_tiers(args: argparse.Namespace) -> dict:
         "page_size": PAGE_SIZE,
         "hot_key_scale": HOT_SCALE,
         "drift_every": args.drift_every,
+        "migration_mib": args.migration_mib,
         "methods": methods,
         "executor": "graph",
     }
