@@ -46,6 +46,8 @@ def test_torch_graph_decoder_decodes_like_the_reference(model, compile_mode):
     """Eager and torch.compile'd steps (the two PyTorch baselines) compute the reference model."""
     _, cfg, weights = model
     prompt = torch.randint(0, cfg.vocab_size, (2, 7), generator=torch.Generator().manual_seed(1))
+    torch._dynamo.reset()
+    graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     dec = TorchGraphDecoder(
         cfg, weights, batch=2, max_len=32, device=CPU, dtype=torch.float32, compile_mode=compile_mode
     )
@@ -58,3 +60,5 @@ def test_torch_graph_decoder_decodes_like_the_reference(model, compile_mode):
         generated.append(dec.tokens.tolist())
     for b in range(2):
         assert [g[b] for g in generated] == reference_greedy(cfg, weights, prompt[b].tolist(), 10)
+    if compile_mode is not None:  # one graph for every layer plus the head: no recompilation per layer
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before == 2
