@@ -35,8 +35,8 @@ case "${1:-}" in
     # takes every SM (a cooperative launch), so the files that launch it run alone.
     header gpu_tests.log "$1"
     pytest=("$PY" -m pytest -v -rA -p no:cacheprovider --timeout 120 --timeout-method thread)
-    solo=(tests/test_megakernel_gpu.py tests/test_backends.py)
-    shared=$(grep -l "mark.gpu" tests/test_*.py | grep -v -e megakernel_gpu -e backends)
+    solo=(tests/test_megakernel_gpu.py tests/test_backends.py tests/test_real_model_gpu.py)
+    shared=$(grep -l "mark.gpu" tests/test_*.py | grep -v -e megakernel_gpu -e backends -e real_model_gpu)
     [ "$1" = tests-solo ] || stage 300 gpu_tests.log "${pytest[@]}" -n 4 tests/test_kernels.py $shared
     [ "$1" = tests-shared ] || stage 280 gpu_tests.log "${pytest[@]}" "${solo[@]}"
     ;;

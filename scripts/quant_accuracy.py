@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from megatier import LLM, SamplingParams
-from megatier.bench.common import record, write_json
+from megatier.bench.common import common_prefix, record, write_json
 from megatier.executors.base import StepBatch
 from megatier.executors.reference import ReferenceExecutor
 from megatier.kv.pages import KVCache
@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> dict:
         if scheme == "none":
             oracle = {"logits": logits, "greedy": greedy}
         ref = oracle["logits"]
-        matched = sum(_common_prefix(a, b) for a, b in zip(greedy, oracle["greedy"], strict=True))
+        matched = sum(common_prefix(a, b) for a, b in zip(greedy, oracle["greedy"], strict=True))
         results[scheme] = {
             "mean_nll": nll,
             "top1_agreement": float((logits.argmax(-1) == ref.argmax(-1)).float().mean()),
@@ -127,13 +127,6 @@ def _fp8_block32(t: torch.Tensor) -> torch.Tensor:
     scale = v.abs().amax(-1, keepdim=True) / FP8_MAX
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     return ((v / scale).to(torch.float8_e4m3fn).float() * scale).view(n, k)
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
 
 
 def main() -> None:

@@ -61,6 +61,11 @@ def record(kind: str, device: torch.device, config: dict, results: dict) -> dict
     }
 
 
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two generations share: the index of their first divergence."""
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
 def write_json(path: str | Path, data: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
