@@ -16,8 +16,10 @@ import pytest
 import torch
 
 from conftest import make_hf_model, write_byte_tokenizer
-from megatier import LLM, SamplingParams
-from megatier.serve.app import create_app
+from megatier import LLM, SamplingParams, __version__
+from megatier.bench.common import device_name
+from megatier.serve import app as app_module
+from megatier.serve.app import create_app, server_info
 from serve_helpers import MAX_MODEL_LEN, live_server, make_app
 
 KEY = "test-key"
@@ -191,6 +193,24 @@ def test_models_health_tokenize_detokenize(url, client):
     assert text == "hi"
     chat = httpx.post(f"{url}/tokenize", json={"messages": [{"role": "user", "content": "hi"}]}, headers=AUTH).json()
     assert chat["count"] > tokens["count"]
+
+
+def test_info_names_what_the_server_runs(url, server, monkeypatch):
+    """GET /v1/megatier/info: the device, backend, commit and batch limits a load client records."""
+    assert httpx.get(f"{url}/v1/megatier/info").status_code == 401  # behind the key, like /v1/models
+    info = httpx.get(f"{url}/v1/megatier/info", headers=AUTH).json()
+    llm = server[1].state.megatier.llm
+    assert info["device"] == device_name(torch.device("cpu")) and info["device_type"] == "cpu"
+    assert info["backend"] == llm.backend and info["model"] == "tiny" and info["dtype"] == "float32"
+    assert info["max_num_seqs"] == 256 and info["max_model_len"] == MAX_MODEL_LEN and info["quant_kinds"] == []
+    assert info["quantization"] == "auto" and info["load_format"] == "auto" and info["version"] == __version__
+    monkeypatch.setenv("MEGATIER_COMMIT", "abc1234")
+    fp8 = LLM(llm.model_path, quantization="fp8", max_model_len=64, max_num_seqs=4)
+    described = server_info(fp8, "tiny")
+    assert described["commit"] == "abc1234" and described["quantization"] == "fp8"
+    assert described["quant_kinds"] == ["FP8"] and described["max_num_seqs"] == 4
+    monkeypatch.setattr(app_module, "git_commit", lambda: None)  # no $MEGATIER_COMMIT, no git: the version
+    assert server_info(fp8, "tiny")["commit"] == __version__
 
 
 # -- errors --------------------------------------------------------------------------------------------------

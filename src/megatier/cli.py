@@ -233,18 +233,34 @@ def add_bench_serve_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", help="model name to send (default: the first one /v1/models lists)")
     g.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="bearer token (env OPENAI_API_KEY)")
     g = p.add_argument_group("workload")
-    g.add_argument("--dataset", default="random", choices=["random", "sharegpt"], help="prompt length distribution")
+    g.add_argument("--dataset", choices=["random", "sharegpt"], help="prompt length distribution (default random)")
+    g.add_argument(
+        "--dataset-path",
+        help="ShareGPT-format JSON file: first human turn as the prompt, its gpt reply's length as max_tokens "
+        "(needs --tokenizer)",
+    )
     g.add_argument("--num-prompts", type=int, default=100, help="requests to send (default 100)")
     g.add_argument("--random-input-len", type=int, default=256, help="prompt tokens (median for sharegpt)")
     g.add_argument("--random-output-len", type=int, default=64, help="max_tokens per request (median for sharegpt)")
     g.add_argument("--random-range-ratio", type=float, default=0.0, help="random: lengths vary by +-this fraction")
+    g.add_argument("--output-len", type=int, help="max_tokens of every request, whatever the dataset says")
     g.add_argument("--tokenizer", help="Hugging Face tokenizer directory, to send text prompts of known length")
     g.add_argument("--request-rate", type=float, default=math.inf, help="requests/s, Poisson arrivals (default inf)")
     g.add_argument("--max-concurrency", type=int, help="requests in flight at most (default: no limit)")
     g.add_argument("--ignore-eos", action="store_true", help="ask for exactly max_tokens tokens (peers' extra field)")
     g.add_argument("--temperature", type=float, default=0.0, help="sampling temperature sent (default 0)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling top_p sent (default 1: off)")
     g.add_argument("--seed", type=int, default=0, help="seed for prompts, lengths and arrival times")
+    g.add_argument(
+        "--num-warmups", type=int, default=1, help="requests sent and discarded before timing starts (default 1)"
+    )
     g = p.add_argument_group("output")
+    g.add_argument(
+        "--goodput",
+        nargs="+",
+        metavar="KEY:MS",
+        help="SLOs in ms (keys ttft, tpot, e2el), e.g. ttft:500 tpot:50: report the requests/s meeting all",
+    )
     g.add_argument("--percentiles", default="90,99", help="percentiles beside mean and median (default 90,99)")
     g.add_argument("--json", help="write the result record to this file")
     g.add_argument("--plot", help="write a PNG of the latency distributions (default: next to --json)")

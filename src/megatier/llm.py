@@ -122,6 +122,7 @@ class LLM:
             seed=args.seed,
         )
         self.backend = executor.name
+        self.quant_kinds = weights.quant_kinds()
         num_pages = cache.num_pages
         self.stats = LoadStats(time.perf_counter() - t0, weight_bytes, num_pages, num_pages * cache.page_bytes())
         log.info(

@@ -70,6 +70,10 @@ class ModelWeights:
     def is_quantized(self) -> bool:
         return any(isinstance(t, QuantWeight) for _, t in self.tensors())
 
+    def quant_kinds(self) -> list[str]:
+        """The block formats the matrices are kept in (empty: all plain tensors), for records."""
+        return sorted({t.kind for _, t in self.tensors() if isinstance(t, QuantWeight)})
+
     def map_matrices(
         self, fn: Callable[[Matrix], Matrix], embeddings: Callable[[Matrix], Matrix] | None = None
     ) -> ModelWeights:

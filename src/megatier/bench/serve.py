@@ -6,13 +6,21 @@ concurrency, and reports what `vllm bench serve` reports, defined the same way:
   TPOT  (E2EL - TTFT) / (output tokens - 1), one value per request
   ITL   every gap between successive chunks carrying tokens, pooled over all requests
   E2EL  request sent -> end of the stream
-Token counts come from the server's usage chunk (stream_options.include_usage). The JSON record's
-"device" is the client machine; the server is named by --base-url in its config.
+Token counts come from the server's usage chunk (stream_options.include_usage). Goodput (--goodput
+ttft:500 tpot:50) is the completed requests per second that meet every SLO given, in milliseconds.
+
+The JSON record's "device", "backend", "torch" and "commit" are the server's, as it reports them at
+GET /v1/megatier/info (null for a server without that route, vLLM say; "server" holds the whole
+answer); "client" describes the machine the load came from. "per_request" holds vLLM's per-request
+arrays, in request order: input_lens, output_lens, ttfts, e2els (seconds), itls (seconds, one list
+per request), generated_texts, errors ("" when it succeeded), and slo_met with --goodput.
 
 Prompts: `random` draws lengths uniformly around --random-input-len/--random-output-len; `sharegpt`
 draws them log-normally around the same medians with the long tail of ShareGPT conversations. With
 --tokenizer the prompts are text of about that many tokens; without one they are token-id lists
-(ids below 256, valid in any real vocabulary), which /v1/completions accepts.
+(ids below 256, valid in any real vocabulary), which /v1/completions accepts. --dataset-path reads a
+real ShareGPT-format JSON file instead: each conversation's first human turn is the prompt, and the
+length of the gpt reply after it the request's max_tokens (--output-len fixes it instead).
 """
 
 from __future__ import annotations
@@ -33,6 +41,10 @@ from megatier.errors import MegatierError
 
 # ShareGPT's length spread (log-normal sigma of prompt and reply tokens), from its published histograms.
 SHAREGPT_SIGMA_IN, SHAREGPT_SIGMA_OUT = 1.0, 0.8
+# Which ShareGPT conversations are used, as vLLM filters them: at least 4 prompt and 4 reply tokens (the
+# reply check is skipped under --output-len), a prompt of at most 1024, prompt + reply at most 2048.
+SHAREGPT_MIN_LEN, SHAREGPT_MAX_PROMPT, SHAREGPT_MAX_TOTAL = 4, 1024, 2048
+SLO_METRICS = ("ttft", "tpot", "e2el")
 METRICS = (("ttft", "Time to First Token", "TTFT"), ("tpot", "Time per Output Token (excl. 1st token)", "TPOT"))
 METRICS += (("itl", "Inter-token Latency", "ITL"), ("e2el", "End-to-end Latency", "E2EL"))
 
@@ -52,7 +64,13 @@ class Result:
     ttft: float = 0.0
     e2el: float = 0.0
     itl: list[float] = field(default_factory=list)
+    text: str = ""
     error: str = ""
+
+    @property
+    def tpot(self) -> float:
+        """Seconds per output token after the first; 0 for a one-token reply (vLLM's convention)."""
+        return (self.e2el - self.ttft) / (self.output_tokens - 1) if self.output_tokens > 1 else 0.0
 
 
 # -- workload ------------------------------------------------------------------------------------------------
@@ -67,7 +85,60 @@ def lengths(args: argparse.Namespace, rng: np.random.Generator) -> list[tuple[in
     else:
         ins = np.clip(rng.lognormal(math.log(lin), SHAREGPT_SIGMA_IN, n), 4, 4 * lin)
         outs = np.clip(rng.lognormal(math.log(lout), SHAREGPT_SIGMA_OUT, n), 4, 4 * lout)
-    return [(max(int(i), 1), max(int(o), 1)) for i, o in zip(ins, outs, strict=True)]
+    return [(max(int(i), 1), args.output_len or max(int(o), 1)) for i, o in zip(ins, outs, strict=True)]
+
+
+def load_sharegpt(path: str) -> list[tuple[str, str]]:
+    """(first human turn, the gpt reply after it) of every conversation in a ShareGPT-format JSON file:
+    [{"conversations": [{"from": "human", "value": ...}, {"from": "gpt", "value": ...}, ...]}, ...].
+    Conversations without such a pair are left out; a file of another shape is an error."""
+    where = f"--dataset-path {path}"
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise MegatierError(f"{where}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise MegatierError(f"{where}: cannot read it: {e}") from None
+    except json.JSONDecodeError as e:
+        raise MegatierError(f"{where}: not valid JSON ({e})") from None
+    if not isinstance(data, list):
+        raise MegatierError(f"{where}: expected a JSON list of conversations, got a JSON {type(data).__name__}")
+    pairs = []
+    for i, entry in enumerate(data):
+        turns = entry.get("conversations") if isinstance(entry, dict) else None
+        if not isinstance(turns, list) or not all(
+            isinstance(t, dict) and isinstance(t.get("from"), str) and isinstance(t.get("value"), str) for t in turns
+        ):
+            raise MegatierError(f'{where}: entry {i} is not {{"conversations": [{{"from": ..., "value": ...}}, ...]}}')
+        roles = [t["from"] for t in turns]
+        if "human" in roles and "gpt" in roles[roles.index("human") :]:
+            human = roles.index("human")
+            pairs.append((turns[human]["value"], turns[roles.index("gpt", human)]["value"]))
+    if not pairs:
+        raise MegatierError(f"{where}: no conversation has a human turn followed by a gpt turn")
+    return pairs
+
+
+def sharegpt_requests(args: argparse.Namespace, tokenizer, rng: np.random.Generator) -> list[Request]:
+    """--num-prompts conversations of the file, drawn in a seeded random order, skipping those whose
+    lengths vLLM would skip (SHAREGPT_* above); tokenized only as far as needed (the file is large)."""
+    pairs = load_sharegpt(args.dataset_path)
+    requests = []
+    for i in rng.permutation(len(pairs)).tolist():
+        prompt, reply = pairs[i]
+        prompt_len = len(tokenizer.encode(prompt, add_special_tokens=False))
+        output_len = args.output_len or len(tokenizer.encode(reply, add_special_tokens=False))
+        too_short = prompt_len < SHAREGPT_MIN_LEN or (not args.output_len and output_len < SHAREGPT_MIN_LEN)
+        if too_short or prompt_len > SHAREGPT_MAX_PROMPT or prompt_len + output_len > SHAREGPT_MAX_TOTAL:
+            continue
+        requests.append(Request(prompt, prompt_len, output_len))
+        if len(requests) == args.num_prompts:
+            return requests
+    raise MegatierError(
+        f"--dataset-path {args.dataset_path}: only {len(requests)} of its {len(pairs)} conversations have "
+        f"{SHAREGPT_MIN_LEN}..{SHAREGPT_MAX_PROMPT} prompt tokens and at most {SHAREGPT_MAX_TOTAL} in all: "
+        f"lower --num-prompts to {len(requests)} or less"
+    )
 
 
 def make_requests(args: argparse.Namespace) -> list[Request]:
@@ -77,8 +148,12 @@ def make_requests(args: argparse.Namespace) -> list[Request]:
         from megatier.tokenizer import Tokenizer
 
         tokenizer = Tokenizer(Path(args.tokenizer))
+    elif args.dataset_path:
+        raise MegatierError("--dataset-path needs --tokenizer DIR to count the prompt and reply tokens")
     elif args.endpoint == "/v1/chat/completions":
         raise MegatierError("the chat endpoint takes text: pass --tokenizer DIR so prompts have a known length")
+    if args.dataset_path:
+        return sharegpt_requests(args, tokenizer, rng)
     special = set(tokenizer.hf.get_added_tokens_decoder()) if tokenizer else set()
     requests = []
     for lin, lout in lengths(args, rng):
@@ -96,6 +171,7 @@ def payload(args: argparse.Namespace, model: str, req: Request) -> dict[str, Any
         "model": model,
         "max_tokens": req.output_len,
         "temperature": args.temperature,
+        "top_p": args.top_p,
         "stream": True,
         "stream_options": {"include_usage": True},
     }
@@ -138,6 +214,8 @@ async def send(client: httpx.AsyncClient, endpoint: str, body: dict[str, Any]) -
                     return result
                 now = time.perf_counter()
                 if carries_tokens(chunk):
+                    choice = chunk["choices"][0]
+                    result.text += choice.get("text") or (choice.get("delta") or {}).get("content") or ""
                     if chunks == 0:
                         result.ttft = now - start
                     else:
@@ -164,19 +242,38 @@ async def first_model(client: httpx.AsyncClient) -> str:
     return response.json()["data"][0]["id"]
 
 
-async def run_load(args: argparse.Namespace, requests: list[Request]) -> tuple[list[Result], float, str]:
-    """Send every request (after one warm-up); returns (results, seconds, model name)."""
+async def server_info(client: httpx.AsyncClient) -> dict[str, Any] | None:
+    """The server's own account of its device, backend and commit (GET /v1/megatier/info, served by
+    megatier); None from a server without that route."""
+    response = await client.get("/v1/megatier/info")
+    if response.status_code != 200:
+        return None
+    try:
+        info = response.json()
+    except ValueError:
+        return None
+    return info if isinstance(info, dict) else None
+
+
+@dataclass
+class LoadRun:
+    results: list[Result]
+    duration: float
+    model: str
+    server: dict[str, Any] | None
+
+
+async def run_load(args: argparse.Namespace, requests: list[Request]) -> LoadRun:
+    """Send --num-warmups requests (the first prompts, at the same concurrency) and discard them, then
+    time every request."""
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     limits = httpx.Limits(max_connections=args.max_concurrency or len(requests), max_keepalive_connections=None)
     async with httpx.AsyncClient(base_url=args.base_url, headers=headers, timeout=None, limits=limits) as client:
         try:
             model = args.model or await first_model(client)
+            server = await server_info(client)
         except httpx.HTTPError as e:
             raise MegatierError(f"cannot reach {args.base_url}: {e}") from None
-        warmup = await send(client, args.endpoint, payload(args, model, Request(requests[0].prompt, 0, 4)))
-        if not warmup.ok:
-            raise MegatierError(f"the warm-up request to {args.base_url}{args.endpoint} failed: {warmup.error}")
-        rng = np.random.default_rng(args.seed + 1)
         gate = asyncio.Semaphore(args.max_concurrency or len(requests))
 
         async def limited(req: Request) -> Result:
@@ -185,6 +282,11 @@ async def run_load(args: argparse.Namespace, requests: list[Request]) -> tuple[l
                 result.prompt_tokens = result.prompt_tokens or req.prompt_len
                 return result
 
+        warmups = [requests[i % len(requests)] for i in range(args.num_warmups)]
+        failed = next((r for r in await asyncio.gather(*map(limited, warmups)) if not r.ok), None)
+        if failed:
+            raise MegatierError(f"a warm-up request to {args.base_url}{args.endpoint} failed: {failed.error}")
+        rng = np.random.default_rng(args.seed + 1)
         tasks = []
         start = time.perf_counter()
         for req in requests:
@@ -192,20 +294,47 @@ async def run_load(args: argparse.Namespace, requests: list[Request]) -> tuple[l
             if math.isfinite(args.request_rate):
                 await asyncio.sleep(rng.exponential(1 / args.request_rate))
         results = await asyncio.gather(*tasks)
-        return results, time.perf_counter() - start, model
+        return LoadRun(results, time.perf_counter() - start, model, server)
 
 
 # -- report ---------------------------------------------------------------------------------------------------
 
 
+def parse_goodput(specs: list[str] | None) -> dict[str, float]:
+    """--goodput's KEY:MS pairs as {metric: seconds}."""
+    slos: dict[str, float] = {}
+    for spec in specs or []:
+        key, _, value = spec.partition(":")
+        try:
+            ms = float(value)
+        except ValueError:
+            ms = math.nan
+        if key not in SLO_METRICS or not 0 < ms < math.inf:
+            raise MegatierError(
+                f"--goodput {spec!r}: expected KEY:MS with KEY one of {', '.join(SLO_METRICS)} and MS a "
+                "positive number of milliseconds, e.g. --goodput ttft:500 tpot:50"
+            )
+        if key in slos:
+            raise MegatierError(f"--goodput names {key} twice")
+        slos[key] = ms / 1e3
+    return slos
+
+
+def meets_slos(result: Result, slos: dict[str, float]) -> bool:
+    """Whether a request succeeded within every SLO (seconds): TTFT, TPOT and E2EL each at most its limit."""
+    measured = {"ttft": result.ttft, "tpot": result.tpot, "e2el": result.e2el}
+    return result.ok and all(measured[key] <= limit for key, limit in slos.items())
+
+
 def summarize(
-    results: list[Result], duration: float, percentiles: list[float]
+    results: list[Result], duration: float, percentiles: list[float], slos: dict[str, float] | None = None
 ) -> tuple[dict[str, Any], dict[str, list[float]]]:
-    """The figures `vllm bench serve` prints (milliseconds), and the raw samples behind them."""
+    """The figures `vllm bench serve` prints (milliseconds), and the raw samples behind them. With SLOs,
+    also the goodput: requests/s meeting all of them, and their share of every request sent."""
     done = [r for r in results if r.ok]
     samples = {
         "ttft": [r.ttft for r in done],
-        "tpot": [(r.e2el - r.ttft) / (r.output_tokens - 1) for r in done if r.output_tokens > 1],
+        "tpot": [r.tpot for r in done if r.output_tokens > 1],
         "itl": [gap for r in done for gap in r.itl],
         "e2el": [r.e2el for r in done],
     }
@@ -221,6 +350,10 @@ def summarize(
         "output_throughput": output_tokens / duration,
         "total_token_throughput": (input_tokens + output_tokens) / duration,
     }
+    if slos:
+        good = sum(meets_slos(r, slos) for r in results)
+        summary["request_goodput"] = good / duration
+        summary["goodput_fraction"] = good / len(results)
     for name, values in samples.items():
         ms = np.array(values) * 1e3 if values else np.zeros(1)
         summary[f"mean_{name}_ms"] = float(ms.mean())
@@ -232,6 +365,28 @@ def summarize(
     if errors:
         summary["first_error"] = errors[0]
     return summary, samples
+
+
+def per_request(results: list[Result], slos: dict[str, float]) -> dict[str, list]:
+    """vLLM's per-request arrays (seconds), in request order, failed requests included."""
+    arrays: dict[str, list] = {
+        "input_lens": [r.prompt_tokens for r in results],
+        "output_lens": [r.output_tokens for r in results],
+        "ttfts": [r.ttft for r in results],
+        "e2els": [r.e2el for r in results],
+        "itls": [r.itl for r in results],
+        "generated_texts": [r.text for r in results],
+        "errors": [r.error for r in results],
+    }
+    if slos:
+        arrays["slo_met"] = [meets_slos(r, slos) for r in results]
+    return arrays
+
+
+def describe_server(server: dict[str, Any] | None) -> str:
+    if server is None:
+        return "server: no GET /v1/megatier/info (not megatier): its device, backend and commit are not recorded"
+    return f"server: {server.get('device')}, backend {server.get('backend')}, commit {server.get('commit')}"
 
 
 def report(summary: dict[str, Any], args: argparse.Namespace, percentiles: list[float]) -> str:
@@ -251,6 +406,9 @@ def report(summary: dict[str, Any], args: argparse.Namespace, percentiles: list[
         row("Output token throughput (tok/s):", summary["output_throughput"]),
         row("Total token throughput (tok/s):", summary["total_token_throughput"]),
     ]
+    if "request_goodput" in summary:
+        lines.append(row("Request goodput (req/s):", summary["request_goodput"]))
+        lines.append(row("Requests meeting every SLO (%):", 100 * summary["goodput_fraction"]))
     for key, title, short in METRICS:
         lines.append(f"{title:-^50}")
         lines.append(row(f"Mean {short} (ms):", summary[f"mean_{key}_ms"]))
@@ -293,37 +451,57 @@ def run_bench_serve(args: argparse.Namespace) -> dict[str, Any]:
         raise MegatierError("--num-prompts, --random-input-len and --random-output-len must be >= 1")
     if args.request_rate <= 0 or (args.max_concurrency is not None and args.max_concurrency < 1):
         raise MegatierError("--request-rate must be > 0 and --max-concurrency >= 1")
+    if args.num_warmups < 0 or (args.output_len is not None and args.output_len < 1):
+        raise MegatierError("--num-warmups must be >= 0 and --output-len >= 1")
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise MegatierError("--temperature must be >= 0 and --top-p in (0, 1]")
+    if args.dataset_path and args.dataset == "random":
+        raise MegatierError("--dataset-path reads ShareGPT conversations: drop --dataset random")
+    args.dataset = "sharegpt" if args.dataset_path else args.dataset or "random"
     try:
         percentiles = [float(p) for p in args.percentiles.split(",")]
     except ValueError:
         raise MegatierError(f"--percentiles {args.percentiles!r}: expected numbers like 50,90,99") from None
+    slos = parse_goodput(args.goodput)
     requests = make_requests(args)
-    results, duration, model = asyncio.run(run_load(args, requests))
-    summary, samples = summarize(results, duration, percentiles)
+    run = asyncio.run(run_load(args, requests))
+    summary, samples = summarize(run.results, run.duration, percentiles, slos)
+    print(describe_server(run.server))
     print(report(summary, args, percentiles))
 
     import torch  # only for the record's client description
 
     from megatier.bench.common import record, write_json
 
+    synthetic = not args.dataset_path
     config = {
         "base_url": args.base_url,
         "endpoint": args.endpoint,
-        "model": model,
+        "model": run.model,
         "dataset": args.dataset,
+        "dataset_path": args.dataset_path,
         "num_prompts": args.num_prompts,
-        "input_len": args.random_input_len,
-        "output_len": args.random_output_len,
-        "range_ratio": args.random_range_ratio,
+        "num_warmups": args.num_warmups,
+        "input_len": args.random_input_len if synthetic else None,
+        "output_len": args.output_len or (args.random_output_len if synthetic else None),
+        "range_ratio": args.random_range_ratio if args.dataset == "random" else None,
         "request_rate": args.request_rate if math.isfinite(args.request_rate) else "inf",
         "max_concurrency": args.max_concurrency,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
         "ignore_eos": args.ignore_eos,
         "tokenizer": args.tokenizer,
+        "goodput_slo_ms": {key: limit * 1e3 for key, limit in slos.items()} or None,
     }
     rec = record("serve", torch.device("cpu"), config, summary)
+    client = {key: rec[key] for key in ("device", "torch", "commit")}
+    server = run.server or {}
+    rec |= {key: server.get(key) for key in ("device", "torch", "commit")}
+    rec |= {"backend": server.get("backend"), "server": run.server, "client": client}
+    rec["per_request"] = per_request(run.results, slos)
     if args.json:
         write_json(args.json, rec)
     plot_path = args.plot or (str(Path(args.json).with_suffix(".png")) if args.json else None)
     if plot_path:
-        plot(samples, f"{model} via {args.endpoint}: {args.num_prompts} requests, {args.dataset}", plot_path)
+        plot(samples, f"{run.model} via {args.endpoint}: {args.num_prompts} requests, {args.dataset}", plot_path)
     return rec

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -25,6 +26,7 @@ from starlette.middleware.authentication import AuthenticationMiddleware
 from starlette.requests import HTTPConnection
 
 from megatier import __version__
+from megatier.bench.common import device_name, git_commit
 from megatier.errors import MegatierError
 from megatier.llm import LLM
 from megatier.sampling import SamplingParams
@@ -82,6 +84,7 @@ class ServerState:
     metrics: ServerMetrics
     model_name: str
     started: int
+    info: dict[str, Any]
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
@@ -295,6 +298,34 @@ async def health(request: Request) -> Response:
     return Response(status_code=200)
 
 
+def server_info(llm: LLM, served_model_name: str) -> dict[str, Any]:
+    """What the server runs on, for `GET /v1/megatier/info`: a load client records the server's device,
+    backend and commit rather than its own. Read once at start: none of it changes while serving."""
+    return {
+        "version": __version__,
+        "commit": git_commit() or __version__,
+        "device": device_name(llm.device),
+        "device_type": llm.device.type,
+        "torch": torch.__version__,
+        "backend": llm.backend,
+        "model": served_model_name,
+        "model_path": str(llm.model_path),
+        "load_format": llm.args.load_format,
+        "dtype": str(llm.dtype).removeprefix("torch."),
+        "quantization": llm.args.quantization,
+        "quant_kinds": llm.quant_kinds,
+        "max_num_seqs": llm.engine.scheduler.max_num_seqs,
+        "max_num_batched_tokens": llm.engine.scheduler.max_num_batched_tokens,
+        "max_model_len": llm.max_model_len,
+        "kv_pages": llm.stats.kv_pages,
+    }
+
+
+@router.get("/v1/megatier/info")
+async def info(request: Request) -> dict[str, Any]:
+    return _state(request).info
+
+
 @router.get("/version")
 async def version() -> dict[str, str]:
     return {"version": __version__}
@@ -372,7 +403,8 @@ def create_app(llm: LLM, *, served_model_name: str, api_key: str | None = None, 
         await engine.stop()
 
     app = FastAPI(title="megatier", version=__version__, lifespan=lifespan)
-    app.state.megatier = ServerState(llm, engine, metrics, served_model_name, int(time.time()))
+    info = server_info(llm, served_model_name)
+    app.state.megatier = ServerState(llm, engine, metrics, served_model_name, int(time.time()), info)
     if api_key:
         app.add_middleware(AuthenticationMiddleware, backend=ApiKeyAuth(api_key), on_error=_auth_error)
     app.add_exception_handler(ApiError, _api_error)
