@@ -5,6 +5,9 @@ AttendJob entry point a CUDA host function calls; and what it refuses."""
 from __future__ import annotations
 
 import ctypes
+import os
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -165,6 +168,87 @@ def test_host_function_from_other_threads_at_once():
     for t in threads:
         t.join()
     assert not errors, errors[0]
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 5])
+@pytest.mark.parametrize("caller_works, spin_us", [(True, 0.0), (True, 3000.0), (False, 0.0), (False, 3000.0)])
+def test_job_on_a_native_thread_as_cuda_runs_a_host_function(threads, caller_works, spin_us):
+    """The host-callback context: attend_job on a native thread Python never saw, a new one per call,
+    five times with inputs rewritten in between (the pool's threads stay, spinning or asleep), with the
+    caller working or sleeping: each result within fp32 rounding of torch's and float64's."""
+    rng, gen = np.random.default_rng(threads), torch.Generator().manual_seed(threads)
+    q, pool, offsets, pages, rows = random_case(rng, gen, [9, 0, 4, 30], 8, 2, 64, torch.bfloat16, slots=60)
+    out, lse = torch.empty(q.shape), torch.empty(q.shape[:2])
+    job = ca.make_job(
+        q, pool, offsets, pages, rows, 0.125, out, lse, threads=threads, caller_works=caller_works, spin_us=spin_us
+    )
+    for run in range(5):
+        out.fill_(float("nan"))
+        lse.fill_(float("nan"))
+        ca.call_on_native_thread(ca.host_fn(), ctypes.addressof(job))
+        assert job.status == 0 and job.runs == run + 1
+        want = ca.cpu_attention(q, pool, offsets, pages, rows, 0.125, impl="torch")
+        torch.testing.assert_close(out, want[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lse, want[1], rtol=0, atol=1e-5)
+        check((out, lse), reference(q, pool, offsets, pages, rows, 0.125), offsets)
+        q.copy_(torch.randn(q.shape, generator=gen))
+        pages[:] = rng.permutation(60)[: len(pages)]
+        rows[:] = rng.integers(1, PAGE + 1, len(rows))
+    assert job.elapsed_ns > 0 and 0 <= job.wake_ns <= job.elapsed_ns
+    if threads == 1 and caller_works:
+        assert job.wake_ns == 0  # the caller alone: no pool thread took part
+
+
+def test_a_job_with_no_pages_does_not_wake_the_pool():
+    """A host node of a step with no DRAM slices (the offload baseline's) writes its empty outputs on the
+    calling thread: no pool thread is woken, and every row is 0 / -inf."""
+    gen = torch.Generator().manual_seed(1)
+    q, pool = torch.randn(4, 8, 64, generator=gen), torch.randn(6, 2, 2, PAGE, 64, generator=gen)
+    offsets, pages, rows = np.zeros(5, dtype=np.int64), np.zeros(1, dtype=np.int32), np.full(1, PAGE, dtype=np.int32)
+    out, lse = torch.full(q.shape, float("nan")), torch.full(q.shape[:2], float("nan"))
+    job = ca.make_job(q, pool, offsets, pages, rows, 0.125, out, lse, threads=3, caller_works=False)
+    ca.run_job(job)
+    assert job.runs == 1 and job.wake_ns == 0
+    assert torch.all(out == 0) and torch.all(lse == float("-inf"))
+
+
+def test_thread_info_describes_the_thread_that_runs_it():
+    """What scripts/gpu_host_partial.py asks of CUDA's callback thread, checked on a native thread pinned
+    to one CPU."""
+    cpu = min(os.sched_getaffinity(0))
+    info = ca.ThreadInfo()
+    ca.call_on_native_thread(ca.thread_info_fn(), ctypes.addressof(info), cpu)
+    assert (info.mask_cpus, info.cpu, info.policy) == (1, cpu, os.SCHED_OTHER)
+    assert info.tid not in (0, threading.get_native_id())
+    ca.call_on_native_thread(ca.thread_info_fn(), ctypes.addressof(info))
+    assert info.mask_cpus == len(os.sched_getaffinity(0))
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs")
+def test_pool_pins_to_the_process_cpus_when_a_pinned_thread_uses_it_first():
+    """In a fresh process the pool is first used from a thread pinned to one CPU (as a driver's callback
+    thread may be): its threads still spread over every CPU of the process, and the result is right."""
+    script = """
+import os, threading
+import numpy as np, torch
+from megatier.kv import cpu_attention as ca
+q, pool = torch.randn(2, 4, 64), torch.randn(8, 2, 2, 16, 64)
+offsets, pages, rows = np.array([0, 3, 8]), np.arange(8, dtype=np.int32), np.full(8, 16, dtype=np.int32)
+got = []
+def first_use():
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # this thread only
+    got.append(ca.cpu_attention(q, pool, offsets, pages, rows, 0.125, impl="c", threads=2))
+t = threading.Thread(target=first_use)
+t.start()
+t.join()
+want = ca.cpu_attention(q, pool, offsets, pages, rows, 0.125, impl="torch")
+torch.testing.assert_close(got[0], want, rtol=1e-5, atol=1e-5)
+print(ca.pool_cpus(), len(os.sched_getaffinity(0)))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    pool_cpus, process_cpus = map(int, done.stdout.split())
+    assert pool_cpus == process_cpus
 
 
 def test_refusals():

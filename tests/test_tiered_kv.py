@@ -4,6 +4,8 @@ selection, and identical greedy tokens end to end on the reference and graph exe
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -19,6 +21,7 @@ from megatier.executors.graph import GraphExecutor
 from megatier.executors.reference import ReferenceExecutor, attention
 from megatier.kv import cpu_attention
 from megatier.kv.disk import KVCorruptError
+from megatier.kv.host_partial import HostPartial
 from megatier.kv.locality import plan_migrations
 from megatier.kv.pages import KVCache, block_table_tensor
 from megatier.kv.tiered import TieredKV
@@ -142,6 +145,52 @@ def test_store_contract(kind, tmp_path):
     store.end_step(plan)
     store.allocator.free([p for t in tables for p in t])
     assert store.allocator.num_free == store.num_pages
+
+
+@pytest.mark.parametrize("caller_works, spin_us", [(True, 2000.0), (False, 0.0)])
+def test_host_partial_from_a_foreign_thread_over_steps(caller_works, spin_us):
+    """HostPartial's per-layer jobs run by a thread that is not the one that built them (as CUDA's
+    callback thread runs them), with the pool spinning between layers or not, over steps whose lists
+    change: every layer within fp32 rounding of the torch implementation, padding rows empty, and each
+    layer's host time measured."""
+    cfg = tiny_cfg(heads=8, kv_heads=2, head_dim=64, layers=3)
+    gen, rng = torch.Generator().manual_seed(3), np.random.default_rng(3)
+    pool = torch.randn((40, 1, 2, 2, PAGE, 64), generator=gen).bfloat16()
+    host = HostPartial(pool, cfg, 0.125, CPU, threads=2)
+    assert (host.caller_works, host.spin_us) == (True, 0.0)  # no spinning through CPU-only model work
+    host.caller_works, host.spin_us = caller_works, spin_us
+    errors: list[BaseException] = []
+    for _ in range(3):
+        lists = []
+        for _ in range(cfg.num_layers):
+            counts = rng.integers(0, 9, 3)
+            offsets = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
+            lists.append((offsets, rng.permutation(40)[: offsets[-1]].astype(np.int32)))
+        host.set_lists(lists, 4)  # 3 sequences in a bucket of 4 rows
+        q = torch.randn((4, cfg.num_heads, 64), generator=gen)
+
+        def step(lists=lists, q=q) -> None:
+            try:
+                for layer, (offsets, slots) in enumerate(lists):
+                    handle = host.start(layer, q)
+                    if handle is None:
+                        assert offsets[-1] == 0
+                        continue
+                    out, lse = host.finish(handle)
+                    rows = np.full(len(slots), PAGE, dtype=np.int32)
+                    want = cpu_attention.cpu_attention(q[:3], pool[:, 0], offsets, slots, rows, 0.125, impl="torch")
+                    torch.testing.assert_close(out[:3], want[0], rtol=1e-5, atol=1e-5)
+                    torch.testing.assert_close(lse[:3], want[1], rtol=0, atol=1e-5)
+                    assert torch.all(out[3] == 0) and torch.all(lse[3] == float("-inf"))
+            except BaseException as err:  # re-raised on the test's thread
+                errors.append(err)
+
+        worker = threading.Thread(target=step)
+        worker.start()
+        worker.join()
+        assert not errors, errors[0]
+        for (seconds, wake), (offsets, _) in zip(host.layer_times(), lists, strict=True):
+            assert (seconds > 0) == (offsets[-1] > 0) and 0 <= wake <= seconds
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -545,3 +594,5 @@ def test_cuda_host_partial_runs_inside_the_graph(tiny_model):
     torch.cuda.synchronize()
     assert ex.graphs and store.stats.bytes_read["dram"] > 0
     assert store.stats.cpu_s > 0  # measured inside the host function
+    times = store.host.layer_times()  # the last replay's, per layer
+    assert any(seconds > 0 for seconds, _ in times) and all(0 <= wake <= seconds for seconds, wake in times)

@@ -19,10 +19,15 @@
  * A head_dim the vector does not divide is read with masked loads (AVX-512) or through a small copy
  * (AVX2), never past the row.
  *
- * Threads: created once, each pinned to a CPU of the process's affinity mask, woken per call (a short
- * spin, then a futex). Calls are serialized: one job runs at a time, from any thread, and the caller
- * sleeps until it is done. attend_job() has the signature of a CUDA host function (cudaHostFn_t).
- * Called through ctypes, which releases the GIL while it runs.
+ * Threads (threadpool.h): created once (attend_pool_start, from Python, so that they inherit nothing from
+ * a driver's thread), each pinned to a CPU of the process's affinity mask, woken per call. Calls are
+ * serialized: one job runs at a time, from any thread. By default the calling thread works as one of
+ * the job's threads (caller_works), so a CUDA host-callback thread is not left asleep on a core while
+ * the pool works and need not be woken at the end; the job says how long the pool spins once idle
+ * (spin_ns: across the short GPU gap between the layers of a decode step, so no layer pays for waking
+ * sleeping threads). attend_job() has the signature of a CUDA host function (cudaHostFn_t). Called
+ * through ctypes, which releases the GIL while it runs; call_on_native_thread() and thread_info() let
+ * tests and scripts/gpu_host_partial.py reproduce and inspect the host-callback context.
  */
 #define _GNU_SOURCE
 #include <limits.h>
@@ -34,6 +39,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -65,10 +71,14 @@ typedef struct {
     int64_t page_stride, v_offset, head_stride; /* in elements: slot to slot, K to V, head to head */
     float scale;
     int32_t dtype, D, num_kv_heads, G, num_seqs;
-    int32_t threads; /* <= 0: one per CPU of the affinity mask */
-    int32_t isa;     /* an ISA_* value, or -1 for the best this CPU runs */
-    int32_t status;  /* written: 0 ok, -1 no memory, -2 unsupported shape or dtype, -3 ISA not on this CPU */
-    int64_t elapsed_ns; /* added to by every run: how long the host spent (a host node cannot tell Python) */
+    int32_t threads;      /* <= 0: one per CPU of the affinity mask; the caller counts when it works */
+    int32_t isa;          /* an ISA_* value, or -1 for the best this CPU runs */
+    int32_t caller_works; /* 1: the calling thread is one of the threads; 0: it sleeps until they finish */
+    int32_t status;       /* written: 0 ok, -1 no memory, -2 unsupported shape or dtype, -3 ISA not on this CPU */
+    int64_t spin_ns;      /* how long the pool spins for the next job before it sleeps (<= 0: SPIN_NS) */
+    int64_t elapsed_ns;   /* added to by every run: how long the host spent (a host node cannot tell Python) */
+    int64_t wake_ns;      /* added to by every run: from posting the work to the last pool thread's start */
+    int64_t runs;         /* added to by every run */
 } attend_job_t;
 
 int attend_job_size(void) { return sizeof(attend_job_t); }
@@ -659,7 +669,8 @@ static void attend_worker(void *arg, int worker, int workers) {
 
 static size_t round64(size_t n) { return (n + 63) & ~(size_t)63; }
 
-static int attend(const attend_job_t *j) {
+/* The job; *wake_ns gets how long the pool took to start on it. */
+static int attend(const attend_job_t *j, int64_t *wake_ns) {
     if ((j->dtype != BF16 && j->dtype != F32) || j->D < 1 || j->G < 1 || j->num_kv_heads < 1 || j->num_seqs < 0)
         return BAD_SHAPE;
     const int isa = j->isa < 0 ? best_isa() : j->isa;
@@ -727,18 +738,94 @@ static int attend(const attend_job_t *j) {
     x.first_task = first_task;
     x.left = left;
     atomic_init(&x.next, 0);
-    if (x.num_tasks) run_pool(attend_worker, &x, threads);
+    pool.spin_ns = j->spin_ns > 0 ? j->spin_ns : SPIN_NS;
+    atomic_store(&pool.wake_ns, 0);
+    if (total == 0) /* only empty sequences (a graph's host node on a step with no DRAM slices): their zero
+                     * outputs are quicker written here than the pool is woken */
+        attend_worker(&x, 0, 1);
+    else if (j->caller_works)
+        run_pool_with_caller(attend_worker, &x, threads);
+    else
+        run_pool(attend_worker, &x, threads);
+    *wake_ns = atomic_load(&pool.wake_ns);
     pthread_mutex_unlock(&pool.lock);
     return OK;
 }
 
 void attend_job(void *job) { /* a cudaHostFn_t */
     attend_job_t *j = job;
-    struct timespec t0, t1;
-    clock_gettime(CLOCK_MONOTONIC, &t0);
-    j->status = attend(j);
-    clock_gettime(CLOCK_MONOTONIC, &t1);
-    j->elapsed_ns += (int64_t)(t1.tv_sec - t0.tv_sec) * 1000000000 + (t1.tv_nsec - t0.tv_nsec);
+    const int64_t t0 = now_ns();
+    int64_t wake = 0;
+    j->status = attend(j, &wake);
+    j->elapsed_ns += now_ns() - t0;
+    j->wake_ns += wake;
+    j->runs++;
+}
+
+/* Start the pool's threads now, from the calling thread (`threads` as a job's, the caller not
+ * counted); how many there are. */
+int attend_pool_start(int threads) {
+    pthread_mutex_lock(&pool.lock);
+    const int started = pool_start(thread_count(threads));
+    pthread_mutex_unlock(&pool.lock);
+    return started;
+}
+
+/* How many CPUs the pool pins its threads to (the process's affinity mask, read once). */
+int attend_pool_cpus(void) {
+    pthread_mutex_lock(&pool.lock);
+    pool_init();
+    const int n = pool.ncpu;
+    pthread_mutex_unlock(&pool.lock);
+    return n;
+}
+
+/* ---- the host-callback context, reproduced and inspected ---------------------------------------- */
+
+typedef struct {
+    void (*fn)(void *);
+    void *arg;
+    int cpu;
+} native_call_t;
+
+static void *native_main(void *p) {
+    const native_call_t *c = p;
+    if (c->cpu >= 0) { /* pinned to one CPU, as a driver may pin its threads */
+        cpu_set_t set;
+        CPU_ZERO(&set);
+        CPU_SET(c->cpu, &set);
+        pthread_setaffinity_np(pthread_self(), sizeof set, &set);
+    }
+    c->fn(c->arg);
+    return NULL;
+}
+
+/* fn(arg) on a new native thread that Python knows nothing of (as CUDA calls a host function), pinned to
+ * `cpu` if >= 0; waits for it. 0, or the pthread_create error. */
+int call_on_native_thread(void (*fn)(void *), void *arg, int cpu) {
+    native_call_t c = {fn, arg, cpu};
+    pthread_t tid;
+    const int err = pthread_create(&tid, NULL, native_main, &c);
+    if (err) return err;
+    pthread_join(tid, NULL);
+    return 0;
+}
+
+typedef struct {
+    int32_t mask_cpus, cpu, policy, nice; /* of the calling thread */
+    int64_t tid;
+} thread_info_t;
+
+/* A cudaHostFn_t that records who runs it: its affinity mask's size, current CPU, scheduling policy and
+ * nice value. */
+void thread_info(void *p) {
+    thread_info_t *t = p;
+    cpu_set_t set;
+    t->mask_cpus = pthread_getaffinity_np(pthread_self(), sizeof set, &set) == 0 ? CPU_COUNT(&set) : -1;
+    t->cpu = sched_getcpu();
+    t->policy = sched_getscheduler(0);
+    t->nice = getpriority(PRIO_PROCESS, 0);
+    t->tid = syscall(SYS_gettid);
 }
 
 /* ---- host read bandwidth (STREAM-like) ---------------------------------------------------------- */

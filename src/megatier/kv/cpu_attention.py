@@ -4,12 +4,13 @@ Two implementations of one function, `cpu_attention`:
 - "c": cpu_attention.c, compiled once with the system C compiler into the user cache and called through
   ctypes, which releases the GIL. It reads bf16 or fp32 pages in place with the widest SIMD this CPU has
   (AVX-512-BF16, AVX-512, AVX2 or scalar, chosen at run time; `auto_isa()` says which) on a persistent
-  pool of pinned threads. Calls run one at a time, from any thread.
+  pool of pinned threads, which the calling thread joins. Calls run one at a time, from any thread.
 - "torch": gathers the pages and uses torch matmuls; the fallback where no C compiler is found or the
   KV dtype is neither bf16 nor fp32.
 Every C call goes through `attend_job(AttendJob *)`, which a CUDA host function can also call directly
 (`host_fn()`). `host_read_bandwidth()` measures what the same threads can read; `megatier bench tiers
---micro` (or `python -m megatier.bench.tier_micro`) compares the two.
+--micro` (or `python -m megatier.bench.tier_micro`) compares the two. `call_on_native_thread` and
+`thread_info` reproduce and inspect the host-callback context (tests, scripts/gpu_host_partial.py).
 """
 
 from __future__ import annotations
@@ -64,8 +65,24 @@ class AttendJob(ctypes.Structure):
         ("num_seqs", ctypes.c_int32),
         ("threads", ctypes.c_int32),
         ("isa", ctypes.c_int32),
+        ("caller_works", ctypes.c_int32),
         ("status", ctypes.c_int32),
+        ("spin_ns", ctypes.c_int64),
         ("elapsed_ns", ctypes.c_int64),
+        ("wake_ns", ctypes.c_int64),
+        ("runs", ctypes.c_int64),
+    ]
+
+
+class ThreadInfo(ctypes.Structure):
+    """thread_info_t: who ran a `thread_info_fn()` host function."""
+
+    _fields_ = [
+        ("mask_cpus", ctypes.c_int32),
+        ("cpu", ctypes.c_int32),
+        ("policy", ctypes.c_int32),
+        ("nice", ctypes.c_int32),
+        ("tid", ctypes.c_int64),
     ]
 
 
@@ -87,6 +104,7 @@ def load_library() -> ctypes.CDLL | None:
         lib.isa_supported.argtypes = [ctypes.c_int]
         lib.read_bandwidth.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int]
         lib.read_bandwidth.restype = ctypes.c_double
+        lib.call_on_native_thread.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
         _lib = lib
         return lib
 
@@ -110,6 +128,24 @@ def host_fn() -> int:
     """The address of attend_job, a cudaHostFn_t: cudaLaunchHostFunc(stream, host_fn(), addressof(job))."""
     lib = _require_library()
     return ctypes.cast(lib.attend_job, ctypes.c_void_p).value
+
+
+def thread_info_fn() -> int:
+    """The address of thread_info, a cudaHostFn_t that fills a ThreadInfo about the thread running it."""
+    return ctypes.cast(_require_library().thread_info, ctypes.c_void_p).value
+
+
+def call_on_native_thread(fn: int, arg: int, cpu: int = -1) -> None:
+    """fn(arg) (a C function's address) on a new native thread unknown to Python, as CUDA runs a host
+    function; pinned to `cpu` if >= 0. Returns once it has run."""
+    err = _require_library().call_on_native_thread(fn, arg, cpu)
+    if err:
+        raise OSError(err, "pthread_create failed")
+
+
+def pool_cpus() -> int:
+    """How many CPUs the C kernel's pool pins its threads to (the process's affinity mask)."""
+    return _require_library().attend_pool_cpus()
 
 
 def _require_library() -> ctypes.CDLL:
@@ -145,10 +181,15 @@ def make_job(
     *,
     threads: int | None = None,
     isa: str | None = None,
+    caller_works: bool = True,
+    spin_us: float = 0.0,
 ) -> AttendJob:
     """An AttendJob over these buffers, used in place: q fp32 [B, H, D] and out/lse fp32 [B, H, D] / [B, H]
     contiguous, offsets int64, pages and rows int32 C-contiguous (see cpu_attention). Whatever is in them
-    when the job runs is what it reads, so a caller may rewrite them between runs."""
+    when the job runs is what it reads, so a caller may rewrite them between runs. caller_works: the
+    thread that runs the job is one of its `threads` (else it sleeps while the pool works); spin_us: how
+    long the pool spins for the next job once done (0: the library's 50 us). The pool's threads are
+    started here, from this thread, not from whichever thread runs the job first."""
     lib = _require_library()
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads = pool.shape[2]
@@ -181,7 +222,10 @@ def make_job(
         num_seqs=num_seqs,
         threads=threads or default_threads(),
         isa=_isa_id(lib, isa),
+        caller_works=int(caller_works),
+        spin_ns=int(spin_us * 1e3),
     )
+    lib.attend_pool_start(job.threads - job.caller_works)
     job.keep = (q, pool, offsets, pages, rows, out, lse)
     return job
 
