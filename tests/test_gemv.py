@@ -1,4 +1,5 @@
-"""The fused decode GEMV kernels (gemv.py, gemv_qkv.py, argmax.py, embed.py) against plain PyTorch.
+"""The fused decode GEMV kernels (gemv.py, gemv_qkv.py, argmax.py, embed.py) against plain PyTorch, on
+plain weights and on quantized ones (FP8 and the GGUF kinds, against their dequantized values).
 
 Under the Triton interpreter on CPU (tiny shapes), on CUDA when present. Inputs are fresh random
 numbers; tensors the kernels allocate start as NaN (the poison fixture), KV pages nobody may write hold
@@ -20,7 +21,9 @@ from megatier.kernels.gemv import GemvConfig, gemv_norm_logits, gemv_norm_silu, 
 from megatier.kernels.gemv_qkv import gemv_qkv_rope
 from megatier.kernels.rope import rope_cos_sin_table
 from megatier.kv.pages import block_table_tensor
+from megatier.quant.blocks import QuantWeight, from_gguf, quantize_fp8
 from test_kernels import DEVICE, poison_new_tensors, rel_err, tol  # noqa: F401  (poison_new_tensors: autouse)
+from test_quant import gguf_dequantized, random_blocks
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::RuntimeWarning")  # interpreter noise
 
@@ -129,17 +132,23 @@ def test_embed_rows():
     [(16, False, True, torch.float32), (24, True, False, torch.float32), (32, False, False, torch.bfloat16)],
 )
 def test_gemv_qkv_rope(rows, head_dim, qk_norm, bias, dtype, config):
-    num_heads, num_kv_heads, page_size, hidden, eps = 4, 2, 4, 48, 1e-6
     gen = torch.Generator().manual_seed(head_dim + rows)
+    hidden = 48
+    w = weight((4 + 2 * 2) * head_dim, hidden, gen, dtype)
+    check_qkv_rope(rows, head_dim, qk_norm, bias, dtype, hidden, w, w.double(), gen)
+
+
+def check_qkv_rope(rows, head_dim, qk_norm, bias, dtype, hidden, w, w_exact, gen):
+    """gemv_qkv_rope with weight w (w_exact: its values) against the normed, rotated products."""
+    num_heads, num_kv_heads, page_size, eps = 4, 2, 4, 1e-6
     qkv_rows = (num_heads + 2 * num_kv_heads) * head_dim
     residual, norm = randn(rows, hidden, gen=gen, scale=2.0), randn(hidden, gen=gen, dtype=dtype).abs() + 0.5
-    w = weight(qkv_rows, hidden, gen, dtype)
     b = randn(qkv_rows, gen=gen, dtype=dtype, scale=0.1) if bias else None
     q_norm = randn(head_dim, gen=gen, dtype=dtype).abs() + 0.5 if qk_norm else None
     k_norm = randn(head_dim, gen=gen, dtype=dtype).abs() + 0.5 if qk_norm else None
     # Row 1 (when present) is a padding row: length 0, it must write no KV.
-    lens = [10, 0, 6][:rows]
-    tables = [[5, 1, 3], [0, 4, 2], [2, 0, 4]][:rows]
+    lens = [10, 0, 6, *range(1, 14)][:rows]
+    tables = [[5, 1, 3], [0, 4, 2], [2, 0, 4], *([[(i + j) % 6 for j in range(4)] for i in range(13)])][:rows]
     seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
     inv_freq = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2).float() / head_dim))
     cos_sin = rope_cos_sin_table(inv_freq, 16).to(DEVICE)
@@ -161,7 +170,7 @@ def test_gemv_qkv_rope(rows, head_dim, qk_norm, bias, dtype, config):
         eps,
     )
 
-    qkv = normed(residual, norm, eps) @ w.double().T + (b.double() if bias else 0)
+    qkv = normed(residual, norm, eps) @ w_exact.to(DEVICE).T + (b.double() if bias else 0)
     ref_q = qkv[:, : num_heads * head_dim].view(rows, num_heads, head_dim)
     ref_k = qkv[:, num_heads * head_dim : (num_heads + num_kv_heads) * head_dim].view(rows, num_kv_heads, head_dim)
     ref_v = qkv[:, (num_heads + num_kv_heads) * head_dim :].view(rows, num_kv_heads, head_dim)
@@ -173,16 +182,95 @@ def test_gemv_qkv_rope(rows, head_dim, qk_norm, bias, dtype, config):
     ref_q, ref_k = apply_rope(ref_q, cos, sin), apply_rope(ref_k, cos, sin)
     assert q.shape == (rows, num_heads, head_dim) and q.dtype == dtype
     assert rel_err(q, ref_q) < tol(dtype)
-    written = torch.zeros(kv.shape[:2] + kv.shape[3:5], dtype=torch.bool)
+    # Later rows overwrite earlier rows' slots where their tables share pages: the last writer counts.
+    last: dict[tuple[int, int], int] = {}
     for row, n in enumerate(lens):
-        if n == 0:
-            continue
-        page, slot = tables[row][(n - 1) // page_size], (n - 1) % page_size
+        if n:
+            last[(tables[row][(n - 1) // page_size], (n - 1) % page_size)] = row
+    written = torch.zeros(kv.shape[:2] + kv.shape[3:5], dtype=torch.bool)
+    for (page, slot), row in last.items():
         written[page, 1, :, slot] = True
         assert rel_err(kv[page, 1, 0, :, slot], ref_k[row]) < tol(dtype)
         assert rel_err(kv[page, 1, 1, :, slot], ref_v[row]) < tol(dtype)
     untouched = kv.permute(0, 1, 3, 4, 2, 5)[~written.to(DEVICE)]
     assert torch.isnan(untouched.float()).all()
+
+
+# ---- quantized weights: blocks decoded in registers ----------------------------------------------------
+
+QUANT_ROWS = [1, 3, 16]  # the FMA path, the dot path, the graph executor's largest fused bucket
+
+
+def quant_weight(kind: str, n: int, k: int, seed: int) -> tuple[QuantWeight, torch.Tensor]:
+    """A QuantWeight on DEVICE and its dequantized values (fp64): FP8 from random floats, GGUF kinds
+    from random blocks."""
+    if kind == "FP8":
+        w = quantize_fp8(torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * k**-0.5)
+        return w.to(DEVICE), w.dequantize().double()
+    data = random_blocks(kind, n, k, seed=seed)
+    return from_gguf(kind, data, (n, k), "t").to(DEVICE), gguf_dequantized(kind, data).double()
+
+
+def quant_k(kind: str, k: int) -> int:
+    """K rounded up to the kind's block (Q4_K: 256; the others 32; FP8 anything)."""
+    block = 256 if kind == "Q4_K" else 1 if kind == "FP8" else 32
+    return -(-k // block) * block
+
+
+QUANT_CASES = [(kind, torch.float32) for kind in ("FP8", "Q8_0", "Q4_0", "Q4_1", "Q4_K")]
+QUANT_CASES += [("FP8", torch.bfloat16), ("Q4_1", torch.bfloat16)]
+
+
+@pytest.mark.parametrize("rows", QUANT_ROWS)
+@pytest.mark.parametrize("kind,dtype", QUANT_CASES)
+def test_quant_gemv_residual_add(rows, kind, dtype, config):
+    gen = torch.Generator().manual_seed(30 + rows)
+    n, k = 75, quant_k(kind, 97)
+    w, exact = quant_weight(kind, n, k, seed=rows)
+    x, b, residual = randn(rows, k, gen=gen, dtype=dtype), randn(n, gen=gen, dtype=dtype), randn(rows, n, gen=gen)
+    expected = residual.double() + x.double() @ exact.to(DEVICE).T + b.double()
+    gemv_residual_add(x, w, b, residual)
+    assert rel_err(residual, expected) < tol(dtype) / 4
+
+
+@pytest.mark.parametrize("rows", QUANT_ROWS)
+@pytest.mark.parametrize("kind,dtype", QUANT_CASES)
+def test_quant_gemv_norm_silu(rows, kind, dtype, config):
+    gen = torch.Generator().manual_seed(40 + rows)
+    width, k, eps = 37, quant_k(kind, 80), 1e-5
+    w, exact = quant_weight(kind, 2 * width, k, seed=rows + 1)
+    residual, norm = randn(rows, k, gen=gen, scale=3.0), randn(k, gen=gen, dtype=dtype).abs() + 0.5
+    b = randn(2 * width, gen=gen, dtype=dtype, scale=0.1)
+    out = gemv_norm_silu(residual, norm, w, b, eps)
+    gate, up = (normed(residual, norm, eps) @ exact.to(DEVICE).T + b.double()).chunk(2, dim=-1)
+    assert out.shape == (rows, width) and out.dtype == dtype
+    assert rel_err(out, F.silu(gate) * up) < tol(dtype)
+
+
+@pytest.mark.parametrize("rows", QUANT_ROWS)
+@pytest.mark.parametrize("kind,dtype", QUANT_CASES)
+def test_quant_gemv_norm_logits_and_argmax(rows, kind, dtype, config):
+    gen = torch.Generator().manual_seed(50 + rows)
+    vocab, k, eps = 301, quant_k(kind, 64), 1e-6
+    w, exact = quant_weight(kind, vocab, k, seed=rows + 2)
+    residual, norm = randn(rows, k, gen=gen), randn(k, gen=gen, dtype=dtype).abs() + 0.5
+    logits, parts = gemv_norm_logits(residual, norm, w, eps, logits=True, argmax=True)
+    assert logits.dtype == torch.float32 and logits.shape == (rows, vocab)
+    assert rel_err(logits, normed(residual, norm, eps) @ exact.to(DEVICE).T) < tol(dtype)
+    tokens = torch.full((rows,), -5, dtype=torch.int32, device=DEVICE)
+    seq_lens = torch.ones(rows, dtype=torch.int32, device=DEVICE)
+    history = torch.full((1, rows), -1, dtype=torch.int64, device=DEVICE)
+    greedy_feedback(*parts, tokens, seq_lens, history, torch.zeros(1, dtype=torch.int64, device=DEVICE), vocab)
+    assert torch.equal(tokens, logits.to(dtype).float().argmax(-1).to(torch.int32))
+
+
+@pytest.mark.parametrize("rows", QUANT_ROWS)
+@pytest.mark.parametrize("kind,dtype", QUANT_CASES)
+def test_quant_gemv_qkv_rope(rows, kind, dtype, config):
+    gen = torch.Generator().manual_seed(60 + rows)
+    head_dim, hidden = 16, quant_k(kind, 64)
+    w, exact = quant_weight(kind, (4 + 2 * 2) * head_dim, hidden, seed=rows + 3)
+    check_qkv_rope(rows, head_dim, kind == "Q4_1", True, dtype, hidden, w, exact, gen)
 
 
 # ---- GPU: the Llama-3.2-1B shape in bf16 --------------------------------------------------------------

@@ -1,6 +1,6 @@
-"""The Triton GEMM for quantized weights (kernels/quant_gemm.py) against the dequantized matrices and
-quant/cpu.py: under the interpreter on CPU (tiny shapes), on CUDA when present. Shapes leave partial
-tiles along N, K (where the format allows) and M."""
+"""The Triton GEMM and one-pass dequantization for quantized weights (kernels/quant_gemm.py) against the
+dequantized matrices and quant/cpu.py: under the interpreter on CPU (tiny shapes), on CUDA when present.
+Shapes leave partial tiles along N, K (where the format allows) and M; new tensors start as NaN."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatier.kernels.quant_gemm import quant_matmul
+from megatier.kernels.quant_gemm import dequantize_matrix, quant_matmul
 from megatier.quant import cpu
 from megatier.quant.blocks import QuantWeight, from_gguf, quantize_fp8
-from test_kernels import DEVICE
+from test_kernels import DEVICE, poison_new_tensors  # noqa: F401  (poison_new_tensors: autouse)
 from test_quant import gguf_dequantized, random_blocks
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::RuntimeWarning")  # interpreter noise
@@ -53,3 +53,17 @@ def test_bf16_activations_come_back_in_bf16():
     out = quant_matmul(x.to(DEVICE), w.to(DEVICE)).cpu()
     assert out.dtype == torch.bfloat16
     assert torch.allclose(out.float(), F.linear(x.float(), full), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_0", "Q4_1", "Q4_K", "FP8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequantize_matrix_writes_the_dequantized_values(kind, dtype):
+    """Every element (N and K not multiples of the kernel's tiles): exact in fp32, within one bf16 step
+    in bf16 (the interpreter truncates where a GPU rounds)."""
+    w, full = matrix(kind, 37, 512 if kind == "Q4_K" else 288)
+    out = dequantize_matrix(w.to(DEVICE), dtype).cpu()
+    assert out.dtype == dtype and out.shape == full.shape
+    if dtype == torch.float32:
+        assert torch.equal(out, full)
+    else:
+        assert torch.allclose(out.float(), full, rtol=2**-7, atol=0)

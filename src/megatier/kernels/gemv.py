@@ -30,6 +30,8 @@ import triton.language as tl
 
 from megatier.kernels.decode_attention import dot_options
 from megatier.kernels.pdl import use_pdl
+from megatier.kernels.quant_gemm import FP8_UNIT, KIND_CODES, plane_args, weight_tile
+from megatier.quant.blocks import QuantWeight
 
 PREFETCH_BYTES = 16384  # per program: the weight bytes it asks L2 for before the PDL wait (0: none)
 
@@ -102,11 +104,16 @@ def matvec(
     num_rows,
     norm_ptr,
     w_ptr,
+    p1,
+    p2,
+    p3,
+    p4,
     stride_w,
     rows_a,
     rows_b,
     row_mask,
     K,
+    KIND: tl.constexpr,
     NORM: tl.constexpr,
     PAIR: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -118,7 +125,8 @@ def matvec(
 ):
     """W[rows_a] @ x^T and (PAIR) W[rows_b] @ x^T as fp32 [BLOCK_N, BLOCK_M] tiles over the first num_rows
     rows of x [*, K] (row stride stride_x), and each x row's sum of squares [BLOCK_M]. With NORM, x is
-    multiplied by norm_ptr [K] after its squares are summed."""
+    multiplied by norm_ptr [K] after its squares are summed. W is a plain matrix at w_ptr (KIND -1) or a
+    QuantWeight's planes w_ptr, p1..p4 (KIND a quant_gemm.KIND_CODES value), decoded in registers."""
     wa_ptrs = w_ptr + rows_a.to(tl.int64)[:, None] * stride_w
     wb_ptrs = w_ptr + rows_b.to(tl.int64)[:, None] * stride_w
     if BLOCK_M == 1:
@@ -134,9 +142,11 @@ def matvec(
             if NORM:
                 sq += x * x
                 x *= tl.load(norm_ptr + k, mask=k_mask, other=0.0).to(tl.float32)
-            acc_a += tl.load(wa_ptrs + k[None, :], mask=w_mask, other=0.0).to(tl.float32) * x[None, :]
+            wa = _tile(wa_ptrs, w_ptr, p1, p2, p3, p4, rows_a, k, w_mask, K, KIND, True)
+            acc_a += wa.to(tl.float32) * x[None, :]
             if PAIR:
-                acc_b += tl.load(wb_ptrs + k[None, :], mask=w_mask, other=0.0).to(tl.float32) * x[None, :]
+                wb = _tile(wb_ptrs, w_ptr, p1, p2, p3, p4, rows_b, k, w_mask, K, KIND, True)
+                acc_b += wb.to(tl.float32) * x[None, :]
         out_a = tl.sum(acc_a, axis=1)[:, None]
         out_b = tl.sum(acc_b, axis=1)[:, None]
         sum_sq = tl.zeros([1], tl.float32) + tl.sum(sq, axis=0)
@@ -156,7 +166,7 @@ def matvec(
             if NORM:
                 sum_sq += tl.sum(x * x, axis=1)
                 x *= tl.load(norm_ptr + k, mask=k_mask, other=0.0).to(tl.float32)[None, :]
-            wa = tl.load(wa_ptrs + k[None, :], mask=w_mask, other=0.0)
+            wa = _tile(wa_ptrs, w_ptr, p1, p2, p3, p4, rows_a, k, w_mask, K, KIND, DOT_FP32)
             if DOT_FP32:
                 x_t = tl.trans(x)
                 out_a = tl.dot(wa.to(tl.float32), x_t, out_a, input_precision=DOT_PRECISION)
@@ -164,18 +174,39 @@ def matvec(
                 x_t = tl.trans(x.to(wa.dtype))
                 out_a = tl.dot(wa, x_t, out_a)
             if PAIR:
-                wb = tl.load(wb_ptrs + k[None, :], mask=w_mask, other=0.0)
+                wb = _tile(wb_ptrs, w_ptr, p1, p2, p3, p4, rows_b, k, w_mask, K, KIND, DOT_FP32)
                 if DOT_FP32:
                     out_b = tl.dot(wb.to(tl.float32), x_t, out_b, input_precision=DOT_PRECISION)
                 else:
                     out_b = tl.dot(wb, x_t, out_b)
+    if KIND == 4:  # FP8: the per-channel scale, once per output feature
+        out_a *= (tl.load(p1 + rows_a, mask=row_mask, other=0.0) * FP8_UNIT)[:, None]
+        if PAIR:
+            out_b *= (tl.load(p1 + rows_b, mask=row_mask, other=0.0) * FP8_UNIT)[:, None]
     return out_a, out_b, sum_sq
+
+
+@triton.jit
+def _tile(w_ptrs, q_ptr, p1, p2, p3, p4, rows, k, mask, K, KIND: tl.constexpr, FP32: tl.constexpr):
+    """A [BLOCK_N, BLOCK_K] weight tile: a plain matrix's as stored (w_ptrs: its rows' starts), a quantized
+    one's decoded to fp32 (FP32: FMAs, fp32 dots), else to bf16 for 16-bit tensor-core dots (exact for
+    FP8 codes)."""
+    if KIND < 0:
+        return tl.load(w_ptrs + k[None, :], mask=mask, other=0.0)
+    w = weight_tile(q_ptr, p1, p2, p3, p4, rows[:, None], k[None, :], mask, K, KIND)
+    if FP32:
+        return w
+    return w.to(tl.bfloat16)
 
 
 @triton.jit
 def _residual_add_kernel(
     x_ptr,
     w_ptr,
+    p1,
+    p2,
+    p3,
+    p4,
     bias_ptr,
     residual_ptr,
     num_rows,
@@ -184,6 +215,7 @@ def _residual_add_kernel(
     stride_x,
     stride_w,
     stride_residual,
+    KIND: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -198,12 +230,12 @@ def _residual_add_kernel(
     row_mask = rows < N
     if USE_PDL:
         if PREFETCH_LINES > 0:  # 0: no prefetch
-            prefetch_rows(w_ptr, rows, row_mask, stride_w, K, PREFETCH_LINES)
+            prefetch_rows(w_ptr, rows, row_mask, stride_w, K if KIND < 0 else stride_w, PREFETCH_LINES)
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     acc, _, _ = matvec(
-        x_ptr, stride_x, num_rows, x_ptr, w_ptr, stride_w, rows, rows, row_mask, K,
-        False, False, BLOCK_M, BLOCK_N, BLOCK_K, NUM_STAGES, DOT_FP32, DOT_PRECISION,
+        x_ptr, stride_x, num_rows, x_ptr, w_ptr, p1, p2, p3, p4, stride_w, rows, rows, row_mask, K,
+        KIND, False, False, BLOCK_M, BLOCK_N, BLOCK_K, NUM_STAGES, DOT_FP32, DOT_PRECISION,
     )  # fmt: skip
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)[:, None]
@@ -218,6 +250,10 @@ def _norm_silu_kernel(
     residual_ptr,
     norm_ptr,
     w_ptr,
+    p1,
+    p2,
+    p3,
+    p4,
     bias_ptr,
     out_ptr,
     num_rows,
@@ -227,6 +263,7 @@ def _norm_silu_kernel(
     stride_residual,
     stride_w,
     stride_out,
+    KIND: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -242,13 +279,13 @@ def _norm_silu_kernel(
     up_rows = gate_rows + width
     if USE_PDL:
         if PREFETCH_LINES > 0:  # 0: no prefetch
-            prefetch_rows(w_ptr, gate_rows, row_mask, stride_w, K, PREFETCH_LINES)
-            prefetch_rows(w_ptr, up_rows, row_mask, stride_w, K, PREFETCH_LINES)
+            prefetch_rows(w_ptr, gate_rows, row_mask, stride_w, K if KIND < 0 else stride_w, PREFETCH_LINES)
+            prefetch_rows(w_ptr, up_rows, row_mask, stride_w, K if KIND < 0 else stride_w, PREFETCH_LINES)
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     gate, up, sum_sq = matvec(
-        residual_ptr, stride_residual, num_rows, norm_ptr, w_ptr, stride_w, gate_rows, up_rows, row_mask, K,
-        True, True, BLOCK_M, BLOCK_N, BLOCK_K, NUM_STAGES, DOT_FP32, DOT_PRECISION,
+        residual_ptr, stride_residual, num_rows, norm_ptr, w_ptr, p1, p2, p3, p4, stride_w, gate_rows, up_rows,
+        row_mask, K, KIND, True, True, BLOCK_M, BLOCK_N, BLOCK_K, NUM_STAGES, DOT_FP32, DOT_PRECISION,
     )  # fmt: skip
     inv_rms = tl.rsqrt(sum_sq / K + eps)[None, :]
     gate *= inv_rms
@@ -266,6 +303,10 @@ def _norm_logits_kernel(
     residual_ptr,
     norm_ptr,
     w_ptr,
+    p1,
+    p2,
+    p3,
+    p4,
     logits_ptr,
     part_val_ptr,
     part_idx_ptr,
@@ -276,6 +317,7 @@ def _norm_logits_kernel(
     stride_residual,
     stride_w,
     stride_logits,
+    KIND: tl.constexpr,
     STORE_LOGITS: tl.constexpr,
     ARGMAX: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -292,12 +334,12 @@ def _norm_logits_kernel(
     row_mask = rows < N
     if USE_PDL:
         if PREFETCH_LINES > 0:  # 0: no prefetch
-            prefetch_rows(w_ptr, rows, row_mask, stride_w, K, PREFETCH_LINES)
+            prefetch_rows(w_ptr, rows, row_mask, stride_w, K if KIND < 0 else stride_w, PREFETCH_LINES)
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     acc, _, sum_sq = matvec(
-        residual_ptr, stride_residual, num_rows, norm_ptr, w_ptr, stride_w, rows, rows, row_mask, K,
-        True, False, BLOCK_M, BLOCK_N, BLOCK_K, NUM_STAGES, DOT_FP32, DOT_PRECISION,
+        residual_ptr, stride_residual, num_rows, norm_ptr, w_ptr, p1, p2, p3, p4, stride_w, rows, rows, row_mask, K,
+        KIND, True, False, BLOCK_M, BLOCK_N, BLOCK_K, NUM_STAGES, DOT_FP32, DOT_PRECISION,
     )  # fmt: skip
     logits = acc * tl.rsqrt(sum_sq / K + eps)[None, :]
     m = tl.arange(0, BLOCK_M)
@@ -306,9 +348,9 @@ def _norm_logits_kernel(
         mask = row_mask[:, None] & m_mask[None, :]
         tl.store(logits_ptr + m[None, :] * stride_logits + rows[:, None], logits, mask=mask)
     if ARGMAX:
-        # Greedy picks among logits rounded to the weights' dtype (as a bf16 model's logits are), ties
-        # to the lowest index; stage 2 (argmax.py) reduces these per-program partials the same way.
-        rounded = logits.to(w_ptr.dtype.element_ty).to(tl.float32)
+        # Greedy picks among logits rounded to the compute dtype, the norm weight's (as a bf16 model's
+        # logits are), ties to the lowest index; stage 2 (argmax.py) reduces these partials the same way.
+        rounded = logits.to(norm_ptr.dtype.element_ty).to(tl.float32)
         rounded = tl.where(row_mask[:, None], rounded, float("-inf"))
         best = tl.max(rounded, axis=0)
         index = tl.min(tl.where(rounded == best[None, :], rows[:, None], N), axis=0)
@@ -317,19 +359,41 @@ def _norm_logits_kernel(
         tl.store(part_idx_ptr + m * num_parts + pid, index, mask=m_mask)
 
 
-def _launch_options(kind: str, x: torch.Tensor, w: torch.Tensor, n: int, rows_per_block: int) -> dict:
+Matrix = torch.Tensor | QuantWeight
+
+
+class WeightArgs(NamedTuple):
+    """What a kernel needs of its weight matrix."""
+
+    ptrs: list[torch.Tensor]  # w_ptr, p1..p4: a plain matrix five times, or a QuantWeight's planes
+    stride: int  # elements between rows (of the q plane)
+    row_bytes: int
+    kind: int  # -1: plain; else a quant_gemm.KIND_CODES value
+    dtype: torch.dtype  # what tensor-core dots run in
+
+
+def weight_args(w: Matrix, dtype: torch.dtype) -> WeightArgs:
+    """A plain matrix's dots run in its own dtype, a quantized one's in `dtype` (the compute dtype)."""
+    if isinstance(w, QuantWeight):
+        planes = plane_args(w)
+        return WeightArgs(planes, planes[0].stride(0), planes[0].stride(0), KIND_CODES[w.kind], dtype)
+    return WeightArgs([w] * 5, w.stride(0), w.shape[1] * w.element_size(), -1, w.dtype)
+
+
+def _launch_options(kind: str, num_rows: int, w: Matrix, wa: WeightArgs, n: int, rows_per_block: int) -> dict:
     """Block sizes, warps, stages, prefetch depth, dot mode and PDL flags for one launch."""
-    num_rows, k = x.shape[0], w.shape[1]
+    k = w.shape[1]
     block_m = block_m_for(num_rows)
     cfg = gemv_config(kind, n, k, block_m)
     pdl = use_pdl(w.device)
     return {
+        "KIND": wa.kind,
         "BLOCK_M": block_m,
         "BLOCK_N": cfg.block_n,
         "BLOCK_K": cfg.block_k,
         "NUM_STAGES": cfg.num_stages,
-        "PREFETCH_LINES": prefetch_lines(rows_per_block * cfg.block_n, k, w.element_size()),
-        **dot_options(w.dtype),
+        "PREFETCH_LINES": prefetch_lines(rows_per_block * cfg.block_n, wa.row_bytes, 1),
+        **dot_options(wa.dtype),
         "USE_PDL": pdl,
         "num_warps": cfg.num_warps,
         "num_stages": cfg.num_stages,
@@ -337,48 +401,51 @@ def _launch_options(kind: str, x: torch.Tensor, w: torch.Tensor, n: int, rows_pe
     }
 
 
-def gemv_residual_add(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor) -> None:
+def gemv_residual_add(x: torch.Tensor, w: Matrix, bias: torch.Tensor | None, residual: torch.Tensor) -> None:
     """residual [M, N] fp32 += x [M, K] @ w [N, K]^T + bias, in place (the o and down projections)."""
     n, k = w.shape
-    opts = _launch_options("residual", x, w, n, 1)
+    wa = weight_args(w, x.dtype)
+    opts = _launch_options("residual", x.shape[0], w, wa, n, 1)
     _residual_add_kernel[(triton.cdiv(n, opts["BLOCK_N"]),)](
-        x, w, w if bias is None else bias, residual, x.shape[0], n, k,
-        x.stride(0), w.stride(0), residual.stride(0), HAS_BIAS=bias is not None, **opts,
+        x, *wa.ptrs, x if bias is None else bias, residual, x.shape[0], n, k,
+        x.stride(0), wa.stride, residual.stride(0), HAS_BIAS=bias is not None, **opts,
     )  # fmt: skip
 
 
 def gemv_norm_silu(
-    residual: torch.Tensor, norm: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, eps: float
+    residual: torch.Tensor, norm: torch.Tensor, w: Matrix, bias: torch.Tensor | None, eps: float
 ) -> torch.Tensor:
     """silu(gate) * up of h = rmsnorm(residual) * norm, where w [2I, K] stacks gate | up rows and
-    bias [2I] likewise: returns [M, I] in w's dtype."""
+    bias [2I] likewise: returns [M, I] in norm's dtype (the compute dtype)."""
     num_rows, k = residual.shape
     width = w.shape[0] // 2
-    out = torch.empty((num_rows, width), dtype=w.dtype, device=w.device)
-    opts = _launch_options("silu", residual, w, width, 2)
+    out = torch.empty((num_rows, width), dtype=norm.dtype, device=w.device)
+    wa = weight_args(w, norm.dtype)
+    opts = _launch_options("silu", num_rows, w, wa, width, 2)
     _norm_silu_kernel[(triton.cdiv(width, opts["BLOCK_N"]),)](
-        residual, norm, w, w if bias is None else bias, out, num_rows, width, k, eps,
-        residual.stride(0), w.stride(0), out.stride(0), HAS_BIAS=bias is not None, **opts,
+        residual, norm, *wa.ptrs, norm if bias is None else bias, out, num_rows, width, k, eps,
+        residual.stride(0), wa.stride, out.stride(0), HAS_BIAS=bias is not None, **opts,
     )  # fmt: skip
     return out
 
 
 def gemv_norm_logits(
-    residual: torch.Tensor, norm: torch.Tensor, w: torch.Tensor, eps: float, *, logits: bool, argmax: bool
+    residual: torch.Tensor, norm: torch.Tensor, w: Matrix, eps: float, *, logits: bool, argmax: bool
 ) -> tuple[torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]:
     """The LM head over rmsnorm(residual) * norm: (fp32 logits [M, vocab] if `logits`, argmax partials
     (values [M, P] fp32, indices [M, P] int32, one per program) if `argmax`)."""
     num_rows, k = residual.shape
     vocab = w.shape[0]
-    opts = _launch_options("logits", residual, w, vocab, 1)
+    wa = weight_args(w, norm.dtype)
+    opts = _launch_options("logits", num_rows, w, wa, vocab, 1)
     num_parts = triton.cdiv(vocab, opts["BLOCK_N"])
     out = torch.empty((num_rows, vocab), dtype=torch.float32, device=w.device) if logits else None
     part_val = torch.empty((num_rows, num_parts), dtype=torch.float32, device=w.device) if argmax else None
     part_idx = torch.empty((num_rows, num_parts), dtype=torch.int32, device=w.device) if argmax else None
     _norm_logits_kernel[(num_parts,)](
-        residual, norm, w, residual if out is None else out, residual if part_val is None else part_val,
+        residual, norm, *wa.ptrs, residual if out is None else out, residual if part_val is None else part_val,
         residual if part_idx is None else part_idx, num_rows, vocab, k, eps,
-        residual.stride(0), w.stride(0), 0 if out is None else out.stride(0),
+        residual.stride(0), wa.stride, 0 if out is None else out.stride(0),
         STORE_LOGITS=logits, ARGMAX=argmax, **opts,
     )  # fmt: skip
     return out, (part_val, part_idx) if argmax else None

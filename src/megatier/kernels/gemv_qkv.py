@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from megatier.kernels.decode_attention import dot_options
-from megatier.kernels.gemv import block_m_for, gemv_config, matvec, prefetch_lines, prefetch_rows
+from megatier.kernels.gemv import Matrix, block_m_for, gemv_config, matvec, prefetch_lines, prefetch_rows, weight_args
 from megatier.kernels.pdl import use_pdl
 
 
@@ -24,6 +24,10 @@ def _qkv_rope_kernel(
     residual_ptr,
     norm_ptr,
     w_ptr,
+    p1,
+    p2,
+    p3,
+    p4,
     bias_ptr,
     q_norm_ptr,
     k_norm_ptr,
@@ -48,6 +52,7 @@ def _qkv_rope_kernel(
     stride_kv_row,
     stride_table,
     stride_cos_sin,
+    KIND: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     QK_NORM: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -67,13 +72,13 @@ def _qkv_rope_kernel(
     rows_b = rows_a + half
     if USE_PDL:
         if PREFETCH_LINES > 0:  # 0: no prefetch
-            prefetch_rows(w_ptr, rows_a, i_mask, stride_w, K, PREFETCH_LINES)
-            prefetch_rows(w_ptr, rows_b, i_mask, stride_w, K, PREFETCH_LINES)
+            prefetch_rows(w_ptr, rows_a, i_mask, stride_w, K if KIND < 0 else stride_w, PREFETCH_LINES)
+            prefetch_rows(w_ptr, rows_b, i_mask, stride_w, K if KIND < 0 else stride_w, PREFETCH_LINES)
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     y1, y2, sum_sq = matvec(
-        residual_ptr, stride_residual, num_rows, norm_ptr, w_ptr, stride_w, rows_a, rows_b, i_mask, K,
-        True, True, BLOCK_M, BLOCK_N, BLOCK_K, NUM_STAGES, DOT_FP32, DOT_PRECISION,
+        residual_ptr, stride_residual, num_rows, norm_ptr, w_ptr, p1, p2, p3, p4, stride_w, rows_a, rows_b, i_mask,
+        K, KIND, True, True, BLOCK_M, BLOCK_N, BLOCK_K, NUM_STAGES, DOT_FP32, DOT_PRECISION,
     )  # fmt: skip
     inv_rms = tl.rsqrt(sum_sq / K + eps)[None, :]
     y1 *= inv_rms
@@ -122,7 +127,7 @@ def _qkv_rope_kernel(
 def gemv_qkv_rope(
     residual: torch.Tensor,
     norm: torch.Tensor,
-    w: torch.Tensor,
+    w: Matrix,
     bias: torch.Tensor | None,
     seq_lens: torch.Tensor,
     block_tables: torch.Tensor,
@@ -138,7 +143,7 @@ def gemv_qkv_rope(
     (w [(H + 2 Hkv) * D, hidden], rows q | k | v), q/k normed per head if q_norm/k_norm [D] are given,
     rotated at position seq_lens[m] - 1. Writes K and V of layer `layer` into
     kv [pages, layers, 2, Hkv, page_size, D] through block_tables [M, max_pages] (rows with seq_lens 0
-    write nothing) and returns rotated q [M, H, D] in w's dtype."""
+    write nothing) and returns rotated q [M, H, D] in kv's dtype (the compute dtype). w may be a QuantWeight."""
     num_rows, k = residual.shape
     num_kv_heads, page_size, head_dim = kv.shape[3], kv.shape[4], kv.shape[5]
     half = head_dim // 2
@@ -147,17 +152,19 @@ def gemv_qkv_rope(
     qk_norm = q_norm is not None
     block_p = max(cfg.block_n, triton.next_power_of_2(half)) if qk_norm else cfg.block_n
     block_p = min(block_p, max(16 if block_m > 1 else 1, triton.next_power_of_2(half)))
-    q = torch.empty((num_rows, num_heads, head_dim), dtype=w.dtype, device=w.device)
+    q = torch.empty((num_rows, num_heads, head_dim), dtype=kv.dtype, device=w.device)
+    wa = weight_args(w, kv.dtype)
     kv_layer = kv[:, layer]
     pdl = use_pdl(w.device)
     grid = (num_heads + 2 * num_kv_heads, triton.cdiv(half, block_p))
     _qkv_rope_kernel[grid](
-        residual, norm, w, w if bias is None else bias, q_norm if qk_norm else norm, k_norm if qk_norm else norm,
+        residual, norm, *wa.ptrs, norm if bias is None else bias, q_norm if qk_norm else norm,
+        k_norm if qk_norm else norm,
         q, kv_layer, seq_lens, block_tables, cos_sin, num_rows, k, eps, num_heads, num_kv_heads, half, page_size,
-        residual.stride(0), w.stride(0), q.stride(0), kv_layer.stride(0), kv_layer.stride(1), kv_layer.stride(2),
+        residual.stride(0), wa.stride, q.stride(0), kv_layer.stride(0), kv_layer.stride(1), kv_layer.stride(2),
         kv_layer.stride(3), block_tables.stride(0), cos_sin.stride(0),
-        HAS_BIAS=bias is not None, QK_NORM=qk_norm, BLOCK_M=block_m, BLOCK_N=block_p, BLOCK_K=cfg.block_k,
-        NUM_STAGES=cfg.num_stages, PREFETCH_LINES=prefetch_lines(2 * block_p, k, w.element_size()),
-        **dot_options(w.dtype), USE_PDL=pdl, num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=pdl,
+        KIND=wa.kind, HAS_BIAS=bias is not None, QK_NORM=qk_norm, BLOCK_M=block_m, BLOCK_N=block_p,
+        BLOCK_K=cfg.block_k, NUM_STAGES=cfg.num_stages, PREFETCH_LINES=prefetch_lines(2 * block_p, wa.row_bytes, 1),
+        **dot_options(wa.dtype), USE_PDL=pdl, num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=pdl,
     )  # fmt: skip
     return q
