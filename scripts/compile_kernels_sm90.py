@@ -90,9 +90,25 @@ def main() -> None:
                 ex.decode_greedy(StepBatch([1, 2, 3], [13, 6, 10], [1, 1, 1], tables), 2)
                 ex.decode_greedy(StepBatch([4], [15], [1], tables[:1]), 2)
         merge_attention_states(torch.randn(1, 3, 64, dtype=dtype), torch.randn(1, 3))
+    compile_sampler()
     if not all(pdl for _, _, pdl in compiled):
         sys.exit("some kernels were compiled without PDL: the use_pdl override missed a module")
     print(f"{len(compiled)} kernel variants compiled for sm_90 with triton {triton.__version__}")
+
+
+def compile_sampler() -> None:
+    """The fused sampler's kernels: greedy-only, sampled (every stage and penalties), two vocabularies."""
+    from megatier.sampling import Sampler, SampleRow, SamplingParams
+
+    rows = [
+        SamplingParams(temperature=0, repetition_penalty=1.2),
+        SamplingParams(temperature=0.7, top_k=20, top_p=0.9, min_p=0.05, logit_bias={3: 1.0}),
+    ]
+    for vocab in (300, 128256):
+        sampler = Sampler(vocab, torch.device("cpu"), fused=True)
+        for batch in (rows[:1], rows):
+            sample_rows = [SampleRow(i, p, i, 0, [1, 2], banned_ids=(5,)) for i, p in enumerate(batch)]
+            sampler.sample(torch.randn(len(batch), vocab), sample_rows)
 
 
 if __name__ == "__main__":

@@ -53,8 +53,10 @@ def _filter(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     if p.top_p < 1:
         sorted_logits, order = logits.sort(descending=True)
         probs = sorted_logits.softmax(-1)
-        # Drop a token when the tokens ranked above it already reach top_p; the best token always stays.
-        drop = (probs.cumsum(-1) - probs) >= p.top_p
+        # Drop a token when the tokens strictly above it already reach top_p (tokens of equal logits
+        # stay or go together); the best token always stays.
+        first_equal = torch.searchsorted(-sorted_logits, -sorted_logits)
+        drop = (probs.cumsum(-1) - probs)[first_equal] >= p.top_p
         logits = logits.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
     if p.min_p > 0:
         probs = logits.softmax(-1)

@@ -7,11 +7,16 @@ share the batch; the tokens reach the host through pinned memory without stallin
 
 from __future__ import annotations
 
+import struct
+from array import array
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import triton
 
 from megatier.errors import MegatierError
+from megatier.kernels.sample import NUM_PARAMS, Flag, Param, SampleBuffers, fused_sample
 
 
 @dataclass
@@ -109,8 +114,7 @@ def _mix32(x: int) -> int:
 def uniform(seed: int, position: int) -> float:
     """The number in [0, 1) that picks a sequence's output `position`: a counter-based hash of (seed,
     position), so a seed gives the same tokens in every run and whatever else shares the batch."""
-    seed %= 2**64
-    x = _mix32(_mix32(_mix32(seed & 0xFFFFFFFF) ^ (seed >> 32)) ^ (position & 0xFFFFFFFF))
+    x = _mix32(seed_hash(seed) ^ (position & 0xFFFFFFFF))
     high, low = _mix32(x ^ 0x9E3779B9), _mix32(x ^ 0x7F4A7C15)
     return ((high << 21) | (low >> 11)) / 2.0**53
 
@@ -161,22 +165,57 @@ def _to_host(t: torch.Tensor) -> torch.Tensor:
     return host.copy_(t, non_blocking=True)
 
 
+def seed_hash(seed: int) -> int:
+    """The per-sequence half of `uniform`'s hash: with the output position it gives a draw's number."""
+    seed %= 2**64
+    return _mix32(_mix32(seed & 0xFFFFFFFF) ^ (seed >> 32))
+
+
+def _bits(value: float) -> int:
+    """A float's fp32 bits as a signed int32 (how the fused sampler's parameter rows hold floats)."""
+    return struct.unpack("<i", struct.pack("<f", value))[0]
+
+
+def _int32(value: int) -> int:
+    return value - 2**32 if value >= 2**31 else value
+
+
+_FLAGS, _POSITION, _ENTRY_START, _ENTRY_COUNT, _GREEDY = (
+    int(c) for c in (Param.FLAGS, Param.POSITION, Param.ENTRY_START, Param.ENTRY_COUNT, Flag.GREEDY)
+)
+_NEG_INF_BITS = _bits(float("-inf"))  # a logit_bias entry of -inf bans its token
+_PADDING_ROW = [int(Flag.GREEDY)] + [0] * (NUM_PARAMS.value - 1)  # rows past the batch in a bucket
+_PADDING_ROW[Param.SLOT] = -1
+
+
 class Sampler:
     """Picks one token per row of a step's logits on their device, right behind the work computing them,
-    without waiting for it. Every setting is a per-row tensor; a stage no row of the batch uses is skipped
-    (neutral settings leave a row unchanged, so a row's token never depends on the others); the random
-    number of a row comes from `uniform(seed, position)`; penalties read per-sequence token counts kept
-    on the device and updated by each draw."""
+    without waiting for it. Penalties read per-sequence token counts kept on the device and updated by
+    each draw; a row's token never depends on the other rows.
 
-    def __init__(self, vocab_size: int, device: torch.device):
+    On CUDA (or with fused=True, which tests use under TRITON_INTERPRET=1) the fused sampler
+    (kernels/sample.py) runs: one launch for a greedy batch, 1 + 8 per search stage in use + 1 for a
+    sampled one, over persistent buffers, captured as a CUDA graph per (bucket, stages) from its second
+    use on. Each draw is the Gumbel-max of the kept tokens with noise hashed from (seed, position, token).
+    Otherwise the torch path runs: every setting a per-row tensor, a stage no row uses skipped, and the
+    draw is the inverse CDF at `uniform(seed, position)`."""
+
+    def __init__(self, vocab_size: int, device: torch.device, fused: bool | None = None, capture: bool = True):
         self.vocab_size, self.device = vocab_size, device
+        self.fused = device.type == "cuda" if fused is None else fused
+        self.capture = capture and self.fused and device.type == "cuda"
         self._slots: dict[object, int] = {}  # key -> row of the count tensors
         self._free: list[int] = []
         self._counts = torch.zeros((0, vocab_size), dtype=torch.int32, device=device)  # output tokens
         self._in_prompt = torch.zeros((0, vocab_size), dtype=torch.bool, device=device)
+        self._rows: dict[object, tuple[SamplingParams, int, list[int], list[int]]] = {}  # fused: cached rows
+        self._buffers: SampleBuffers | None = None
+        self._graphs: dict[tuple, torch.cuda.CUDAGraph | None] = {}  # None: seen once, or capture failed
+        self.graph_error: str | None = None
 
     def release(self, key: object) -> None:
         """Forget a finished sequence's penalty counts (its slot is reset when reused, in stream order)."""
+        self._rows.pop(key, None)
         slot = self._slots.pop(key, None)
         if slot is not None:
             self._free.append(slot)
@@ -187,6 +226,10 @@ class Sampler:
         (temperature 0 or top_k 1) take the argmax of the penalized logits."""
         if logits.shape[0] != len(rows):
             raise ValueError(f"{logits.shape[0]} logit rows for {len(rows)} sequences")
+        tokens = self._sample_fused(logits, rows) if self.fused else self._sample_torch(logits, rows)
+        return Sampled(tokens, logits, [r.params.logprobs for r in rows])
+
+    def _sample_torch(self, logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
         penalized = [i for i, r in enumerate(rows) if r.params.has_penalties]
         slots = self._upload([self._slot(rows[i]) for i in penalized], torch.long) if penalized else None
         x = self._adjust(logits, rows, penalized, slots)
@@ -200,7 +243,109 @@ class Sampler:
         if penalized:
             counted = tokens[self._upload(penalized, torch.long)]
             self._counts.index_put_((slots, counted), torch.ones_like(counted, dtype=torch.int32), accumulate=True)
-        return Sampled(tokens, logits, [r.params.logprobs for r in rows])
+        return tokens
+
+    def _sample_fused(self, logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+        """One parameter upload, then the fused kernels (a graph replay once captured); no host sync."""
+        params, entries = array("i"), []
+        used, greedy = 0, _GREEDY  # flags some row has; GREEDY while every row is greedy
+        for r in rows:
+            row, bias = self._fused_row(r)
+            if bias or r.banned_ids:
+                row[_ENTRY_START] = len(entries)
+                entries += bias
+                entries += [(t, _NEG_INF_BITS) for t in r.banned_ids]
+                row[_ENTRY_COUNT] = len(entries) - row[_ENTRY_START]
+            row[_POSITION] = r.position & 0x7FFFFFFF
+            used |= row[_FLAGS]
+            greedy &= row[_FLAGS]
+            params.extend(row)
+        bucket = triton.next_power_of_2(len(rows)) if self.capture else len(rows)
+        for _ in range(bucket - len(rows)):
+            params.extend(_PADDING_ROW)
+        b = self._buffers_for(bucket, len(entries))
+        self._copy_in(b.params[:bucket], torch.frombuffer(params, dtype=torch.int32).view(bucket, -1))
+        if entries:
+            self._copy_in(b.entries[: len(entries)], torch.tensor(entries, dtype=torch.int32))
+        top_k, top_p = bool(used & Flag.USE_TOP_K), bool(used & Flag.USE_TOP_P)
+        if b.logits is not None:
+            b.logits[: len(rows)].copy_(logits)
+            source = b.logits[:bucket]
+        else:
+            source = logits.contiguous()
+
+        def run() -> None:
+            fused_sample(source, b, self._counts, self._in_prompt, top_k, top_p, sample=not greedy)
+
+        self._run((bucket, not greedy, top_k, top_p), run)
+        return b.tokens[: len(rows)].clone()  # the next call overwrites the buffer
+
+    def _fused_row(self, r: SampleRow) -> tuple[list[int], list[tuple[int, int]]]:
+        """A copy of `r`'s parameter row (built once per sequence: flags, settings, penalty slot, seed
+        hash) and its logit_bias entries (token, bias bits)."""
+        cached = self._rows.get(r.key)
+        if cached is None or cached[0] is not r.params or cached[1] != r.seed:
+            p = r.params
+            sampled = not p.greedy
+            flags = (
+                (Flag.GREEDY if p.greedy else 0)
+                | (Flag.PENALTIES if p.has_penalties else 0)
+                | (Flag.USE_TOP_K if sampled and 0 < p.top_k < self.vocab_size else 0)
+                | (Flag.USE_TOP_P if sampled and p.top_p < 1 else 0)
+                | (Flag.USE_MIN_P if sampled and p.min_p > 0 else 0)
+            )
+            row = [0] * NUM_PARAMS.value
+            row[Param.FLAGS], row[Param.TOP_K] = int(flags), max(p.top_k, 0)
+            for column, value in (
+                (Param.TEMPERATURE, p.temperature or 1.0), (Param.TOP_P, p.top_p), (Param.MIN_P, p.min_p),
+                (Param.REPETITION, p.repetition_penalty), (Param.PRESENCE, p.presence_penalty),
+                (Param.FREQUENCY, p.frequency_penalty),
+            ):  # fmt: skip
+                row[column] = _bits(value)
+            row[Param.SLOT] = self._slot(r) if p.has_penalties else -1
+            row[Param.SEED] = _int32(seed_hash(r.seed))
+            bias = [(t, _bits(float(v))) for t, v in (p.logit_bias or {}).items()]
+            cached = self._rows[r.key] = (p, r.seed, row, bias)
+        return list(cached[2]), cached[3]
+
+    def _buffers_for(self, rows: int, entries: int) -> SampleBuffers:
+        """The fused path's persistent buffers, grown (and captured graphs dropped) when too small."""
+        b = self._buffers
+        if b is None or b.rows < rows or b.entries.shape[0] < entries:
+            rows = max(rows, b.rows if b else 1)
+            entries = max(triton.next_power_of_2(max(entries, 1)), b.entries.shape[0] if b else 1)
+            b = self._buffers = SampleBuffers(rows, self.vocab_size, entries, self.device, logits=self.capture)
+            self._graphs.clear()
+        return b
+
+    def _copy_in(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """Host -> persistent device buffer without waiting for queued work (from pinned memory)."""
+        dst.copy_(src.pin_memory() if self.device.type == "cuda" else src, non_blocking=True)
+
+    def _run(self, key: tuple, run: Callable[[], None]) -> None:
+        """Launch eagerly; with capture, a key's second use captures a CUDA graph and every later one
+        replays it (the first compiles the kernels; capturing does not run them, so no draw is repeated)."""
+        if not self.capture:
+            run()
+            return
+        if key not in self._graphs:
+            self._graphs[key] = None
+            run()
+            return
+        graph = self._graphs[key]
+        if graph is None and self.graph_error is None:
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph):
+                    run()
+            except Exception as e:  # capture unsupported here: eager launches still work
+                self.graph_error = f"{type(e).__name__}: {e}"
+                graph = None
+            self._graphs[key] = graph
+        if graph is None:
+            run()
+        else:
+            graph.replay()
 
     def _upload(self, values: list, dtype: torch.dtype) -> torch.Tensor:
         """A small host list on the device without waiting for queued work (pageable memory would)."""
@@ -216,6 +361,7 @@ class Sampler:
             self._free = list(range(self._counts.shape[0] + grow - 1, self._counts.shape[0] - 1, -1))
             self._counts = torch.cat((self._counts, self._counts.new_zeros((grow, self.vocab_size))))
             self._in_prompt = torch.cat((self._in_prompt, self._in_prompt.new_zeros((grow, self.vocab_size))))
+            self._graphs.clear()  # they hold the old tables' addresses
         slot = self._slots[row.key] = self._free.pop()
         self._counts[slot].zero_()
         self._in_prompt[slot].zero_()
