@@ -176,17 +176,20 @@ class StepBuffers:
         if any(len(t) > self.table.shape[1] for t in page_tables):
             raise ValueError(f"a page table is longer than the {self.table.shape[1]} pages of the cache")
         b = len(token_ids)
-        ints = torch.zeros(2 * b + self.table.numel(), dtype=torch.int32)  # tokens | positions | tables
+        # Only the columns some table uses: the kernel reads a row's entries below its length, and the
+        # full width (every page of the cache) would be B * num_pages words over PCIe each step.
+        width = max(1, max(len(t) for t in page_tables))
+        ints = torch.zeros(2 * b + self.table.shape[0] * width, dtype=torch.int32)  # tokens | positions | tables
         ints[:b] = torch.tensor(token_ids, dtype=torch.int32)
         ints[b : 2 * b] = torch.tensor(positions, dtype=torch.int32)
-        tables = ints[2 * b :].view(self.table.shape)
+        tables = ints[2 * b :].view(self.table.shape[0], width)
         for row, t in enumerate(page_tables):
             tables[row, : len(t)] = torch.tensor(t, dtype=torch.int32)
         if self.table.is_cuda:
             ints = ints.pin_memory()
         self.tokens.copy_(ints[:b], non_blocking=True)
         self.pos.copy_(ints[b : 2 * b], non_blocking=True)
-        self.table.copy_(ints[2 * b :].view(self.table.shape), non_blocking=True)
+        self.table[:, :width].copy_(ints[2 * b :].view(self.table.shape[0], width), non_blocking=True)
         self.counters.zero_()
         self.state.zero_()
         self.argmax.zero_()
