@@ -26,6 +26,7 @@ class EngineArgs:
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None  # per step; None: 2048 on GPU, 256 on CPU
     overlap: bool = True  # schedule and queue step N + 1 while the device runs step N
+    tensor_parallel_size: int = 1  # processes sharing each layer (parallel.py); > 1: reference backend on CPU only
     # KV cache
     page_size: int = 16
     kv_cache_gb: float | None = None  # None: 2 GiB on CPU, most of the free GPU memory
@@ -69,6 +70,13 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
         "--backend", default="auto", help="auto, reference, graph or megakernel (bench latency: a comma list runs each)"
     )
     g.add_argument("--seed", type=int, default=0, help="seed for dummy weights and unseeded sampling")
+    g.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        default=1,
+        help="processes that split every layer (torch.distributed); above 1 only the reference backend on "
+        "the CPU (gloo) for now",
+    )
     g.add_argument("--max-model-len", type=int, help="longest context (prompt + output) in tokens")
     g.add_argument("--kv-cache-gb", type=float, help="memory for the KV cache (default: 2 GiB on CPU, most of the GPU)")
     g = p.add_argument_group("tiered KV cache (any of these turns it on)")

@@ -20,17 +20,18 @@ from megatier.config import ModelConfig, load_config, parse_dtype
 from megatier.engine import CompletionOutput, Engine, RequestOutput, SequenceUpdate
 from megatier.errors import MegatierError
 from megatier.executors import create_executor, resolve_backend
+from megatier.executors.base import Executor
 from megatier.kv.pages import KVCache
 from megatier.kv.store import KVStore
 from megatier.kv.tiered import TieredKV
 from megatier.loader import (
     LOAD_FORMATS,
-    dummy_weights,
     load_generation_defaults,
-    load_safetensors_weights,
+    load_weights,
     resolve_model,
 )
-from megatier.quant.schemes import QUANTIZATIONS, apply_quantization
+from megatier.parallel import check_tensor_parallel, shard_config
+from megatier.quant.schemes import QUANTIZATIONS
 from megatier.sampling import SamplingParams
 from megatier.tokenizer import Message, Tokenizer
 from megatier.weights import ModelWeights
@@ -104,7 +105,7 @@ class LLM:
         weights = self._load(args)
         weight_bytes = weights.numel() * torch.finfo(self.dtype).bits // 8
         cache, max_num_seqs, max_num_batched_tokens = self._kv_cache(args, weight_bytes)
-        executor = create_executor(args.backend, self.config, weights, cache)
+        executor = self._executor(args, weights, cache)
         self.max_model_len = min(
             args.max_model_len or self.config.max_position_embeddings, cache.num_pages * cache.page_size
         )
@@ -153,17 +154,21 @@ class LLM:
         self.model_path = resolve_model(args.model)
         self.config = load_config(self.model_path)
         self.dtype = resolve_dtype(args.dtype, self.config, self.device)
+        check_tensor_parallel(
+            args.tensor_parallel_size, self.config, backend=args.backend, device=self.device, tiered=args.tiered
+        )
 
     def _load(self, args: EngineArgs) -> ModelWeights:
         """Weights, tokenizer and generation defaults."""
-        if args.load_format == "dummy":
-            weights = apply_quantization(
-                dummy_weights(self.config, args.seed, self.dtype, self.device), args.quantization
-            )
-        elif self.model_path.suffix == ".json":
-            raise MegatierError(f"{args.model!r} is a built-in shape without weights: use load_format='dummy'")
-        else:
-            weights = load_safetensors_weights(self.model_path, self.config, args.quantization)
+        weights = load_weights(
+            self.model_path,
+            self.config,
+            load_format=args.load_format,
+            quantization=args.quantization,
+            seed=args.seed,
+            dtype=self.dtype,
+            device=self.device,
+        )
         has_tokenizer = self.model_path.is_dir() and (self.model_path / "tokenizer.json").is_file()
         self.tokenizer = Tokenizer(self.model_path) if has_tokenizer else None
         self.generation_defaults = load_generation_defaults(self.model_path, self.config)
@@ -200,12 +205,47 @@ class LLM:
             max_num_batched_tokens = max(1, min(max_num_batched_tokens, (room - max_num_seqs) * page_size))
             return cache, max_num_seqs, max_num_batched_tokens
         limit = args.max_model_len or self.config.max_position_embeddings
-        token_bytes = self.config.kv_bytes_per_token(self.dtype)
+        kv_config = shard_config(self.config, args.tensor_parallel_size)  # with TP, each rank's KV heads
+        token_bytes = kv_config.kv_bytes_per_token(self.dtype)
         num_pages = min(kv_bytes // (token_bytes * page_size), -(-limit // page_size) * max_num_seqs)
         if num_pages < 2:
             raise MegatierError(f"kv_cache_gb={args.kv_cache_gb} holds fewer than 2 pages of {page_size} tokens")
-        cache = KVCache.allocate(self.config, num_pages, page_size, self.dtype, self.device)
+        cache = KVCache.allocate(kv_config, num_pages, page_size, self.dtype, self.device)
         return cache, max_num_seqs, max_num_batched_tokens
+
+    def _executor(self, args: EngineArgs, weights: ModelWeights, cache: KVStore) -> Executor:
+        """The backend's executor; with tensor_parallel_size > 1 the reference over that many processes
+        (executors/tensor_parallel.py), which `close` stops."""
+        self._tensor_parallel = None
+        if args.tensor_parallel_size == 1:
+            return create_executor(args.backend, self.config, weights, cache)
+        from megatier.executors.tensor_parallel import TensorParallelExecutor, WorkerSpec
+
+        spec = WorkerSpec(
+            self.model_path,
+            self.config,
+            args.load_format,
+            args.quantization,
+            args.seed,
+            self.dtype,
+            self.device,
+            cache.num_pages,
+            cache.page_size,
+            args.tensor_parallel_size,
+        )
+        self._tensor_parallel = TensorParallelExecutor(spec, weights, cache)
+        return self._tensor_parallel
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers, if any (also done at exit); a tensor-parallel LLM is done then."""
+        if self._tensor_parallel is not None:
+            self._tensor_parallel.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # -- inputs --------------------------------------------------------------------------------------------
 

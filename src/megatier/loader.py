@@ -219,3 +219,22 @@ def dummy_weights(cfg: ModelConfig, seed: int, dtype: torch.dtype, device: torch
             t.normal_(0.0, shape[1] ** -0.5, generator=gen)
         out[name] = t.to(dtype)
     return weights_from_tensors(cfg, out)
+
+
+def load_weights(
+    model_path: Path,
+    cfg: ModelConfig,
+    *,
+    load_format: str,
+    quantization: str,
+    seed: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> ModelWeights:
+    """The weights `LLM` runs (and every tensor-parallel worker loads for itself): the checkpoint at the
+    resolved `model_path`, or seeded dummy weights, then the `quantization` option."""
+    if load_format == "dummy":
+        return apply_quantization(dummy_weights(cfg, seed, dtype, device), quantization)
+    if model_path.suffix == ".json":
+        raise MegatierError(f"{model_path.stem!r} is a built-in shape without weights: use load_format='dummy'")
+    return load_safetensors_weights(model_path, cfg, quantization)

@@ -16,6 +16,7 @@ from megatier.config import ModelConfig, rope_inv_freq
 from megatier.executors.base import StepBatch
 from megatier.kv.pages import block_table_tensor
 from megatier.kv.store import KVStore, LayerKV
+from megatier.parallel import Shard
 from megatier.quant import cpu as quant_cpu
 from megatier.weights import LayerWeights, Matrix, ModelWeights
 
@@ -64,8 +65,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> 
 class ReferenceExecutor:
     name = "reference"
 
-    def __init__(self, cfg: ModelConfig, weights: ModelWeights, *, cache: KVStore):
+    def __init__(self, cfg: ModelConfig, weights: ModelWeights, *, cache: KVStore, shard: Shard | None = None):
+        """With a `shard`, `cfg`, `weights` and `cache` are this rank's share (parallel.py) and `forward`
+        all-reduces after attention and the MLP and returns the gathered logits."""
         self.cfg = cfg
+        self.shard = shard
         self.cache = cache
         self.device = cache.device
         self.dtype = cache.dtype
@@ -98,15 +102,23 @@ class ReferenceExecutor:
                 attn = store.attend(plan, layer_idx, q, self.hbm_attention)
             else:
                 attn = self._prompt_attention(store.context(plan, layer_idx), q, batch)
-            x = x + linear(attn.flatten(1), layer.o_proj, layer.o_bias)
+            x = x + self._row_parallel(attn.flatten(1), layer.o_proj, layer.o_bias)
             h = rms_norm(x, layer.post_norm, cfg.rms_norm_eps)
             gate = linear(h, layer.gate_proj, layer.gate_bias)
             up = linear(h, layer.up_proj, layer.up_bias)
-            x = x + linear(F.silu(gate) * up, layer.down_proj, layer.down_bias)
+            x = x + self._row_parallel(F.silu(gate) * up, layer.down_proj, layer.down_bias)
         store.end_step(plan)
 
         h = rms_norm(x[self._logit_rows(batch)], self.w.final_norm, cfg.rms_norm_eps)
-        return linear(h, self.w.lm_head, None).float()
+        logits = linear(h, self.w.lm_head, None).float()
+        return logits if self.shard is None else self.shard.gather_vocab(logits, cfg.vocab_size)
+
+    def _row_parallel(self, x: torch.Tensor, w: Matrix, b: torch.Tensor | None) -> torch.Tensor:
+        """o and down: sharded, each rank's product is a partial sum; the bias goes in once, after the sum."""
+        if self.shard is None:
+            return linear(x, w, b)
+        out = self.shard.all_reduce(linear(x, w, None))
+        return out if b is None else out + b
 
     def _logit_rows(self, batch: StepBatch) -> torch.Tensor:
         """Indices of the new tokens whose logits `forward` returns (StepBatch.logit_counts)."""
