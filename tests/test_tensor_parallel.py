@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from dataclasses import replace
 
@@ -12,7 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import ARCH_CASES, make_hf_model
+from conftest import ARCH_CASES, make_hf_model, write_byte_tokenizer
 from megatier import LLM, SamplingParams
 from megatier.args import EngineArgs
 from megatier.cli import build_parser
@@ -104,6 +106,7 @@ def test_cli_flag():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     path, _ = make_hf_model(tmp_path_factory.mktemp("tp"), BIAS_CASE)
+    write_byte_tokenizer(path)
     return path
 
 
@@ -201,3 +204,29 @@ def test_a_worker_that_fails_to_start_is_a_clear_error(tiny, tmp_path, monkeypat
     with pytest.raises(MegatierError, match="worker rank 1 exited with code 3 while starting"):
         LLM(tiny, tensor_parallel_size=2)
     assert not dist.is_initialized()
+
+
+@pytest.mark.slow
+def test_tp2_bf16_errs_as_tp1_bf16_does(tiny):
+    """bf16 partial sums are all-reduced in bf16: versus fp32, TP=2 may err no more than the project's bf16
+    tolerance for TP=1 (tests/test_reference.py)."""
+    batch = prompts(3, seed=14)
+    tables = [[1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    step = StepBatch([t for p in batch for t in p], [0, 0, 0], [len(p) for p in batch], tables)
+    exact = LLM(tiny).engine.executor.forward(step)
+    one = LLM(tiny, dtype="bfloat16").engine.executor.forward(step)
+    with LLM(tiny, dtype="bfloat16", tensor_parallel_size=2) as tp:
+        two = tp.engine.executor.forward(step)
+    assert rel_err(two, exact) <= 1.5 * rel_err(one, exact) + 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_cli_generate_with_two_processes_exits_cleanly(tiny):
+    """No close(): the workers stop at exit, and the completion is TP=1's."""
+    args = ["generate", "--model", str(tiny), "--max-tokens", "8", "--ignore-eos", "--tensor-parallel-size", "2"]
+    out = subprocess.run(
+        [sys.executable, "-m", "megatier", *args, "abc"], capture_output=True, text=True, timeout=100, check=True
+    )
+    expected = LLM(tiny).generate("abc", SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0].text
+    assert out.stdout == "abc" + expected + "\n"
