@@ -26,7 +26,7 @@ from megatier.bench.common import common_prefix, record, write_json
 from megatier.executors.base import StepBatch
 from megatier.executors.reference import ReferenceExecutor
 from megatier.kv.pages import KVCache
-from megatier.quant.blocks import FP8_MAX, QuantWeight
+from megatier.quant.blocks import FP8_MAX
 from megatier.quant.schemes import to_fp8
 
 SCHEMES = ("none", "auto", "fp8")  # the oracle first
@@ -58,11 +58,6 @@ def decode_tokens_per_s(llm: LLM, steps: int) -> float:
     return steps / ((t2 - t1) - (t1 - t0))
 
 
-def weight_bytes(llm: LLM) -> int:
-    weights = llm.engine.executor.w.tensors()
-    return sum(t.nbytes() if isinstance(t, QuantWeight) else t.numel() * t.element_size() for _, t in weights)
-
-
 def run(args: argparse.Namespace) -> dict:
     text = Path(args.text).read_text()
     results, oracle = {}, {}
@@ -87,7 +82,7 @@ def run(args: argparse.Namespace) -> dict:
             "max_logit_error_rel": float((logits - ref).abs().max() / ref.abs().max()),
             "greedy_prefix_agreement": matched / sum(len(g) for g in oracle["greedy"]),
             "decode_tokens_per_s": decode_tokens_per_s(llm, args.decode_steps),
-            "weight_bytes": weight_bytes(llm),
+            "weight_bytes": llm.stats.weight_bytes,
         }
         print(scheme, {k: round(v, 6) for k, v in results[scheme].items()}, flush=True)
     # Accuracy only, from the fp32 weights: FP8 for the embedding / LM head too (what `fp8` leaves out),

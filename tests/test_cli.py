@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import make_hf_model, write_byte_tokenizer
 from megatier import LLM, SamplingParams
@@ -68,6 +69,18 @@ def test_bench_latency_times_a_sampled_decode(tiny, tmp_path, capsys):
     assert "T 0.7 top-p 0.95" in capsys.readouterr().out
 
 
+def test_bench_latency_runs_each_quantization_with_its_weight_bytes(tiny, tmp_path):
+    """--quantization none,fp8 loads the model twice in one process; each row counts the weight bytes its
+    executor holds (FP8 projections at 1 byte and a scale per row, the tied embedding in fp32)."""
+    out = tmp_path / "r.json"
+    args = ["bench", "latency", "--model", str(tiny), "--input-len", "5", "--output-len", "4", "--iters", "1"]
+    assert main([*args, "--quantization", "none,fp8", "--json", str(out)]) == 0
+    plain, fp8 = json.loads(out.read_text())["results"]["rows"]
+    assert (plain["quantization"], fp8["quantization"]) == ("none", "fp8")
+    weights = LLM(str(tiny), quantization="fp8").engine.executor.w
+    assert fp8["weight_bytes"] == weights.nbytes(torch.float32) < plain["weight_bytes"] == 4 * weights.numel()
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -75,6 +88,7 @@ def test_bench_latency_times_a_sampled_decode(tiny, tmp_path, capsys):
         (["generate", "--temperature", "-1", "--model", "{tiny}", "x"], "temperature must be >= 0"),
         (["generate", "--device", "tpu", "--model", "{tiny}", "x"], "unknown device 'tpu'"),
         (["bench", "latency", "--model", "{tiny}", "--baselines", "torch-graph"], "unknown baseline 'torch-graph'"),
+        (["bench", "latency", "--model", "{tiny}", "--quantization", "none,int4"], "unknown quantization 'int4'"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(tiny, capsys, argv, message):

@@ -7,10 +7,12 @@ the captured graphs. The tests marked gpu use the Llama-3.2-1B shape.
 from __future__ import annotations
 
 import json
+import logging
 from importlib.resources import files
 
 import pytest
 import torch
+from gguf import GGMLQuantizationType, quants
 
 from conftest import ARCH_CASES, TINY
 from fp32_oracle import assert_greedy_under_fp32
@@ -20,6 +22,8 @@ from megatier.executors.graph import GraphExecutor
 from megatier.executors.reference import ReferenceExecutor
 from megatier.kv.pages import KVCache, pages_for
 from megatier.loader import dummy_weights
+from megatier.quant.blocks import QuantWeight, from_gguf
+from megatier.quant.schemes import apply_quantization
 from megatier.weights import ModelWeights
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::RuntimeWarning")  # interpreter noise
@@ -244,6 +248,80 @@ def test_rejects_batches_it_cannot_run():
         graph.decode_greedy(StepBatch([1], [3], [1], [[0, 1]]), 6)
 
 
+# ---- quantized weights: kept in their blocks ---------------------------------------------------------
+
+
+def quantized(weights: ModelWeights, kind: str, embeddings: bool = True) -> ModelWeights:
+    """FP8 as quantization="fp8" makes it (embedding and head plain); a GGUF kind as gguf quantizes
+    every projection, and (embeddings) a Q8_0 embedding / head, as the embedded model stores them.
+    "mixed": layer 0's q_proj Q8_0 beside Q4_1 k/v, which packing must dequantize."""
+    if kind == "FP8":
+        return apply_quantization(weights, "fp8")
+
+    def blocks(t: torch.Tensor, block_kind: str) -> QuantWeight:
+        data = quants.quantize(t.float().cpu().numpy(), GGMLQuantizationType[block_kind])
+        return from_gguf(block_kind, data, tuple(t.shape), "t").to(DEVICE)
+
+    out = weights.map_matrices(
+        lambda t: blocks(t, "Q4_1" if kind == "mixed" else kind),
+        embeddings=(lambda t: blocks(t, "Q8_0")) if embeddings else None,
+    )
+    if kind == "mixed":
+        out.layers[0].q_proj = blocks(weights.layers[0].q_proj, "Q8_0")
+    return out
+
+
+@pytest.mark.parametrize("kind", ["FP8", "Q8_0", "Q4_0", "Q4_1", "mixed"])
+@pytest.mark.parametrize(
+    "path,gemv_max_batch,quant_gemm_max_rows",
+    [("fused", None, None), ("quant_matmul", 0, None), ("dequantize", 0, 0)],
+)
+def test_quantized_weights_match_reference(kind, path, gemv_max_batch, quant_gemm_max_rows, caplog):
+    """Prefill, mixed and decode steps on kept-quantized weights: decode through the fused GEMVs (the
+    default for quantized weights, up to quant_gemv_max_batch rows), or through quant_matmul, or with
+    every matrix dequantized for cuBLAS; the reference multiplies the same blocks."""
+    cfg = tiny_config("llama-llama3rope-tied-bias")
+    weights = quantized(dummy_weights(cfg, 0, torch.float32, DEVICE), kind)
+    with caplog.at_level(logging.INFO, logger="megatier.weights"):
+        graph, ref = executors(cfg, weights, torch.float32)
+    assert ("qkv mix block kinds" in caplog.text) == (kind == "mixed")
+    assert isinstance(graph.w.gate_up[1], QuantWeight) and isinstance(graph.w.qkv[1], QuantWeight)
+    assert isinstance(graph.w.qkv[0], torch.Tensor if kind == "mixed" else QuantWeight)
+    assert graph.gemv_max_batch == GraphExecutor.quant_gemv_max_batch
+    assert graph.weight_bytes < weights.numel() * 4  # the fp32 model's bytes
+    assert graph.weight_bytes > ref.weight_bytes if kind == "mixed" else graph.weight_bytes == ref.weight_bytes
+    if gemv_max_batch is not None:
+        graph.gemv_max_batch = gemv_max_batch
+    if quant_gemm_max_rows is not None:
+        graph.quant_gemm_max_rows = quant_gemm_max_rows
+    theirs, ours = run_mixed_script([ref, graph], cfg.vocab_size, shuffled_tables(24, [5, 4, 4], seed=1))
+    assert ours.shape == theirs.shape == (11, cfg.vocab_size)
+    assert rel_err(ours, theirs) < 1e-4
+
+
+@pytest.mark.parametrize("num_seqs", [1, 3])
+@pytest.mark.parametrize("kind", ["FP8", "Q4_1"])
+def test_quantized_decode_greedy_matches_reference_greedy(kind, num_seqs):
+    """Greedy steps on the device through the fused GEMVs: FP8 projections, or a Q4_1 model with a Q8_0
+    head (the embedded model's kinds), whose argmax partials and embedding rows are decoded blocks."""
+    cfg = tiny_config("llama-llama3rope-tied-bias")
+    weights = quantized(dummy_weights(cfg, 3, torch.float32, DEVICE), kind)
+    graph, ref = executors(cfg, weights, torch.float32, num_pages=32)
+    tables = shuffled_tables(32, [6, 5, 6][:num_seqs], seed=2)
+    gen = torch.Generator().manual_seed(9)
+    prompts = [torch.randint(0, cfg.vocab_size, (n,), generator=gen).tolist() for n in (9, 3, 12)[:num_seqs]]
+    prefill = StepBatch([t for p in prompts for t in p], [0] * num_seqs, [len(p) for p in prompts], tables)
+    first = [int(r.argmax()) for r in ref.forward(prefill)]
+    graph.forward(prefill)
+    starts, ones = [len(p) for p in prompts], [1] * num_seqs
+    tokens = graph.decode_greedy(StepBatch(first, starts, ones, tables), 6).tolist()
+    expected, feed = [], first
+    for step in range(6):
+        feed = [int(r.argmax()) for r in ref.forward(StepBatch(feed, [s + step for s in starts], ones, tables))]
+        expected.append(feed)
+    assert tokens == expected and len({t for row in expected for t in row}) > 2
+
+
 # ---- GPU: the Llama-3.2-1B shape in bf16 --------------------------------------------------------------
 
 LLAMA_1B = config_from_hf(json.loads((files("megatier") / "configs/llama-3.2-1b.json").read_text()))
@@ -324,3 +402,76 @@ def test_llama_1b_fed_steps_queue_without_waiting(llama_1b, num_seqs):
     graph.forward(prefill)
     theirs = graph.decode_greedy(StepBatch(first.tolist(), prompt_lens, [1] * num_seqs, tables), 64)
     assert ours.tolist() == theirs.tolist() and len({t for row in ours.tolist() for t in row}) > 3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "prompt_lens,gemv_max_batch",
+    [([40], None), ([40, 33], None), ([40, 33], 0)],  # fused GEMVs at 1 and 2 rows; quant_matmul decode
+)
+def test_llama_1b_fp8_error_within_plain_bf16_fp8_reference(llama_1b, prompt_lens, gemv_max_batch):
+    """FP8 weights kept as FP8 in bf16: versus the fp32 reference on the same FP8 weights, the graph
+    executor errs no more than the bf16 reference does (1.5x slack). 73 prompt tokens go through the
+    dequantize-then-cuBLAS prefill, 40 through quant_matmul."""
+    fp8 = apply_quantization(llama_1b, "fp8")
+    gen = torch.Generator().manual_seed(14)
+    num_steps = 8
+    prompts = [torch.randint(0, LLAMA_1B.vocab_size, (n,), generator=gen).tolist() for n in prompt_lens]
+    tables = [list(range(20 * i, 20 * i + 8)) for i in range(len(prompts))]
+    feeds = torch.randint(0, LLAMA_1B.vocab_size, (num_steps, len(prompts)), generator=gen).tolist()
+    steps = [StepBatch([t for p in prompts for t in p], [0] * len(prompts), prompt_lens, tables)]
+    steps += [StepBatch(f, [n + i for n in prompt_lens], [1] * len(prompts), tables) for i, f in enumerate(feeds)]
+
+    def run(cls, dtype):
+        ex = llama_executor(cls, fp8, dtype)
+        if cls is GraphExecutor:
+            assert isinstance(ex.w.qkv[0], QuantWeight) and ex.weight_bytes < 0.65 * 2 * llama_1b.numel()
+            if gemv_max_batch is not None:
+                ex.gemv_max_batch = gemv_max_batch
+        return torch.cat([ex.forward(s) for s in steps])
+
+    exact = run(ReferenceExecutor, torch.float32)
+    plain = run(ReferenceExecutor, torch.bfloat16)
+    ours = run(GraphExecutor, torch.bfloat16)
+    ours_err, plain_err = rel_err(ours, exact), rel_err(plain, exact)
+    print(f"Llama-1B FP8 logits rel. error vs fp32 on FP8: graph {ours_err:.2e}, bf16 reference {plain_err:.2e}")
+    assert ours_err <= 1.5 * plain_err
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("prompt_lens", [[32], [5, 17, 32, 64, 3, 48, 100, 9]])
+def test_llama_1b_fp8_greedy_tokens_are_greedy_under_fp32(llama_1b, prompt_lens):
+    """64 greedy steps with FP8 weights (fused GEMVs at 1 and 8 rows), checked against the references
+    on the same FP8 weights."""
+    fp8 = apply_quantization(llama_1b, "fp8")
+    gen = torch.Generator().manual_seed(15)
+    prompts = [torch.randint(0, LLAMA_1B.vocab_size, (n,), generator=gen).tolist() for n in prompt_lens]
+    tables = [list(range(i * 16, (i + 1) * 16)) for i in range(len(prompts))]
+    prefill = StepBatch([t for p in prompts for t in p], [0] * len(prompts), prompt_lens, tables)
+    graph = llama_executor(GraphExecutor, fp8, torch.bfloat16)
+    first = [int(r.argmax()) for r in graph.forward(prefill)]
+    ones = [1] * len(prompts)
+    ours = [first, *graph.decode_greedy(StepBatch(first, prompt_lens, ones, tables), 63).tolist()]
+    del graph
+    assert len({t for row in ours for t in row}) > 3
+    assert_greedy_under_fp32(LLAMA_1B, fp8, torch.device("cuda"), ours, prefill, 128, 16)
+
+
+@pytest.mark.gpu
+def test_fp8_llm_on_the_graph_backend_generates_the_reference_tokens(tmp_path):
+    """End to end through LLM: quantization="fp8" on the graph backend (CUDA graphs, fused GEMVs for one
+    and two sequences) gives the fp8 reference's greedy tokens (fp32, so rounding decides no ties)."""
+    from conftest import make_hf_model
+    from megatier import LLM, SamplingParams
+
+    path, _ = make_hf_model(tmp_path, "qwen3-headdim24")
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    prompts = [[5, 9, 13, 200, 7], [1, 2, 3]]
+    outs = {}
+    for backend in ("graph", "reference"):
+        llm = LLM(str(path), backend=backend, device="cuda", dtype="float32", quantization="fp8")
+        outs[backend] = [[o.outputs[0].token_ids for o in llm.generate(p, params)] for p in (prompts[:1], prompts)]
+        if backend == "graph":
+            assert isinstance(llm.engine.executor.w.qkv[0], QuantWeight)
+        del llm
+    assert outs["graph"] == outs["reference"]

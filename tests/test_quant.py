@@ -29,6 +29,7 @@ from megatier.quant.blocks import (
     FP8_MAX,
     GGUF_BLOCKS,
     QuantWeight,
+    cat_rows,
     fp8_from_checkpoint,
     fp8_to_float,
     from_gguf,
@@ -234,10 +235,27 @@ def test_bad_fp8_checkpoints_get_one_line_errors(tmp_path, edit, match):
     assert "\n" not in str(info.value)
 
 
-def test_packing_for_the_gpu_executors_dequantizes(tmp_path):
+def test_packing_keeps_quantized_matrices_in_their_blocks(tmp_path):
+    """The graph executor's packing: q|k|v and gate|up concatenated block by block, FP8's embedding plain;
+    `dequantized` (the megakernel's route) gives the plain packed layout of the same values."""
     path, _ = make_hf_model(tmp_path / "m", "llama-mqa-untied")
     fp8 = load_safetensors_weights(path, load_config(path), "fp8")
     packed = pack_weights(fp8, "cpu", torch.float32)
     plain = pack_weights(apply_quantization(fp8, "none"), "cpu", torch.float32)
-    assert torch.equal(packed.qkv, plain.qkv) and torch.equal(packed.gate_up, plain.gate_up)
-    assert torch.equal(packed.qkv[1, :64], fp8.layers[1].q_proj.dequantize())
+    assert all(isinstance(m, QuantWeight) and m.kind == "FP8" for m in [*packed.qkv, *packed.gate_up, *packed.down])
+    for layer in range(2):
+        assert torch.equal(packed.qkv[layer].dequantize(), plain.qkv[layer])
+        assert torch.equal(packed.gate_up[layer].dequantize(), plain.gate_up[layer])
+    assert torch.equal(packed.qkv[1].dequantize()[:64], fp8.layers[1].q_proj.dequantize())
+    assert torch.equal(packed.embed, plain.embed) and torch.equal(packed.lm_head, plain.lm_head)
+    assert packed.nbytes() < plain.nbytes() == 4 * fp8.numel() and packed.nbytes() == fp8.nbytes(torch.float32)
+    again = fp8.dequantized("cpu", torch.float32)
+    assert not again.is_quantized() and torch.equal(pack_weights(again, "cpu", torch.float32).qkv, plain.qkv)
+
+
+def test_cat_rows_refuses_mixed_kinds():
+    a = from_gguf("Q8_0", random_blocks("Q8_0", 4, 64), (4, 64), "a")
+    b = from_gguf("Q4_1", random_blocks("Q4_1", 4, 64), (4, 64), "b")
+    assert torch.equal(cat_rows([a, a]).dequantize(), torch.cat([a.dequantize()] * 2))
+    with pytest.raises(MegatierError, match="not one kind and width"):
+        cat_rows([a, b])

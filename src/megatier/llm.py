@@ -44,7 +44,7 @@ Prompt = str | list[int]
 @dataclass
 class LoadStats:
     load_seconds: float
-    weight_bytes: int
+    weight_bytes: int  # as the executor holds them (quantized matrices in their blocks): a decode step's floor
     kv_pages: int
     kv_bytes: int
 
@@ -103,8 +103,8 @@ class LLM:
         self.args = args
         self._resolve(args)
         weights = self._load(args)
-        weight_bytes = weights.numel() * torch.finfo(self.dtype).bits // 8
-        cache, max_num_seqs, max_num_batched_tokens = self._kv_cache(args, weight_bytes)
+        # KV budget: room for every matrix in the compute dtype (the megakernel dequantizes quantized ones)
+        cache, max_num_seqs, max_num_batched_tokens = self._kv_cache(args, weights.numel() * self.dtype.itemsize)
         executor = self._executor(args, weights, cache)
         self.max_model_len = min(
             args.max_model_len or self.config.max_position_embeddings, cache.num_pages * cache.page_size
@@ -125,7 +125,9 @@ class LLM:
         self.backend = executor.name
         self.quant_kinds = weights.quant_kinds()
         num_pages = cache.num_pages
-        self.stats = LoadStats(time.perf_counter() - t0, weight_bytes, num_pages, num_pages * cache.page_bytes())
+        self.stats = LoadStats(
+            time.perf_counter() - t0, executor.weight_bytes, num_pages, num_pages * cache.page_bytes()
+        )
         log.info(
             "loaded %s on %s (%s, backend %s) in %.2fs",
             self.model_path,

@@ -3,7 +3,8 @@
 Every loader (safetensors, GGUF, dummy) produces these containers and every executor reads them;
 fast executors derive their packed layouts from them. A matrix is a plain tensor or a `QuantWeight`
 (quant/blocks.py), kept in its block format: the reference executor multiplies it block by block, the
-GPU executors' packing dequantizes it (they have no quantized GEMMs wired yet).
+graph executor's packing keeps it (its kernels decode the blocks in registers), the megakernel
+dequantizes it first (`dequantized`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 
 from megatier.config import ModelConfig
-from megatier.quant.blocks import QuantWeight
+from megatier.quant.blocks import QuantWeight, cat_rows
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,17 @@ class ModelWeights:
     def quant_kinds(self) -> list[str]:
         """The block formats the matrices are kept in (empty: all plain tensors), for records."""
         return sorted({t.kind for _, t in self.tensors() if isinstance(t, QuantWeight)})
+
+    def nbytes(self, dtype: torch.dtype) -> int:
+        """Bytes of the weights held as stored: quantized matrices in their blocks, the rest in `dtype`."""
+        return sum(t.nbytes() if isinstance(t, QuantWeight) else t.numel() * dtype.itemsize for _, t in self.tensors())
+
+    def dequantized(self, device: torch.device | str, dtype: torch.dtype) -> ModelWeights:
+        """Every quantized matrix as a plain `dtype` tensor on `device`, one at a time (for executors that
+        read only plain weights)."""
+        if self.is_quantized():
+            log.info("dequantizing the quantized matrices to %s", dtype)
+        return self.map_matrices(lambda t: t.to(device).dequantize().to(dtype) if isinstance(t, QuantWeight) else t)
 
     def map_matrices(
         self, fn: Callable[[Matrix], Matrix], embeddings: Callable[[Matrix], Matrix] | None = None
@@ -168,23 +180,28 @@ def weights_from_tensors(cfg: ModelConfig, get: dict[str, torch.Tensor]) -> Mode
     return ModelWeights(embed=embed, layers=layers, final_norm=get["model.norm.weight"], lm_head=lm_head)
 
 
+Stacked = torch.Tensor | list[Matrix]
+
+
 @dataclass
 class PackedWeights:
     """Per-layer weights stacked along a leading layer axis, the layout every GPU executor reads.
 
     qkv rows are q | k | v (Hugging Face head order, RoPE in rotate-half pairs), gate_up rows are
-    gate | up. Optional tensors are None when the architecture lacks them.
+    gate | up. Optional tensors are None when the architecture lacks them. With quantized matrices the
+    four projections are lists, one matrix per layer (a QuantWeight, or a plain tensor where a layer's
+    fused parts are not all of one kind); `[layer]` reads either form.
     """
 
-    embed: torch.Tensor  # [vocab, hidden]
-    qkv: torch.Tensor  # [L, q_size + 2 * kv_size, hidden]
-    o: torch.Tensor  # [L, hidden, q_size]
-    gate_up: torch.Tensor  # [L, 2 * intermediate, hidden]
-    down: torch.Tensor  # [L, hidden, intermediate]
+    embed: Matrix  # [vocab, hidden]
+    qkv: Stacked  # [L, q_size + 2 * kv_size, hidden]
+    o: Stacked  # [L, hidden, q_size]
+    gate_up: Stacked  # [L, 2 * intermediate, hidden]
+    down: Stacked  # [L, hidden, intermediate]
     input_norm: torch.Tensor  # [L, hidden]
     post_norm: torch.Tensor  # [L, hidden]
     final_norm: torch.Tensor  # [hidden]
-    lm_head: torch.Tensor  # [vocab, hidden], the same storage as embed when tied
+    lm_head: Matrix  # [vocab, hidden], the same storage as embed when tied
     qkv_bias: torch.Tensor | None = None  # [L, q_size + 2 * kv_size]
     o_bias: torch.Tensor | None = None  # [L, hidden]
     gate_up_bias: torch.Tensor | None = None  # [L, 2 * intermediate]
@@ -192,13 +209,33 @@ class PackedWeights:
     q_norm: torch.Tensor | None = None  # [L, head_dim]
     k_norm: torch.Tensor | None = None  # [L, head_dim]
 
+    def nbytes(self) -> int:
+        """Bytes held, the tied LM head once: about what a decode step streams."""
+        total = 0
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None or (f.name == "lm_head" and value is self.embed):
+                continue
+            for t in value if isinstance(value, list) else [value]:
+                total += t.nbytes() if isinstance(t, QuantWeight) else t.numel() * t.element_size()
+        return total
+
 
 def pack_weights(w: ModelWeights, device: torch.device | str, dtype: torch.dtype) -> PackedWeights:
     """Stack and concatenate once, on `device`, in `dtype` (norm weights and biases too). Quantized
-    matrices are dequantized here, one at a time on `device`: the packed layout is plain."""
-    if w.is_quantized():
-        log.info("packing weights: quantized matrices dequantized to %s (no quantized GEMMs wired here yet)", dtype)
-        w = w.map_matrices(lambda t: t.to(device).dequantize().to(dtype) if isinstance(t, QuantWeight) else t)
+    matrices stay in their blocks (moved to `device`); a fused group (q|k|v, gate|up) whose parts are
+    not all of one kind is dequantized to `dtype`, logged once."""
+    mixed: set[str] = set()
+
+    def fuse(name: str, parts: list[Matrix]) -> Matrix:
+        if all(isinstance(p, torch.Tensor) for p in parts):
+            return torch.cat(parts).to(device=device, dtype=dtype)
+        if len({p.kind if isinstance(p, QuantWeight) else None for p in parts}) == 1:
+            return cat_rows([p.to(device) for p in parts])
+        mixed.add(name)
+        return torch.cat(
+            [p.to(device).dequantize().to(dtype) if isinstance(p, QuantWeight) else p.to(device, dtype) for p in parts]
+        )
 
     def stack(get) -> torch.Tensor | None:
         parts = [get(layer) for layer in w.layers]
@@ -206,20 +243,25 @@ def pack_weights(w: ModelWeights, device: torch.device | str, dtype: torch.dtype
             return None
         return torch.stack([p.to(device=device, dtype=dtype) for p in parts])
 
+    def matrices(name: str, *names: str) -> Stacked:
+        if not w.is_quantized():
+            return stack(cat(*names))
+        return [fuse(name, [getattr(layer, n) for n in names]) for layer in w.layers]
+
     def cat(*names: str):
         def get(layer: LayerWeights):
             parts = [getattr(layer, n) for n in names]
-            return None if parts[0] is None else torch.cat(parts)
+            return None if parts[0] is None else parts[0] if len(parts) == 1 else torch.cat(parts)
 
         return get
 
     embed = w.embed.to(device=device, dtype=dtype)
-    return PackedWeights(
+    packed = PackedWeights(
         embed=embed,
-        qkv=stack(cat("q_proj", "k_proj", "v_proj")),
-        o=stack(lambda layer: layer.o_proj),
-        gate_up=stack(cat("gate_proj", "up_proj")),
-        down=stack(lambda layer: layer.down_proj),
+        qkv=matrices("qkv", "q_proj", "k_proj", "v_proj"),
+        o=matrices("o", "o_proj"),
+        gate_up=matrices("gate_up", "gate_proj", "up_proj"),
+        down=matrices("down", "down_proj"),
         input_norm=stack(lambda layer: layer.input_norm),
         post_norm=stack(lambda layer: layer.post_norm),
         final_norm=w.final_norm.to(device=device, dtype=dtype),
@@ -231,6 +273,13 @@ def pack_weights(w: ModelWeights, device: torch.device | str, dtype: torch.dtype
         q_norm=stack(lambda layer: layer.q_norm),
         k_norm=stack(lambda layer: layer.k_norm),
     )
+    if mixed:
+        log.info(
+            "packing weights: %s mix block kinds in some layer; those layers dequantized to %s",
+            ", ".join(sorted(mixed)),
+            dtype,
+        )
+    return packed
 
 
 def at_layer(stacked: torch.Tensor | None, layer: int) -> torch.Tensor | None:

@@ -3,7 +3,8 @@
 Each timed run prefills `batch` random prompts of `input_len` tokens and decodes `output_len` tokens
 with EOS ignored: greedily, or sampled (`--temperature`, `--top-p`, seeded) through the same loop. The decode figure is (end - first token) / (output_len - 1): everything a step
 costs, embedding, sampling and bookkeeping included. On CUDA the device's copy bandwidth is measured in
-the same run, and achieved bandwidth counts weight bytes plus the KV bytes each step reads.
+the same run, and achieved bandwidth counts weight bytes (as the executor holds them: FP8 or GGUF blocks
+where quantized) plus the KV bytes each step reads.
 """
 
 from __future__ import annotations
@@ -77,6 +78,8 @@ def measure_case(
     kv_bytes = int(batch * (input_len + output_len / 2) * cfg.kv_bytes_per_token(llm.dtype))
     return {
         "backend": llm.backend,
+        "quantization": llm.args.quantization,
+        "weight_bytes": llm.stats.weight_bytes,
         "batch": batch,
         "input_len": input_len,
         "temperature": temperature,
@@ -91,17 +94,18 @@ def measure_case(
 
 
 def run_latency(args: argparse.Namespace) -> dict:
-    """Every backend x batch x prompt length in one process, plus the copy bandwidth and the baselines
-    (timed on the first case) in the same run."""
+    """Every backend x quantization x batch x prompt length in one process, plus the copy bandwidth and
+    the baselines (timed on the first case) in the same run."""
     unknown = [b for b in filter(None, args.baselines.split(",")) if b not in BASELINES]
     if unknown:
         raise MegatierError(f"unknown baseline {unknown[0]!r}: choose from {', '.join(BASELINES)}")
     rows, baselines, llm = [], {}, None
-    for backend in args.backend.split(","):
-        del llm  # free the previous backend's weights and KV cache first
+    loads = [(b, q) for b in args.backend.split(",") for q in args.quantization.split(",")]
+    for backend, quantization in loads:
+        del llm  # free the previous model's weights and KV cache first
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        llm = LLM.from_args(EngineArgs.from_cli(args, backend=backend))
+        llm = LLM.from_args(EngineArgs.from_cli(args, backend=backend, quantization=quantization))
         for batch in args.batch:
             for input_len in args.input_len:
                 row = measure_case(
@@ -112,12 +116,12 @@ def run_latency(args: argparse.Namespace) -> dict:
                 print_row(row, llm)
                 if args.baselines and not baselines:
                     baselines = run_baselines(llm, args.baselines.split(","), prompts, args.output_len)
-    results = {"rows": rows, "weight_bytes": llm.stats.weight_bytes}
+    results = {"rows": rows}
     if llm.device.type == "cuda":
         bw, read_bw = copy_bandwidth(llm.device), read_bandwidth(llm.device)
         results["copy_GBps"], results["read_GBps"] = bw / 1e9, read_bw / 1e9
         for row in rows:
-            moved = llm.stats.weight_bytes + row["kv_bytes_per_step"]
+            moved = row["weight_bytes"] + row["kv_bytes_per_step"]
             row["pct_of_copy_bw"] = 100 * row["achieved_GBps"] * 1e9 / bw
             row["pct_of_read_bw"] = 100 * row["achieved_GBps"] * 1e9 / read_bw
             row["floor_us"] = moved / read_bw * 1e6  # bytes a step must read, at the read bandwidth
@@ -144,7 +148,7 @@ def run_latency(args: argparse.Namespace) -> dict:
 
 def print_row(row: dict, llm) -> None:
     print(
-        f"{llm.backend:10} batch {row['batch']:3} | {row['input_len']:6} in | T {row['temperature']:g} top-p "
+        f"{llm.backend:10} {row['quantization']:4} batch {row['batch']:3} | {row['input_len']:6} in | T {row['temperature']:g} top-p "
         f"{row['top_p']:g} | decode step {row['decode_step_us']:9.1f} us"
         f" ({row['tokens_per_s']:9.1f} tok/s) | first token {row['ttft_ms']:8.2f} ms | {row['achieved_GBps']:7.1f} GB/s",
         flush=True,

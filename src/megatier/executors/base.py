@@ -92,5 +92,6 @@ class Executor(Protocol):
     page_size: int
     num_pages: int
     device: torch.device
+    weight_bytes: int  # the weights as this executor holds them: about what a decode step streams
 
     def forward(self, batch: StepBatch) -> torch.Tensor: ...

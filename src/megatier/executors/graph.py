@@ -10,6 +10,10 @@ gemv_qkv.py): per layer one kernel for norm + qkv + RoPE + KV append, attention,
 add, one for norm + gate|up + SiLU*up, one for down + residual add; then norm + LM head, whose argmax
 partials one small kernel reduces and feeds back (argmax.py). Larger decode batches keep cuBLAS.
 
+Quantized matrices (FP8, GGUF Q8_0/Q4_0/Q4_1/Q4_K) stay in their blocks: the fused GEMVs decode them in
+registers (and take decode buckets up to `quant_gemv_max_batch`, since at a few rows they stream half or
+less of bf16's bytes), other batches multiply through `_linear` (quant_gemm.py).
+
 Batches that are not pure decode (prefill chunks, mixed) run eagerly, split into passes of at most
 `max_prefill_tokens` tokens so long prompts need bounded activation memory. A decode batch is padded to
 a bucket size (padding rows have length 0: they read no KV and write none) and replayed as a CUDA graph
@@ -38,10 +42,13 @@ from megatier.kernels.argmax import greedy_feedback
 from megatier.kernels.embed import embed_rows
 from megatier.kernels.gemv import gemv_norm_logits, gemv_norm_silu, gemv_residual_add
 from megatier.kernels.gemv_qkv import gemv_qkv_rope
+from megatier.kernels.quant_gemm import dequantize_matrix, quant_matmul
 from megatier.kernels.rope import rope_cos_sin_table
 from megatier.kv.pages import block_table_tensor, pages_for
 from megatier.kv.store import KVStore, LayerKV, StepPlan
-from megatier.weights import ModelWeights, at_layer, pack_weights
+from megatier.quant.blocks import QuantWeight
+from megatier.quant.cpu import embedding
+from megatier.weights import Matrix, ModelWeights, at_layer, pack_weights
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -54,6 +61,9 @@ class GraphExecutor:
     max_prefill_tokens = 4096  # tokens per eager pass; longer batches are chunked
     split_tokens = 256  # a decode-attention split covers at least this many KV tokens
     gemv_max_batch = 1  # decode buckets up to this size use the fused GEMV kernels, larger ones cuBLAS
+    quant_gemv_max_batch = 16  # gemv_max_batch with quantized weights (not measured yet)
+    quant_gemm_max_rows = 64  # quantized matmuls of up to this many rows stream the blocks, longer ones
+    # dequantize the matrix and run cuBLAS (compute bound there)
 
     def __init__(self, cfg: ModelConfig, weights: ModelWeights, *, cache: KVStore):
         self.cfg = cfg
@@ -63,6 +73,9 @@ class GraphExecutor:
         self.page_size = cache.page_size
         self.num_pages = cache.num_pages
         self.w = pack_weights(weights, self.device, self.dtype)
+        self.weight_bytes = self.w.nbytes()
+        if weights.is_quantized():
+            self.gemv_max_batch = self.quant_gemv_max_batch
         self.max_context = min(cfg.max_position_embeddings, self.num_pages * self.page_size)
         inv_freq = rope_inv_freq(cfg.rope, cfg.head_dim).to(self.device)
         self.cos_sin = rope_cos_sin_table(inv_freq, self.max_context)
@@ -91,10 +104,10 @@ class GraphExecutor:
         cfg, w, eps = self.cfg, self.w, self.cfg.rms_norm_eps
         num_tokens = tokens.shape[0]
         residual = torch.empty((num_tokens, cfg.hidden_size), dtype=torch.float32, device=self.device)
-        x = F.embedding(tokens, w.embed)
+        x = embedding(tokens, w.embed, self.dtype)
         for layer in range(cfg.num_layers):
             h = add_rms_norm(x, residual, w.input_norm[layer], eps, add=layer > 0)
-            qkv = F.linear(h, w.qkv[layer], at_layer(w.qkv_bias, layer))
+            qkv = self._linear(h, w.qkv[layer], at_layer(w.qkv_bias, layer))
             q_norm, k_norm = at_layer(w.q_norm, layer), at_layer(w.k_norm, layer)
             where = self.cache.layer_kv(plan, layer)
             q = rope_append(
@@ -102,14 +115,26 @@ class GraphExecutor:
                 q_norm, k_norm, eps,
             )  # fmt: skip
             attn = attend(q, layer).view(num_tokens, cfg.q_size)
-            h = add_rms_norm(F.linear(attn, w.o[layer], at_layer(w.o_bias, layer)), residual, w.post_norm[layer], eps)
-            gate_up = F.linear(h, w.gate_up[layer], at_layer(w.gate_up_bias, layer))
-            x = F.linear(silu_mul(gate_up), w.down[layer], at_layer(w.down_bias, layer))
+            o = self._linear(attn, w.o[layer], at_layer(w.o_bias, layer))
+            h = add_rms_norm(o, residual, w.post_norm[layer], eps)
+            gate_up = self._linear(h, w.gate_up[layer], at_layer(w.gate_up_bias, layer))
+            x = self._linear(silu_mul(gate_up), w.down[layer], at_layer(w.down_bias, layer))
         return x, residual
 
     def _logits(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """Final residual add, norm and LM head, in the weights' dtype."""
-        return F.linear(add_rms_norm(x, residual, self.w.final_norm, self.cfg.rms_norm_eps), self.w.lm_head)
+        """Final residual add, norm and LM head, in the compute dtype."""
+        h = add_rms_norm(x, residual, self.w.final_norm, self.cfg.rms_norm_eps)
+        return self._linear(h, self.w.lm_head, None)
+
+    def _linear(self, x: torch.Tensor, w: Matrix, bias: torch.Tensor | None) -> torch.Tensor:
+        """x [T, K] @ w^T + bias in x's dtype: cuBLAS for a plain matrix; a quantized one's blocks decoded in
+        registers for up to quant_gemm_max_rows rows, else dequantized (one pass) for cuBLAS."""
+        if not isinstance(w, QuantWeight):
+            return F.linear(x, w, bias)
+        if x.shape[0] <= self.quant_gemm_max_rows:
+            out = quant_matmul(x, w)
+            return out if bias is None else out + bias
+        return F.linear(x, dequantize_matrix(w, x.dtype), bias)
 
     # ---- prefill and mixed batches (eager) -------------------------------------------------------
 
@@ -229,7 +254,11 @@ class GraphExecutor:
         """Every layer of a decode step through the fused GEMV kernels; returns the final fp32 residual."""
         cfg, w, eps = self.cfg, self.w, self.cfg.rms_norm_eps
         seq_lens = self.seq_lens[:bucket]
-        residual = embed_rows(self.tokens[:bucket], w.embed)
+        tokens = self.tokens[:bucket]
+        if isinstance(w.embed, QuantWeight):
+            residual = embedding(tokens, w.embed, self.dtype).float()
+        else:
+            residual = embed_rows(tokens, w.embed)
         for layer in range(cfg.num_layers):
             where = self.cache.layer_kv(plan, layer)
             q = gemv_qkv_rope(

@@ -76,6 +76,7 @@ class ReferenceExecutor:
         self.page_size = cache.page_size
         self.num_pages = cache.num_pages
         self.w = weights.to(self.device, self.dtype)
+        self.weight_bytes = self.w.nbytes(self.dtype)
         self.inv_freq = rope_inv_freq(cfg.rope, cfg.head_dim).to(self.device)
 
     @torch.inference_mode()

@@ -71,6 +71,15 @@ class QuantWeight:
         return DEQUANTIZE[self.kind](self.planes).reshape(self.shape)
 
 
+def cat_rows(parts: list[QuantWeight]) -> QuantWeight:
+    """Matrices of one kind and width stacked along the output features (qkv, gate | up), contiguous."""
+    kind, width = parts[0].kind, parts[0].shape[1]
+    if any(p.kind != kind or p.shape[1] != width for p in parts):
+        raise MegatierError(f"cat_rows: {[(p.kind, p.shape) for p in parts]} are not one kind and width")
+    planes = {name: torch.cat([p.planes[name] for p in parts]) for name in parts[0].planes}
+    return QuantWeight(kind, (sum(p.shape[0] for p in parts), width), planes)
+
+
 # ---- from GGUF blocks ------------------------------------------------------------------------------
 
 

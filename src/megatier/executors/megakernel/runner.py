@@ -5,7 +5,8 @@ Construct as `MegakernelExecutor(cfg, weights, cache=cache)`. `forward(batch)` q
 returns its fp32 logits without waiting, so the engine samples behind it and schedules the next step
 meanwhile; an abort the kernel reported (its diagnostics are host memory) raises at the next call.
 Prefill (any batch with more than one new token per sequence) and decode batches larger than MAX_BATCH
-go to a GraphExecutor that shares the KV cache and the packed weights. `decode_greedy(batch, num_steps)`
+go to a GraphExecutor that shares the KV cache and the packed weights (quantized weights are dequantized
+for both: the kernel reads plain ones only). `decode_greedy(batch, num_steps)`
 (kernel tests and benchmarks) runs num_steps steps on the device with the greedy token fed back by the
 kernel itself, replaying a CUDA graph of one launch of `check_every` steps.
 """
@@ -82,7 +83,9 @@ class MegakernelExecutor:
             raise MegatierError(f"megakernel: num_sms must be 1..{available}, got {num_sms}")
         self.strategy, self.seed, self.timeline, self.validate_programs = strategy, seed, timeline, validate_programs
         self.chunk_columns = chunk_columns
-        self.fallback = GraphExecutor(cfg, weights, cache=cache)
+        # The kernel streams plain weights only: quantized ones are dequantized here, for its graph executor too.
+        self.fallback = GraphExecutor(cfg, weights.dequantized(self.device, cache.kv.dtype), cache=cache)
+        self.weight_bytes = self.fallback.weight_bytes
         perm = torch.tensor(Dims.of(cfg, 1, 1, self.page_size, self.num_pages).qkv_permutation(), device=self.device)
         shared = self.fallback.w  # every weight but qkv is shared; qkv rows are reordered so that
         self.w = replace(  # each 16-row tile holds whole RoPE pairs
