@@ -191,12 +191,14 @@ def _tile(w_ptrs, q_ptr, p1, p2, p3, p4, rows, k, mask, K, KIND: tl.constexpr, F
     """A [BLOCK_N, BLOCK_K] weight tile: a plain matrix's as stored (w_ptrs: its rows' starts), a quantized
     one's decoded to fp32 (FP32: FMAs, fp32 dots), else to bf16 for 16-bit tensor-core dots (exact for
     FP8 codes)."""
+    # One return: the compiler checks every return's type, even in branches a constexpr rules out.
     if KIND < 0:
-        return tl.load(w_ptrs + k[None, :], mask=mask, other=0.0)
-    w = weight_tile(q_ptr, p1, p2, p3, p4, rows[:, None], k[None, :], mask, K, KIND)
-    if FP32:
-        return w
-    return w.to(tl.bfloat16)
+        w = tl.load(w_ptrs + k[None, :], mask=mask, other=0.0)
+    elif FP32:
+        w = weight_tile(q_ptr, p1, p2, p3, p4, rows[:, None], k[None, :], mask, K, KIND)
+    else:
+        w = weight_tile(q_ptr, p1, p2, p3, p4, rows[:, None], k[None, :], mask, K, KIND).to(tl.bfloat16)
+    return w
 
 
 @triton.jit
