@@ -61,7 +61,7 @@ def main() -> None:
 
     import megatier.executors.graph  # every kernel module, before tests/conftest sets TRITON_INTERPRET
     import megatier.kernels.pdl
-    import megatier.kernels.sample  # noqa: F401  (imported lazily by the sampler, after conftest)
+    import megatier.kernels.sample  # imported lazily by the sampler, after conftest
 
     megatier.kernels.pdl.use_pdl = lambda device: True
     for module in list(sys.modules.values()):  # modules that imported use_pdl by name
