@@ -63,9 +63,11 @@ def test_bench_latency_writes_a_record(tiny, tmp_path, capsys):
 def test_bench_latency_times_a_sampled_decode(tiny, tmp_path, capsys):
     out = tmp_path / "r.json"
     args = ["bench", "latency", "--model", str(tiny), "--input-len", "5", "--output-len", "6", "--iters", "1"]
-    assert main([*args, "--temperature", "0.7", "--top-p", "0.95", "--json", str(out)]) == 0
-    (row,) = json.loads(out.read_text())["results"]["rows"]
-    assert (row["temperature"], row["top_p"]) == (0.7, 0.95) and row["decode_step_us"] > 0
+    assert main([*args, "--temperature", "0,0.7", "--top-p", "0.95", "--json", str(out)]) == 0
+    greedy, sampled = json.loads(out.read_text())["results"]["rows"]
+    assert (greedy["temperature"], greedy["top_p"], sampled["temperature"], sampled["top_p"]) == (0, 1, 0.7, 0.95)
+    assert "vs_greedy" not in greedy
+    assert sampled["vs_greedy"] == pytest.approx(sampled["decode_step_us"] / greedy["decode_step_us"])
     assert "T 0.7 top-p 0.95" in capsys.readouterr().out
 
 

@@ -134,6 +134,13 @@ def int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def float_list(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="megatier", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -170,7 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--output-len", type=int, default=128, help="tokens generated per sequence (default 128)")
     p.add_argument("--iters", type=int, default=3, help="timed repetitions; the median is reported")
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); else sampled, seeded")
+    p.add_argument(
+        "--temperature",
+        type=float_list,
+        default=[0.0],
+        help="0: greedy (default); else sampled, seeded; a comma list (0,0.7) times each in one process",
+    )
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling with --temperature (default 1: off)")
     p.add_argument(
         "--baselines",

@@ -108,14 +108,21 @@ def run_latency(args: argparse.Namespace) -> dict:
         llm = LLM.from_args(EngineArgs.from_cli(args, backend=backend, quantization=quantization))
         for batch in args.batch:
             for input_len in args.input_len:
-                row = measure_case(
-                    llm, batch, input_len, args.output_len, args.iters, args.seed, args.temperature, args.top_p
-                )
-                prompts = row.pop("prompts")
-                rows.append(row)
-                print_row(row, llm)
-                if args.baselines and not baselines:
-                    baselines = run_baselines(llm, args.baselines.split(","), prompts, args.output_len)
+                greedy_us = None
+                for temperature in args.temperature:
+                    top_p = args.top_p if temperature > 0 else 1.0
+                    row = measure_case(
+                        llm, batch, input_len, args.output_len, args.iters, args.seed, temperature, top_p
+                    )
+                    prompts = row.pop("prompts")
+                    if temperature == 0:
+                        greedy_us = row["decode_step_us"]
+                    elif greedy_us is not None:  # the same case greedy, same process: the sampler's cost
+                        row["vs_greedy"] = row["decode_step_us"] / greedy_us
+                    rows.append(row)
+                    print_row(row, llm)
+                    if args.baselines and not baselines:
+                        baselines = run_baselines(llm, args.baselines.split(","), prompts, args.output_len)
     results = {"rows": rows}
     if llm.device.type == "cuda":
         bw, read_bw = copy_bandwidth(llm.device), read_bandwidth(llm.device)
@@ -150,7 +157,8 @@ def print_row(row: dict, llm) -> None:
     print(
         f"{llm.backend:10} {row['quantization']:4} batch {row['batch']:3} | {row['input_len']:6} in | T {row['temperature']:g} top-p "
         f"{row['top_p']:g} | decode step {row['decode_step_us']:9.1f} us"
-        f" ({row['tokens_per_s']:9.1f} tok/s) | first token {row['ttft_ms']:8.2f} ms | {row['achieved_GBps']:7.1f} GB/s",
+        f" ({row['tokens_per_s']:9.1f} tok/s) | first token {row['ttft_ms']:8.2f} ms | {row['achieved_GBps']:7.1f} GB/s"
+        + (f" | {row['vs_greedy']:.3f}x greedy" if "vs_greedy" in row else ""),
         flush=True,
     )
 
