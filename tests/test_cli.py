@@ -99,6 +99,13 @@ def test_bad_input_exits_2_with_one_line(tiny, capsys, argv, message):
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
 
 
+def test_bench_latency_rejects_a_malformed_list(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "latency", "--temperature", "0,x"])
+    assert exit_info.value.code == 2
+    assert "--temperature: expected comma-separated numbers, got '0,x'" in capsys.readouterr().err
+
+
 def test_engine_options_are_checked_by_name(tiny):
     """An unknown or out-of-range engine option is a one-line error naming it, before anything loads."""
     from megatier.errors import MegatierError

@@ -127,18 +127,20 @@ def cmd_bench_serve(args: argparse.Namespace) -> None:
     run_bench_serve(args)
 
 
-def int_list(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+def comma_list(parse: type, what: str):
+    """An argparse type for a comma list of `parse` values ("1,8"), named `what` in its error."""
+
+    def parse_list(text: str) -> list:
+        try:
+            return [parse(x) for x in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}") from None
+
+    return parse_list
 
 
-def float_list(text: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+int_list = comma_list(int, "integers")
+float_list = comma_list(float, "numbers")
 
 
 def build_parser() -> argparse.ArgumentParser:
