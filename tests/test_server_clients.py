@@ -1,7 +1,7 @@
 """What real clients of the OpenAI-compatible server send (lm-eval, langchain-openai, litellm, guidellm),
 on loopback: echo with prompt logprobs (lm-eval's loglikelihood requests), vLLM's prompt_logprobs,
 logit_bias, GET /v1/models/{id}, continuous usage in streams, and a clear 400 for what the server cannot
-do (tools, structured output). The server's token budget is small, so prompts are prefilled in chunks."""
+do (tools). The server's token budget is small, so prompts are prefilled in chunks."""
 
 from __future__ import annotations
 
@@ -198,12 +198,6 @@ CHAT = {"messages": [{"role": "user", "content": "hi"}]}
 TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
 
 REFUSED = {
-    "json_object": ("/v1/chat/completions", CHAT | {"response_format": {"type": "json_object"}}, "response_format"),
-    "json_schema": (
-        "/v1/completions",
-        {"prompt": "a", "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
-        "response_format",
-    ),
     "tools": ("/v1/chat/completions", CHAT | {"tools": [TOOL]}, "tools"),
     "tools auto": ("/v1/chat/completions", CHAT | {"tools": [TOOL], "tool_choice": "auto"}, "tools"),
     "tool_choice required": ("/v1/chat/completions", CHAT | {"tool_choice": "required"}, "tool_choice"),

@@ -3,7 +3,7 @@
 from megatier.errors import MegatierError
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "MegatierError", "RequestOutput", "SamplingParams"]
+__all__ = ["LLM", "MegatierError", "RequestOutput", "SamplingParams", "StructuredOutput"]
 
 
 def __getattr__(name: str):
@@ -20,4 +20,8 @@ def __getattr__(name: str):
         from megatier.sampling import SamplingParams
 
         return SamplingParams
+    if name == "StructuredOutput":
+        from megatier.structured import StructuredOutput
+
+        return StructuredOutput
     raise AttributeError(name)

@@ -5,6 +5,8 @@ queues a forward pass and the sampler behind it on the device, then takes the to
 before (the overlap loop): while the device computes step N + 1, the host applies stop rules,
 detokenizes and streams step N. Step N + 1 was scheduled before step N's tokens were known, so it
 feeds them from the device, and a sequence that step N ends has its token from step N + 1 dropped.
+A step that samples for a grammar-constrained sequence (structured.py) is taken before the next one is
+scheduled: that sequence's next token mask needs the token.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import itertools
 from collections import deque
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
@@ -20,6 +23,7 @@ from megatier.errors import MegatierError
 from megatier.executors.base import Executor, StepBatch, upload
 from megatier.sampling import PromptLogprobs, Sampled, Sampler, SampleRow, SamplingParams
 from megatier.scheduler import ScheduledBatch, Scheduler, Sequence, Status
+from megatier.structured import Grammars, token_masks
 from megatier.tokenizer import Tokenizer
 
 
@@ -83,6 +87,10 @@ class _Launched:
     seqs: list[Sequence]
     sampled: Sampled | None
 
+    @property
+    def constrained(self) -> bool:
+        return any(s.matcher is not None for s in self.seqs)
+
     def feed(self, seqs: list[Sequence]) -> torch.Tensor:
         """The device tokens this step samples for `seqs` (each of them one of its own)."""
         if seqs == self.seqs[: len(seqs)]:
@@ -131,6 +139,7 @@ class Engine:
             raise MegatierError(f"request id {request_id!r} is already in use")
         self.check_prompt(prompt_ids)
         self.check_params(params)
+        constraint = params.structured_output
         seqs = []
         for i in range(params.n):
             seed = (
@@ -139,7 +148,8 @@ class Engine:
             detok = IncrementalDetokenizer(
                 self.tokenizer, params.stop, params.include_stop_str_in_output, params.skip_special_tokens
             )
-            seqs.append(Sequence(request_id, i, list(prompt_ids), params, seed, detok))
+            matcher = self.grammars.matcher(constraint) if constraint is not None else None
+            seqs.append(Sequence(request_id, i, list(prompt_ids), params, seed, detok, matcher=matcher))
         self.requests[request_id] = seqs
         for seq in seqs:
             self.scheduler.add(seq)
@@ -163,10 +173,26 @@ class Engine:
     def check_params(self, params: SamplingParams) -> None:
         """Raise MegatierError for settings this model cannot take (SamplingParams checks the rest); reads
         only fixed settings, like check_prompt."""
+        self.check_logit_bias(params)
+        self.check_structured_output(params)
+
+    def check_logit_bias(self, params: SamplingParams) -> None:
         vocab = self.executor.cfg.vocab_size
         bad = next((t for t in params.logit_bias or () if t >= vocab), None)
         if bad is not None:
             raise MegatierError(f"logit_bias token id {bad} is outside the vocabulary (0..{vocab - 1})")
+
+    def check_structured_output(self, params: SamplingParams) -> None:
+        """Compiles the grammar (the server calls it from its own thread, so a bad one never queues)."""
+        if params.structured_output is not None:
+            if self.tokenizer is None:
+                raise MegatierError("structured output needs the model's tokenizer, and this model has none")
+            self.grammars.check(params.structured_output)
+
+    @cached_property
+    def grammars(self) -> Grammars:
+        """The tokenizer compiled for structured output, on the first constrained request."""
+        return Grammars(self.tokenizer, self.executor.cfg.vocab_size, self.eos_token_ids)
 
     def abort_request(self, request_id: str) -> None:
         """Cancel a request now and free its KV pages (no-op for unknown or finished requests)."""
@@ -186,12 +212,15 @@ class Engine:
     def step(self) -> list[SequenceUpdate]:
         """Queue the next step, then take the tokens of the one before it (with `overlap`; else of this
         one), so the host's stop checks and streaming run while the device computes."""
+        updates = []
+        if self._in_flight and self._in_flight[-1].constrained:
+            updates = self._take(self._in_flight.popleft())
         batch = self.scheduler.schedule()
         if batch.seqs:
             self._in_flight.append(self._launch(batch))
         if len(self._in_flight) > (1 if self.overlap and batch.seqs else 0):
-            return self._take(self._in_flight.popleft())
-        return []
+            updates += self._take(self._in_flight.popleft())
+        return updates
 
     def _launch(self, batch: ScheduledBatch) -> _Launched:
         """Queue the forward pass and the sampler behind it; nothing waits for the device (but prompt
@@ -209,7 +238,9 @@ class Engine:
         rows = [self._sample_row(seq) for seq in seqs]
         if len(ready) < len(batch.seqs):  # some prompts are not all in yet
             logits = logits[upload(torch.tensor(ready), logits.device)]
-        sampled = self.sampler.sample(logits, rows)
+        constrained = [s.matcher for s in seqs]
+        masks = token_masks(constrained, logits.shape[1]) if any(m is not None for m in constrained) else None
+        sampled = self.sampler.sample(logits, rows, masks)
         for seq in seqs:
             seq.num_pending += 1
         return _Launched(seqs, sampled)
@@ -276,6 +307,8 @@ class Engine:
         """Add a sampled token and apply the stop rules to it."""
         first = seq.num_output == 0
         seq.token_ids.append(token)
+        if seq.matcher is not None:
+            seq.matcher.consume_token(token)
         reason, stop_reason = self._check_stop(seq, token)
         if reason:
             self._finish_seq(seq, reason, stop_reason)
@@ -313,6 +346,8 @@ class Engine:
         seq.detok.add(token, check_stop=n_out >= p.min_tokens)
         if seq.detok.stop_reason is not None:
             return "stop", seq.detok.stop_reason
+        if seq.matcher is not None and seq.matcher.is_stopped():  # the grammar admits nothing more
+            return "stop", None
         if p.max_tokens is not None and n_out >= p.max_tokens:
             return "length", None
         if len(seq.token_ids) >= self.max_model_len:

@@ -16,7 +16,9 @@ import torch
 import triton
 
 from megatier.errors import MegatierError
+from megatier.executors.base import upload
 from megatier.kernels.sample import NUM_PARAMS, Flag, Param, SampleBuffers, fused_sample
+from megatier.structured import StructuredOutput, apply_token_masks
 
 
 @dataclass
@@ -42,6 +44,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # top-N logprobs per prompt token (0: only the prompt token's)
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None  # added to a token's logit before sampling (OpenAI's)
+    structured_output: StructuredOutput | None = None  # a grammar the output must follow (structured.py)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -66,6 +69,10 @@ class SamplingParams:
             ),
             (_valid_bias(self.logit_bias), "logit_bias maps token ids (>= 0) to biases in [-100, 100]"),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
+            (
+                self.structured_output is None or isinstance(self.structured_output, StructuredOutput),
+                "structured_output must be a StructuredOutput",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -221,12 +228,14 @@ class Sampler:
             self._free.append(slot)
 
     @torch.inference_mode()
-    def sample(self, logits: torch.Tensor, rows: list[SampleRow]) -> Sampled:
+    def sample(self, logits: torch.Tensor, rows: list[SampleRow], masks: torch.Tensor | None = None) -> Sampled:
         """Queue the choice of one token per row of fp32 `logits` [len(rows), vocab]; greedy rows
-        (temperature 0 or top_k 1) take the argmax of the penalized logits."""
+        (temperature 0 or top_k 1) take the argmax of the penalized logits. `masks` (host, from
+        structured.token_masks) forbids tokens per row; logprobs still read the raw logits."""
         if logits.shape[0] != len(rows):
             raise ValueError(f"{logits.shape[0]} logit rows for {len(rows)} sequences")
-        tokens = self._sample_fused(logits, rows) if self.fused else self._sample_torch(logits, rows)
+        x = logits if masks is None else apply_token_masks(logits, upload(masks, self.device))
+        tokens = self._sample_fused(x, rows) if self.fused else self._sample_torch(x, rows)
         return Sampled(tokens, logits, [r.params.logprobs for r in rows])
 
     def _sample_torch(self, logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:

@@ -13,6 +13,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from llguidance import LLMatcher
+
 from megatier.detokenizer import IncrementalDetokenizer
 from megatier.kv.pages import PageAllocator, PageTable
 from megatier.sampling import PromptLogprobs, SamplingParams
@@ -44,6 +46,7 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     arrival_time: float = field(default_factory=time.monotonic)
+    matcher: LLMatcher | None = None  # structured output: where the output is in its grammar
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_ids)

@@ -36,6 +36,7 @@ from megatier.serve.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    GenerationRequest,
     TokenizeRequest,
     template_messages,
 )
@@ -120,7 +121,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
         params = body.sampling_params(
             state.llm.default_sampling_params(), max_tokens, body.logprobs, body.engine_prompt_logprobs()
         )
-    _check_params(state, params)
+    _check_params(state, params, body)
     fmt = CompletionFormat(
         state.model_name,
         params.n,
@@ -150,7 +151,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     with bad_input(None):
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         params = body.sampling_params(state.llm.default_sampling_params(), max_tokens, top_n)
-    _check_params(state, params)
+    _check_params(state, params, body)
     with bad_input("messages"):
         stream = state.engine.submit([prompt], params)
     fmt = ChatFormat(
@@ -159,10 +160,13 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     return await _respond(request, body.stream, stream, fmt)
 
 
-def _check_params(state: ServerState, params: SamplingParams) -> None:
-    """What only the model can judge (logit_bias token ids), before the request is admitted."""
+def _check_params(state: ServerState, params: SamplingParams, body: GenerationRequest) -> None:
+    """What only the model can judge (logit_bias token ids, whether a grammar compiles for its tokenizer),
+    before the request is admitted."""
     with bad_input("logit_bias"):
-        state.llm.engine.check_params(params)
+        state.llm.engine.check_logit_bias(params)
+    with bad_input(body.structured_field()):
+        state.llm.engine.check_structured_output(params)
 
 
 async def _respond(

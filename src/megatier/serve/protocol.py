@@ -1,9 +1,9 @@
 """Request bodies of the OpenAI-compatible API, and their translation into token ids and SamplingParams.
 
 Fields follow the OpenAI API plus the extras that vLLM and SGLang accept and their benchmark tools send
-(top_k, min_p, ignore_eos, min_tokens, prompt_logprobs, ...). Unknown fields are ignored, as the peers do;
-known fields asking for what this server cannot do (tools, structured output, suffix, best_of) are
-refused with a 400 naming the field rather than silently ignored. pydantic checks types; SamplingParams
+(top_k, min_p, ignore_eos, min_tokens, prompt_logprobs, guided_json, ...). Unknown fields are ignored, as
+the peers do; known fields asking for what this server cannot do (tools, suffix, best_of) are refused
+with a 400 naming the field rather than silently ignored. pydantic checks types; SamplingParams
 checks values, so each rule lives in one place.
 """
 
@@ -25,6 +25,7 @@ from pydantic_core import PydanticCustomError
 
 from megatier.errors import MegatierError
 from megatier.sampling import SamplingParams
+from megatier.structured import StructuredOutput
 from megatier.tokenizer import Message, Tokenizer
 
 
@@ -33,16 +34,42 @@ class StreamOptions(BaseModel):
     continuous_usage_stats: bool = False  # vLLM's: every chunk carries its choice's usage so far
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(BaseModel):
     model_config = ConfigDict(extra="allow")
     type: str
+    json_schema: JsonSchemaFormat | None = None
 
     @field_validator("type")
     @classmethod
-    def _text_only(cls, kind: str) -> str:
-        if kind != "text":
-            raise _unsupported(f"{kind!r} is not supported (no structured output on this server): use 'text'")
+    def _known_type(cls, kind: str) -> str:
+        if kind not in ("text", "json_object", "json_schema"):
+            raise _unsupported(f"{kind!r} is not a response_format type: use text, json_object or json_schema")
         return kind
+
+    def structured_field(self) -> str | None:
+        """The request field that asks for structured output, for error messages."""
+        guided = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
+        named = next((f for f in guided if getattr(self, f) is not None), None)
+        if named is None and self.response_format is not None and self.response_format.type != "text":
+            return "response_format"
+        return named
+
+    def structured_output(self) -> StructuredOutput | None:
+        if self.type == "json_object":
+            return StructuredOutput(json_object=True)
+        if self.type == "json_schema":
+            if self.json_schema is None or self.json_schema.schema_ is None:
+                raise MegatierError("response_format json_schema needs json_schema.schema")
+            return StructuredOutput(json_schema=self.json_schema.schema_)
+        return None
 
 
 def _unsupported(message: str) -> PydanticCustomError:
@@ -71,8 +98,35 @@ class GenerationRequest(BaseModel):
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None  # JSON keys are token id strings
     response_format: ResponseFormat | None = None
+    # vLLM's structured-output extras; at most one of them, or response_format, per request.
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+
+    def structured_field(self) -> str | None:
+        """The request field that asks for structured output, for error messages."""
+        guided = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
+        named = next((f for f in guided if getattr(self, f) is not None), None)
+        if named is None and self.response_format is not None and self.response_format.type != "text":
+            return "response_format"
+        return named
+
+    def structured_output(self) -> StructuredOutput | None:
+        """The one constraint that response_format or a guided_* field asks for (MegatierError for two)."""
+        guided = {
+            "guided_json": self.guided_json is not None and StructuredOutput(json_schema=self.guided_json),
+            "guided_regex": self.guided_regex is not None and StructuredOutput(regex=self.guided_regex),
+            "guided_choice": self.guided_choice is not None and StructuredOutput(choice=self.guided_choice),
+            "guided_grammar": self.guided_grammar is not None and StructuredOutput(grammar=self.guided_grammar),
+            "response_format": self.response_format is not None and self.response_format.structured_output(),
+        }
+        asked = {k: v for k, v in guided.items() if v}
+        if len(asked) > 1:
+            raise MegatierError(f"send one structured output field, not {' and '.join(asked)}")
+        return next(iter(asked.values()), None)
 
     @property
     def include_usage(self) -> bool:
@@ -107,6 +161,7 @@ class GenerationRequest(BaseModel):
             "prompt_logprobs": prompt_logprobs,
             "skip_special_tokens": self.skip_special_tokens,
             "logit_bias": self.logit_bias,
+            "structured_output": self.structured_output(),
         }
         keep_none = {"max_tokens", "seed", "logprobs", "prompt_logprobs"}  # None is a meaningful value for these
         return dataclasses.replace(defaults, **{k: v for k, v in given.items() if v is not None or k in keep_none})
