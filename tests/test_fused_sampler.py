@@ -1,4 +1,5 @@
-"""The fused sampler (kernels/sample.py, through Sampler(fused=True)) under TRITON_INTERPRET=1: greedy
+"""The fused sampler (kernels/sample.py, through Sampler(fused=True)), on the GPU where there is one and
+under TRITON_INTERPRET=1 elsewhere: greedy
 rows are torch.argmax, the kept sets of top-k / top-p / min-p are the host oracle's exactly (ties at the
 thresholds included), every draw is the Gumbel-max of a torch re-implementation of its noise, the draws
 follow the distribution, and a seed gives the same tokens in any batch."""
@@ -13,10 +14,15 @@ from megatier.kernels.sample import S_MAX, S_PLO, Flag, Param, SampleBuffers
 from megatier.sampling import Sampler, SampleRow, SamplingParams, _mix32, seed_hash
 
 VOCAB = 3000  # two programs per row (chunks of 2048): partials are combined across programs
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def sampler(vocab: int = VOCAB) -> Sampler:
-    return Sampler(vocab, torch.device("cpu"), fused=True)
+    return Sampler(vocab, DEVICE, fused=True)
+
+
+def on_device(logits: torch.Tensor) -> torch.Tensor:
+    return logits.to(DEVICE)
 
 
 def random_logits(rows: int, seed: int, vocab: int = VOCAB, ties: bool = True) -> torch.Tensor:
@@ -34,13 +40,13 @@ def key(y: torch.Tensor) -> torch.Tensor:
 def kernel_kept(s: Sampler, rows: int) -> torch.Tensor:
     """The tokens the last call kept per row: at or above its threshold key, and within min_p."""
     b: SampleBuffers = s._buffers
-    y = b.ys[:rows]
+    y, state_f, state_i = b.ys[:rows].cpu(), b.state_f[:rows].cpu(), b.state_i[:rows].cpu()
     min_p = torch.tensor([0.0] * rows)[:, None]
     for i, row in enumerate(b.params[:rows].tolist()):
         if row[Param.FLAGS] & Flag.USE_MIN_P:
             min_p[i] = torch.tensor([row[Param.MIN_P]], dtype=torch.int32).view(torch.float32)
-    w = (y - b.state_f[:rows, S_MAX.value, None]).exp()
-    return (key(y) >= b.state_i[:rows, S_PLO.value, None]) & (y > float("-inf")) & (w >= min_p)
+    w = (y - state_f[:, S_MAX.value, None]).exp()
+    return (key(y) >= state_i[:, S_PLO.value, None]) & (y > float("-inf")) & (w >= min_p)
 
 
 def oracle_kept(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -85,7 +91,7 @@ def test_kept_sets_are_the_oracles_and_draws_are_gumbel_max(ties):
     logits = random_logits(len(FILTERS), 1 if ties else 2, ties=ties)
     s = sampler()
     rows = [SampleRow(i, p, 100 + i, 3, []) for i, p in enumerate(FILTERS)]
-    tokens = [t for t, _ in s.sample(logits, rows).result()]
+    tokens = [t for t, _ in s.sample(on_device(logits), rows).result()]
     kept = kernel_kept(s, len(rows))
     for i, p in enumerate(FILTERS):
         expected = oracle_kept(logits[i], p)
@@ -106,7 +112,9 @@ def test_ties_at_the_threshold_stay_or_go_together():
         SamplingParams(top_p=0.5),  # the top token holds ~0.5: the tie group crosses or not
     ]
     s = sampler()
-    tokens = [t for t, _ in s.sample(logits, [SampleRow(i, p, i, 0, []) for i, p in enumerate(params)]).result()]
+    tokens = [
+        t for t, _ in s.sample(on_device(logits), [SampleRow(i, p, i, 0, []) for i, p in enumerate(params)]).result()
+    ]
     kept = kernel_kept(s, 3)
     assert set(torch.nonzero(kept[0]).flatten().tolist()) == {5, 2500, 700, 1800}
     assert tokens[1] == 5
@@ -127,7 +135,7 @@ def test_greedy_is_bitwise_torch_argmax_with_penalties_bias_and_bans():
         s = sampler()
         rows = [SampleRow(i, p, i, 0, [int(logits[1].argmax())]) for i, p in enumerate(batch)]
         rows[4] = SampleRow(4, p_plain, 4, 0, [], banned_ids=(int(logits[4].argmax()),))
-        tokens = [t for t, _ in s.sample(logits, rows).result()]
+        tokens = [t for t, _ in s.sample(on_device(logits), rows).result()]
         host = HostRow(p_pen, None, rows[1].prompt_ids, [])
         assert tokens[0] == 10
         assert tokens[1] == int(_apply_penalties(logits[1].clone(), host).argmax())
@@ -144,7 +152,7 @@ def test_draws_follow_the_distribution():
     logits = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -8.0])
     p = SamplingParams(temperature=0.8, min_p=0.1)  # keeps the 4 best
     rows = [SampleRow(seed, p, seed, 5, []) for seed in range(n)]
-    tokens = torch.tensor([t for t, _ in sampler(vocab).sample(logits.expand(n, -1), rows).result()])
+    tokens = torch.tensor([t for t, _ in sampler(vocab).sample(on_device(logits.expand(n, -1)), rows).result()])
     probs = (logits / 0.8).masked_fill(~oracle_kept(logits, p), float("-inf")).softmax(-1)
     counts = torch.bincount(tokens, minlength=vocab).float()
     assert counts[~oracle_kept(logits, p)].sum() == 0
@@ -188,7 +196,7 @@ def test_seeded_draws_do_not_depend_on_the_batch():
         for position in range(4):
             logits = torch.cat([random_logits(1, 100 * i + position) for i in order])
             rows = [SampleRow(i, MIXED[i], 7 + i, position, [1, 2, 3]) for i in order]
-            for i, (token, _) in zip(order, s.sample(logits, rows).result(), strict=True):
+            for i, (token, _) in zip(order, s.sample(on_device(logits), rows).result(), strict=True):
                 got[i].append(token)
         return got
 
@@ -202,7 +210,7 @@ def test_seeded_draws_do_not_depend_on_the_batch():
 def test_logprobs_and_tokens_agree_with_the_torch_path_for_greedy():
     logits = random_logits(2, 9)
     rows = [SampleRow(i, SamplingParams(temperature=0, logprobs=3), i, 0, []) for i in range(2)]
-    fused = sampler().sample(logits, rows).result()
+    fused = sampler().sample(on_device(logits), rows).result()
     torch_path = Sampler(VOCAB, torch.device("cpu"), fused=False).sample(logits, rows).result()
     assert fused == torch_path
 

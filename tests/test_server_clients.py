@@ -1,7 +1,7 @@
 """What real clients of the OpenAI-compatible server send (lm-eval, langchain-openai, litellm, guidellm),
 on loopback: echo with prompt logprobs (lm-eval's loglikelihood requests), vLLM's prompt_logprobs,
 logit_bias, GET /v1/models/{id}, continuous usage in streams, and a clear 400 for what the server cannot
-do (tools). The server's token budget is small, so prompts are prefilled in chunks."""
+do (legacy functions, suffix, best_of). The server's token budget is small, so prompts are prefilled in chunks."""
 
 from __future__ import annotations
 
@@ -198,14 +198,7 @@ CHAT = {"messages": [{"role": "user", "content": "hi"}]}
 TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
 
 REFUSED = {
-    "tools": ("/v1/chat/completions", CHAT | {"tools": [TOOL]}, "tools"),
-    "tools auto": ("/v1/chat/completions", CHAT | {"tools": [TOOL], "tool_choice": "auto"}, "tools"),
     "tool_choice required": ("/v1/chat/completions", CHAT | {"tool_choice": "required"}, "tool_choice"),
-    "named tool_choice": (
-        "/v1/chat/completions",
-        CHAT | {"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "f"}}},
-        "tool_choice",
-    ),
     "functions": ("/v1/chat/completions", CHAT | {"functions": [TOOL["function"]]}, "functions"),
     "suffix": ("/v1/completions", {"prompt": "a", "suffix": "b"}, "suffix"),
     "best_of": ("/v1/completions", {"prompt": "a", "best_of": 3}, "best_of"),

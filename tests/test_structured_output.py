@@ -115,11 +115,12 @@ def test_masked_tokens_are_never_drawn_and_greedy_takes_the_best_allowed(fused):
         words |= chunk.long() << bit
     masks = words.to(torch.int32)  # the bit pattern as int32, as llguidance writes it
     assert torch.equal(apply_token_masks(logits, masks).isfinite(), allowed)
-    sampler = Sampler(vocab, torch.device("cpu"), fused=fused, capture=False)
+    device = torch.device("cuda" if fused and torch.cuda.is_available() else "cpu")  # else the interpreter
+    sampler = Sampler(vocab, device, fused=fused, capture=False)
     greedy = [SampleRow(i, SamplingParams(temperature=0), 0, 0, []) for i in range(rows // 2)]
     sampled = [SampleRow(i, SamplingParams(temperature=1.5), i, 0, []) for i in range(rows // 2, rows)]
     raw = logits.clone()
-    tokens = sampler.sample(logits, greedy + sampled, masks).tokens
+    tokens = sampler.sample(logits.to(device), greedy + sampled, masks).tokens.cpu()
     assert allowed[torch.arange(rows), tokens].all()
     best = logits.masked_fill(~allowed, float("-inf")).argmax(-1)
     assert torch.equal(tokens[: rows // 2], best[: rows // 2])

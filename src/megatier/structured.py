@@ -22,6 +22,9 @@ import torch
 from megatier.errors import MegatierError
 from megatier.tokenizer import Tokenizer
 
+# A schema's own "x-guidance" options override these (llguidance applies defaults, then the schema's).
+JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
 
 @dataclass(frozen=True)
 class StructuredOutput:
@@ -46,9 +49,10 @@ class StructuredOutput:
             raise MegatierError("structured output choice must be a non-empty list of non-empty strings")
 
     def llguidance_grammar(self) -> str:
-        """The constraint in llguidance's grammar format."""
+        """The constraint in llguidance's grammar format. JSON comes in json.dumps's layout (", " and ": ",
+        no other whitespace): a grammar that allows any whitespace lets a model pad forever."""
         if self.json_object:
-            return llguidance.LLMatcher.grammar_from_json_schema({"type": "object"})
+            return llguidance.LLMatcher.grammar_from_json_schema({"type": "object"}, JSON_LAYOUT)
         if self.json_schema is not None:
             schema = self.json_schema
             if isinstance(schema, str):
@@ -56,7 +60,7 @@ class StructuredOutput:
                     schema = json.loads(schema)
                 except json.JSONDecodeError as e:
                     raise MegatierError(f"invalid JSON schema: not JSON ({e})") from None
-            return llguidance.LLMatcher.grammar_from_json_schema(schema)
+            return llguidance.LLMatcher.grammar_from_json_schema(schema, JSON_LAYOUT)
         if self.regex is not None:
             return llguidance.LLMatcher.grammar_from_regex(self.regex)
         if self.choice is not None:

@@ -80,9 +80,12 @@ class Tokenizer:
         except TemplateError as e:
             raise MegatierError(f"chat template failed: {e}") from None
 
-    def encode_chat(self, messages: list[Message], add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(
+        self, messages: list[Message], add_generation_prompt: bool = True, tools: list[dict[str, Any]] | None = None
+    ) -> list[int]:
         # The template writes BOS itself when the model wants one, as transformers assumes.
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=False)
+        text = self.apply_chat_template(messages, add_generation_prompt, tools)
+        return self.encode(text, add_special_tokens=False)
 
 
 _TEMPLATES: dict[str, Any] = {}

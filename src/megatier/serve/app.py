@@ -144,6 +144,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     state = _state(request)
     state.check_model(body.model)
     tokenizer = state.llm.tokenizer
+    with bad_input("tool_choice" if body.tool_choice not in (None, "auto", "none") else "tools"):
+        tool_use = body.tool_use()
     with bad_input("messages"):
         prompt = body.prompt_ids(tokenizer)
     with bad_input("top_logprobs"):
@@ -155,7 +157,14 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     with bad_input("messages"):
         stream = state.engine.submit([prompt], params)
     fmt = ChatFormat(
-        state.model_name, params.n, params.logprobs, tokenizer, [prompt], body.include_usage, body.continuous_usage
+        state.model_name,
+        params.n,
+        params.logprobs,
+        tokenizer,
+        [prompt],
+        body.include_usage,
+        body.continuous_usage,
+        tool_use=tool_use,
     )
     return await _respond(request, body.stream, stream, fmt)
 

@@ -25,6 +25,7 @@ from pydantic_core import PydanticCustomError
 
 from megatier.errors import MegatierError
 from megatier.sampling import SamplingParams
+from megatier.serve.tools import ToolUse, template_tool_calls
 from megatier.structured import StructuredOutput
 from megatier.tokenizer import Message, Tokenizer
 
@@ -251,25 +252,39 @@ class ChatCompletionRequest(GenerationRequest):
     top_logprobs: int | None = None
     tool_choice: str | dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
+    parallel_tool_calls: bool = True
     function_call: str | dict[str, Any] | None = None
     functions: list[dict[str, Any]] | None = None
 
-    @field_validator("tool_choice", "function_call")
+    @field_validator("function_call")
     @classmethod
-    def _no_forced_calls(cls, choice: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
+    def _no_forced_function(cls, choice: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
         if choice not in (None, "none", "auto"):
-            raise _unsupported("tool calling is not supported by this server: send 'none' or leave it out")
+            raise _unsupported("the legacy function_call is not supported: use tools and tool_choice")
         return choice
 
-    @field_validator("tools", "functions")
+    @field_validator("functions")
     @classmethod
-    def _no_tools(cls, tools: list[dict[str, Any]] | None, info: ValidationInfo) -> list[dict[str, Any]] | None:
-        choice_field = "tool_choice" if info.field_name == "tools" else "function_call"
-        if tools and info.data.get(choice_field) != "none":
-            raise _unsupported(
-                f"tool calling is not supported by this server: send no {info.field_name}, or {choice_field}='none'"
-            )
-        return tools
+    def _no_functions(cls, functions: list[dict[str, Any]] | None, info: ValidationInfo) -> list[dict[str, Any]] | None:
+        if functions and info.data.get("function_call") != "none":
+            raise _unsupported("the legacy functions are not supported: send them as tools")
+        return functions
+
+    def tool_use(self) -> ToolUse | None:
+        """The tools the model may call and how (MegatierError naming what is malformed)."""
+        return ToolUse.from_request(self.tools, self.tool_choice, self.parallel_tool_calls)
+
+    def structured_field(self) -> str | None:
+        use = self.tool_use()
+        return "tool_choice" if use is not None and use.constraint() is not None else super().structured_field()
+
+    def structured_output(self) -> StructuredOutput | None:
+        """A forced tool call's constraint, or what response_format or a guided_* field asks for."""
+        use, asked = self.tool_use(), super().structured_output()
+        forced = use.constraint() if use is not None else None
+        if forced is not None and asked is not None:
+            raise MegatierError("a forced tool_choice cannot be combined with response_format or guided_* fields")
+        return forced or asked
 
     def num_logprobs(self) -> int | None:
         """SamplingParams.logprobs: how many alternatives per token, None for no logprobs at all."""
@@ -282,7 +297,8 @@ class ChatCompletionRequest(GenerationRequest):
             raise MegatierError(
                 "this model has no tokenizer, so chat is unavailable: use /v1/completions with token ids"
             )
-        return tokenizer.encode_chat(template_messages(self.messages))
+        use = self.tool_use()
+        return tokenizer.encode_chat(template_messages(self.messages), tools=use.tools if use is not None else None)
 
 
 class TokenizeRequest(BaseModel):
@@ -313,7 +329,7 @@ def template_messages(messages: list[ChatMessage]) -> list[Message]:
     """Messages as the chat template expects them, with content parts joined into one string."""
     out = []
     for i, m in enumerate(messages):
-        message = m.model_dump(exclude_none=True)
+        message = template_tool_calls(m.model_dump(exclude_none=True))
         if isinstance(m.content, list):
             kinds = {p.type for p in m.content} - {"text"}
             if kinds:

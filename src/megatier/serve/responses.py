@@ -21,6 +21,7 @@ from typing import Any
 
 from megatier.engine import SequenceUpdate
 from megatier.sampling import PromptLogprobs
+from megatier.serve.tools import ToolUse
 from megatier.tokenizer import Tokenizer
 
 
@@ -245,9 +246,29 @@ class CompletionFormat(_Format):
 
 
 class ChatFormat(_Format):
+    """With tools that the model may call, a stream holds a choice's text back until it ends and sends
+    it in one chunk with the parsed tool_calls: text that turns out to be a call is never streamed as
+    content."""
+
     id_prefix = "chatcmpl"
     response_object = "chat.completion"
     chunk_object = "chat.completion.chunk"
+
+    def __init__(self, *args: Any, tool_use: ToolUse | None = None, **kw: Any):
+        super().__init__(*args, **kw)
+        self.tool_use = tool_use
+        self._held: dict[int, Choice] = defaultdict(Choice)  # per choice, with tool_use: the text so far
+
+    def message(self, text: str, finish_reason: str | None) -> tuple[dict[str, Any], str | None]:
+        """The assistant message for an output (its tool calls parsed), and its finish reason."""
+        if self.tool_use is None:
+            return {"content": text}, finish_reason
+        content, calls = self.tool_use.parse(text)
+        if not calls:
+            return {"content": text}, finish_reason
+        return {"content": content, "tool_calls": [c.as_dict() for c in calls]}, (
+            "tool_calls" if finish_reason == "stop" else finish_reason
+        )
 
     def _entry(self, token_id: int, logprob: float) -> dict[str, Any]:
         s = self.token_str(token_id)
@@ -275,6 +296,8 @@ class ChatFormat(_Format):
 
     def chunk(self, index: int, update: SequenceUpdate) -> dict[str, Any] | None:
         self._count(index, update)
+        if self.tool_use is not None:
+            return self._held_chunk(index, update)
         if not (update.new_token_ids or update.finished):
             return None
         choice = {
@@ -286,17 +309,37 @@ class ChatFormat(_Format):
         }
         return self.chunk_envelope(index, [choice])
 
+    def _held_chunk(self, index: int, update: SequenceUpdate) -> dict[str, Any] | None:
+        held = self._held[index]
+        held.add(update)
+        if not update.finished:
+            return None
+        message, finish_reason = self.message(held.text, update.finish_reason)
+        delta = {"content": message["content"]} if message["content"] else {}
+        if "tool_calls" in message:
+            delta["tool_calls"] = [{"index": i} | c for i, c in enumerate(message["tool_calls"])]
+        choice = {
+            "index": index,
+            "delta": delta,
+            "logprobs": self.logprobs(held.token_ids, held.logprobs),
+            "finish_reason": finish_reason,
+            "stop_reason": update.stop_reason,
+        }
+        return self.chunk_envelope(index, [choice])
+
     def response(self, choices: list[Choice], prompt_tokens: int) -> dict[str, Any]:
-        body = [
-            {
-                "index": i,
-                "message": {"role": "assistant", "content": c.text},
-                "logprobs": self.logprobs(c.token_ids, c.logprobs),
-                "finish_reason": c.finish_reason,
-                "stop_reason": c.stop_reason,
-            }
-            for i, c in enumerate(choices)
-        ]
+        body = []
+        for i, c in enumerate(choices):
+            message, finish_reason = self.message(c.text, c.finish_reason)
+            body.append(
+                {
+                    "index": i,
+                    "message": {"role": "assistant"} | message,
+                    "logprobs": self.logprobs(c.token_ids, c.logprobs),
+                    "finish_reason": finish_reason,
+                    "stop_reason": c.stop_reason,
+                }
+            )
         return self._envelope(
             self.response_object, body, usage=usage(prompt_tokens, sum(len(c.token_ids) for c in choices))
         )
