@@ -44,3 +44,17 @@ def live_server(app, shutdown_timeout: float = 5.0) -> Iterator[tuple[str, Serve
         server.should_exit = True
         thread.join(timeout=30)
         assert not thread.is_alive(), "the server did not shut down"
+
+
+def assert_refused(url: str, path: str, body: dict, param: str | None) -> dict:
+    """POST `body`: a 400 whose one-line error names `param`; then a plain chat request still succeeds.
+    Returns the error."""
+    import httpx
+
+    r = httpx.post(f"{url}{path}", json=body)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and "\n" not in error["message"]
+    plain = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    assert httpx.post(f"{url}/v1/chat/completions", json=plain).status_code == 200
+    return error

@@ -55,14 +55,6 @@ class ResponseFormat(BaseModel):
             raise _unsupported(f"{kind!r} is not a response_format type: use text, json_object or json_schema")
         return kind
 
-    def structured_field(self) -> str | None:
-        """The request field that asks for structured output, for error messages."""
-        guided = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
-        named = next((f for f in guided if getattr(self, f) is not None), None)
-        if named is None and self.response_format is not None and self.response_format.type != "text":
-            return "response_format"
-        return named
-
     def structured_output(self) -> StructuredOutput | None:
         if self.type == "json_object":
             return StructuredOutput(json_object=True)
