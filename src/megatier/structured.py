@@ -16,7 +16,7 @@ from functools import cached_property
 from typing import Any
 
 import llguidance
-import llguidance.torch
+import llguidance.numpy
 import torch
 
 from megatier.errors import MegatierError
@@ -101,13 +101,14 @@ def _one_line(error: object) -> str:
 
 
 def token_masks(matchers: list[llguidance.LLMatcher | None], vocab_size: int) -> torch.Tensor:
-    """int32 [len(matchers), ceil(vocab / 32)] on the host (pinned with CUDA): bit t % 32 of word t // 32 is
-    set when token t may come next; a row without a matcher allows every token."""
-    masks = llguidance.torch.allocate_token_bitmask(len(matchers), vocab_size)
+    """int32 [len(matchers), ceil(vocab / 32)] on the host: bit t % 32 of word t // 32 is set when token t
+    may come next; a row without a matcher allows every token. (llguidance's numpy helpers: its torch
+    module imports torch.compile's machinery, seconds at every start.)"""
+    masks = llguidance.numpy.allocate_token_bitmask(len(matchers), vocab_size)
     for row, matcher in enumerate(matchers):
         if matcher is not None:
-            llguidance.torch.fill_next_token_bitmask(matcher, masks, row)
-    return masks
+            llguidance.numpy.fill_next_token_bitmask(matcher, masks, row)
+    return torch.from_numpy(masks)
 
 
 def apply_token_masks(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
