@@ -2,7 +2,7 @@
 
 Fields follow the OpenAI API plus the extras that vLLM and SGLang accept and their benchmark tools send
 (top_k, min_p, ignore_eos, min_tokens, prompt_logprobs, guided_json, ...). Unknown fields are ignored, as
-the peers do; known fields asking for what this server cannot do (tools, suffix, best_of) are refused
+the peers do; known fields asking for what this server cannot do (legacy functions, suffix, best_of) are refused
 with a 400 naming the field rather than silently ignored. pydantic checks types; SamplingParams
 checks values, so each rule lives in one place.
 """
