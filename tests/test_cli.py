@@ -36,6 +36,31 @@ def test_generate_streams_the_completion(tiny, capsys):
     assert capsys.readouterr().out == "abc" + expected + "\n"
 
 
+def test_generate_with_structured_output_flags(tiny, tmp_path, capsys):
+    base = ["generate", "--model", str(tiny), "--max-tokens", "60", "--temperature", "1", "--seed", "3", "n:"]
+    assert main([*base, "--regex", "[0-9]{4}"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("n:") and len(out) == len("n:") + 5 and out[2:6].isdigit()
+    schema = tmp_path / "schema.json"
+    schema.write_text(
+        json.dumps(
+            {
+                "type": "object",
+                "properties": {"ok": {"type": "boolean"}},
+                "required": ["ok"],
+                "additionalProperties": False,
+            }
+        )
+    )
+    assert main([*base, "--json-schema-file", str(schema)]) == 0
+    assert isinstance(json.loads(capsys.readouterr().out[2:])["ok"], bool)
+    assert main([*base, "--json-schema-file", str(tmp_path / "missing.json")]) == 2
+    assert "missing.json" in capsys.readouterr().err
+    assert main([*base, "--json-schema", '{"type": "objectx"}']) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: invalid structured output") and err.count("\n") == 1
+
+
 def test_chat_repl_keeps_history(tiny, capsys, monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.StringIO("hi\nsecond\n/exit\n"))
     assert main(["chat", "--model", str(tiny), "--max-tokens", "6", "--ignore-eos"]) == 0

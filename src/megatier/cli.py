@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import sys
+from pathlib import Path
 
 from megatier.args import EngineArgs, add_batching_cli_args, add_cli_args
 from megatier.errors import MegatierError
@@ -33,6 +34,28 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p times the top probability")
     g.add_argument("--stop", action="append", default=[], help="stop at this string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
+    c = p.add_argument_group("structured output (one of)").add_mutually_exclusive_group()
+    c.add_argument("--json-schema", metavar="JSON", help="the output must be JSON following this schema (text)")
+    c.add_argument("--json-schema-file", metavar="FILE", help="the same, with the schema read from FILE")
+    c.add_argument("--regex", help="the whole output must match this regular expression")
+    c.add_argument("--grammar-file", metavar="FILE", help="the output must follow this Lark grammar (llguidance's)")
+
+
+def structured_output(args: argparse.Namespace):
+    """The constraint the structured-output flags ask for, or None."""
+    from megatier.structured import StructuredOutput
+
+    if args.json_schema is not None:
+        return StructuredOutput(json_schema=args.json_schema)
+    if args.regex is not None:
+        return StructuredOutput(regex=args.regex)
+    for path, kind in ((args.json_schema_file, "json_schema"), (args.grammar_file, "grammar")):
+        if path is not None:
+            try:
+                return StructuredOutput(**{kind: Path(path).read_text()})
+            except OSError as e:
+                raise MegatierError(f"cannot read {path}: {e.strerror}") from None
+    return None
 
 
 def sampling_params(args: argparse.Namespace):
@@ -47,6 +70,7 @@ def sampling_params(args: argparse.Namespace):
         stop=args.stop,
         ignore_eos=args.ignore_eos,
         seed=args.seed if args.temperature > 0 else None,
+        structured_output=structured_output(args),
     )
 
 
