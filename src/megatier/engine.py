@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
+from llguidance import LLMatcher
 
 from megatier.detokenizer import IncrementalDetokenizer
 from megatier.errors import MegatierError
@@ -138,8 +139,8 @@ class Engine:
         if request_id in self.requests:
             raise MegatierError(f"request id {request_id!r} is already in use")
         self.check_prompt(prompt_ids)
-        self.check_params(params)
-        constraint = params.structured_output
+        self.check_logit_bias(params)
+        first = self._matcher(params)  # compiles the grammar once: the other sequences copy it
         seqs = []
         for i in range(params.n):
             seed = (
@@ -148,7 +149,7 @@ class Engine:
             detok = IncrementalDetokenizer(
                 self.tokenizer, params.stop, params.include_stop_str_in_output, params.skip_special_tokens
             )
-            matcher = self.grammars.matcher(constraint) if constraint is not None else None
+            matcher = first.deep_copy() if first is not None and i > 0 else first
             seqs.append(Sequence(request_id, i, list(prompt_ids), params, seed, detok, matcher=matcher))
         self.requests[request_id] = seqs
         for seq in seqs:
@@ -184,10 +185,14 @@ class Engine:
 
     def check_structured_output(self, params: SamplingParams) -> None:
         """Compiles the grammar (the server calls it from its own thread, so a bad one never queues)."""
-        if params.structured_output is not None:
-            if self.tokenizer is None:
-                raise MegatierError("structured output needs the model's tokenizer, and this model has none")
-            self.grammars.check(params.structured_output)
+        self._matcher(params)
+
+    def _matcher(self, params: SamplingParams) -> LLMatcher | None:
+        if params.structured_output is None:
+            return None
+        if self.tokenizer is None:
+            raise MegatierError("structured output needs the model's tokenizer, and this model has none")
+        return self.grammars.matcher(params.structured_output)
 
     @cached_property
     def grammars(self) -> Grammars:
@@ -238,8 +243,8 @@ class Engine:
         rows = [self._sample_row(seq) for seq in seqs]
         if len(ready) < len(batch.seqs):  # some prompts are not all in yet
             logits = logits[upload(torch.tensor(ready), logits.device)]
-        constrained = [s.matcher for s in seqs]
-        masks = token_masks(constrained, logits.shape[1]) if any(m is not None for m in constrained) else None
+        matchers = [s.matcher for s in seqs]
+        masks = token_masks(matchers, logits.shape[1]) if any(m is not None for m in matchers) else None
         sampled = self.sampler.sample(logits, rows, masks)
         for seq in seqs:
             seq.num_pending += 1

@@ -80,20 +80,17 @@ class Grammars:
     def _lltokenizer(self) -> llguidance.LLTokenizer:
         return llguidance.LLTokenizer(self._tokenizer.hf.to_str(), n_vocab=self.vocab_size, eos_token=self._eos)
 
-    def check(self, constraint: StructuredOutput) -> str:
-        """The constraint's grammar; raises MegatierError (one line) if it does not compile."""
+    def matcher(self, constraint: StructuredOutput) -> llguidance.LLMatcher:
+        """A fresh matcher at the start of the constrained output (the grammar compiled for the tokenizer);
+        raises MegatierError (one line) if the grammar does not compile."""
         try:
             grammar = constraint.llguidance_grammar()
         except (ValueError, TypeError) as e:
             raise MegatierError(f"invalid structured output: {_one_line(e)}") from None
-        error = llguidance.LLMatcher.validate_grammar(grammar, self._lltokenizer)
-        if error:
-            raise MegatierError(f"invalid structured output: {_one_line(error)}")
-        return grammar
-
-    def matcher(self, constraint: StructuredOutput) -> llguidance.LLMatcher:
-        """A fresh matcher at the start of the constrained output."""
-        return llguidance.LLMatcher(self._lltokenizer, self.check(constraint))
+        matcher = llguidance.LLMatcher(self._lltokenizer, grammar, log_level=0)
+        if matcher.is_error():
+            raise MegatierError(f"invalid structured output: {_one_line(matcher.get_error())}")
+        return matcher
 
 
 def _one_line(error: object) -> str:

@@ -145,7 +145,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     state.check_model(body.model)
     tokenizer = state.llm.tokenizer
     with bad_input("tool_choice" if body.tool_choice not in (None, "auto", "none") else "tools"):
-        tool_use = body.tool_use()
+        tool_use = body.tool_use
     with bad_input("messages"):
         prompt = body.prompt_ids(tokenizer)
     with bad_input("top_logprobs"):

@@ -10,6 +10,7 @@ checks values, so each rule lives in one place.
 from __future__ import annotations
 
 import dataclasses
+from functools import cached_property
 from typing import Any
 
 from pydantic import (
@@ -262,17 +263,18 @@ class ChatCompletionRequest(GenerationRequest):
             raise _unsupported("the legacy functions are not supported: send them as tools")
         return functions
 
+    @cached_property
     def tool_use(self) -> ToolUse | None:
         """The tools the model may call and how (MegatierError naming what is malformed)."""
         return ToolUse.from_request(self.tools, self.tool_choice, self.parallel_tool_calls)
 
     def structured_field(self) -> str | None:
-        use = self.tool_use()
+        use = self.tool_use
         return "tool_choice" if use is not None and use.constraint() is not None else super().structured_field()
 
     def structured_output(self) -> StructuredOutput | None:
         """A forced tool call's constraint, or what response_format or a guided_* field asks for."""
-        use, asked = self.tool_use(), super().structured_output()
+        use, asked = self.tool_use, super().structured_output()
         forced = use.constraint() if use is not None else None
         if forced is not None and asked is not None:
             raise MegatierError("a forced tool_choice cannot be combined with response_format or guided_* fields")
@@ -289,7 +291,7 @@ class ChatCompletionRequest(GenerationRequest):
             raise MegatierError(
                 "this model has no tokenizer, so chat is unavailable: use /v1/completions with token ids"
             )
-        use = self.tool_use()
+        use = self.tool_use
         return tokenizer.encode_chat(template_messages(self.messages), tools=use.tools if use is not None else None)
 
 

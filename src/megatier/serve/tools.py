@@ -29,10 +29,9 @@ class ToolCall:
     name: str
     arguments: str  # JSON text, as the OpenAI API carries it
 
-    def as_dict(self, index: int | None = None) -> dict[str, Any]:
-        call = {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function"}
-        call["function"] = {"name": self.name, "arguments": self.arguments}
-        return call if index is None else {"index": index} | call
+    def as_dict(self) -> dict[str, Any]:
+        function = {"name": self.name, "arguments": self.arguments}
+        return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": function}
 
 
 @dataclass
@@ -110,8 +109,8 @@ class ToolUse:
         return text, []
 
 
-def _function(tool: Any, i: int) -> dict[str, Any]:
-    function = tool.get("function") if isinstance(tool, dict) else None
+def _function(tool: dict[str, Any], i: int) -> dict[str, Any]:
+    function = tool.get("function")
     if tool.get("type", "function") != "function" or not isinstance(function, dict):
         raise MegatierError(
             f'tools[{i}] must be {{"type": "function", "function": {{"name": ..., "parameters": ...}}}}'
