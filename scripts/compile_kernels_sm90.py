@@ -94,7 +94,17 @@ def main() -> None:
     compile_sampler()
     if not all(pdl for _, _, pdl in compiled):
         sys.exit("some kernels were compiled without PDL: the use_pdl override missed a module")
+    compile_slice_moves()  # launched between steps and on the copy stream, without PDL
     print(f"{len(compiled)} kernel variants compiled for sm_90 with triton {triton.__version__}")
+
+
+def compile_slice_moves() -> None:
+    """The tiered KV cache's slice copy and in-place swap kernels."""
+    from megatier.kernels.copy_slices import copy_slices, swap_slices
+
+    pool, idx = torch.zeros(3, 1, 2, 2, 4, 16, dtype=torch.bfloat16), torch.tensor([0, 2], dtype=torch.int32)
+    copy_slices(pool, pool.clone(), idx, idx, kernel=True)
+    swap_slices(pool, pool.clone(), idx, idx, kernel=True)
 
 
 def compile_sampler() -> None:

@@ -27,6 +27,7 @@ from megatier.kernels import (
     rope_cos_sin_table,
     silu_mul,
 )
+from megatier.kernels.copy_slices import copy_slices, swap_slices
 from megatier.kv.pages import block_table_tensor, pages_for
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::RuntimeWarning")  # interpreter noise
@@ -298,6 +299,31 @@ def test_silu_mul(dtype):
     gate, up = gate_up.float().chunk(2, dim=-1)
     assert out.shape == (3, 1500) and out.dtype == dtype
     assert rel_err(out, F.silu(gate) * up) < tol(dtype) / 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_copy_and_swap_slices_between_a_device_and_a_host_pool(dtype):
+    """Scattered slices of an odd word count (a tail past the kernel's block) between the device pool
+    and a host pool (pinned on CUDA, read and written over PCIe); slices not named stay untouched."""
+    gen = torch.Generator().manual_seed(5)
+    shape = (1, 2, 3, 4, 1100)  # 26400 elements: 13200 int32 words, not a multiple of the block
+    dev = torch.randn(7, *shape, generator=gen).to(dtype).to(DEVICE)
+    host = torch.randn(9, *shape, generator=gen).to(dtype)
+    if DEVICE.type == "cuda":
+        host = host.pin_memory()
+    dev0, host0 = dev.clone(), host.clone()
+    idx = torch.tensor([[4, 0, 6], [8, 2, 5]], dtype=torch.int32, device=DEVICE)
+    swap_slices(dev, host, idx[0], idx[1], kernel=True)
+    copy_slices(host, dev, idx[1, :2], torch.tensor([1, 3], dtype=torch.int32, device=DEVICE), kernel=True)
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+    want_dev, want_host = dev0.clone(), host0.clone()
+    want_dev[[4, 0, 6]], want_host[[8, 2, 5]] = host0[[8, 2, 5]].to(DEVICE), dev0[[4, 0, 6]].cpu()
+    want_dev[[1, 3]] = want_host[[8, 2]].to(DEVICE)
+    assert torch.equal(dev, want_dev)
+    assert torch.equal(host, want_host)
+    with pytest.raises(ValueError, match="pools differ"):
+        swap_slices(dev, host.float() if dtype == torch.bfloat16 else host.double(), idx[0], idx[1])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU every test above compiles the kernels for real")

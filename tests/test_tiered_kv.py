@@ -355,6 +355,32 @@ def test_migration_brings_each_layers_important_slices_to_hbm(tmp_path):
     pools.close()
 
 
+def test_a_migration_budget_beyond_the_reserve_is_spent_in_one_step(tmp_path):
+    """HBM full of cold slices, hot ones in DRAM: one plan with room for every swap brings them all up,
+    although HBM keeps one page of free slots (a move holds a free slot until the next step, so only
+    in-place swaps get past that), and every slice's bytes survive the swap."""
+    cfg = tiny_cfg(layers=2)
+    pools = make_pools(cfg, (20, 40, 0), tmp_path)
+    assert pools.reserve[HBM] == 2
+    gen = torch.Generator().manual_seed(3)
+    hbm_pages, dram_pages = list(range(9)), list(range(9, 25))
+    data = fill_random(pools, [hbm_pages], lambda: HBM, gen)
+    data |= fill_random(pools, [dram_pages], lambda: DRAM, gen)
+    hot = dram_pages[:8]
+    pools.priority[:] = 0.1
+    pools.priority[hot] = 5.0
+    started = plan_migrations(pools, 32 * pools.slice_bytes)
+    pools.wait_all()
+    assert (pools.tier[hot] == HBM).all()
+    assert started == 32 * pools.slice_bytes and pools.moved_bytes[DRAM, HBM] == 16 * pools.slice_bytes
+    assert pools.used(HBM) == 18 and len(pools.slots[HBM]) == pools.reserve[HBM]
+    for (p, layer), original in data.items():
+        assert torch.equal(pools.gather(np.array([p]), layer)[0], original), (p, layer)
+    with pytest.raises(ValueError, match="HBM slices with DRAM"):
+        pools.swap([hot[0] * cfg.num_layers], [hot[1] * cfg.num_layers])  # both in HBM now
+    pools.close()
+
+
 def test_sparse_selection_picks_the_pages_that_matter(tmp_path):
     """A context with three high-attention pages among twenty: a budget of sinks + recent window + three
     must read exactly them (a selector that took the lowest-scored pages would miss them all), and the

@@ -127,7 +127,8 @@ def plan_migrations(pools: TieredPools, byte_budget: int) -> int:
 
     Per pair of adjacent tiers (DRAM/disk first, then HBM/DRAM): first restore the faster tier's free
     reserve by demoting its least important slices, then, while the most important slice of the slower
-    tier beats the least important slice of the faster one by HYSTERESIS, swap them. Nothing waits."""
+    tier beats the least important slice of the faster one by HYSTERESIS, swap them: as two moves while
+    both tiers have a free slot, then, for HBM/DRAM, in place (TieredPools.swap). The host never waits."""
     started = 0
     prio, tier = pools.priority.reshape(-1), pools.tier.reshape(-1)
     busy = np.repeat(pools.writing, pools.num_layers)
@@ -141,26 +142,34 @@ def plan_migrations(pools: TieredPools, byte_budget: int) -> int:
         # Only the budget's worth of candidates at each end can move: partial sorts keep this O(slices).
         ups = _ends(np.flatnonzero((tier == upper) & ~busy), prio, budget + 1)  # least important first
         downs = _ends(np.flatnonzero((tier == lower) & ~busy), -prio, budget + 1)  # most important first
-        demote, promote, u = [], [], 0
+        demote, promote, swap_up, swap_low, u = [], [], [], [], 0
         # Restore the reserve: new pages of the next steps land in the fastest tier.
         while free_up + len(demote) < pools.reserve[upper] and u < len(ups) and free_low > 0 and budget > 0:
             demote.append(int(ups[u]))
             u, free_low, budget = u + 1, free_low - 1, budget - 1
         for flat in downs:
-            if budget <= 0 or free_up == 0:
+            if budget <= 0:
                 break
             if free_up > pools.reserve[upper]:  # room to spare: promote without displacing anyone
                 promote.append(int(flat))
                 free_up, budget = free_up - 1, budget - 1
                 continue
-            if u >= len(ups) or free_low == 0 or budget < 2 or prio[flat] <= HYSTERESIS * prio[ups[u]] + 1e-6:
+            if u >= len(ups) or budget < 2 or prio[flat] <= HYSTERESIS * prio[ups[u]] + 1e-6:
                 break
-            demote.append(int(ups[u]))
-            promote.append(int(flat))
-            u, free_up, free_low, budget = u + 1, free_up - 1, free_low - 1, budget - 2
+            if free_up > 0 and free_low > 0:
+                demote.append(int(ups[u]))
+                promote.append(int(flat))
+                free_up, free_low = free_up - 1, free_low - 1
+            elif upper == HBM:
+                swap_up.append(int(ups[u]))
+                swap_low.append(int(flat))
+            else:
+                break
+            u, budget = u + 1, budget - 2
         started += pools.move(np.array(demote, dtype=np.int64), lower)
         started += pools.move(np.array(promote, dtype=np.int64), upper)
-        busy[demote + promote] = True
+        started += pools.swap(swap_up, swap_low)
+        busy[demote + promote + swap_up + swap_low] = True
     return started
 
 

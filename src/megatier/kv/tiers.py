@@ -7,12 +7,15 @@ differ by layer; a page moving with all its layers would make HBM hold the union
 Each pool is [slots, 1, 2, kv_heads, page_size, head_dim]: the layout of a one-layer KV cache, so the
 attention and RoPE kernels read and write it unchanged, given per-layer tables of slots.
 
-Moves go between adjacent tiers and never block: HBM<->DRAM copies run on a side CUDA stream (one kernel
-launch for any number of scattered slices, kernels/copy_slices.py), DRAM<->disk through a thread pool,
-and a slice keeps being read from its old place until `poll` sees the copy done and commits the new one.
-Only `make_room` (written pages need HBM slots and none are free) waits. Each tier above the lowest
-keeps `reserve` slots free so migrations always have somewhere to land; the logical capacity is the
-slots of all tiers less those reserves, in whole pages.
+Moves go between adjacent tiers and never block the host: HBM<->DRAM copies run on a side CUDA stream
+(one kernel launch for any number of scattered slices, kernels/copy_slices.py), DRAM<->disk through a
+thread pool, and a slice keeps being read from its old place until `poll` sees the copy done and commits
+the new one. Only `make_room` (written pages need HBM slots and none are free) waits. Each tier above
+the lowest keeps `reserve` slots free so moves always have somewhere to land; the logical capacity is the
+slots of all tiers less those reserves, in whole pages. A move holds a free slot until the next step
+commits it, so the reserve caps the moves a step can start; `swap` exchanges an HBM slice and a DRAM
+slice in place instead (on the compute stream, between steps: no free slot, committed at once), which is
+how a migration budget larger than the reserve is spent.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import torch
 
 from megatier.config import ModelConfig
 from megatier.errors import MegatierError
-from megatier.kernels.copy_slices import copy_slices
+from megatier.kernels.copy_slices import copy_slices, swap_slices
 from megatier.kv.disk import DiskPool
 from megatier.kv.pages import KVCache, PageAllocator
 
@@ -187,6 +190,32 @@ class TieredPools:
                 self._move_pcie(int(src), dst, items)
             self.moved_bytes[src, dst] += len(items) * self.slice_bytes
         return len(flat) * self.slice_bytes
+
+    def swap(self, upper: list[int], lower: list[int]) -> int:
+        """Exchange slices `upper` (each in HBM) and `lower` (each in DRAM) pair by pair, in place; returns
+        the bytes moved (both ways).
+
+        The copy runs on the current stream, after the step that read the old places and before the next,
+        so the map changes at once and neither side needs a free slot."""
+        up, low = np.asarray(upper, dtype=np.int64), np.asarray(lower, dtype=np.int64)
+        if len(up) != len(low):
+            raise ValueError("swap takes as many HBM slices as DRAM slices")
+        if len(up) == 0:
+            return 0
+        tier, slot = self.tier.reshape(-1), self.slot.reshape(-1)
+        if (tier[up] != HBM).any() or (tier[low] != DRAM).any() or any(int(f) in self.inflight for f in (*up, *low)):
+            raise ValueError("swap exchanges HBM slices with DRAM slices, none of them in flight")
+        hbm_slots, dram_slots = slot[up].copy(), slot[low].copy()
+        idx = torch.from_numpy(np.stack((hbm_slots, dram_slots)).astype(np.int32))
+        if self.device.type == "cuda":
+            idx = idx.pin_memory().to(self.device, non_blocking=True)
+        swap_slices(self.hbm.kv, self.dram, idx[0], idx[1])
+        tier[up], slot[up] = DRAM, dram_slots
+        tier[low], slot[low] = HBM, hbm_slots
+        self.moved_bytes[HBM, DRAM] += len(up) * self.slice_bytes
+        self.moved_bytes[DRAM, HBM] += len(up) * self.slice_bytes
+        self.version += 1
+        return 2 * len(up) * self.slice_bytes
 
     def _pool(self, tier: int) -> torch.Tensor:
         return self.hbm.kv if tier == HBM else self.dram
