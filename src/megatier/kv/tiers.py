@@ -206,9 +206,7 @@ class TieredPools:
         if (tier[up] != HBM).any() or (tier[low] != DRAM).any() or any(int(f) in self.inflight for f in (*up, *low)):
             raise ValueError("swap exchanges HBM slices with DRAM slices, none of them in flight")
         hbm_slots, dram_slots = slot[up].copy(), slot[low].copy()
-        idx = torch.from_numpy(np.stack((hbm_slots, dram_slots)).astype(np.int32))
-        if self.device.type == "cuda":
-            idx = idx.pin_memory().to(self.device, non_blocking=True)
+        idx = self._slot_pairs(hbm_slots, dram_slots)
         swap_slices(self.hbm.kv, self.dram, idx[0], idx[1])
         tier[up], slot[up] = DRAM, dram_slots
         tier[low], slot[low] = HBM, hbm_slots
@@ -220,16 +218,22 @@ class TieredPools:
     def _pool(self, tier: int) -> torch.Tensor:
         return self.hbm.kv if tier == HBM else self.dram
 
+    def _slot_pairs(self, a: np.ndarray | list[int], b: np.ndarray | list[int]) -> torch.Tensor:
+        """Slot lists a and b as int32 [2, n] for the slice kernels: on the device (uploaded on the current
+        stream from pinned memory) when there is one."""
+        idx = torch.from_numpy(np.stack((np.asarray(a), np.asarray(b))).astype(np.int32))
+        return idx.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else idx
+
     def _move_pcie(self, src: int, dst: int, items: list[tuple[int, int, int]]) -> None:
-        src_idx = torch.tensor([s for _, s, _ in items], dtype=torch.int32)
-        dst_idx = torch.tensor([d for _, _, d in items], dtype=torch.int32)
+        pairs = ([s for _, s, _ in items], [d for _, _, d in items])
         if self.copy_stream is None:
-            copy_slices(self._pool(src), self._pool(dst), src_idx, dst_idx)
+            idx = self._slot_pairs(*pairs)
+            copy_slices(self._pool(src), self._pool(dst), idx[0], idx[1])
             done, wait = (lambda: True), (lambda: None)
         else:
             self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))  # writes to the source are done
             with torch.cuda.stream(self.copy_stream):
-                idx = torch.stack((src_idx, dst_idx)).pin_memory().to(self.device, non_blocking=True)
+                idx = self._slot_pairs(*pairs)
                 copy_slices(self._pool(src), self._pool(dst), idx[0], idx[1])
                 event = torch.cuda.Event()
                 event.record()
