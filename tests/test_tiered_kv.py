@@ -381,6 +381,32 @@ def test_a_migration_budget_beyond_the_reserve_is_spent_in_one_step(tmp_path):
     pools.close()
 
 
+def test_a_plan_exchanges_the_ends_of_the_priority_order_and_stops_at_the_margin(tmp_path):
+    """HBM full: one plan swaps the most important DRAM slices for the least important HBM ones, pair by
+    pair in priority order, and stops at the first pair whose gain is under HYSTERESIS (or the budget)."""
+    cfg = tiny_cfg(layers=2)
+    pools = make_pools(cfg, (20, 60, 0), tmp_path)
+    gen = torch.Generator().manual_seed(5)
+    fill_random(pools, [list(range(9))], lambda: HBM, gen)
+    fill_random(pools, [list(range(9, 34))], lambda: DRAM, gen)
+    flat_prio = pools.priority.reshape(-1)
+    rng = np.random.default_rng(5)
+    in_hbm, in_dram = np.flatnonzero(pools.tier.reshape(-1) == HBM), np.flatnonzero(pools.tier.reshape(-1) == DRAM)
+    flat_prio[in_hbm] = 1.0 + rng.permutation(len(in_hbm))  # 1 .. 18, distinct
+    flat_prio[in_dram] = 0.0
+    flat_prio[in_dram[:6]] = [40.0, 30.0, 8.0, 6.0, 5.5, 0.5]  # pairs with HBM 1, 2, 3, 4 pass; 5.5 vs 5 fails
+    coldest = in_hbm[np.argsort(flat_prio[in_hbm])][:4]
+    started = plan_migrations(pools, 100 * pools.slice_bytes)
+    pools.wait_all()
+    tier = pools.tier.reshape(-1)
+    assert started == 8 * pools.slice_bytes
+    assert (tier[in_dram[:4]] == HBM).all() and (tier[in_dram[4:]] == DRAM).all()
+    assert (tier[coldest] == DRAM).all() and (tier[np.setdiff1d(in_hbm, coldest)] == HBM).all()
+    flat_prio[:] = np.where(tier == HBM, 1.0, 9.0)  # every DRAM slice now beats every HBM one
+    assert plan_migrations(pools, 6 * pools.slice_bytes) == 6 * pools.slice_bytes  # the budget stops it
+    pools.close()
+
+
 def test_sparse_selection_picks_the_pages_that_matter(tmp_path):
     """A context with three high-attention pages among twenty: a budget of sinks + recent window + three
     must read exactly them (a selector that took the lowest-scored pages would miss them all), and the

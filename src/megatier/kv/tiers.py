@@ -181,7 +181,7 @@ class TieredPools:
         tiers, slots = self.tier.reshape(-1)[flat], self.slot.reshape(-1)[flat]
         for src in np.unique(tiers):
             pick = tiers == src
-            if abs(int(src) - dst) != 1 or any(int(f) in self.inflight for f in flat[pick]):
+            if abs(int(src) - dst) != 1 or self._any_in_flight(flat[pick]):
                 raise ValueError(f"slices cannot move from tier {src} to tier {dst} (or are in flight)")
             items = [(int(f), int(s), self.slots[dst].take()) for f, s in zip(flat[pick], slots[pick], strict=True)]
             if DISK in (src, dst):
@@ -203,7 +203,7 @@ class TieredPools:
         if len(up) == 0:
             return 0
         tier, slot = self.tier.reshape(-1), self.slot.reshape(-1)
-        if (tier[up] != HBM).any() or (tier[low] != DRAM).any() or any(int(f) in self.inflight for f in (*up, *low)):
+        if (tier[up] != HBM).any() or (tier[low] != DRAM).any() or self._any_in_flight(np.concatenate((up, low))):
             raise ValueError("swap exchanges HBM slices with DRAM slices, none of them in flight")
         hbm_slots, dram_slots = slot[up].copy(), slot[low].copy()
         idx = self._slot_pairs(hbm_slots, dram_slots)
@@ -214,6 +214,9 @@ class TieredPools:
         self.moved_bytes[DRAM, HBM] += len(up) * self.slice_bytes
         self.version += 1
         return 2 * len(up) * self.slice_bytes
+
+    def _any_in_flight(self, flat: np.ndarray) -> bool:
+        return bool(self.inflight) and bool(np.isin(flat, np.fromiter(self.inflight, dtype=np.int64)).any())
 
     def _pool(self, tier: int) -> torch.Tensor:
         return self.hbm.kv if tier == HBM else self.dram
@@ -313,7 +316,7 @@ class TieredPools:
         for page in pages:
             while (self.tier[page] != HBM).any():
                 flat = page * self.num_layers + np.flatnonzero(self.tier[page] != HBM)
-                if any(int(f) in self.inflight for f in flat):
+                if self._any_in_flight(flat):
                     self.wait_all()
                     continue
                 for up in (DRAM, HBM):  # disk -> DRAM first, then DRAM -> HBM
