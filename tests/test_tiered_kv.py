@@ -324,7 +324,7 @@ def test_budgets_respected_under_random_workloads(ops, tmp_path_factory):
         placed = [
             (int(pools.tier[p, layer]), int(pools.slot[p, layer]))
             for p, layer in live
-            if p * layers + layer not in pools.inflight
+            if not pools.moving[p * layers + layer]
         ]
         assert len(set(placed)) == len(placed) and all(t >= 0 for t, _ in placed)
     pools.wait_all()

@@ -133,8 +133,7 @@ def plan_migrations(pools: TieredPools, byte_budget: int) -> int:
     of slices (a Python loop over them cost ~20 ms a step)."""
     started = 0
     prio, tier = pools.priority.reshape(-1), pools.tier.reshape(-1)
-    busy = np.repeat(pools.writing, pools.num_layers)
-    busy[list(pools.inflight)] = True
+    busy = np.repeat(pools.writing, pools.num_layers) | pools.moving
     for upper in (DRAM, HBM):
         lower = upper + 1
         if pools.capacity(lower) == 0 or pools.capacity(upper) == 0:

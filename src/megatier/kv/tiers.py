@@ -44,12 +44,25 @@ UNPLACED = -1
 
 
 @dataclass
-class _Move:
-    src: tuple[int, int]  # (tier, slot)
-    dst: tuple[int, int]
+class _Moves:
+    """Slices moving from one tier to another together (one copy kernel, or one disk I/O): held as
+    arrays, since a step starts thousands of them."""
+
+    flat: np.ndarray  # slice ids (page * layers + layer)
+    src: int
+    src_slots: np.ndarray
+    dst: int
+    dst_slots: np.ndarray
     done: Callable[[], bool]
     wait: Callable[[], None]
     error: Callable[[], BaseException | None] = lambda: None
+
+    def split(self, mask: np.ndarray) -> _Moves:
+        """The items where `mask` holds, as their own batch; this batch keeps the rest."""
+        part = _Moves(self.flat[mask], self.src, self.src_slots[mask], self.dst, self.dst_slots[mask], self.done,
+                      self.wait, self.error)  # fmt: skip
+        self.flat, self.src_slots, self.dst_slots = self.flat[~mask], self.src_slots[~mask], self.dst_slots[~mask]
+        return part
 
 
 class _Slots:
@@ -64,6 +77,10 @@ class _Slots:
 
     def give(self, slot: int) -> None:
         heapq.heappush(self.free, slot)
+
+    def give_many(self, slots: np.ndarray) -> None:
+        for slot in slots.tolist():
+            heapq.heappush(self.free, slot)
 
     def __len__(self) -> int:
         return len(self.free)
@@ -117,8 +134,9 @@ class TieredPools:
         # set by the store each step; slices of pages written in the current step are never moved.
         self.priority = np.zeros((self.num_pages, layers), dtype=np.float32)
         self.writing = np.zeros(self.num_pages, dtype=bool)
-        self.inflight: dict[int, _Move] = {}  # page * layers + layer -> its move
-        self._cancelled: list[_Move] = []
+        self.inflight: list[_Moves] = []
+        self.moving = np.zeros(self.num_pages * layers, dtype=bool)  # by slice id: in an inflight batch
+        self._cancelled: list[_Moves] = []
         self.io = ThreadPoolExecutor(io_threads, thread_name_prefix="megatier-kv-io")
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.moved_bytes = np.zeros((3, 3), dtype=np.int64)  # [src tier][dst tier]
@@ -148,21 +166,27 @@ class TieredPools:
 
     def release(self, pages: list[int]) -> None:
         """Free every slice of pages the scheduler no longer uses."""
-        for page in pages:
-            for layer in range(self.num_layers):
-                move = self.inflight.pop(page * self.num_layers + layer, None)
-                if move is not None:
-                    self._cancelled.append(move)  # both ends are freed once the copy is done
-                elif self.tier[page, layer] != UNPLACED:
-                    self._free_slot(int(self.tier[page, layer]), int(self.slot[page, layer]))
+        pages = np.asarray(pages, dtype=np.int64)
+        flat = (pages[:, None] * self.num_layers + np.arange(self.num_layers)).reshape(-1)
+        for batch in self.inflight:
+            gone = np.isin(batch.flat, flat)
+            if gone.any():
+                self._cancelled.append(batch.split(gone))  # both ends are freed once the copy is done
+        self.inflight = [b for b in self.inflight if len(b.flat)]
+        settled = flat[~self.moving[flat]]
+        tiers, slots = self.tier.reshape(-1)[settled], self.slot.reshape(-1)[settled]
+        for t in (HBM, DRAM, DISK):
+            self._free_slots(t, slots[tiers == t])
+        self.moving[flat] = False
         self.tier[pages], self.slot[pages] = UNPLACED, -1
         self.priority[pages] = 0
         self.version += 1
 
-    def _free_slot(self, tier: int, slot: int) -> None:
-        self.slots[tier].give(slot)
+    def _free_slots(self, tier: int, slots: np.ndarray) -> None:
+        self.slots[tier].give_many(slots)
         if tier == DISK:
-            self.disk.remove(slot)
+            for slot in slots.tolist():
+                self.disk.remove(slot)
 
     def close(self) -> None:
         self.wait_all()
@@ -183,12 +207,14 @@ class TieredPools:
             pick = tiers == src
             if abs(int(src) - dst) != 1 or self._any_in_flight(flat[pick]):
                 raise ValueError(f"slices cannot move from tier {src} to tier {dst} (or are in flight)")
-            items = [(int(f), int(s), self.slots[dst].take()) for f, s in zip(flat[pick], slots[pick], strict=True)]
+            take = self.slots[dst].take
+            targets = np.array([take() for _ in range(int(pick.sum()))], dtype=np.int64)
             if DISK in (src, dst):
-                self._move_disk(int(src), dst, items)
+                self._move_disk(flat[pick], int(src), slots[pick], dst, targets)
             else:
-                self._move_pcie(int(src), dst, items)
-            self.moved_bytes[src, dst] += len(items) * self.slice_bytes
+                self._move_pcie(flat[pick], int(src), slots[pick], dst, targets)
+            self.moving[flat[pick]] = True
+            self.moved_bytes[src, dst] += len(targets) * self.slice_bytes
         return len(flat) * self.slice_bytes
 
     def swap(self, upper: list[int], lower: list[int]) -> int:
@@ -216,7 +242,7 @@ class TieredPools:
         return 2 * len(up) * self.slice_bytes
 
     def _any_in_flight(self, flat: np.ndarray) -> bool:
-        return bool(self.inflight) and bool(np.isin(flat, np.fromiter(self.inflight, dtype=np.int64)).any())
+        return bool(self.moving[flat].any())
 
     def _pool(self, tier: int) -> torch.Tensor:
         return self.hbm.kv if tier == HBM else self.dram
@@ -227,8 +253,8 @@ class TieredPools:
         idx = torch.from_numpy(np.stack((np.asarray(a), np.asarray(b))).astype(np.int32))
         return idx.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else idx
 
-    def _move_pcie(self, src: int, dst: int, items: list[tuple[int, int, int]]) -> None:
-        pairs = ([s for _, s, _ in items], [d for _, _, d in items])
+    def _move_pcie(self, flat: np.ndarray, src: int, src_slots: np.ndarray, dst: int, dst_slots: np.ndarray) -> None:
+        pairs = (src_slots, dst_slots)
         if self.copy_stream is None:
             idx = self._slot_pairs(*pairs)
             copy_slices(self._pool(src), self._pool(dst), idx[0], idx[1])
@@ -241,42 +267,49 @@ class TieredPools:
                 event = torch.cuda.Event()
                 event.record()
             done, wait = event.query, event.synchronize
-        for flat, s, d in items:
-            self.inflight[flat] = _Move((src, s), (dst, d), done, wait)
+        self.inflight.append(_Moves(flat, src, src_slots, dst, dst_slots, done, wait))
 
-    def _move_disk(self, src: int, dst: int, items: list[tuple[int, int, int]]) -> None:
-        for flat, s, d in items:
+    def _move_disk(self, flat: np.ndarray, src: int, src_slots: np.ndarray, dst: int, dst_slots: np.ndarray) -> None:
+        """One batch per slice: each is its own read or write on the I/O threads, and fails alone."""
+        for i, (s, d) in enumerate(zip(src_slots.tolist(), dst_slots.tolist(), strict=True)):
             host = self._host_bytes(d if dst == DRAM else s)
             if dst == DISK:
                 future: Future = self.io.submit(self.disk.write, d, host)
             else:
                 future = self.io.submit(self.disk.read, s, host)
-            self.inflight[flat] = _Move((src, s), (dst, d), future.done, future.result, future.exception)
+            one = slice(i, i + 1)
+            self.inflight.append(
+                _Moves(
+                    flat[one], src, src_slots[one], dst, dst_slots[one], future.done, future.result, future.exception
+                )
+            )
 
     def _host_bytes(self, dram_slot: int) -> np.ndarray:
         return self.dram[dram_slot].view(-1).view(torch.uint8).numpy()
 
     def poll(self) -> None:
         """Commit every finished move; a failed disk read or write raises its error here."""
-        for move in [m for m in self._cancelled if m.done()]:
-            self._cancelled.remove(move)
-            self._free_slot(*move.src)
-            self._free_slot(*move.dst)
-        finished = [(f, m) for f, m in self.inflight.items() if m.done()]
-        for flat, move in finished:
-            del self.inflight[flat]
-            error = move.error()
+        for batch in [b for b in self._cancelled if b.done()]:
+            self._cancelled.remove(batch)
+            self._free_slots(batch.src, batch.src_slots)
+            self._free_slots(batch.dst, batch.dst_slots)
+        finished = [b for b in self.inflight if b.done()]
+        tier, slot = self.tier.reshape(-1), self.slot.reshape(-1)
+        for batch in finished:
+            self.inflight.remove(batch)
+            self.moving[batch.flat] = False
+            error = batch.error()
             if error is not None:
-                self.slots[move.dst[0]].give(move.dst[1])
+                self.slots[batch.dst].give_many(batch.dst_slots)
+                self.version += 1
                 raise error
-            page, layer = divmod(flat, self.num_layers)
-            self.tier[page, layer], self.slot[page, layer] = move.dst
-            self._free_slot(*move.src)
+            tier[batch.flat], slot[batch.flat] = batch.dst, batch.dst_slots
+            self._free_slots(batch.src, batch.src_slots)
         if finished:
             self.version += 1
 
     def wait_all(self) -> None:
-        for move in [*self.inflight.values(), *self._cancelled]:
+        for move in [*self.inflight, *self._cancelled]:
             with contextlib.suppress(Exception):  # a failed move raises from poll below
                 move.wait()
         self.poll()
