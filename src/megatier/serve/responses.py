@@ -21,7 +21,7 @@ from typing import Any
 
 from megatier.engine import SequenceUpdate
 from megatier.sampling import PromptLogprobs
-from megatier.serve.tools import ToolUse
+from megatier.serve.tools import ToolCall, ToolCallStream, ToolUse
 from megatier.tokenizer import Tokenizer
 
 
@@ -246,9 +246,10 @@ class CompletionFormat(_Format):
 
 
 class ChatFormat(_Format):
-    """With tools that the model may call, a stream holds a choice's text back until it ends and sends
-    it in one chunk with the parsed tool_calls: text that turns out to be a call is never streamed as
-    content."""
+    """With tools that the model may call, each choice's text goes through a ToolCallStream: content
+    streams as it comes (but for text that may still be a call), and each call as tool_calls deltas, its
+    name first, then its arguments as they grow. Text that turns out to be a call is never streamed as
+    content, and the deltas add up to the message a whole response gives."""
 
     id_prefix = "chatcmpl"
     response_object = "chat.completion"
@@ -257,7 +258,7 @@ class ChatFormat(_Format):
     def __init__(self, *args: Any, tool_use: ToolUse | None = None, **kw: Any):
         super().__init__(*args, **kw)
         self.tool_use = tool_use
-        self._held: dict[int, Choice] = defaultdict(Choice)  # per choice, with tool_use: the text so far
+        self._streams: dict[int, ToolCallStream] = {}  # per choice, with tool_use
 
     def message(self, text: str, finish_reason: str | None) -> tuple[dict[str, Any], str | None]:
         """The assistant message for an output (its tool calls parsed), and its finish reason."""
@@ -266,9 +267,7 @@ class ChatFormat(_Format):
         content, calls = self.tool_use.parse(text)
         if not calls:
             return {"content": text}, finish_reason
-        return {"content": content, "tool_calls": [c.as_dict() for c in calls]}, (
-            "tool_calls" if finish_reason == "stop" else finish_reason
-        )
+        return {"content": content, "tool_calls": [c.as_dict() for c in calls]}, _finish_reason(calls, finish_reason)
 
     def _entry(self, token_id: int, logprob: float) -> dict[str, Any]:
         s = self.token_str(token_id)
@@ -296,36 +295,32 @@ class ChatFormat(_Format):
 
     def chunk(self, index: int, update: SequenceUpdate) -> dict[str, Any] | None:
         self._count(index, update)
-        if self.tool_use is not None:
-            return self._held_chunk(index, update)
         if not (update.new_token_ids or update.finished):
             return None
+        if self.tool_use is None:
+            delta = {"content": update.delta_text} if update.new_token_ids else {}
+            finish_reason = update.finish_reason
+        else:
+            delta, finish_reason = self._tool_delta(index, update)
         choice = {
             "index": index,
-            "delta": {"content": update.delta_text} if update.new_token_ids else {},
+            "delta": delta,
             "logprobs": self.logprobs(update.new_token_ids, update.new_logprobs),
-            "finish_reason": update.finish_reason if update.finished else None,
+            "finish_reason": finish_reason if update.finished else None,
             "stop_reason": update.stop_reason,
         }
         return self.chunk_envelope(index, [choice])
 
-    def _held_chunk(self, index: int, update: SequenceUpdate) -> dict[str, Any] | None:
-        held = self._held[index]
-        held.add(update)
-        if not update.finished:
-            return None
-        message, finish_reason = self.message(held.text, update.finish_reason)
-        delta = {"content": message["content"]} if message["content"] else {}
-        if "tool_calls" in message:
-            delta["tool_calls"] = [{"index": i} | c for i, c in enumerate(message["tool_calls"])]
-        choice = {
-            "index": index,
-            "delta": delta,
-            "logprobs": self.logprobs(held.token_ids, held.logprobs),
-            "finish_reason": finish_reason,
-            "stop_reason": update.stop_reason,
-        }
-        return self.chunk_envelope(index, [choice])
+    def _tool_delta(self, index: int, update: SequenceUpdate) -> tuple[dict[str, Any], str | None]:
+        """A choice's delta with tools (content and tool_calls, either maybe empty), and its finish reason."""
+        if index not in self._streams:
+            self._streams[index] = ToolCallStream(self.tool_use)
+        stream = self._streams[index]
+        content, calls = (stream.finish if update.finished else stream.feed)(update.delta_text)
+        delta: dict[str, Any] = {"content": content} if content else {}
+        if calls:
+            delta["tool_calls"] = [c.as_dict() for c in calls]
+        return delta, _finish_reason(stream.calls, update.finish_reason)
 
     def response(self, choices: list[Choice], prompt_tokens: int) -> dict[str, Any]:
         body = []
@@ -343,3 +338,8 @@ class ChatFormat(_Format):
         return self._envelope(
             self.response_object, body, usage=usage(prompt_tokens, sum(len(c.token_ids) for c in choices))
         )
+
+
+def _finish_reason(calls: list[ToolCall], finish_reason: str | None) -> str | None:
+    """A choice that made calls and stopped of itself finished with "tool_calls", as OpenAI says it."""
+    return "tool_calls" if calls and finish_reason == "stop" else finish_reason
