@@ -59,10 +59,13 @@ def generated_tokens(url: str) -> float:
     return float(re.search(r"^megatier:generation_tokens_total (\S+)$", text, re.M).group(1))
 
 
-def test_random_completions_report_and_record(server, tmp_path, capsys):
+@pytest.mark.parametrize("processes", [1, 2])
+def test_random_completions_report_and_record(server, tmp_path, capsys, processes):
+    """The same load and the same record from one client process or from two sharing it."""
     url, app = server
     out = tmp_path / "serve.json"
     args = bench(url, "--random-input-len", "16", "--random-output-len", "8", "--max-concurrency", "4")
+    args += ["--client-processes", str(processes)]
     args += ["--num-warmups", "3", "--goodput", "ttft:60000", "e2el:60000"]
     backend = app.state.megatier.llm.backend
     before = generated_tokens(url)
@@ -76,6 +79,7 @@ def test_random_completions_report_and_record(server, tmp_path, capsys):
     assert generated_tokens(url) - before == (3 + 12) * 8  # the warm-ups ran, in full, and were not counted
     rec = json.loads(out.read_text())
     assert rec["bench"] == "serve" and rec["config"]["model"] == "tiny" and rec["config"]["num_warmups"] == 3
+    assert rec["config"]["client_processes"] == processes
     r = rec["results"]
     assert r["completed"] == 12 and r["failed"] == 0
     assert r["total_input_tokens"] == 12 * 16  # token-id prompts: exact lengths
@@ -245,12 +249,25 @@ def test_dataset_path_needs_a_tokenizer_and_no_random(tmp_path, capsys):
 def test_other_servers_are_recorded_as_unknown():
     """A server without /v1/megatier/info (vLLM, say) leaves the server fields empty rather than guessed."""
 
-    def other_server(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(404, json={"detail": "Not Found"})
+    class NotFound:
+        status = 404
+
+        async def __aenter__(self):
+            return self
+
+        async def __aexit__(self, *exc):
+            return False
+
+        async def read(self) -> bytes:
+            return b'{"detail": "Not Found"}'
+
+    class OtherServer:  # what bench serve's aiohttp session does with a server that lacks the route
+        def get(self, path: str) -> NotFound:
+            assert path == "/v1/megatier/info"
+            return NotFound()
 
     async def ask() -> dict | None:
-        async with httpx.AsyncClient(base_url="http://vllm", transport=httpx.MockTransport(other_server)) as client:
-            return await server_info(client)
+        return await server_info(OtherServer())
 
     assert asyncio.run(ask()) is None
     assert "not megatier" in describe_server(None)

@@ -285,6 +285,11 @@ def add_bench_serve_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tokenizer", help="Hugging Face tokenizer directory, to send text prompts of known length")
     g.add_argument("--request-rate", type=float, default=math.inf, help="requests/s, Poisson arrivals (default inf)")
     g.add_argument("--max-concurrency", type=int, help="requests in flight at most (default: no limit)")
+    g.add_argument(
+        "--client-processes",
+        type=int,
+        help="client processes sharing the load (default: one per 8 in flight, at most half the cores)",
+    )
     g.add_argument("--ignore-eos", action="store_true", help="ask for exactly max_tokens tokens (peers' extra field)")
     g.add_argument("--temperature", type=float, default=0.0, help="sampling temperature sent (default 0)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling top_p sent (default 1: off)")

@@ -29,12 +29,16 @@ import argparse
 import asyncio
 import json
 import math
+import multiprocessing
+import os
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
+import aiohttp
 import numpy as np
 
 from megatier.errors import MegatierError
@@ -195,17 +199,18 @@ def carries_tokens(chunk: dict[str, Any]) -> bool:
     return delta is None or "role" not in delta or bool(delta.get("content"))
 
 
-async def send(client: httpx.AsyncClient, endpoint: str, body: dict[str, Any]) -> Result:
+async def send(client: aiohttp.ClientSession, endpoint: str, body: dict[str, Any]) -> Result:
     """One streaming request, timed chunk by chunk."""
     result, chunks = Result(), 0
     start = last = time.perf_counter()
     try:
-        async with client.stream("POST", endpoint, json=body) as response:
-            if response.status_code != 200:
-                text = (await response.aread()).decode(errors="replace")
-                result.error = f"HTTP {response.status_code}: {text[:200]}"
+        async with client.post(endpoint, json=body) as response:
+            if response.status != 200:
+                text = (await response.read()).decode(errors="replace")
+                result.error = f"HTTP {response.status}: {text[:200]}"
                 return result
-            async for line in response.aiter_lines():
+            async for raw in response.content:
+                line = raw.decode().rstrip("\r\n")
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 chunk = json.loads(line[len("data: ") :])
@@ -224,7 +229,7 @@ async def send(client: httpx.AsyncClient, endpoint: str, body: dict[str, Any]) -
                 if chunk.get("usage"):
                     result.prompt_tokens = chunk["usage"]["prompt_tokens"]
                     result.output_tokens = chunk["usage"]["completion_tokens"]
-    except httpx.HTTPError as e:
+    except aiohttp.ClientError as e:
         result.error = f"{type(e).__name__}: {e}"
         return result
     result.e2el = time.perf_counter() - start
@@ -235,23 +240,23 @@ async def send(client: httpx.AsyncClient, endpoint: str, body: dict[str, Any]) -
     return result
 
 
-async def first_model(client: httpx.AsyncClient) -> str:
-    response = await client.get("/v1/models")
-    if response.status_code != 200:
-        raise MegatierError(f"GET /v1/models answered HTTP {response.status_code}: pass --model")
-    return response.json()["data"][0]["id"]
+async def first_model(client: aiohttp.ClientSession) -> str:
+    async with client.get("/v1/models") as response:
+        if response.status != 200:
+            raise MegatierError(f"GET /v1/models answered HTTP {response.status}: pass --model")
+        return (await response.json())["data"][0]["id"]
 
 
-async def server_info(client: httpx.AsyncClient) -> dict[str, Any] | None:
+async def server_info(client: aiohttp.ClientSession) -> dict[str, Any] | None:
     """The server's own account of its device, backend and commit (GET /v1/megatier/info, served by
     megatier); None from a server without that route."""
-    response = await client.get("/v1/megatier/info")
-    if response.status_code != 200:
-        return None
-    try:
-        info = response.json()
-    except ValueError:
-        return None
+    async with client.get("/v1/megatier/info") as response:
+        if response.status != 200:
+            return None
+        try:
+            info = json.loads(await response.read())
+        except ValueError:
+            return None
     return info if isinstance(info, dict) else None
 
 
@@ -261,18 +266,23 @@ class LoadRun:
     duration: float
     model: str
     server: dict[str, Any] | None
+    start: float = 0.0  # time.perf_counter() when timing began (one clock for every process on Linux)
+    processes: int = 1
 
 
-async def run_load(args: argparse.Namespace, requests: list[Request]) -> LoadRun:
-    """Send --num-warmups requests (the first prompts, at the same concurrency) and discard them, then
-    time every request."""
+async def run_load(
+    args: argparse.Namespace, requests: list[Request], ready: Callable[[], None] = lambda: None
+) -> LoadRun:
+    """Send --num-warmups requests (the first prompts, at the same concurrency) and discard them, call
+    `ready` (client processes wait there for each other), then time every request."""
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    limits = httpx.Limits(max_connections=args.max_concurrency or len(requests), max_keepalive_connections=None)
-    async with httpx.AsyncClient(base_url=args.base_url, headers=headers, timeout=None, limits=limits) as client:
+    connector = aiohttp.TCPConnector(limit=args.max_concurrency or len(requests))
+    timeout = aiohttp.ClientTimeout(total=None)
+    async with aiohttp.ClientSession(args.base_url, headers=headers, timeout=timeout, connector=connector) as client:
         try:
             model = args.model or await first_model(client)
             server = await server_info(client)
-        except httpx.HTTPError as e:
+        except aiohttp.ClientError as e:
             raise MegatierError(f"cannot reach {args.base_url}: {e}") from None
         gate = asyncio.Semaphore(args.max_concurrency or len(requests))
 
@@ -286,6 +296,7 @@ async def run_load(args: argparse.Namespace, requests: list[Request]) -> LoadRun
         failed = next((r for r in await asyncio.gather(*map(limited, warmups)) if not r.ok), None)
         if failed:
             raise MegatierError(f"a warm-up request to {args.base_url}{args.endpoint} failed: {failed.error}")
+        ready()
         rng = np.random.default_rng(args.seed + 1)
         tasks = []
         start = time.perf_counter()
@@ -294,7 +305,60 @@ async def run_load(args: argparse.Namespace, requests: list[Request]) -> LoadRun
             if math.isfinite(args.request_rate):
                 await asyncio.sleep(rng.exponential(1 / args.request_rate))
         results = await asyncio.gather(*tasks)
-        return LoadRun(results, time.perf_counter() - start, model, server)
+        return LoadRun(results, time.perf_counter() - start, model, server, start)
+
+
+def default_client_processes(concurrency: int | None) -> int:
+    """One process per 8 requests in flight, on at most half the cores (the server has the rest)."""
+    return max(1, min(-(-(concurrency or 64) // 8), (os.cpu_count() or 1) // 2))
+
+
+def run_clients(args: argparse.Namespace, requests: list[Request]) -> LoadRun:
+    """The load from --client-processes processes, each with its share of the requests (round robin),
+    of the concurrency, the request rate and the warm-ups: one Python client parses only so many stream
+    chunks a second (about 10K on one core with aiohttp), below what a GPU server streams at
+    concurrency 64. They start timing together; the run lasts from the first start to the last end."""
+    workers = default_client_processes(args.max_concurrency) if args.client_processes is None else args.client_processes
+    workers = min(workers, len(requests), args.max_concurrency or len(requests))
+    if workers <= 1:
+        return asyncio.run(run_load(args, requests))
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process that may hold threads
+    barrier, results = ctx.Barrier(workers), ctx.Queue()
+    procs = []
+    for w in range(workers):
+        share = argparse.Namespace(**vars(args))
+        if args.max_concurrency:
+            share.max_concurrency = args.max_concurrency // workers + (w < args.max_concurrency % workers)
+        share.request_rate = args.request_rate / workers
+        share.num_warmups = args.num_warmups // workers + (w < args.num_warmups % workers)
+        share.seed = args.seed + w
+        procs.append(ctx.Process(target=_client, args=(share, requests[w::workers], barrier, results, w)))
+        procs[-1].start()
+    runs: dict[int, LoadRun | BaseException | None] = dict(results.get() for _ in procs)
+    for proc in procs:
+        proc.join()
+    failed = next((r for r in runs.values() if isinstance(r, BaseException)), None)
+    if failed is not None:
+        raise failed
+    merged: list[Result] = [None] * len(requests)  # type: ignore[list-item]
+    for w, run in runs.items():
+        merged[w::workers] = run.results
+    start = min(r.start for r in runs.values())
+    end = max(r.start + r.duration for r in runs.values())
+    return LoadRun(merged, end - start, runs[0].model, runs[0].server, start, workers)
+
+
+def _client(args: argparse.Namespace, requests: list[Request], barrier, results, index: int) -> None:
+    """One client process: its LoadRun, or the error that stopped it (the parent raises it), or None when
+    it stopped because another one failed."""
+    try:
+        run: LoadRun | BaseException | None = asyncio.run(run_load(args, requests, lambda: barrier.wait(timeout=600)))
+    except threading.BrokenBarrierError:
+        run = None
+    except BaseException as e:  # the others stop waiting at the barrier
+        barrier.abort()
+        run = e if isinstance(e, MegatierError) else MegatierError(f"a client process failed: {type(e).__name__}: {e}")
+    results.put((index, run))
 
 
 # -- report ---------------------------------------------------------------------------------------------------
@@ -453,6 +517,8 @@ def run_bench_serve(args: argparse.Namespace) -> dict[str, Any]:
         raise MegatierError("--request-rate must be > 0 and --max-concurrency >= 1")
     if args.num_warmups < 0 or (args.output_len is not None and args.output_len < 1):
         raise MegatierError("--num-warmups must be >= 0 and --output-len >= 1")
+    if args.client_processes is not None and args.client_processes < 1:
+        raise MegatierError("--client-processes must be >= 1")
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         raise MegatierError("--temperature must be >= 0 and --top-p in (0, 1]")
     if args.dataset_path and args.dataset == "random":
@@ -464,7 +530,7 @@ def run_bench_serve(args: argparse.Namespace) -> dict[str, Any]:
         raise MegatierError(f"--percentiles {args.percentiles!r}: expected numbers like 50,90,99") from None
     slos = parse_goodput(args.goodput)
     requests = make_requests(args)
-    run = asyncio.run(run_load(args, requests))
+    run = run_clients(args, requests)
     summary, samples = summarize(run.results, run.duration, percentiles, slos)
     print(describe_server(run.server))
     print(report(summary, args, percentiles))
@@ -487,6 +553,7 @@ def run_bench_serve(args: argparse.Namespace) -> dict[str, Any]:
         "range_ratio": args.random_range_ratio if args.dataset == "random" else None,
         "request_rate": args.request_rate if math.isfinite(args.request_rate) else "inf",
         "max_concurrency": args.max_concurrency,
+        "client_processes": run.processes,
         "temperature": args.temperature,
         "top_p": args.top_p,
         "ignore_eos": args.ignore_eos,
