@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from megatier import LLM
+from megatier.bench.common import record, write_json
 from megatier.sampling import Sampled
 from megatier.serve.app import create_app
 from serve_helpers import live_server
@@ -72,6 +73,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--concurrency", default="1,16,64")
     ap.add_argument("--profile-dir")
+    ap.add_argument("--json", help="write the record here")
     ap.add_argument("--client-processes", type=int, help="bench serve's --client-processes (default: its own)")
     args = ap.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -93,6 +95,14 @@ def main() -> None:
             results[c] = {k: s[k] for k in ("output_throughput", "median_tpot_ms", "median_itl_ms") if k in s}
             results[c] |= rec["busy"]
             print(f"concurrency {c:3d}: {json.dumps(results[c])}", flush=True)
+    if args.json:
+        config = {
+            "client_processes": args.client_processes,
+            "input_len": 128,
+            "output_len": 128,
+            "cores": os.cpu_count(),
+        }
+        write_json(args.json, record("serve_host_ceiling", torch.device("cpu"), config, results))
 
 
 def _profile_threads(app) -> list[tuple[str, cProfile.Profile]]:
