@@ -75,9 +75,6 @@ class _Slots:
     def take(self) -> int:
         return heapq.heappop(self.free)
 
-    def give(self, slot: int) -> None:
-        heapq.heappush(self.free, slot)
-
     def give_many(self, slots: np.ndarray) -> None:
         for slot in slots.tolist():
             heapq.heappush(self.free, slot)
@@ -254,15 +251,14 @@ class TieredPools:
         return idx.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else idx
 
     def _move_pcie(self, flat: np.ndarray, src: int, src_slots: np.ndarray, dst: int, dst_slots: np.ndarray) -> None:
-        pairs = (src_slots, dst_slots)
         if self.copy_stream is None:
-            idx = self._slot_pairs(*pairs)
+            idx = self._slot_pairs(src_slots, dst_slots)
             copy_slices(self._pool(src), self._pool(dst), idx[0], idx[1])
             done, wait = (lambda: True), (lambda: None)
         else:
             self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))  # writes to the source are done
             with torch.cuda.stream(self.copy_stream):
-                idx = self._slot_pairs(*pairs)
+                idx = self._slot_pairs(src_slots, dst_slots)
                 copy_slices(self._pool(src), self._pool(dst), idx[0], idx[1])
                 event = torch.cuda.Event()
                 event.record()
