@@ -60,6 +60,7 @@ def main() -> None:
     compile_instead_of_launch(compiled)
 
     import megatier.executors.graph  # every kernel module, before tests/conftest sets TRITON_INTERPRET
+    import megatier.kernels.page_scores  # imported by the tiered KV store, not by the executor
     import megatier.kernels.pdl
     import megatier.kernels.sample  # imported lazily by the sampler, after conftest
 
@@ -95,6 +96,7 @@ def main() -> None:
     if not all(pdl for _, _, pdl in compiled):
         sys.exit("some kernels were compiled without PDL: the use_pdl override missed a module")
     compile_slice_moves()  # launched between steps and on the copy stream, without PDL
+    compile_page_scores()
     print(f"{len(compiled)} kernel variants compiled for sm_90 with triton {triton.__version__}")
 
 
@@ -105,6 +107,17 @@ def compile_slice_moves() -> None:
     pool, idx = torch.zeros(3, 1, 2, 2, 4, 16, dtype=torch.bfloat16), torch.tensor([0, 2], dtype=torch.int32)
     copy_slices(pool, pool.clone(), idx, idx, kernel=True)
     swap_slices(pool, pool.clone(), idx, idx, kernel=True)
+
+
+def compile_page_scores() -> None:
+    """The sparse tiered step's page scorer, for bf16 and fp32 metadata and two GQA group sizes."""
+    from megatier.kernels.page_scores import page_scores
+
+    for dtype in (torch.float32, torch.bfloat16):
+        for heads in (8, 6):
+            meta = torch.zeros(5, 2, 2, 64, dtype=dtype)
+            tables = torch.zeros(3, 4, dtype=torch.int64)
+            page_scores(torch.zeros(3, heads, 64, dtype=dtype), meta, tables, torch.ones(3, dtype=torch.int64), 0.1)
 
 
 def compile_sampler() -> None:

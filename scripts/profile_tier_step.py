@@ -68,6 +68,27 @@ def patch() -> None:
     tiered_mod.plan_migrations = timed("end_step.plan_migrations", tiered_mod.plan_migrations)
 
 
+def profile_run(cfg, weights, pools, method, bench, context, steps):
+    """One run of `method` with `steps` timed steps under torch.profiler: (profiler, the run's result)."""
+    activities = [torch.profiler.ProfilerActivity.CPU] + [torch.profiler.ProfilerActivity.CUDA] * CUDA
+    with torch.profiler.profile(activities=activities) as prof:
+        result = run_method(cfg, weights, pools, method, argparse.Namespace(**{**vars(bench), "steps": steps}), context)
+    return prof, result
+
+
+def per_step_kernels(few, many, extra_steps: int, top: int = 25) -> dict[str, float]:
+    """Device time a step by kernel: two profiled runs that differ only in their step count, differenced,
+    so the fill, the warm-up and the capture (the same in both) cancel."""
+
+    def totals(prof) -> dict[str, float]:
+        return {e.key: e.self_device_time_total for e in prof.key_averages() if e.self_device_time_total > 0}
+
+    a, b = totals(few), totals(many)
+    diff = {name: (b.get(name, 0.0) - a.get(name, 0.0)) / extra_steps for name in a.keys() | b.keys()}
+    ranked = sorted(diff.items(), key=lambda kv: -kv[1])[:top]
+    return {name[:90]: round(us, 1) for name, us in ranked}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="llama-3.2-1b")
@@ -77,6 +98,7 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=["megatier-sparse"])
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--json")
+    ap.add_argument("--per-step-steps", type=int, default=8, help="extra steps of the second profiled run")
     ap.add_argument("--trace-dir", help="write each method's profiler table here")
     args = ap.parse_args()
     device = torch.device("cuda" if CUDA else "cpu")  # CPU: a smoke run of the script
@@ -97,12 +119,10 @@ def main() -> None:
         ENABLED[0] = False
         steps = args.steps
         phases = {name: 1e3 * statistics.median(v[-steps:]) for name, v in sorted(TIMES.items())}
-        with torch.profiler.profile(
-            activities=[torch.profiler.ProfilerActivity.CPU] + [torch.profiler.ProfilerActivity.CUDA] * CUDA
-        ) as prof:
-            profiled = run_method(
-                cfg, weights, pools, method, argparse.Namespace(**{**vars(bench), "steps": 4}), args.context
-            )
+        few, many = 4, 4 + args.per_step_steps
+        prof, profiled = profile_run(cfg, weights, pools, method, bench, args.context, few)
+        prof_many, _ = profile_run(cfg, weights, pools, method, bench, args.context, many)
+        per_step = per_step_kernels(prof, prof_many, many - few)
         table_cuda = prof.key_averages().table(sort_by="cuda_time_total" if CUDA else "cpu_time_total", row_limit=25)
         table_cpu = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
         if args.trace_dir:
@@ -112,6 +132,9 @@ def main() -> None:
         for name, ms in phases.items():
             print(f"  {name:28s} {ms:8.2f}")
         print(table_cuda)
+        print(f"  device time a step by kernel (us; runs of {many} and {few} steps, differenced):")
+        for name, us in per_step.items():
+            print(f"  {us:9.1f}  {name}")
         out[method] = {
             "clean_step_ms": clean["step_ms"],
             "clean_tokens_per_s": clean["tokens_per_s"],
@@ -120,6 +143,7 @@ def main() -> None:
             "phased_step_ms": phased["step_ms"],
             "phases_ms": phases,
             "profiled_step_ms": profiled["step_ms"],
+            "kernel_us_per_step": per_step,
         }
     rec = record("tier_step_profile", device, vars(args), out)
     if args.json:

@@ -333,3 +333,27 @@ def test_kernels_compile_for_hopper():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", [(8, 2, 32), (9, 3, 20), (4, 4, 16)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_page_scores_equal_the_torch_bound(num_heads, num_kv_heads, head_dim, dtype):
+    """The fused scorer against PageMeta.score's torch form: random min <= max metadata, tables with
+    repeated pages and a width past the kernel's block, rows with no, some and all columns real."""
+    from megatier.kernels.page_scores import page_scores
+    from megatier.kv.locality import PageMeta
+
+    gen = torch.Generator().manual_seed(11)
+    pages, layers, rows, width = 50, 3, 4, 45
+    meta = PageMeta(pages, layers, num_kv_heads, head_dim, dtype, torch.device("cpu"))
+    bounds = torch.randn(pages + 1, layers, num_kv_heads, 2, head_dim, generator=gen).sort(dim=3).values
+    meta.minmax.copy_(bounds.to(dtype))
+    q = torch.randn(rows, num_heads, head_dim, generator=gen).to(dtype)
+    tables = torch.randint(0, pages, (rows, width), generator=gen)
+    num_pages = torch.tensor([0, 7, width, 33])
+    want = meta.score(1, q, tables, num_pages, 0.3)
+    got = page_scores(q.to(DEVICE), meta.minmax[:, 1].to(DEVICE), tables.to(DEVICE), num_pages.to(DEVICE), 0.3)
+    real = torch.arange(width)[None, :] < num_pages[:, None]
+    assert torch.isneginf(got.cpu()[~real]).all()
+    torch.testing.assert_close(got.cpu()[real], want[real], rtol=1e-5, atol=1e-5)
+    assert want[real].std() > 0.1  # scores that differ: an order is there to be kept

@@ -21,6 +21,7 @@ import math
 import numpy as np
 import torch
 
+from megatier.kernels.page_scores import page_scores
 from megatier.kv.tiers import DRAM, HBM, TieredPools
 
 EMA = 0.6  # weight of the newest step (PAM's lambda)
@@ -60,11 +61,15 @@ class PageMeta:
         self.minmax[(*target, slice(None), 1)] = keys.masked_fill(~valid, float("-inf")).amax(-2).to(self.minmax.dtype)
 
     def score(
-        self, layer: int, q: torch.Tensor, tables: torch.Tensor, valid: torch.Tensor, scale: float
+        self, layer: int, q: torch.Tensor, tables: torch.Tensor, num_pages: torch.Tensor, scale: float
     ) -> torch.Tensor:
-        """Page scores [B, P] for q [B, H, D] over tables [B, P] (logical ids; `valid` marks real
-        entries): the best upper bound of q.k over the page, over the layer's heads; invalid get -inf."""
-        meta = self.minmax[tables, layer].float()  # [B, P, Hkv, 2, D]
+        """Page scores [B, W] for q [B, H, D] over tables [B, W] (logical ids; the first num_pages[b] of
+        row b are real): the best upper bound of q.k over the page, over the layer's heads; others get
+        -inf. On CUDA one kernel (kernels/page_scores.py); elsewhere the torch form below."""
+        if q.is_cuda:
+            return page_scores(q, self.minmax[:, layer], tables, num_pages, scale)
+        valid = torch.arange(tables.shape[1], device=q.device)[None, :] < num_pages[:, None]
+        meta = self.minmax[tables, layer].float()  # [B, W, Hkv, 2, D]
         b, heads, d = q.shape
         qg = q.float().view(b, meta.shape[2], heads // meta.shape[2], d)
         bound = torch.einsum("bhgd,bphd->bhgp", qg.clamp(min=0), meta[:, :, :, 1])
@@ -102,21 +107,22 @@ class Importance:
     def __init__(self, num_pages: int, num_layers: int, device: torch.device):
         self.value = torch.zeros((num_pages + 1, num_layers), dtype=torch.float32, device=device)  # + spare row
         self._step = torch.zeros_like(self.value)
-        self._count = torch.zeros_like(self.value)
+        self._seen = torch.zeros(num_pages + 1, dtype=torch.bool, device=device)
 
-    def add(
-        self, layer: int, tables: torch.Tensor, valid: torch.Tensor, chosen_pages: torch.Tensor, chosen: torch.Tensor
-    ) -> None:
-        """One layer's step: every valid page of `tables` [B, W] was a candidate, `chosen_pages` [B, K]
-        (where `chosen`) were read. Padding adds nothing (no boolean indexing: no host sync)."""
-        self._count[:, layer].index_add_(0, tables.flatten(), valid.flatten().float())
+    def candidates(self, tables: torch.Tensor) -> None:
+        """This step's candidate pages, tables [B, W] (padding pointing at the spare row): the same in
+        every layer, so marked once a step (no boolean indexing: no host sync)."""
+        self._seen.index_fill_(0, tables.flatten(), True)
+
+    def add(self, layer: int, chosen_pages: torch.Tensor, chosen: torch.Tensor) -> None:
+        """One layer's selection: `chosen_pages` [B, K] (where `chosen`) were read."""
         self._step[:, layer].index_add_(0, chosen_pages.flatten(), chosen.flatten().float())
 
     def end_step(self) -> None:
-        seen = self._count > 0
-        self.value.copy_(torch.where(seen, EMA * self._step + (1 - EMA) * self.value, self.value))
+        blended = EMA * self._step + (1 - EMA) * self.value
+        self.value.copy_(torch.where(self._seen[:, None], blended, self.value))
         self._step.zero_()
-        self._count.zero_()
+        self._seen.zero_()
 
     def reset(self, pages: torch.Tensor) -> None:
         self.value[pages] = 0.0

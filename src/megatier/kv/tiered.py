@@ -483,7 +483,9 @@ class TieredKV:
         cols_all = torch.arange(width, device=q.device)[None, :]
         valid = cols_all < n[:, None]
         self._meta_from_decode(layer, tables, lens, n)
-        scores = self.meta.score(layer, q, tables, valid, self.scale)
+        if layer == 0:
+            self.importance.candidates(torch.where(valid, tables, self.meta.spare))
+        scores = self.meta.score(layer, q, tables, n, self.scale)
         forced = (
             (cols_all < torch.clamp(n, max=self.sink_pages)[:, None]) | (cols_all >= (n - self.recent_pages)[:, None])
         ) & valid
@@ -491,7 +493,7 @@ class TieredKV:
         budget = torch.minimum(n, torch.maximum(want, forced.sum(1)))
         cols, chosen = select_pages(scores, forced, valid, budget, self._k_max)
         pages = tables.gather(1, cols)
-        self.importance.add(layer, torch.where(valid, tables, self.meta.spare), valid, pages, chosen)
+        self.importance.add(layer, pages, chosen)
         tier = self._tier_dev[pages, layer]
         slot = self._slot_dev[pages, layer]
         is_last = cols == (n - 1)[:, None]
