@@ -648,3 +648,18 @@ def test_cuda_host_partial_runs_inside_the_graph(tiny_model):
     assert store.stats.cpu_s > 0  # measured inside the host function
     times = store.host.layer_times()  # the last replay's, per layer
     assert any(seconds > 0 for seconds, _ in times) and all(0 <= wake <= seconds for seconds, wake in times)
+
+
+def test_forced_pages_are_the_sinks_and_the_recent_window_of_each_table(tmp_path):
+    """The store reads only the ends of the page tables for them; the same pages as the column mask."""
+    from megatier.kv.locality import forced_columns
+
+    cfg = tiny_cfg()
+    store = store_on(make_pools(cfg, (8, 8, 0), tmp_path), cfg, sink_pages=2, recent_tokens=3 * PAGE)
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        counts = rng.integers(1, 12, size=4)
+        tables = [rng.permutation(100)[: n + int(rng.integers(0, 3))].tolist() for n in counts]
+        mask = forced_columns(counts, 14, store.sink_pages, store.recent_pages)
+        want = np.unique([t[c] for t, row in zip(tables, mask, strict=True) for c in np.flatnonzero(row)])
+        assert np.array_equal(store._forced_pages(tables, counts), want)

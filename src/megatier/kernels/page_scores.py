@@ -3,8 +3,8 @@
 For each sequence b and page column c of its table, the score is the best upper bound of q.k over the
 page's keys, over all query heads: max_h sum_d (max(q,0) * kmax + min(q,0) * kmin), times the softmax
 scale; columns at or past the sequence's page count get -inf. One program serves a block of one row's
-columns and every kv head, reading each page's min/max once for the query heads of its GQA group and
-keeping the bound in registers. (The torch form, kv/locality.py's PageMeta.score, gathers the metadata
+columns and every kv head, reading each page's min/max once for the query heads of its GQA group: two
+small matrix products per kv head, [pages, D] x [D, group], on the tensor cores. (The torch form, kv/locality.py's PageMeta.score, gathers the metadata
 as fp32 and materializes the per-head bounds: on the 1B bench at 32K that was ~1 ms a layer, most of
 the sparse step.)
 """
@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from megatier.kernels.decode_attention import dot_options
 
 
 @triton.jit
@@ -38,6 +40,8 @@ def _page_scores_kernel(
     BLOCK_G: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -52,14 +56,14 @@ def _page_scores_kernel(
     for h in range(num_kv_heads):
         heads = h * GROUP + g
         q = tl.load(q_ptr + row * stride_q_seq + heads[:, None] * stride_q_head + d[None, :], mask=q_mask, other=0.0)
-        q = q.to(tl.float32)
         base = meta_ptr + page[:, None] * stride_meta_page + h * stride_meta_head + d[None, :]
-        kmin = tl.load(base, mask=meta_mask, other=0.0).to(tl.float32)
-        kmax = tl.load(base + stride_meta_bound, mask=meta_mask, other=0.0).to(tl.float32)
-        bound = tl.sum(
-            kmax[:, None, :] * tl.maximum(q, 0.0)[None, :, :] + kmin[:, None, :] * tl.minimum(q, 0.0)[None, :, :],
-            axis=2,
-        )  # [BLOCK_P, BLOCK_G]
+        kmin = tl.load(base, mask=meta_mask, other=0.0)
+        kmax = tl.load(base + stride_meta_bound, mask=meta_mask, other=0.0)
+        if DOT_FP32:
+            q, kmin, kmax = q.to(tl.float32), kmin.to(tl.float32), kmax.to(tl.float32)
+        q_pos, q_neg = tl.trans(tl.maximum(q, 0.0).to(kmax.dtype)), tl.trans(tl.minimum(q, 0.0).to(kmin.dtype))
+        bound = tl.dot(kmax, q_pos, input_precision=DOT_PRECISION)  # [BLOCK_P, BLOCK_G], fp32
+        bound = tl.dot(kmin, q_neg, acc=bound, input_precision=DOT_PRECISION)
         bound = tl.where((g < GROUP)[None, :], bound, float("-inf"))
         best = tl.maximum(best, tl.max(bound, axis=1))
     tl.store(out_ptr + row * stride_out + cols, tl.where(valid, best * scale, float("-inf")), mask=in_table)
@@ -76,7 +80,7 @@ def page_scores(
         raise ValueError("page_scores needs q and the metadata contiguous along head_dim")
     group = heads // num_kv_heads
     out = torch.empty((rows, width), dtype=torch.float32, device=q.device)
-    block_p = 32
+    block_p = 64
     _page_scores_kernel[(rows, triton.cdiv(width, block_p))](
         q,
         meta,
@@ -95,9 +99,10 @@ def page_scores(
         tables.stride(0),
         out.stride(0),
         GROUP=group,
-        BLOCK_G=triton.next_power_of_2(group),
+        BLOCK_G=max(16, triton.next_power_of_2(group)),  # tl.dot's smallest tile
         BLOCK_P=block_p,
-        BLOCK_D=triton.next_power_of_2(head_dim),
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        **dot_options(meta.dtype),
         num_warps=4,
     )
     return out

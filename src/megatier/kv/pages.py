@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from megatier.config import ModelConfig
@@ -129,10 +130,10 @@ def pages_for(num_tokens: int, page_size: int) -> int:
 def block_table_tensor(tables: list[list[int]], device: torch.device) -> torch.Tensor:
     """[B, max_pages] int32, padded with page 0 (never read: lengths bound every access)."""
     width = max((len(t) for t in tables), default=0) or 1
-    out = torch.zeros((len(tables), width), dtype=torch.int32)
+    out = np.zeros((len(tables), width), dtype=np.int32)
     for i, t in enumerate(tables):
-        out[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
-    return out.to(device)
+        out[i, : len(t)] = t  # numpy reads a list ~3x faster than torch.tensor does (a decode step's tables)
+    return torch.from_numpy(out).to(device)
 
 
 def slot_mapping(tables: list[list[int]], positions: list[range], page_size: int) -> tuple[list[int], list[int]]:
