@@ -663,3 +663,25 @@ def test_forced_pages_are_the_sinks_and_the_recent_window_of_each_table(tmp_path
         mask = forced_columns(counts, 14, store.sink_pages, store.recent_pages)
         want = np.unique([t[c] for t, row in zip(tables, mask, strict=True) for c in np.flatnonzero(row)])
         assert np.array_equal(store._forced_pages(tables, counts), want)
+
+
+def test_the_dram_pool_is_huge_page_aligned_memory_that_outlives_its_views():
+    """The DRAM tier's allocation: the shape asked, aligned to a 2 MiB page (so THP can back all of it;
+    the share that got huge pages is measured, not asserted: it depends on the OS), data that survives
+    the allocator's locals, and an empty pool for a zero-slot tier."""
+    import gc
+
+    from megatier.kv.host_memory import HUGE_PAGE, host_pool, huge_page_fraction
+
+    pool = host_pool((37, 2, 3, 16, 8), torch.bfloat16, pinned=False)
+    assert pool.shape == (37, 2, 3, 16, 8) and pool.dtype == torch.bfloat16
+    assert pool.data_ptr() % HUGE_PAGE == 0
+    data = torch.randn(pool.shape).to(torch.bfloat16)
+    view = pool[5:9]
+    pool.copy_(data)
+    del pool
+    gc.collect()
+    assert torch.equal(view, data[5:9])
+    fraction = huge_page_fraction(view)
+    assert fraction is None or 0.0 <= fraction <= 1.0
+    assert host_pool((0, 2, 3), torch.float32, pinned=False).shape == (0, 2, 3)

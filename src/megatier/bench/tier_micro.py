@@ -20,6 +20,7 @@ import torch
 from megatier.bench.common import cuda_time
 from megatier.kv.cpu_attention import auto_isa, cpu_attention, default_threads, host_read_bandwidth, supported_isas
 from megatier.kv.disk import DiskPool
+from megatier.kv.host_memory import host_pool, huge_page_fraction
 
 PAGE_SIZE = 16
 # (query heads, kv heads, head_dim) of the shapes the CPU kernel is held to (issue #17).
@@ -85,12 +86,12 @@ def pcie(cfg, device) -> dict:
     return out
 
 
-def _pages(heads: int, kv_heads: int, d: int, nbytes: int, batch: int = 16):
+def _pages(heads: int, kv_heads: int, d: int, nbytes: int, pinned: bool, batch: int = 16):
     """(q, pool, offsets, pages, rows, bytes read): batch sequences over about nbytes of bf16 pages in a
-    random order, as a long-running cache leaves them."""
+    random order, as a long-running cache leaves them, in memory allocated as the DRAM tier's is."""
     slice_bytes = 2 * kv_heads * PAGE_SIZE * d * 2
     num = nbytes // slice_bytes
-    pool = torch.empty((num, 2, kv_heads, PAGE_SIZE, d), dtype=torch.bfloat16)
+    pool = host_pool((num, 2, kv_heads, PAGE_SIZE, d), torch.bfloat16, pinned)
     pool.view(-1).normal_()
     q = torch.randn(batch, heads, d)
     offsets = np.linspace(0, num, batch + 1).astype(np.int64)
@@ -132,7 +133,9 @@ def cpu_attention_bw(cfg, device) -> dict:
     """GB/s of KV read by the CPU kernel (C and torch) by thread count, and C under a concurrent PCIe copy
     (CUDA only)."""
     d = cfg.head_dim
-    q, pool, offsets, pages, rows, nbytes = _pages(cfg.num_heads, cfg.num_kv_heads, d, 1 << 30)
+    q, pool, offsets, pages, rows, nbytes = _pages(
+        cfg.num_heads, cfg.num_kv_heads, d, 1 << 30, pinned=device.type == "cuda"
+    )
     cores = default_threads() + (1 if torch.cuda.is_available() else 0)
     out: dict = {"c_GBps": {}, "torch_GBps": {}}
     for t in sorted({1, 2, 4, 8, cores - 1, cores}):
@@ -156,20 +159,26 @@ def cpu_attention_bw(cfg, device) -> dict:
 
 
 def _kernel_shape(device, heads: int, kv_heads: int, d: int, kv_bytes: int, threads: int) -> dict:
-    q, pool, offsets, pages, rows, nbytes = _pages(heads, kv_heads, d, kv_bytes)
+    cuda = device.type == "cuda"
+    q, pool, offsets, pages, rows, nbytes = _pages(heads, kv_heads, d, kv_bytes, pinned=cuda)
 
-    def run(isa: str | None = None) -> None:
-        cpu_attention(q, pool, offsets, pages, rows, d**-0.5, threads=threads, impl="c", isa=isa)
+    def run(isa: str | None = None, over: torch.Tensor = pool) -> None:
+        cpu_attention(q, over, offsets, pages, rows, d**-0.5, threads=threads, impl="c", isa=isa)
 
     rates = {
         isa: nbytes / _wall(lambda i=isa: run(i), reps=2 if isa == "scalar" else 5) / 1e9 for isa in supported_isas()
     }
-    out = {"kv_GB": nbytes / 1e9, "GBps": rates, "GBps_during_pcie": None, "pcie_GBps_during": None}
-    if device.type == "cuda":
+    out = {"kv_GB": nbytes / 1e9, "GBps": rates, "huge_page_fraction": huge_page_fraction(pool)}
+    out |= {"GBps_during_pcie": None, "pcie_GBps_during": None, "GBps_cuda_host_alloc": None}
+    if cuda:
         with _pcie_pump(device) as pcie_rate:
             sec = _wall(run)
             out["pcie_GBps_during"] = pcie_rate()
         out["GBps_during_pcie"] = nbytes / sec / 1e9
+        # The same pages in torch's pinned memory (cudaHostAlloc, 4 KiB pages): what the tier used before.
+        plain = torch.empty(pool.shape, dtype=pool.dtype, pin_memory=True).copy_(pool)
+        out["GBps_cuda_host_alloc"] = nbytes / _wall(lambda: run(over=plain)) / 1e9
+        out["huge_page_fraction_cuda_host_alloc"] = huge_page_fraction(plain)
     return out
 
 

@@ -36,6 +36,7 @@ from megatier.config import ModelConfig
 from megatier.errors import MegatierError
 from megatier.kernels.copy_slices import copy_slices, swap_slices
 from megatier.kv.disk import DiskPool
+from megatier.kv.host_memory import host_pool
 from megatier.kv.pages import KVCache, PageAllocator
 
 HBM, DRAM, DISK = 0, 1, 2
@@ -114,7 +115,7 @@ class TieredPools:
             )
         self.hbm = KVCache(torch.empty((counts[HBM], *self.slice_shape), dtype=dtype, device=device))
         pinned = device.type == "cuda"
-        self.dram = torch.empty((counts[DRAM], *self.slice_shape), dtype=dtype, pin_memory=pinned)
+        self.dram = host_pool((counts[DRAM], *self.slice_shape), dtype, pinned)
         self._own_dir = counts[DISK] > 0 and disk_dir is None
         self.disk: DiskPool | None = None
         if counts[DISK]:
