@@ -169,7 +169,9 @@ def _kernel_shape(device, heads: int, kv_heads: int, d: int, kv_bytes: int, thre
         isa: nbytes / _wall(lambda i=isa: run(i), reps=2 if isa == "scalar" else 5) / 1e9 for isa in supported_isas()
     }
     out = {"kv_GB": nbytes / 1e9, "GBps": rates, "huge_page_fraction": huge_page_fraction(pool)}
-    out |= {"GBps_during_pcie": None, "pcie_GBps_during": None, "GBps_cuda_host_alloc": None}
+    out |= dict.fromkeys(
+        ("GBps_during_pcie", "pcie_GBps_during", "GBps_cuda_host_alloc", "huge_page_fraction_cuda_host_alloc")
+    )
     if cuda:
         with _pcie_pump(device) as pcie_rate:
             sec = _wall(run)

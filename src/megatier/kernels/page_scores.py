@@ -4,9 +4,9 @@ For each sequence b and page column c of its table, the score is the best upper 
 page's keys, over all query heads: max_h sum_d (max(q,0) * kmax + min(q,0) * kmin), times the softmax
 scale; columns at or past the sequence's page count get -inf. One program serves a block of one row's
 columns and every kv head, reading each page's min/max once for the query heads of its GQA group: two
-small matrix products per kv head, [pages, D] x [D, group], on the tensor cores. (The torch form, kv/locality.py's PageMeta.score, gathers the metadata
-as fp32 and materializes the per-head bounds: on the 1B bench at 32K that was ~1 ms a layer, most of
-the sparse step.)
+small matrix products per kv head, [pages, D] x [D, group], on the tensor cores. (The torch form,
+kv/locality.py's PageMeta.score, gathers the metadata as fp32 and materializes the per-head bounds: on
+the 1B bench at 32K that was ~1 ms a layer, most of the sparse step.)
 """
 
 from __future__ import annotations

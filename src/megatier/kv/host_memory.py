@@ -1,13 +1,14 @@
 """Host memory for the DRAM tier: backed by 2 MiB pages where the kernel allows, and pinned for the GPU.
 
 The host attention kernel reads a step's DRAM slices scattered over the pool, a few KiB at a time. On
-4 KiB pages nearly every such read starts with a TLB miss, and on the H100 host the kernel read pinned
-pages from `cudaHostAlloc` at ~60 GB/s while the same kernel over pageable memory reached 103-114 GB/s
-(docs/PERF.md). So the pool is an anonymous mapping advised for transparent huge pages
-(`MADV_HUGEPAGE`, honoured when /sys/kernel/mm/transparent_hugepage/enabled is `always` or `madvise`),
-touched so the pages are real, then registered with CUDA (`cudaHostRegister`, mapped), which pins it for
-DMA copies and the GPU's zero-copy reads as `cudaHostAlloc` memory would be. Where any step fails the
-pool falls back to torch's pinned allocation.
+the H100 host it read `cudaHostAlloc`'s pinned 4 KiB pages at ~60 GB/s inside the step, while over
+pageable memory (where THP could back it) the micro-benchmark reached 103-114 GB/s (docs/PERF.md); TLB
+misses are the suspected cause, not yet confirmed by a measurement on this pool. So the pool is an
+anonymous mapping advised for transparent huge pages (`MADV_HUGEPAGE`, honoured when
+/sys/kernel/mm/transparent_hugepage/enabled is `always` or `madvise`), touched so the pages are real,
+then registered with CUDA (`cudaHostRegister`, mapped), which pins it for DMA copies and the GPU's
+zero-copy reads as `cudaHostAlloc` memory would be. If the registration fails the pool falls back to
+torch's pinned allocation; without THP it is simply on 4 KiB pages.
 """
 
 from __future__ import annotations
