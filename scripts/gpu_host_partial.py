@@ -5,9 +5,10 @@ One self-contained, time-boxed run over a Llama-3.2-1B-shaped DRAM tier (16 laye
 pool as the tiered store leaves them). Every case runs the same 16 per-layer jobs and reports per-layer
 host wall time, GB/s of KV read and the pool's wake-up time, so the causes separate:
 
-- memory: the host read probe and the C kernel over pageable memory (what tier_micro measured alone),
-  over `torch.empty(pin_memory=True)` (the DRAM tier's own allocator: cudaHostAlloc), and over
-  huge-page memory (mmap + MADV_HUGEPAGE) registered with cudaHostRegister; each with its page sizes;
+- memory (--memory, in order): "pool", the DRAM tier's allocator (host_pool: huge pages registered with
+  CUDA); "pinned", `torch.empty(pin_memory=True)` (cudaHostAlloc's 4 KiB pages, the tier's allocator
+  before); "thp", host_pool's huge pages unregistered; "pageable", torch's plain allocation; each with
+  its page sizes and huge-page share, and the host read probe over it;
 - caller: the C kernel from Python, then on a native thread Python never saw (CPU only too), then as a
   host function launched eagerly on a stream (HostPartial, GPU work between layers), then the same
   captured in a CUDA graph and replayed (the decode step's situation);
@@ -18,10 +19,11 @@ host wall time, GB/s of KV read and the pool's wake-up time, so the causes separ
   meanwhile (their OpenMP team spins after each), and the same with torch on one thread;
 - who runs the host function: CUDA's callback thread's affinity, CPU, policy and nice.
 
-Without CUDA it runs the probe and the Python / native-thread cases over pageable memory. JSON to
+Without CUDA it runs the probe and the Python / native-thread cases over unpinned memory. --cases keeps
+only the cases whose name holds one of its comma-separated parts. JSON to
 $OUT/gpu_host_partial.json (default bench/results/), commit from $MEGATIER_COMMIT.
 
-    python scripts/gpu_host_partial.py [--context 16384] [--budget-s 110]
+    python scripts/gpu_host_partial.py [--context 16384] [--budget-s 110] [--memory pool,pinned] [--cases python/new,graph/new]
 """
 
 from __future__ import annotations
@@ -29,7 +31,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
-import mmap
 import os
 import statistics
 import sys
@@ -44,6 +45,7 @@ from megatier.bench.common import record, write_json
 from megatier.bench.tier_micro import _pcie_pump
 from megatier.config import ModelConfig
 from megatier.kv import cpu_attention as ca
+from megatier.kv.host_memory import host_pool, huge_page_fraction
 from megatier.kv.host_partial import LAYER_SPIN_US, HostPartial, launch_host_func
 
 LAYERS, HEADS, KV_HEADS, HEAD_DIM, PAGE = 16, 32, 8, 64, 16
@@ -52,6 +54,7 @@ SLICE_BYTES = 2 * KV_HEADS * PAGE * HEAD_DIM * 2
 SCALE = HEAD_DIM**-0.5
 # name: (caller_works, spin_us)
 THREADING = {"legacy": (False, 0.0), "join": (True, 0.0), "new": (True, LAYER_SPIN_US)}
+MEMORY = ("pool", "pinned", "thp", "pageable")
 
 
 class Clock:
@@ -92,33 +95,17 @@ def fill(pool: torch.Tensor, gen: torch.Generator) -> None:
     flat[whole:].copy_(block[: flat.numel() - whole])
 
 
-def allocate(kind: str, slots: int, gen: torch.Generator) -> tuple[torch.Tensor, dict, object]:
-    """A DRAM slice pool [slots, 1, 2, kv_heads, page, head_dim] bf16 of one memory kind, filled; its
-    smaps facts; what keeps it alive."""
+def allocate(kind: str, slots: int, gen: torch.Generator) -> torch.Tensor:
+    """A DRAM slice pool [slots, 1, 2, kv_heads, page, head_dim] bf16 of one memory kind (MEMORY), filled."""
     shape = (slots, 1, 2, KV_HEADS, PAGE, HEAD_DIM)
-    nbytes = slots * SLICE_BYTES
-    keep: object = None
-    t0 = time.perf_counter()
     if kind == "pageable":
         pool = torch.empty(shape, dtype=torch.bfloat16)
-    elif kind == "pinned":  # TieredPools' allocator
+    elif kind == "pinned":  # cudaHostAlloc: the tier's allocator before host_pool
         pool = torch.empty(shape, dtype=torch.bfloat16, pin_memory=True)
-    else:  # huge pages, then registered with CUDA
-        keep = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        keep.madvise(mmap.MADV_HUGEPAGE)
-        pool = torch.frombuffer(keep, dtype=torch.bfloat16).view(shape)
+    else:  # host_pool's huge pages, registered with CUDA ("pool": the tier's allocator) or not ("thp")
+        pool = host_pool(shape, torch.bfloat16, pinned=kind == "pool")
     fill(pool, gen)
-    if kind == "pinned_thp":
-        err = int(torch.cuda.cudart().cudaHostRegister(pool.data_ptr(), nbytes, 0))
-        if err:
-            raise RuntimeError(f"cudaHostRegister failed: {err}")
-    facts = mapping_of(pool.data_ptr()) | {"alloc_fill_s": round(time.perf_counter() - t0, 2), "GB": nbytes / 1e9}
-    return pool, facts, keep
-
-
-def release(kind: str, pool: torch.Tensor) -> None:
-    if kind == "pinned_thp":
-        torch.cuda.cudart().cudaHostUnregister(pool.data_ptr())
+    return pool
 
 
 # -- the work ------------------------------------------------------------------------------------------
@@ -285,14 +272,14 @@ def cases_for(kind: str, pool, lists, args, threads: int, device: torch.device, 
         return out
     for name in THREADING:
         for mode in ("eager", "graph"):
-            if kind == "pinned" or (mode == "graph" and name != "join"):
+            if kind in ("pinned", "pool") or (mode == "graph" and name != "join"):
                 out.append(
                     (
                         f"{kind}/{mode}/{name}",
                         lambda n=name, m=mode: run_gpu(pool, lists, batch, n, steps, device, gen, m),
                     )
                 )
-    if kind == "pinned":
+    if kind in ("pinned", "pool"):
         for where in ("idle", "pcie", "torch_cpu", "torch_cpu_1thread"):
             for name in ("legacy", "new"):
                 out.append(
@@ -339,8 +326,14 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--steps", type=int, default=3, help="timed steps per case (after one warm-up)")
     ap.add_argument("--budget-s", type=float, default=100.0, help="cases past this are skipped")
+    ap.add_argument("--memory", type=lambda v: v.split(","), default=list(MEMORY), help=f"kinds, in order: {MEMORY}")
+    ap.add_argument(
+        "--cases", type=lambda v: v.split(","), default=[], help="run only cases whose name has one of these"
+    )
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     args = ap.parse_args()
+    if unknown := set(args.memory) - set(MEMORY):
+        ap.error(f"unknown --memory kind(s) {sorted(unknown)}; choose from {MEMORY}")
     clock = Clock(args.budget_s)
     device = torch.device("cuda" if cuda else "cpu")
     if ca.load_library() is None:
@@ -368,23 +361,25 @@ def main() -> None:
 
     # A step's host time at ~40 GB/s, with margin for its warm-up step and a capture.
     need = (args.steps + 2) * LAYERS * args.batch * pages * SLICE_BYTES / 40e9 + 1.0
-    for kind in ["pinned", "pageable", "pinned_thp"] if cuda else ["pageable"]:
+    for kind in args.memory if cuda else [k for k in args.memory if k in ("thp", "pageable")]:
         if clock.left() < need * 4 + 10:
             results["skipped"].append(f"memory {kind}")
             continue
-        try:
-            pool, facts, keep = allocate(kind, slots, gen)
-        except (RuntimeError, OSError, ValueError) as err:
-            results["memory"][kind] = {"error": f"{type(err).__name__}: {err}"}
-            continue
+        t0 = time.perf_counter()
+        pool = allocate(kind, slots, gen)
+        facts = mapping_of(pool.data_ptr()) | {
+            "alloc_fill_s": round(time.perf_counter() - t0, 2),
+            "GB": slots * SLICE_BYTES / 1e9,
+            "huge_page_fraction": huge_page_fraction(pool),
+        }
         results["memory"][kind] = facts
         probe = ca.load_library().read_bandwidth(pool.data_ptr(), slots * SLICE_BYTES, threads, 3)
         results["probe_GBps"][kind] = round(probe / 1e9, 1)
         print(f"memory {kind}: {facts}, probe {results['probe_GBps'][kind]} GB/s", flush=True)
         for name, fn in cases_for(kind, pool, lists, args, threads, device, gen):
-            case(name, fn, need)
-        release(kind, pool)
-        del pool, keep
+            if not args.cases or any(c in name for c in args.cases):
+                case(name, fn, need)
+        del pool
     results["summary"] = {
         name: {k: c[k] for k in ("GBps", "step_ms", "busy") if k in c}
         for name, c in results["cases"].items()

@@ -35,6 +35,7 @@ from megatier.config import load_config
 from megatier.executors.base import StepBatch
 from megatier.executors.graph import GraphExecutor
 from megatier.kernels.copy_slices import copy_slices
+from megatier.kv.host_memory import huge_page_fraction
 from megatier.kv.locality import forced_columns, recent_pages_for
 from megatier.kv.pages import KVCache
 from megatier.kv.tiered import TieredKV, TierStats
@@ -249,6 +250,7 @@ def run_method(cfg, weights, pools: TieredPools | None, method: str, args, conte
             "hit_rate_per_step": [round(h, 4) for h in hit_curve],
             "pcie_share": store.balancer.share,
             "migration_budget_bytes": store.migration_bytes,
+            "dram_huge_page_fraction": huge_page_fraction(store.pools.dram),
             **store.stats.as_dict(),
         }
         for table in tables:
@@ -258,7 +260,7 @@ def run_method(cfg, weights, pools: TieredPools | None, method: str, args, conte
         f"  {method:20s} ctx {context:6d}  {result['step_ms']:9.2f} ms/step  {result['tokens_per_s']:9.1f} tok/s"
         + (
             f"  hit {result['hbm_hit_rate']:.3f}  cpu {result['cpu_attention_ms_per_step']:.1f} ms"
-            f" ({100 * result['cpu_busy_fraction']:.0f}% busy)  share {result['pcie_share']:.2f}"
+            f" ({100 * result['cpu_busy_fraction']:.0f}% busy, {result['cpu_attention_GBps']:.0f} GB/s)  share {result['pcie_share']:.2f}"
             f"  moved {result['migrated_bytes_per_step'] / 2**20:.1f} MiB/step"
             if tiered
             else ""

@@ -74,6 +74,7 @@ class TierStats:
             "migrated_bytes_per_step": self.migrated_bytes / n,
             "cpu_attention_ms_per_step": 1e3 * self.cpu_s / n,
             "cpu_busy_fraction": self.cpu_s / self.step_s if self.step_s else 0.0,
+            "cpu_attention_GBps": self.bytes_read.get("dram", 0) / self.cpu_s / 1e9 if self.cpu_s else 0.0,
         }
 
 
