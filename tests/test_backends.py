@@ -20,9 +20,9 @@ def cache_for(model: str, dtype: torch.dtype, device: str) -> tuple:
     return cfg, KVCache.allocate(cfg, 4, 16, dtype, torch.device(device))
 
 
-def test_auto_is_the_reference_on_cpu():
+def test_auto_is_the_cpu_backend_on_the_host():
     cfg, cache = cache_for("qwen2.5-0.5b", torch.float32, "cpu")
-    assert choose_backend("auto", cfg, cache) == "reference"
+    assert choose_backend("auto", cfg, cache) == "cpu"
 
 
 @pytest.mark.parametrize("backend", ["graph", "megakernel"])

@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 # backend name -> "module:Class", imported only when chosen (GPU backends need triton / cuda-python).
 BACKENDS = {
     "reference": "megatier.executors.reference:ReferenceExecutor",
+    "cpu": "megatier.executors.cpu:CpuExecutor",
     "graph": "megatier.executors.graph:GraphExecutor",
     "megakernel": "megatier.executors.megakernel.runner:MegakernelExecutor",
 }
@@ -27,22 +28,24 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     """Check a backend name against the device; "auto" stays "auto" (decided once the model is known)."""
     if backend != "auto" and backend not in BACKENDS:
         raise MegatierError(f"unknown backend {backend!r}; choose auto or one of {', '.join(BACKENDS)}")
-    if backend not in ("auto", "reference") and device.type != "cuda":
-        raise MegatierError(f"backend {backend!r} needs a CUDA device; use backend='reference' on {device.type}")
+    if backend == "cpu" and device.type != "cpu":
+        raise MegatierError(f"backend 'cpu' runs on the host; use backend='auto' on {device.type}")
+    if backend not in ("auto", "reference", "cpu") and device.type != "cuda":
+        raise MegatierError(f"backend {backend!r} needs a CUDA device; use backend='cpu' on {device.type}")
     return backend
 
 
 def choose_backend(backend: str, cfg: ModelConfig, cache: KVStore) -> str:
     """auto: the megakernel on Hopper GPUs (it decodes batches of up to 8 itself and hands prefill and
-    larger batches to its own graph executor), graph on other GPUs and for tiered KV stores, the
-    reference elsewhere. Why the megakernel cannot run is logged in one line."""
+    larger batches to its own graph executor), graph on other GPUs and for tiered KV stores, the CPU
+    backend (the reference with its decode on the host's C kernels) on the host. Why the megakernel cannot run is logged in one line."""
     backend = resolve_backend(backend, cache.device)
     if backend == "megakernel" and cache.tiered:
         raise MegatierError("megakernel: a tiered KV cache (kv_hbm/kv_dram/kv_disk) runs on backend 'graph'")
     if backend != "auto":
         return backend
     if cache.device.type != "cuda":
-        return "reference"
+        return "cpu"
     if cache.tiered:
         log.info("backend auto: graph, not the megakernel (tiered KV runs on graph)")
         return "graph"

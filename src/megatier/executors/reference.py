@@ -105,9 +105,7 @@ class ReferenceExecutor:
                 attn = self._prompt_attention(store.context(plan, layer_idx), q, batch)
             x = x + self._row_parallel(attn.flatten(1), layer.o_proj, layer.o_bias)
             h = rms_norm(x, layer.post_norm, cfg.rms_norm_eps)
-            gate = linear(h, layer.gate_proj, layer.gate_bias)
-            up = linear(h, layer.up_proj, layer.up_bias)
-            x = x + self._row_parallel(F.silu(gate) * up, layer.down_proj, layer.down_bias)
+            x = x + self._row_parallel(self._mlp_hidden(layer, h), layer.down_proj, layer.down_bias)
         store.end_step(plan)
 
         h = rms_norm(x[self._logit_rows(batch)], self.w.final_norm, cfg.rms_norm_eps)
@@ -132,13 +130,24 @@ class ReferenceExecutor:
     def _qkv(self, layer: LayerWeights, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         cfg = self.cfg
         t = h.shape[0]
-        q = linear(h, layer.q_proj, layer.q_bias).view(t, cfg.num_heads, cfg.head_dim)
-        k = linear(h, layer.k_proj, layer.k_bias).view(t, cfg.num_kv_heads, cfg.head_dim)
-        v = linear(h, layer.v_proj, layer.v_bias).view(t, cfg.num_kv_heads, cfg.head_dim)
+        q, k, v = self._project_qkv(layer, h)
+        q = q.reshape(t, cfg.num_heads, cfg.head_dim)
+        k = k.reshape(t, cfg.num_kv_heads, cfg.head_dim)
+        v = v.reshape(t, cfg.num_kv_heads, cfg.head_dim)
         if cfg.qk_norm:
             q = rms_norm(q, layer.q_norm, cfg.rms_norm_eps)
             k = rms_norm(k, layer.k_norm, cfg.rms_norm_eps)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def _project_qkv(self, layer: LayerWeights, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(
+            linear(h, w, b)
+            for w, b in ((layer.q_proj, layer.q_bias), (layer.k_proj, layer.k_bias), (layer.v_proj, layer.v_bias))
+        )
+
+    def _mlp_hidden(self, layer: LayerWeights, h: torch.Tensor) -> torch.Tensor:
+        """What the down projection reads: silu(gate) * up."""
+        return F.silu(linear(h, layer.gate_proj, layer.gate_bias)) * linear(h, layer.up_proj, layer.up_bias)
 
     def _gather(self, where: LayerKV, length: int) -> torch.Tensor:
         """K and V of the first `length` positions of each row of `where`: [2, B, length, Hkv, D], on the

@@ -233,6 +233,11 @@ def make_job(
 def run_job(job: AttendJob) -> None:
     """Run one job on the C kernel (blocking; the GIL is released meanwhile)."""
     _require_library().attend_job(ctypes.byref(job))
+    check_job(job)
+
+
+def check_job(job: AttendJob) -> None:
+    """Raise for a job the kernel refused (its status), and count the call by variant."""
     if job.status == -1:
         raise MemoryError("CPU attention: out of host memory for its work buffers")
     if job.status == -3:

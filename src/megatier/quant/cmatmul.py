@@ -128,27 +128,54 @@ def _template(lib: ctypes.CDLL, w: QuantWeight) -> QJob:
     return job
 
 
-def matmul(x: torch.Tensor, w: QuantWeight, *, threads: int | None = None, isa: str | None = None) -> torch.Tensor:
-    """x [M, K] fp32 on the host @ W^T -> [M, N] fp32. isa forces a variant (one of ISAS; this CPU must
-    have it). Raises if the kernel is unavailable; the planes must be contiguous host tensors (as loaded)."""
+def make_job(
+    x: torch.Tensor, w: QuantWeight, y: torch.Tensor, *, threads: int | None = None, isa: str | None = None
+) -> QJob:
+    """The job for y = x @ W^T over these buffers, used in place (x [M, K] and y [M, N] contiguous fp32
+    host tensors), so a caller may run it again on new contents of x (qmatmul_fn() runs it from C)."""
     lib = _lib if _lib is not None else load_library()
     if lib is None:
         raise MegatierError(f"the C quantized matmul kernel is unavailable: {_lib_error}")
     n, k = w.shape
-    if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != k or x.device.type != "cpu":
-        raise ValueError(f"x must be an fp32 host tensor of shape [M, {k}]")
-    x = x.contiguous()
-    y = torch.empty((x.shape[0], n), dtype=torch.float32)
+    if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != k or x.device.type != "cpu" or not x.is_contiguous():
+        raise ValueError(f"x must be a contiguous fp32 host tensor of shape [M, {k}]")
+    if y.dtype != torch.float32 or y.shape != (x.shape[0], n) or y.device.type != "cpu" or not y.is_contiguous():
+        raise ValueError(f"y must be a contiguous fp32 host tensor of shape [{x.shape[0]}, {n}]")
     job = QJob.from_buffer_copy(_template(lib, w))
     job.x, job.y, job.M = x.data_ptr(), y.data_ptr(), x.shape[0]
     job.threads = threads or _default_threads()
     job.isa = _best_isa(lib) if isa in (None, "auto") else cbuild.isa_id(lib, ISAS, isa, "quantized matmul")
-    lib.qmatmul(ctypes.byref(job))
+    job.keep = (x, y, w)
+    return job
+
+
+def check_job(job: QJob, w: QuantWeight) -> None:
+    """Raise for a job the kernel refused (its status), and count the call by variant."""
     if job.status == -1:
         raise MemoryError("quantized matmul: out of host memory for its work buffer")
     if job.status != 0:
+        n, k = w.shape
         raise ValueError(f"quantized matmul: the C kernel refused a {w.kind} {n}x{k} weight (status {job.status})")
     CALLS[ISAS[job.isa]] += 1
+
+
+def qmatmul_fn() -> int:
+    """The address of qmatmul(qjob_t *), for C code that runs prepared jobs (executors/cpu_step.c)."""
+    lib = _lib if _lib is not None else load_library()
+    if lib is None:
+        raise MegatierError(f"the C quantized matmul kernel is unavailable: {_lib_error}")
+    return ctypes.cast(lib.qmatmul, ctypes.c_void_p).value
+
+
+def matmul(x: torch.Tensor, w: QuantWeight, *, threads: int | None = None, isa: str | None = None) -> torch.Tensor:
+    """x [M, K] fp32 on the host @ W^T -> [M, N] fp32. isa forces a variant (one of ISAS; this CPU must
+    have it). Raises if the kernel is unavailable; the planes must be contiguous host tensors (as loaded)."""
+    if x.dtype == torch.float32 and x.dim() == 2:
+        x = x.contiguous()
+    y = torch.empty((x.shape[0], w.shape[0]), dtype=torch.float32)
+    job = make_job(x, w, y, threads=threads, isa=isa)
+    _lib.qmatmul(ctypes.byref(job))
+    check_job(job, w)
     return y
 
 
