@@ -81,7 +81,7 @@ def test_bench_latency_writes_a_record(tiny, tmp_path, capsys):
     args = ["bench", "latency", "--model", str(tiny), "--batch", "1,2", "--input-len", "5", "--output-len", "6"]
     assert main([*args, "--iters", "1", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["results"]["rows"]
-    assert [(r["backend"], r["batch"], r["input_len"]) for r in rows] == [("reference", 1, 5), ("reference", 2, 5)]
+    assert [(r["backend"], r["batch"], r["input_len"]) for r in rows] == [("cpu", 1, 5), ("cpu", 2, 5)]
     assert all(r["decode_step_us"] > 0 for r in rows) and "decode step" in capsys.readouterr().out
 
 

@@ -66,7 +66,9 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
         "them; fp8: every projection as FP8 e4m3 with per-channel scales (bench latency: a comma list runs each)",
     )
     g.add_argument(
-        "--backend", default="auto", help="auto, reference, graph or megakernel (bench latency: a comma list runs each)"
+        "--backend",
+        default="auto",
+        help="auto, cpu, reference, graph or megakernel (bench latency: a comma list runs each)",
     )
     g.add_argument("--seed", type=int, default=0, help="seed for dummy weights and unseeded sampling")
     g.add_argument(

@@ -1,0 +1,87 @@
+"""Decode tokens/s of a GGUF model on the host: megatier's backends beside llama.cpp, in one run.
+
+For each (backend, quantization) it times `LLM.generate` of one greedy sequence of --tokens + 1 tokens
+with EOS ignored, less a 1-token run (prompt and first token), so what is left is --tokens decode steps;
+the median of --runs. With --llama-bench (a built llama.cpp `llama-bench`), it runs `llama-bench -p 0 -n
+TOKENS -t THREADS` on the same file and reports megatier's ratio to it. JSON into --out.
+
+    python scripts/cpu_decode.py [--model file.gguf] [--llama-bench PATH] [--out bench/results/cpu_decode.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from megatier import LLM, SamplingParams
+from megatier.bench.common import record, write_json
+from megatier.gguf_import import default_gguf_path
+
+
+def decode_rate(llm: LLM, tokens: int, runs: int) -> list[float]:
+    def timed(n: int) -> float:
+        t0 = time.perf_counter()
+        llm.generate(["Hello"], SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
+        return time.perf_counter() - t0
+
+    timed(8)  # warm-up: builds, first-touch of the KV pages
+    return [tokens / (timed(tokens + 1) - timed(1)) for _ in range(runs)]
+
+
+def llama_bench(binary: str, model: str, tokens: int, threads: int) -> dict:
+    cmd = [binary, "-m", model, "-t", str(threads), "-p", "0", "-n", str(tokens), "-r", "3", "-o", "json"]
+    rows = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+    row = next(r for r in rows if r.get("n_gen") == tokens)
+    return {
+        "command": " ".join(cmd),
+        "tok_s": row["avg_ts"],
+        "stddev": row["stddev_ts"],
+        "build": row.get("build_commit"),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None, help="a .gguf (default: the embedded model)")
+    ap.add_argument("--backends", default="cpu,reference")
+    ap.add_argument("--quantization", default="auto,none")
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--llama-bench", default=None, help="path of llama.cpp's llama-bench")
+    ap.add_argument("--out", default="bench/results/cpu_decode.json")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    threads = len(os.sched_getaffinity(0))
+    results: dict = {"megatier": {}}
+    for backend in args.backends.split(","):
+        for quant in args.quantization.split(","):
+            llm = LLM(model=args.model, device="cpu", backend=backend, quantization=quant)
+            rates = decode_rate(llm, args.tokens, args.runs)
+            results["megatier"][f"{backend}/{quant}"] = {"tok_s": statistics.median(rates), "runs": rates}
+            print(f"{backend}/{quant}: {statistics.median(rates):.1f} tok/s {[round(r, 1) for r in rates]}", flush=True)
+            del llm
+    if args.llama_bench:
+        path = str(args.model or default_gguf_path())
+        results["llama_cpp"] = llama_bench(args.llama_bench, path, args.tokens, threads)
+        base = results["llama_cpp"]["tok_s"]
+        results["ratio_to_llama_cpp"] = {k: v["tok_s"] / base for k, v in results["megatier"].items()}
+        print(f"llama.cpp: {base:.1f} tok/s; ratios {results['ratio_to_llama_cpp']}", flush=True)
+    config = {
+        "model": args.model or "embedded SmolLM2-135M-Instruct Q4_1 GGUF",
+        "threads": threads,
+        "tokens": args.tokens,
+    }
+    rec = record("cpu_decode", torch.device("cpu"), config, results) | {"command": " ".join(["python", *sys.argv])}
+    write_json(args.out, rec)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
