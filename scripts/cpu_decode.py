@@ -1,9 +1,11 @@
-"""Decode tokens/s of a GGUF model on the host: megatier's backends beside llama.cpp, in one run.
+"""Decode and prompt tokens/s of a GGUF model on the host: megatier's backends beside llama.cpp, in one run.
 
 For each (backend, quantization) it times `LLM.generate` of one greedy sequence of --tokens + 1 tokens
 with EOS ignored, less a 1-token run (prompt and first token), so what is left is --tokens decode steps;
-the median of --runs. With --llama-bench (a built llama.cpp `llama-bench`), it runs `llama-bench -p 0 -n
-TOKENS -t THREADS` on the same file and reports megatier's ratio to it. JSON into --out.
+and a prompt of each --prompt-lens length (random ids, so no cached prefix) with one new token: prompt
+tokens over that time. Medians of --runs. With --llama-bench (a built llama.cpp `llama-bench`), it runs
+`llama-bench -p PROMPT_LENS -n TOKENS -t THREADS` on the same file and reports megatier's ratios to it.
+JSON into --out.
 
     python scripts/cpu_decode.py [--model file.gguf] [--llama-bench PATH] [--out bench/results/cpu_decode.json]
 """
@@ -35,16 +37,25 @@ def decode_rate(llm: LLM, tokens: int, runs: int) -> list[float]:
     return [tokens / (timed(tokens + 1) - timed(1)) for _ in range(runs)]
 
 
-def llama_bench(binary: str, model: str, tokens: int, threads: int) -> dict:
-    cmd = [binary, "-m", model, "-t", str(threads), "-p", "0", "-n", str(tokens), "-r", "3", "-o", "json"]
+def prompt_rate(llm: LLM, length: int, runs: int, seed: int) -> list[float]:
+    gen = torch.Generator().manual_seed(seed)
+    rates = []
+    for _ in range(runs):
+        ids = torch.randint(1000, 30000, (length,), generator=gen).tolist()
+        t0 = time.perf_counter()
+        llm.generate([ids], SamplingParams(temperature=0, max_tokens=1))
+        rates.append(length / (time.perf_counter() - t0))
+    return rates
+
+
+def llama_bench(binary: str, model: str, tokens: int, prompts: list[int], threads: int) -> dict:
+    lens = ",".join(map(str, prompts))
+    cmd = [binary, "-m", model, "-t", str(threads), "-p", lens, "-n", str(tokens), "-r", "3", "-o", "json"]
     rows = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
-    row = next(r for r in rows if r.get("n_gen") == tokens)
-    return {
-        "command": " ".join(cmd),
-        "tok_s": row["avg_ts"],
-        "stddev": row["stddev_ts"],
-        "build": row.get("build_commit"),
-    }
+    out = {"command": " ".join(cmd), "build": rows[0].get("build_commit")}
+    for r in rows:
+        out["decode" if r["n_gen"] else f"prompt_{r['n_prompt']}"] = {"tok_s": r["avg_ts"], "stddev": r["stddev_ts"]}
+    return out
 
 
 def main() -> None:
@@ -53,6 +64,7 @@ def main() -> None:
     ap.add_argument("--backends", default="cpu,reference")
     ap.add_argument("--quantization", default="auto,none")
     ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--prompt-lens", type=lambda v: [int(x) for x in v.split(",")], default=[128, 512])
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--llama-bench", default=None, help="path of llama.cpp's llama-bench")
     ap.add_argument("--out", default="bench/results/cpu_decode.json")
@@ -64,15 +76,21 @@ def main() -> None:
         for quant in args.quantization.split(","):
             llm = LLM(model=args.model, device="cpu", backend=backend, quantization=quant)
             rates = decode_rate(llm, args.tokens, args.runs)
-            results["megatier"][f"{backend}/{quant}"] = {"tok_s": statistics.median(rates), "runs": rates}
-            print(f"{backend}/{quant}: {statistics.median(rates):.1f} tok/s {[round(r, 1) for r in rates]}", flush=True)
+            row = {"decode": {"tok_s": statistics.median(rates), "runs": rates}}
+            for n in args.prompt_lens:
+                prompt = prompt_rate(llm, n, args.runs, seed=n)
+                row[f"prompt_{n}"] = {"tok_s": statistics.median(prompt), "runs": prompt}
+            results["megatier"][f"{backend}/{quant}"] = row
+            print(f"{backend}/{quant}: " + ", ".join(f"{k} {v['tok_s']:.1f} tok/s" for k, v in row.items()), flush=True)
             del llm
     if args.llama_bench:
         path = str(args.model or default_gguf_path())
-        results["llama_cpp"] = llama_bench(args.llama_bench, path, args.tokens, threads)
-        base = results["llama_cpp"]["tok_s"]
-        results["ratio_to_llama_cpp"] = {k: v["tok_s"] / base for k, v in results["megatier"].items()}
-        print(f"llama.cpp: {base:.1f} tok/s; ratios {results['ratio_to_llama_cpp']}", flush=True)
+        base = results["llama_cpp"] = llama_bench(args.llama_bench, path, args.tokens, args.prompt_lens, threads)
+        results["ratio_to_llama_cpp"] = {
+            name: {k: v["tok_s"] / base[k]["tok_s"] for k, v in row.items() if k in base}
+            for name, row in results["megatier"].items()
+        }
+        print(f"llama.cpp: {base}; ratios {results['ratio_to_llama_cpp']}", flush=True)
     config = {
         "model": args.model or "embedded SmolLM2-135M-Instruct Q4_1 GGUF",
         "threads": threads,
