@@ -76,9 +76,12 @@ def run_both(ref, ex, prompt_lens: list[int], steps: int, seed: int = 0) -> None
     order = rng.permutation(ref.cache.num_pages).tolist()
     per_seq = ref.cache.num_pages // len(prompt_lens)
     tables = [order[i * per_seq : (i + 1) * per_seq] for i in range(len(prompt_lens))]
-    tokens = torch.randint(vocab, (sum(prompt_lens),), generator=g).tolist()
-    batch = StepBatch(tokens, [0] * len(prompt_lens), prompt_lens, tables)
-    torch.testing.assert_close(ex.forward(batch), ref.forward(batch), rtol=1e-4, atol=1e-4)
+    first = [n // 2 for n in prompt_lens]  # two prompt chunks: the second attends to the first's KV
+    rest = [n - a for n, a in zip(prompt_lens, first, strict=True)]
+    for starts, lens_now in (([0] * len(first), first), (first, rest)):
+        tokens = torch.randint(vocab, (sum(lens_now),), generator=g).tolist()
+        batch = StepBatch(tokens, starts, lens_now, tables)
+        torch.testing.assert_close(ex.forward(batch), ref.forward(batch), rtol=1e-4, atol=1e-4)
     lens = list(prompt_lens)
     for _ in range(steps):
         poison(ex)
@@ -91,7 +94,7 @@ def run_both(ref, ex, prompt_lens: list[int], steps: int, seed: int = 0) -> None
 
 
 @pytest.mark.parametrize("kind", ["Q4_1", "Q8_0", "Q4_0", "FP8"])
-@pytest.mark.parametrize("prompt_lens", [[5], [3, 9, 1]])
+@pytest.mark.parametrize("prompt_lens", [[5], [3, 9, 2]])
 def test_one_call_decode_equals_the_reference(kind, prompt_lens):
     cfg = config()
     ref, ex = pair(cfg, dict.fromkeys(MATRICES, kind))

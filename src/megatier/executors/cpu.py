@@ -5,9 +5,11 @@ seven matmuls a layer (each a ctypes call with its own setup) and gathers every 
 fp32 copies for torch's attention. Here the matrices that share an input are stacked once at load (q|k|v
 and gate|up: four matmuls a layer, and the layer's own matrices become row views of the stacked one, so
 no weight is stored twice), and decode attention reads the pages in place with the DRAM tier's C kernel
-(kv/cpu_attention.c: one call a layer, each page read once for its GQA group). Everything else (prompt
-chunks, the KV writes, norms, rotary) is the reference's; where a C kernel is unavailable the
-reference's torch path runs, so results stay the reference's up to fp32 summation order.
+(kv/cpu_attention.c: one call a layer, each page read once for its GQA group). An fp32 decode step
+whose matrices are all in the C matmul's formats runs every layer in one C call (cpu_step.c, `HostStep`).
+Prompt chunks run the reference's layer loop with torch's fused attention (scaled_dot_product_attention)
+in place of its full score matrices. Where a C kernel is unavailable the reference's torch path runs, so
+results stay the reference's up to fp32 summation order.
 """
 
 from __future__ import annotations
@@ -145,6 +147,15 @@ class CpuExecutor(ReferenceExecutor):
             return super()._mlp_hidden(layer, h)
         gate, up = stacked(h)
         return F.silu(gate) * up
+
+    def _causal_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
+        """A prompt chunk's attention by torch's fused CPU kernel: the reference's form materializes every
+        score (5x slower at a 256-token chunk over 6000 keys), this one streams them; same mask."""
+        mask = torch.arange(k.shape[0])[None, :] <= torch.arange(start, start + q.shape[0])[:, None]
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], attn_mask=mask, enable_gqa=True
+        )
+        return out[0].transpose(0, 1)
 
     def hbm_attention(self, q: torch.Tensor, where: LayerKV) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.in_place_attention or where.pool.device.type != "cpu":

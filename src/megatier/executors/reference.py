@@ -149,6 +149,9 @@ class ReferenceExecutor:
         """What the down projection reads: silu(gate) * up."""
         return F.silu(linear(h, layer.gate_proj, layer.gate_bias)) * linear(h, layer.up_proj, layer.up_bias)
 
+    def _causal_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
+        return attention(q, k, v, start)
+
     def _gather(self, where: LayerKV, length: int) -> torch.Tensor:
         """K and V of the first `length` positions of each row of `where`: [2, B, length, Hkv, D], on the
         pool's device (a host pool is read where it is)."""
@@ -174,7 +177,7 @@ class ReferenceExecutor:
                 continue
             row = LayerKV(where.pool, where.layer, where.tables[i : i + 1], where.lens[i : i + 1])
             k, v = self._gather(row, start + n)[:, 0].to(q.device)
-            out[end : end + n] = attention(q[end : end + n], k, v, start)
+            out[end : end + n] = self._causal_attention(q[end : end + n], k, v, start)
             end += n
         return out
 
