@@ -57,7 +57,20 @@ enum { OK = 0, NO_MEMORY = -1, BAD_SHAPE = -2, NO_ISA = -3 };
 #define BLOCK 16            /* rows scored at once */
 #define MAX_NG 8            /* query heads per pass over a block: their accumulators stay in registers */
 #define MAX_CHUNK_PAGES 64  /* pages per task: small enough to balance, large enough to stream */
-#define PREFETCH_AHEAD 1    /* pages a task keeps in flight beyond the one it computes on */
+/* Software prefetch of a task's next pages (tuning knobs, -D at build time; scripts/cpu_attention_sweep.py
+ * measures them): PREFETCH_AHEAD pages beyond the one being computed are kept in flight, requested with
+ * locality PREFETCH_HINT (3: toward L1, 2: L2), either a whole page at once as a page starts
+ * (PREFETCH_SPREAD 0) or a kv head's K and V blocks at a time as the current page's heads are computed
+ * (1), which spreads the requests over the page instead of queueing a page's worth of misses at once. */
+#ifndef PREFETCH_AHEAD
+#define PREFETCH_AHEAD 1
+#endif
+#ifndef PREFETCH_HINT
+#define PREFETCH_HINT 3
+#endif
+#ifndef PREFETCH_SPREAD
+#define PREFETCH_SPREAD 0
+#endif
 #define MAX_GROUP_FLOATS (1 << 15) /* G x padded head_dim: bounds the per-task q copy on the stack */
 #define INLINE static inline __attribute__((always_inline))
 
@@ -572,15 +585,14 @@ static void prepare_q(const ctx_t *x, const float *q, float *dst) {
         }
 }
 
-/* Listed page a's K and V blocks of the task's kv heads, into L1 (on Sapphire Rapids a whole page at once
- * into L1 beat L2 hints and prefetches spread head by head). */
-static void prefetch_page(const ctx_t *x, const task_t *t, int64_t a) {
+/* Listed page a's K and V blocks of kv heads [h0, h1) of the task's span. */
+static void prefetch_heads(const ctx_t *x, const task_t *t, int64_t a, int h0, int h1) {
     const attend_job_t *j = x->job;
-    const char *k = (const char *)j->kv + (j->pages[a] * j->page_stride + t->head * j->head_stride) * x->elem;
-    const int64_t bytes = ((x->span - 1) * j->head_stride + (int64_t)j->rows[a] * j->D) * x->elem;
+    const char *k = (const char *)j->kv + (j->pages[a] * j->page_stride + (t->head + h0) * j->head_stride) * x->elem;
+    const int64_t bytes = ((h1 - h0 - 1) * j->head_stride + (int64_t)j->rows[a] * j->D) * x->elem;
     for (int64_t off = 0; off < bytes; off += 64) {
-        __builtin_prefetch(k + off, 0, 3);
-        __builtin_prefetch(k + j->v_offset * x->elem + off, 0, 3);
+        __builtin_prefetch(k + off, 0, PREFETCH_HINT);
+        __builtin_prefetch(k + j->v_offset * x->elem + off, 0, PREFETCH_HINT);
     }
 }
 
@@ -627,12 +639,14 @@ static void run_task(const ctx_t *x, int64_t i) {
     const char *kv = j->kv;
     for (int64_t p = t->first; p < t->last; p++) {
         /* pages are scattered, so the hardware prefetcher cannot guess the next ones: name them */
-        for (int64_t a = p == t->first ? p + 1 : p + PREFETCH_AHEAD; a <= p + PREFETCH_AHEAD && a < t->last; a++)
-            prefetch_page(x, t, a);
+        for (int64_t a = p == t->first ? p + 1 - PREFETCH_SPREAD : p + PREFETCH_AHEAD;
+             a < p + PREFETCH_AHEAD + !PREFETCH_SPREAD && a < t->last; a++)
+            prefetch_heads(x, t, a, 0, x->span);
         for (int h = 0; h < x->span; h++) {
             const char *kb = kv + (j->pages[p] * j->page_stride + (t->head + h) * j->head_stride) * x->elem;
             const char *vb = kb + j->v_offset * x->elem;
             float *acc = state + h * x->pair_size, *m = acc + G * x->Dp, *l = m + G;
+            if (PREFETCH_SPREAD && p + PREFETCH_AHEAD < t->last) prefetch_heads(x, t, p + PREFETCH_AHEAD, h, h + 1);
             for (int r0 = 0; r0 < j->rows[p]; r0 += BLOCK)
                 for (int g0 = 0; g0 < G; g0 += MAX_NG) {
                     const int64_t off = (int64_t)r0 * row_bytes;

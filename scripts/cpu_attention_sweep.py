@@ -1,0 +1,138 @@
+"""Tune the DRAM tier's CPU attention kernel on this host (issue #17): its prefetch knobs, its SIMD
+variants and the memory it reads, each timed beside the host read probe over the same memory.
+
+cpu_attention.c takes its software-prefetch policy at build time (PREFETCH_AHEAD pages in flight,
+PREFETCH_HINT locality, PREFETCH_SPREAD whole pages or a head at a time). This script builds one library
+per --variants entry (megatier.cbuild, the product's flags plus the -D knobs), loads them side by side and
+runs the same Llama-3.2-1B-shaped decode jobs through each (batch 16, 8 kv heads, G 4, head_dim 64, bf16,
+pages of 16, --context tokens a sequence, one layer's slices per job, every slice in a random slot of a
+pool far larger than the L3), over each --memory kind (as scripts/gpu_host_partial.py allocates them:
+"thp" and "pool" are huge pages unpinned / registered with CUDA, "pinned" cudaHostAlloc's 4 KiB pages,
+"pageable" torch's). Reported: KV GB/s at the pool's thread count and at one thread, and the probe's
+GB/s over the same pool, so the fraction of the memory bound is read off directly.
+
+    python scripts/cpu_attention_sweep.py [--context 8192] [--memory thp,pool,pinned] [--variants a1h3w,a2h2s]
+
+A variant's name is a<ahead>h<hint><w|s> (w: whole page, s: spread); the first is the committed
+default. JSON to $OUT/cpu_attention_sweep.json (default bench/results/), commit from $MEGATIER_COMMIT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import re
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from gpu_host_partial import HEAD_DIM, HEADS, LAYERS, MEMORY, PAGE, SCALE, SLICE_BYTES, allocate, layer_lists
+
+from megatier import cbuild
+from megatier.bench.common import record, write_json
+from megatier.kv import cpu_attention as ca
+from megatier.kv.host_memory import huge_page_fraction
+
+VARIANTS = "a1h3w,a2h3w,a1h3s,a2h3s,a2h2s,a3h2s,a4h2s,a2h2w"
+
+
+def defines(name: str) -> list[str]:
+    """The -D flags of a variant name a<ahead>h<hint><w|s>."""
+    m = re.fullmatch(r"a(\d+)h([0-3])([ws])", name)
+    if not m:
+        raise SystemExit(f"variant {name!r} is not a<ahead>h<hint><w|s>, e.g. a2h2s")
+    ahead, hint, mode = m.groups()
+    return [f"-DPREFETCH_AHEAD={ahead}", f"-DPREFETCH_HINT={hint}", f"-DPREFETCH_SPREAD={int(mode == 's')}"]
+
+
+def build(name: str) -> ctypes.CDLL:
+    lib, err = cbuild.build(f"cpu_attention_{name}", ca.SOURCE, cbuild.FLAGS + defines(name))
+    if lib is None:
+        raise SystemExit(f"building variant {name}: {err}")
+    lib.attend_job.argtypes = [ctypes.c_void_p]
+    lib.attend_job.restype = None
+    return lib
+
+
+def time_jobs(lib: ctypes.CDLL, jobs: list[ca.AttendJob], reps: int) -> float:
+    """Seconds of the median pass over all jobs (after one untimed pass)."""
+    passes = []
+    for i in range(reps + 1):
+        t0 = time.perf_counter()
+        for job in jobs:
+            lib.attend_job(ctypes.addressof(job))
+        if i:
+            passes.append(time.perf_counter() - t0)
+    if any(job.status for job in jobs):
+        raise RuntimeError(f"a job failed with status {[job.status for job in jobs]}")
+    return statistics.median(passes)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--context", type=int, default=8192, help="tokens a sequence (per layer's job)")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--memory", type=lambda v: v.split(","), default=["thp", "pool", "pinned"])
+    ap.add_argument("--variants", type=lambda v: v.split(","), default=VARIANTS.split(","))
+    ap.add_argument("--isas", type=lambda v: v.split(","), default=ca.supported_isas(), help="at the first variant")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
+    args = ap.parse_args()
+    cuda = torch.cuda.is_available()
+    kinds = [k for k in args.memory if cuda or k in ("thp", "pageable")]
+    if unknown := set(kinds) - set(MEMORY):
+        ap.error(f"unknown --memory kind(s) {sorted(unknown)}; choose from {MEMORY}")
+    t_start = time.perf_counter()
+    with ThreadPoolExecutor(8) as ex:  # the builds are independent compiler runs
+        libs = dict(zip(args.variants, ex.map(build, args.variants), strict=True))
+    build_s = time.perf_counter() - t_start
+    threads = ca.default_threads()
+    pages = -(-args.context // PAGE)
+    slots = LAYERS * args.batch * pages
+    lists = layer_lists(slots, args.batch, pages, np.random.default_rng(0))
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(args.batch, HEADS, HEAD_DIM, generator=gen)
+    out, lse = torch.empty(q.shape), torch.empty(q.shape[:2])
+    rows = np.full(len(lists[0][1]), PAGE, dtype=np.int32)
+    layer_bytes = len(rows) * SLICE_BYTES
+    results: dict = {"build_s": round(build_s, 1), "threads": threads, "memory": {}, "GBps": {}}
+    for kind in kinds:
+        pool = allocate(kind, slots, gen)
+        lib0 = ca.load_library()
+        probe = lib0.read_bandwidth(pool.data_ptr(), slots * SLICE_BYTES, threads, 3) / 1e9
+        results["memory"][kind] = {"probe_GBps": round(probe, 1), "huge_page_fraction": huge_page_fraction(pool)}
+        print(f"memory {kind}: probe {probe:.1f} GB/s, huge pages {huge_page_fraction(pool)}", flush=True)
+
+        cases = [(v, "auto", threads) for v in args.variants] + [(v, "auto", 1) for v in args.variants]
+        cases += [(args.variants[0], isa, threads) for isa in args.isas if isa != ca.auto_isa()]
+        for variant, isa, n in cases:
+            layers = LAYERS if n > 1 else 2  # one thread: two layers' jobs are enough to time
+            jobs = [
+                ca.make_job(q, pool[:, 0], o, s, rows, SCALE, out, lse, threads=n, isa=None if isa == "auto" else isa)
+                for o, s in lists[:layers]
+            ]
+            secs = time_jobs(libs[variant], jobs, args.reps)
+            gbps = layers * layer_bytes / secs / 1e9
+            name = f"{kind}/{variant}/{isa}/t{n}"
+            results["GBps"][name] = round(gbps, 1)
+            print(f"  {name}: {gbps:.1f} GB/s ({gbps / probe:.0%} of the probe)", flush=True)
+        del pool
+    results["wall_s"] = round(time.perf_counter() - t_start, 1)
+    config = {"batch": args.batch, "context": args.context, "layers": LAYERS, "kv_heads": 8, "group": 4,
+              "head_dim": HEAD_DIM, "page": PAGE, "variants": {v: defines(v) for v in args.variants}}  # fmt: skip
+    device = torch.device("cuda" if cuda else "cpu")
+    rec = record("cpu_attention_sweep", device, config, results) | {"command": " ".join(["python", *sys.argv])}
+    path = Path(args.out) / "cpu_attention_sweep.json"
+    write_json(path, rec)
+    print(f"wrote {path} after {results['wall_s']} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
