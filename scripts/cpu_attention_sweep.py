@@ -1,20 +1,19 @@
-"""Tune the DRAM tier's CPU attention kernel on this host (issue #17): its prefetch knobs, its SIMD
-variants and the memory it reads, each timed beside the host read probe over the same memory.
+"""Compare builds of the DRAM tier's CPU attention kernel on this host (issue #17), each beside the host
+read probe over the same memory: kernel versions, SIMD variants, memory kinds and thread counts in one run,
+so their ratios hold whatever the host's state (device hosts vary run to run by 2x).
 
-cpu_attention.c takes its software-prefetch policy at build time (PREFETCH_AHEAD pages in flight,
-PREFETCH_HINT locality, PREFETCH_SPREAD whole pages or a head at a time). This script builds one library
-per --variants entry (megatier.cbuild, the product's flags plus the -D knobs), loads them side by side and
-runs the same Llama-3.2-1B-shaped decode jobs through each (batch 16, 8 kv heads, G 4, head_dim 64, bf16,
-pages of 16, --context tokens a sequence, one layer's slices per job, every slice in a random slot of a
-pool far larger than the L3), over each --memory kind (as scripts/gpu_host_partial.py allocates them:
-"thp" and "pool" are huge pages unpinned / registered with CUDA, "pinned" cudaHostAlloc's 4 KiB pages,
-"pageable" torch's). Reported: KV GB/s at the pool's thread count and at one thread, and the probe's
-GB/s over the same pool, so the fraction of the memory bound is read off directly.
+Each --sources entry NAME=PATH is compiled as the product compiles cpu_attention.c (megatier.cbuild) and
+loaded beside the others; the same Llama-3.2-1B-shaped decode jobs run through each (batch 16, 8 kv
+heads, G 4, head_dim 64, bf16, pages of 16, --context tokens a sequence, one layer's slices per job, every
+slice in a random slot of a pool far larger than the L3), over each --memory kind (as
+scripts/gpu_host_partial.py allocates them: "thp" and "pool" are huge pages unpinned / registered with
+CUDA, "pinned" cudaHostAlloc's 4 KiB pages, "pageable" torch's). Reported: KV GB/s at the pool's thread
+count and at one thread, and the probe's GB/s over the same pool.
 
-    python scripts/cpu_attention_sweep.py [--context 8192] [--memory thp,pool,pinned] [--variants a1h3w,a2h2s]
+    python scripts/cpu_attention_sweep.py [--context 8192] [--memory thp,pool,pinned] [--sources old=old.c]
 
-A variant's name is a<ahead>h<hint><w|s> (w: whole page, s: spread); the first is the committed
-default. JSON to $OUT/cpu_attention_sweep.json (default bench/results/), commit from $MEGATIER_COMMIT.
+The package's own cpu_attention.c is always the first source ("current"). JSON to
+$OUT/cpu_attention_sweep.json (default bench/results/), commit from $MEGATIER_COMMIT.
 """
 
 from __future__ import annotations
@@ -22,7 +21,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
-import re
 import statistics
 import sys
 import time
@@ -40,22 +38,11 @@ from megatier.bench.common import record, write_json
 from megatier.kv import cpu_attention as ca
 from megatier.kv.host_memory import huge_page_fraction
 
-VARIANTS = "a1h3w,a2h3w,a1h3s,a2h3s,a2h2s,a3h2s,a4h2s,a2h2w"
 
-
-def defines(name: str) -> list[str]:
-    """The -D flags of a variant name a<ahead>h<hint><w|s>."""
-    m = re.fullmatch(r"a(\d+)h([0-3])([ws])", name)
-    if not m:
-        raise SystemExit(f"variant {name!r} is not a<ahead>h<hint><w|s>, e.g. a2h2s")
-    ahead, hint, mode = m.groups()
-    return [f"-DPREFETCH_AHEAD={ahead}", f"-DPREFETCH_HINT={hint}", f"-DPREFETCH_SPREAD={int(mode == 's')}"]
-
-
-def build(name: str) -> ctypes.CDLL:
-    lib, err = cbuild.build(f"cpu_attention_{name}", ca.SOURCE, cbuild.FLAGS + defines(name))
+def build(name: str, source: Path) -> ctypes.CDLL:
+    lib, err = cbuild.build(f"cpu_attention_{name}", source, cbuild.FLAGS)
     if lib is None:
-        raise SystemExit(f"building variant {name}: {err}")
+        raise SystemExit(f"building {name} ({source}): {err}")
     lib.attend_job.argtypes = [ctypes.c_void_p]
     lib.attend_job.restype = None
     return lib
@@ -80,8 +67,8 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=8192, help="tokens a sequence (per layer's job)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--memory", type=lambda v: v.split(","), default=["thp", "pool", "pinned"])
-    ap.add_argument("--variants", type=lambda v: v.split(","), default=VARIANTS.split(","))
-    ap.add_argument("--isas", type=lambda v: v.split(","), default=ca.supported_isas(), help="at the first variant")
+    ap.add_argument("--sources", type=lambda v: v.split(","), default=[], help="NAME=PATH builds to compare")
+    ap.add_argument("--isas", type=lambda v: v.split(","), default=ca.supported_isas(), help="at every source")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     args = ap.parse_args()
@@ -90,8 +77,9 @@ def main() -> None:
     if unknown := set(kinds) - set(MEMORY):
         ap.error(f"unknown --memory kind(s) {sorted(unknown)}; choose from {MEMORY}")
     t_start = time.perf_counter()
+    sources = {"current": ca.SOURCE} | dict((e.split("=", 1)[0], Path(e.split("=", 1)[1])) for e in args.sources)
     with ThreadPoolExecutor(8) as ex:  # the builds are independent compiler runs
-        libs = dict(zip(args.variants, ex.map(build, args.variants), strict=True))
+        libs = dict(zip(sources, ex.map(build, sources, sources.values()), strict=True))
     build_s = time.perf_counter() - t_start
     threads = ca.default_threads()
     pages = -(-args.context // PAGE)
@@ -110,8 +98,8 @@ def main() -> None:
         results["memory"][kind] = {"probe_GBps": round(probe, 1), "huge_page_fraction": huge_page_fraction(pool)}
         print(f"memory {kind}: probe {probe:.1f} GB/s, huge pages {huge_page_fraction(pool)}", flush=True)
 
-        cases = [(v, "auto", threads) for v in args.variants] + [(v, "auto", 1) for v in args.variants]
-        cases += [(args.variants[0], isa, threads) for isa in args.isas if isa != ca.auto_isa()]
+        isas = ["auto"] + [isa for isa in args.isas if isa not in ("scalar", ca.auto_isa())]
+        cases = [(src, isa, n) for n in (threads, 1) for isa in isas for src in libs]
         for variant, isa, n in cases:
             layers = LAYERS if n > 1 else 2  # one thread: two layers' jobs are enough to time
             jobs = [
@@ -126,7 +114,7 @@ def main() -> None:
         del pool
     results["wall_s"] = round(time.perf_counter() - t_start, 1)
     config = {"batch": args.batch, "context": args.context, "layers": LAYERS, "kv_heads": 8, "group": 4,
-              "head_dim": HEAD_DIM, "page": PAGE, "variants": {v: defines(v) for v in args.variants}}  # fmt: skip
+              "head_dim": HEAD_DIM, "page": PAGE, "sources": {k: str(v) for k, v in sources.items()}}  # fmt: skip
     device = torch.device("cuda" if cuda else "cpu")
     rec = record("cpu_attention_sweep", device, config, results) | {"command": " ".join(["python", *sys.argv])}
     path = Path(args.out) / "cpu_attention_sweep.json"

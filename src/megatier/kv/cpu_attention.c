@@ -9,8 +9,10 @@
  * reads each K and V row once for all query heads of its GQA group and keeps an online softmax (running
  * max, sum, unnormalized output) per kv head; the task that finishes a (sequence, span) last merges the
  * states of its tasks exactly. Memory-bound by design: the span is as wide as balance allows (all kv
- * heads of a page are one contiguous K block and one V block, which the hardware streams), and while a
- * task computes on one page it prefetches the next (pages are scattered: nothing else can guess them).
+ * heads of a page are one contiguous K block and one V block), and while a block (one page, one kv head)
+ * is computed, the rows of the next one are prefetched, a few lines per row read: pages are scattered, so
+ * the hardware cannot guess them, and a page's worth of prefetches issued at once was measured to do
+ * nothing (the miss buffers drop what they cannot hold), where paced ones doubled a core's DRAM rate.
  *
  * SIMD: every variant (AVX-512 with BF16 dot products, AVX-512, AVX2+FMA, portable scalar) is compiled
  * into this one library with per-function target attributes and picked at run time, so a library built
@@ -57,20 +59,6 @@ enum { OK = 0, NO_MEMORY = -1, BAD_SHAPE = -2, NO_ISA = -3 };
 #define BLOCK 16            /* rows scored at once */
 #define MAX_NG 8            /* query heads per pass over a block: their accumulators stay in registers */
 #define MAX_CHUNK_PAGES 64  /* pages per task: small enough to balance, large enough to stream */
-/* Software prefetch of a task's next pages (tuning knobs, -D at build time; scripts/cpu_attention_sweep.py
- * measures them): PREFETCH_AHEAD pages beyond the one being computed are kept in flight, requested with
- * locality PREFETCH_HINT (3: toward L1, 2: L2), either a whole page at once as a page starts
- * (PREFETCH_SPREAD 0) or a kv head's K and V blocks at a time as the current page's heads are computed
- * (1), which spreads the requests over the page instead of queueing a page's worth of misses at once. */
-#ifndef PREFETCH_AHEAD
-#define PREFETCH_AHEAD 1
-#endif
-#ifndef PREFETCH_HINT
-#define PREFETCH_HINT 3
-#endif
-#ifndef PREFETCH_SPREAD
-#define PREFETCH_SPREAD 0
-#endif
 #define MAX_GROUP_FLOATS (1 << 15) /* G x padded head_dim: bounds the per-task q copy on the stack */
 #define INLINE static inline __attribute__((always_inline))
 
@@ -134,7 +122,20 @@ typedef struct {
     float *acc;
     int acc_stride;
     float *m, *l;
+    const char *next_k, *next_v; /* the K and V rows computed next, prefetched row by row meanwhile (or NULL) */
 } block_t;
+
+/* Rows r and r + 1 of the next block's K, r of its V: issued as the current block reads its own rows, so
+ * the requests keep pace with consumption instead of arriving as a burst the miss buffers drop. */
+INLINE void prefetch_next_k(const block_t *b, int r) {
+    if (b->next_k)
+        for (int i = 0; i < 2 * b->row_bytes; i += 64) __builtin_prefetch(b->next_k + r * b->row_bytes + i, 0, 3);
+}
+
+INLINE void prefetch_next_v(const block_t *b, int r) {
+    if (b->next_v)
+        for (int i = 0; i < b->row_bytes; i += 64) __builtin_prefetch(b->next_v + r * b->row_bytes + i, 0, 3);
+}
 
 typedef struct {
     int chunk; /* row elements per vector step; rows are padded to a multiple of it */
@@ -271,6 +272,7 @@ INLINE T512 void scores512(const block_t *b, __m512 *s, const int NG, const int 
     const int C = (b->D + 31) / 32;
     __m512 dots[MAX_NG][BLOCK];
     for (int r = 0; r < BLOCK; r += 2) {
+        prefetch_next_k(b, r);
         __m512 d0[NG], d1[NG];
         for (int g = 0; g < NG; g++) d0[g] = d1[g] = _mm512_setzero_ps();
         const char *k0 = b->k + r * b->row_bytes, *k1 = r + 1 < b->n ? k0 + b->row_bytes : k0;
@@ -298,6 +300,7 @@ INLINE T512BF16 void scores512_dp(const block_t *b, __m512 *s, const int NG) {
     const int C = (b->D + 31) / 32;
     __m512 dots[MAX_NG][BLOCK];
     for (int r = 0; r < BLOCK; r += 2) { /* as scores512 */
+        prefetch_next_k(b, r);
         __m512 h0[NG], l0[NG], h1[NG], l1[NG];
         for (int g = 0; g < NG; g++) h0[g] = l0[g] = h1[g] = l1[g] = _mm512_setzero_ps();
         const char *k0 = b->k + r * b->row_bytes, *k1 = r + 1 < b->n ? k0 + b->row_bytes : k0;
@@ -342,6 +345,7 @@ INLINE T512 void update512(const block_t *b, const __m512 *s, const int NG, cons
             ab[g] = _mm512_mul_ps(_mm512_loadu_ps(acc + 16), _mm512_set1_ps(alpha[g]));
         }
         for (int r = 0; r < b->n; r++) {
+            if (c == 0) prefetch_next_v(b, r);
             __m512 x, y;
             load512(b->v + r * b->row_bytes, c, b->D, bf16, &x, &y);
             for (int g = 0; g < NG; g++) {
@@ -455,6 +459,7 @@ INLINE T256 void block256(const block_t *b, const int NG, const int bf16) {
     const int C = (b->D + 15) / 16;
     __m256 dots[MAX_NG][BLOCK], s[MAX_NG][2];
     for (int r = 0; r < BLOCK; r += 2) { /* as scores512 */
+        prefetch_next_k(b, r);
         __m256 d0[NG], d1[NG];
         for (int g = 0; g < NG; g++) d0[g] = d1[g] = _mm256_setzero_ps();
         const char *k0 = b->k + r * b->row_bytes, *k1 = r + 1 < b->n ? k0 + b->row_bytes : k0;
@@ -497,6 +502,7 @@ INLINE T256 void block256(const block_t *b, const int NG, const int bf16) {
             ab[g] = _mm256_mul_ps(_mm256_loadu_ps(acc + 8), _mm256_set1_ps(alpha[g]));
         }
         for (int r = 0; r < b->n; r++) {
+            if (c == 0) prefetch_next_v(b, r);
             __m256 x, y;
             load256(b->v + r * b->row_bytes, c, b->D, bf16, &x, &y);
             for (int g = 0; g < NG; g++) {
@@ -585,17 +591,6 @@ static void prepare_q(const ctx_t *x, const float *q, float *dst) {
         }
 }
 
-/* Listed page a's K and V blocks of kv heads [h0, h1) of the task's span. */
-static void prefetch_heads(const ctx_t *x, const task_t *t, int64_t a, int h0, int h1) {
-    const attend_job_t *j = x->job;
-    const char *k = (const char *)j->kv + (j->pages[a] * j->page_stride + (t->head + h0) * j->head_stride) * x->elem;
-    const int64_t bytes = ((h1 - h0 - 1) * j->head_stride + (int64_t)j->rows[a] * j->D) * x->elem;
-    for (int64_t off = 0; off < bytes; off += 64) {
-        __builtin_prefetch(k + off, 0, PREFETCH_HINT);
-        __builtin_prefetch(k + j->v_offset * x->elem + off, 0, PREFETCH_HINT);
-    }
-}
-
 /* Merge the task states of one kv head (pair) into its G normalized outputs and LSEs. */
 static void merge_pair(const ctx_t *x, const float *st, int64_t num, int64_t stride, int64_t pair) {
     const attend_job_t *j = x->job;
@@ -638,15 +633,14 @@ static void run_task(const ctx_t *x, int64_t i) {
     }
     const char *kv = j->kv;
     for (int64_t p = t->first; p < t->last; p++) {
-        /* pages are scattered, so the hardware prefetcher cannot guess the next ones: name them */
-        for (int64_t a = p == t->first ? p + 1 - PREFETCH_SPREAD : p + PREFETCH_AHEAD;
-             a < p + PREFETCH_AHEAD + !PREFETCH_SPREAD && a < t->last; a++)
-            prefetch_heads(x, t, a, 0, x->span);
         for (int h = 0; h < x->span; h++) {
             const char *kb = kv + (j->pages[p] * j->page_stride + (t->head + h) * j->head_stride) * x->elem;
             const char *vb = kb + j->v_offset * x->elem;
             float *acc = state + h * x->pair_size, *m = acc + G * x->Dp, *l = m + G;
-            if (PREFETCH_SPREAD && p + PREFETCH_AHEAD < t->last) prefetch_heads(x, t, p + PREFETCH_AHEAD, h, h + 1);
+            /* the block after this head's: the next head of this page, else the first of the next page */
+            const char *next_k = h + 1 < x->span ? kb + j->head_stride * x->elem
+                                 : p + 1 < t->last ? kv + (j->pages[p + 1] * j->page_stride + t->head * j->head_stride) * x->elem
+                                                   : NULL;
             for (int r0 = 0; r0 < j->rows[p]; r0 += BLOCK)
                 for (int g0 = 0; g0 < G; g0 += MAX_NG) {
                     const int64_t off = (int64_t)r0 * row_bytes;
@@ -662,7 +656,9 @@ static void run_task(const ctx_t *x, int64_t i) {
                                  acc + g0 * x->Dp,
                                  x->Dp,
                                  m + g0,
-                                 l + g0};
+                                 l + g0,
+                                 next_k,
+                                 next_k ? next_k + j->v_offset * x->elem : NULL};
                     x->var->block(&b);
                 }
         }
