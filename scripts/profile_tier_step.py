@@ -105,8 +105,8 @@ def main() -> None:
     cfg = load_config(resolve_model(args.model))
     weights = dummy_weights(cfg, 0, torch.bfloat16, device)
     bench = argparse.Namespace(
-        batch=args.batch, kv_sparse_budget=0.125, seed=0, steps=args.steps, repeats=1, warmup=None,
-        drift_every=8, migration_mib=None,
+        batch=args.batch, kv_sparse_budget=0.125, kv_sparse_residency_bonus=None, seed=0, steps=args.steps,
+        repeats=1, warmup=None, drift_every=8, migration_mib=None,
     )  # fmt: skip
     patch()
     pools = make_pools(cfg, device, args.batch, args.context, args.hbm_fraction, 3 * args.steps + 200)

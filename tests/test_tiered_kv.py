@@ -438,6 +438,39 @@ def test_sparse_selection_picks_the_pages_that_matter(tmp_path):
     pools.close()
 
 
+@pytest.mark.parametrize("bonus_over_gap, reads_resident", [(0.0, False), (0.5, False), (2.0, True)])
+def test_the_residency_bonus_keeps_a_resident_page_only_within_its_margin(tmp_path, bonus_over_gap, reads_resident):
+    """One free slot in the budget, two contenders: page 2 in DRAM scores `gap` above page 4 in HBM (the
+    other candidates score lower, in DRAM). Selection reads page 2 unless the bonus exceeds the gap."""
+    cfg = tiny_cfg(heads=4, kv_heads=1, head_dim=16, layers=1)
+    pools = make_pools(cfg, (64, 64, 0), tmp_path)
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(1, cfg.num_heads, cfg.head_dim, generator=gen)
+    n_pages, dram_hot, hbm_warm = 8, 2, 4
+    kv = {}
+    for p in range(n_pages):
+        kv[p, 0] = torch.randn(pools.slice_shape, generator=gen) * 0.1
+        kv[p, 0][0, 0] += {dram_hot: 3.0, hbm_warm: 2.0}.get(p, 0.0) * q[0].mean(0)
+        put(pools, p, 0, HBM if p in (0, hbm_warm, 6, 7) else DRAM, kv[p, 0])
+    store = store_on(pools, cfg, mode="sparse", sink_pages=1, recent_tokens=PAGE, migrate=False)
+    store.sparse_budget = 4 / n_pages  # the sink, the recent window (2 pages) and one more
+    for p in range(n_pages):
+        store.meta.set_from_keys(torch.tensor([p]), kv[p, 0][:, 0][None], torch.tensor([PAGE]))
+    tables = torch.arange(n_pages)[None]
+    scores = store.meta.score(0, q, tables, torch.tensor([n_pages]), store.scale)[0]
+    gap = float(scores[dram_hot] - scores[hbm_warm])
+    assert gap > 0 and scores[hbm_warm] > scores[[1, 3, 5]].max()  # the setup is what the docstring says
+    store.residency_bonus = bonus_over_gap * gap
+    plan = decode_plan(store, [n_pages * PAGE], [list(range(n_pages))])
+    got = store.attend(plan, 0, q, ref_attention(cfg))
+    read = [0, hbm_warm if reads_resident else dram_hot, 6, 7]
+    want = dense_reference(
+        q, {(i, 0): kv[p, 0] for i, p in enumerate(read)}, [list(range(len(read)))], [len(read) * PAGE], 0, cfg
+    )
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    pools.close()
+
+
 # -- end to end -----------------------------------------------------------------------------------------
 
 
@@ -512,6 +545,7 @@ def test_sparse_mode_reads_its_budget(tiny_model):
         (dict(kv_hbm=1e-3, kv_disk=1.0), "kv_disk needs kv_dram"),
         (dict(kv_hbm=1e-9), "kv_hbm"),
         (dict(kv_hbm=0.01, kv_sparse_budget=0.0), "kv_sparse_budget"),
+        (dict(kv_hbm=0.01, kv_sparse_residency_bonus=-1.0), "kv_sparse_residency_bonus"),
         (dict(kv_hbm=0.01, backend="megakernel"), "backend"),
     ],
 )

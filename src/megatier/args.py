@@ -36,6 +36,8 @@ class EngineArgs:
     kv_disk_dir: str | None = None
     kv_mode: str = "dense"  # dense: every page (lossless); sparse: sinks, recent window, best-scored pages
     kv_sparse_budget: float = 0.125  # sparse: fraction of the context read per step
+    # sparse: logits by which selection prefers pages in HBM (None: kv/locality.py's RESIDENCY_BONUS)
+    kv_sparse_residency_bonus: float | None = None
 
     @property
     def tiered(self) -> bool:
@@ -87,6 +89,12 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-disk-dir", help="directory for disk KV pages (default: a temporary directory)")
     g.add_argument("--kv-mode", default="dense", choices=["dense", "sparse"], help="dense: lossless; sparse: top pages")
     g.add_argument("--kv-sparse-budget", type=float, default=0.125, help="sparse: fraction of the context read")
+    g.add_argument(
+        "--kv-sparse-residency-bonus",
+        type=float,
+        help="sparse: logits added to the selection score of pages already in HBM (0: by score alone; default: "
+        "kv/locality.py's RESIDENCY_BONUS, 4)",
+    )
 
 
 def add_batching_cli_args(p: argparse.ArgumentParser) -> None:

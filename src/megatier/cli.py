@@ -318,6 +318,11 @@ def add_bench_tiers_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--kv-sparse-budget", type=float, default=0.125, help="sparse: fraction of the context read per step"
     )
+    p.add_argument(
+        "--kv-sparse-residency-bonus",
+        type=float,
+        help="sparse: logits by which selection prefers pages in HBM (default: kv/locality.py's RESIDENCY_BONUS)",
+    )
     p.add_argument("--methods", nargs="+", default=None, help="subset of the methods (default: all)")
     p.add_argument("--steps", type=int, default=8, help="timed decode steps per repeat (default 8)")
     p.add_argument("--repeats", type=int, default=3, help="repeats of --steps; the median step is reported")

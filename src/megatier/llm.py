@@ -84,7 +84,8 @@ class LLM:
         kv_hbm / kv_dram / kv_disk (GiB) turn on the tiered KV cache (kv/tiers.py): pages beyond the
         GPU budget live in pinned host memory, then in files under kv_disk_dir (default: a temporary
         directory). kv_mode "dense" attends to every page (lossless); "sparse" to the sinks, the recent
-        window and the best-scored pages, kv_sparse_budget of the context."""
+        window and the best-scored pages, kv_sparse_budget of the context, preferring pages already in HBM
+        by kv_sparse_residency_bonus logits."""
         try:
             args = EngineArgs(model, **options)
         except TypeError as e:
@@ -199,6 +200,7 @@ class LLM:
                 disk_dir=args.kv_disk_dir,
                 mode=args.kv_mode,
                 sparse_budget=args.kv_sparse_budget,
+                residency_bonus=args.kv_sparse_residency_bonus,
             )
             # A step's new KV lands in HBM, every layer of every page it writes: bound what one step writes
             # (a prompt chunk of T tokens touches T / page_size + 1 pages) so any prompt streams through.

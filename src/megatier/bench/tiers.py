@@ -189,7 +189,8 @@ def run_method(cfg, weights, pools: TieredPools | None, method: str, args, conte
     else:
         store = TieredKV(
             cfg, page_size=PAGE_SIZE, dtype=torch.bfloat16, device=device, hbm_bytes=0, pools=pools,
-            sparse_budget=args.kv_sparse_budget, sink_pages=SINK_PAGES, recent_tokens=RECENT_TOKENS,
+            sparse_budget=args.kv_sparse_budget, residency_bonus=args.kv_sparse_residency_bonus,
+            sink_pages=SINK_PAGES, recent_tokens=RECENT_TOKENS,
             migration_bytes=int(args.migration_mib * 2**20) if args.migration_mib else None, **spec,
         )  # fmt: skip
     ex = GraphExecutor(cfg, weights, cache=store)
@@ -340,6 +341,7 @@ def run_tiers(args: argparse.Namespace) -> dict:
         "contexts": args.context,
         "hbm_fractions": args.hbm_fraction,
         "kv_sparse_budget": args.kv_sparse_budget,
+        "kv_sparse_residency_bonus": args.kv_sparse_residency_bonus,
         "page_size": PAGE_SIZE,
         "hot_key_scale": HOT_SCALE,
         "drift_every": args.drift_every,

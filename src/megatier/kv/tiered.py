@@ -34,6 +34,7 @@ from megatier.kernels.merge import merge_attention_states, merge_attention_state
 from megatier.kv.host_partial import HostPartial
 from megatier.kv.locality import (
     PIN_BONUS,
+    RESIDENCY_BONUS,
     Importance,
     PageMeta,
     plan_migrations,
@@ -128,6 +129,7 @@ class TieredKV:
         disk_dir: str | Path | None = None,
         mode: str = "dense",
         sparse_budget: float = 0.125,
+        residency_bonus: float | None = None,
         sink_pages: int = 1,
         recent_tokens: int = 64,
         migrate: bool = True,
@@ -143,11 +145,15 @@ class TieredKV:
         the static-placement baselines). migration_bytes: per-step byte budget of migrations. pcie_share:
         a fixed share of dense DRAM slices read over PCIe (None: balanced each step). fetch_all: the
         offload-and-fetch baseline (every DRAM slice over PCIe, no CPU attention). sparse_misses: who reads
-        selected slices outside HBM in sparse mode on CUDA (SPARSE_MISSES)."""
+        selected slices outside HBM in sparse mode on CUDA (SPARSE_MISSES). residency_bonus: logits added
+        to the selection score of slices in HBM (None: locality.RESIDENCY_BONUS, which says why)."""
         if mode not in MODES:
             raise MegatierError(f"kv_mode must be 'dense' or 'sparse', not {mode!r}")
         if not 0 < sparse_budget <= 1:
             raise MegatierError(f"kv_sparse_budget is a fraction of the context in (0, 1], not {sparse_budget}")
+        residency_bonus = RESIDENCY_BONUS if residency_bonus is None else residency_bonus
+        if not 0 <= residency_bonus < float("inf"):
+            raise MegatierError(f"kv_sparse_residency_bonus is a non-negative number of logits, not {residency_bonus}")
         if min(hbm_bytes, dram_bytes, disk_bytes) < 0:
             raise MegatierError("kv_hbm, kv_dram and kv_disk must not be negative")
         if sparse_misses not in SPARSE_MISSES:
@@ -167,7 +173,7 @@ class TieredKV:
         self.num_pages, self.page_size, self.num_layers = self.pools.num_pages, page_size, cfg.num_layers
         self.hbm_pool, self.dram_pool = self.pools.hbm.kv, self.pools.dram
         self.scale = cfg.head_dim**-0.5
-        self.sparse_budget, self.sink_pages = sparse_budget, sink_pages
+        self.sparse_budget, self.sink_pages, self.residency_bonus = sparse_budget, sink_pages, residency_bonus
         self.recent_pages = recent_pages_for(recent_tokens, page_size)
         self.migrate = migrate
         # Per step, an eighth of HBM (swaps in place need no free slot, so the reserve does not bound
@@ -522,6 +528,8 @@ class TieredKV:
         if layer == 0:
             self.importance.candidates(torch.where(valid, tables, self.meta.spare))
         scores = self.meta.score(layer, q, tables, n, self.scale)
+        if self.residency_bonus:  # prefer what is already in HBM (locality.RESIDENCY_BONUS says why)
+            scores = scores + self.residency_bonus * (self._tier_dev[tables, layer] == HBM)
         forced = (
             (cols_all < torch.clamp(n, max=self.sink_pages)[:, None]) | (cols_all >= (n - self.recent_pages)[:, None])
         ) & valid

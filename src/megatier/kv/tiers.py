@@ -44,7 +44,7 @@ TIER_NAMES = ("hbm", "dram", "disk")
 UNPLACED = -1
 
 
-@dataclass
+@dataclass(eq=False)  # a batch is one object in flight: compared by identity, not by its arrays
 class _Moves:
     """Slices moving from one tier to another together (one copy kernel, or one disk I/O): held as
     arrays, since a step starts thousands of them."""
