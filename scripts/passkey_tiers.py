@@ -5,7 +5,7 @@ end. Dense tiered attention must give the same answers as the all-in-HBM engine 
 reads 1/8 of the context per layer (sinks, recent window, best-scored pages). The HBM budget is 1/8 of
 the KV too, so the HBM hit rate of selected (page, layer) slices is measured on real attention (the locality
 PAM relies on), with online migration on. Runs on the CPU ("HBM" is then host memory; the placement logic
-is the same). Usage: python scripts/passkey_tiers.py [--contexts 2048 4096] [--json out.json]
+is the same). Usage: python scripts/passkey_tiers.py [--contexts 2048 4096] [--locality-tokens 96] [--kv-sparse-residency-bonus B] [--json out.json]
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import time
 import torch
 
 from megatier import LLM, SamplingParams
+from megatier.kv.locality import RESIDENCY_BONUS
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 
@@ -66,6 +67,7 @@ def run(args: argparse.Namespace) -> dict:
                 kv_dram=gib + 0.01,
                 kv_mode="sparse",
                 kv_sparse_budget=args.kv_sparse_budget,
+                kv_sparse_residency_bonus=args.kv_sparse_residency_bonus,
             ),
         }
         for name, llm in engines.items():
@@ -90,10 +92,16 @@ def run(args: argparse.Namespace) -> dict:
     return {
         "model": "SmolLM2-135M-Instruct (embedded GGUF, Q4_1)",
         "budget": args.kv_sparse_budget,
+        "residency_bonus": llm_bonus(args),
         "summary": summary,
         "cases": results,
         "torch_threads": torch.get_num_threads(),
     }
+
+
+def llm_bonus(args: argparse.Namespace) -> float:
+    """The residency bonus the sparse engines ran with."""
+    return RESIDENCY_BONUS if args.kv_sparse_residency_bonus is None else args.kv_sparse_residency_bonus
 
 
 def locality(args: argparse.Namespace, kv_token: int) -> dict:
@@ -108,6 +116,7 @@ def locality(args: argparse.Namespace, kv_token: int) -> dict:
         kv_dram=gib + 0.01,
         kv_mode="sparse",
         kv_sparse_budget=args.kv_sparse_budget,
+        kv_sparse_residency_bonus=args.kv_sparse_residency_bonus,
     )
     prompt = make_prompt(llm, context, 0.5, 12345)
     engine, stats = llm.engine, llm.engine.executor.cache.stats
@@ -136,6 +145,7 @@ def main() -> None:
     p.add_argument("--contexts", type=int, nargs="+", default=[2048, 4096])
     p.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
     p.add_argument("--kv-sparse-budget", type=float, default=0.125)
+    p.add_argument("--kv-sparse-residency-bonus", type=float, help="default: kv/locality.py's RESIDENCY_BONUS")
     p.add_argument("--locality-tokens", type=int, default=0, help="also measure the hit rate over this many tokens")
     p.add_argument("--json")
     args = p.parse_args()
