@@ -1,13 +1,13 @@
 """Decode and prompt tokens/s of a GGUF model on the host: megatier's backends beside llama.cpp, in one run.
 
-For each (backend, quantization) it times `LLM.generate` of one greedy sequence of --tokens + 1 tokens
-with EOS ignored, less a 1-token run (prompt and first token), so what is left is --tokens decode steps;
-and a prompt of each --prompt-lens length (random ids, so no cached prefix) with one new token: prompt
+For each (backend, quantization) it times the engine's decode steps of one greedy sequence (EOS ignored)
+after a prompt of --depth tokens (random ids; 1 token by default): tokens/s is one over the median of the
+last --tokens steps' wall time; and a prompt of each --prompt-lens length (random ids, so no cached prefix) with one new token: prompt
 tokens over that time. Medians of --runs. With --llama-bench (a built llama.cpp `llama-bench`), it runs
-`llama-bench -p PROMPT_LENS -n TOKENS -t THREADS` on the same file and reports megatier's ratios to it.
+`llama-bench -p PROMPT_LENS -n TOKENS -d DEPTH -t THREADS` on the same file and reports megatier's ratios to it.
 JSON into --out.
 
-    python scripts/cpu_decode.py [--model file.gguf] [--llama-bench PATH] [--out bench/results/cpu_decode.json]
+    python scripts/cpu_decode.py [--model file.gguf] [--depth 6000] [--llama-bench PATH] [--out bench/results/cpu_decode.json]
 """
 
 from __future__ import annotations
@@ -27,14 +27,19 @@ from megatier.bench.common import record, write_json
 from megatier.gguf_import import default_gguf_path
 
 
-def decode_rate(llm: LLM, tokens: int, runs: int) -> list[float]:
-    def timed(n: int) -> float:
-        t0 = time.perf_counter()
-        llm.generate(["Hello"], SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))
-        return time.perf_counter() - t0
-
-    timed(8)  # warm-up: builds, first-touch of the KV pages
-    return [tokens / (timed(tokens + 1) - timed(1)) for _ in range(runs)]
+def decode_rate(llm: LLM, tokens: int, depth: int, runs: int) -> list[float]:
+    ids = torch.randint(1000, 30000, (max(1, depth),), generator=torch.Generator().manual_seed(depth)).tolist()
+    engine, rates = llm.engine, []
+    for run in range(runs + 1):  # the first run warms up: builds, first touch of the KV pages
+        engine.add_request(ids, SamplingParams(temperature=0, max_tokens=tokens + 1, ignore_eos=True))
+        steps = []
+        while engine.has_unfinished():
+            t0 = time.perf_counter()
+            engine.step()
+            steps.append(time.perf_counter() - t0)
+        if run:
+            rates.append(1 / statistics.median(steps[-tokens:]))
+    return rates
 
 
 def prompt_rate(llm: LLM, length: int, runs: int, seed: int) -> list[float]:
@@ -48,9 +53,10 @@ def prompt_rate(llm: LLM, length: int, runs: int, seed: int) -> list[float]:
     return rates
 
 
-def llama_bench(binary: str, model: str, tokens: int, prompts: list[int], threads: int) -> dict:
+def llama_bench(binary: str, model: str, tokens: int, prompts: list[int], depth: int, threads: int) -> dict:
     lens = ",".join(map(str, prompts))
     cmd = [binary, "-m", model, "-t", str(threads), "-p", lens, "-n", str(tokens), "-r", "3", "-o", "json"]
+    cmd += ["-d", str(depth)] if depth else []
     rows = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
     out = {"command": " ".join(cmd), "build": rows[0].get("build_commit")}
     for r in rows:
@@ -64,6 +70,7 @@ def main() -> None:
     ap.add_argument("--backends", default="cpu,reference")
     ap.add_argument("--quantization", default="auto,none")
     ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--depth", type=int, default=0, help="context tokens before the timed decode steps")
     ap.add_argument("--prompt-lens", type=lambda v: [int(x) for x in v.split(",")], default=[128, 512])
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--llama-bench", default=None, help="path of llama.cpp's llama-bench")
@@ -74,8 +81,11 @@ def main() -> None:
     results: dict = {"megatier": {}}
     for backend in args.backends.split(","):
         for quant in args.quantization.split(","):
-            llm = LLM(model=args.model, device="cpu", backend=backend, quantization=quant)
-            rates = decode_rate(llm, args.tokens, args.runs)
+            llm = LLM(
+                model=args.model, device="cpu", backend=backend, quantization=quant,
+                max_model_len=max(2048, args.depth + args.tokens + 64),
+            )  # fmt: skip
+            rates = decode_rate(llm, args.tokens, args.depth, args.runs)
             row = {"decode": {"tok_s": statistics.median(rates), "runs": rates}}
             for n in args.prompt_lens:
                 prompt = prompt_rate(llm, n, args.runs, seed=n)
@@ -85,7 +95,9 @@ def main() -> None:
             del llm
     if args.llama_bench:
         path = str(args.model or default_gguf_path())
-        base = results["llama_cpp"] = llama_bench(args.llama_bench, path, args.tokens, args.prompt_lens, threads)
+        base = results["llama_cpp"] = llama_bench(
+            args.llama_bench, path, args.tokens, args.prompt_lens, args.depth, threads
+        )
         results["ratio_to_llama_cpp"] = {
             name: {k: v["tok_s"] / base[k]["tok_s"] for k, v in row.items() if k in base}
             for name, row in results["megatier"].items()
@@ -95,6 +107,7 @@ def main() -> None:
         "model": args.model or "embedded SmolLM2-135M-Instruct Q4_1 GGUF",
         "threads": threads,
         "tokens": args.tokens,
+        "depth": args.depth,
     }
     rec = record("cpu_decode", torch.device("cpu"), config, results) | {"command": " ".join(["python", *sys.argv])}
     write_json(args.out, rec)
