@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from gpu_host_partial import HEAD_DIM, HEADS, LAYERS, MEMORY, PAGE, SCALE, SLICE_BYTES, allocate, layer_lists
+from gpu_host_partial import HEAD_DIM, HEADS, KV_HEADS, LAYERS, MEMORY, PAGE, SCALE, SLICE_BYTES, allocate, layer_lists
 
 from megatier import cbuild
 from megatier.bench.common import record, write_json
@@ -113,7 +113,7 @@ def main() -> None:
             print(f"  {name}: {gbps:.1f} GB/s ({gbps / probe:.0%} of the probe)", flush=True)
         del pool
     results["wall_s"] = round(time.perf_counter() - t_start, 1)
-    config = {"batch": args.batch, "context": args.context, "layers": LAYERS, "kv_heads": 8, "group": 4,
+    config = {"batch": args.batch, "context": args.context, "layers": LAYERS, "kv_heads": KV_HEADS, "group": HEADS // KV_HEADS,
               "head_dim": HEAD_DIM, "page": PAGE, "sources": {k: str(v) for k, v in sources.items()}}  # fmt: skip
     device = torch.device("cuda" if cuda else "cpu")
     rec = record("cpu_attention_sweep", device, config, results) | {"command": " ".join(["python", *sys.argv])}
