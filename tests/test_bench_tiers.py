@@ -49,3 +49,24 @@ def test_bench_tiers_migration_budget_is_applied(tmp_path):
     (run,) = json.loads((tmp_path / "r.json").read_text())["results"]["runs"]
     assert run["migration_budget_bytes"] == 2**18
     assert run["migrated_bytes_per_step"] <= 2**18
+
+
+def test_bench_tiers_pcie_share_is_fixed_for_megatier_dense(tmp_path):
+    """--pcie-share replaces the balancer for megatier-dense: that share of the DRAM slices is read over
+    "PCIe" (on CPU, the same gather into staging), the rest by the host kernel."""
+    path, _ = make_hf_model(tmp_path / "model", "llama-mqa-untied")
+    argv = ["bench", "tiers", "--model", str(path), "--batch", "2", "--context", "256", "--steps", "2"]
+    argv += ["--repeats", "1", "--warmup", "1", "--hbm-fraction", "0.25", "--methods", "megatier-dense"]
+    argv += ["--pcie-share", "0.5", "--json", str(tmp_path / "r.json")]
+    assert main(argv) == 0
+    (run,) = json.loads((tmp_path / "r.json").read_text())["results"]["runs"]
+    assert run["pcie_share"] == 0.5
+    read = run["bytes_read_per_step"]
+    assert read["pcie"] > 0 and abs(read["pcie"] - read["dram"]) <= 0.1 * (read["pcie"] + read["dram"])
+
+
+def test_bench_tiers_refuses_a_pcie_share_outside_0_1(tmp_path, capsys):
+    path, _ = make_hf_model(tmp_path / "model", "llama-mqa-untied")
+    argv = ["bench", "tiers", "--model", str(path), "--batch", "2", "--context", "64", "--steps", "1", "--repeats", "1"]
+    assert main([*argv, "--methods", "megatier-dense", "--pcie-share", "1.5"]) != 0
+    assert "pcie_share" in capsys.readouterr().err

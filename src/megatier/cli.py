@@ -323,6 +323,11 @@ def add_bench_tiers_args(p: argparse.ArgumentParser) -> None:
         type=float,
         help="sparse: logits by which selection prefers pages in HBM (default: kv/locality.py's RESIDENCY_BONUS)",
     )
+    p.add_argument(
+        "--pcie-share",
+        type=float,
+        help="megatier-dense: this fixed share of the DRAM slices over PCIe (default: balanced each step)",
+    )
     p.add_argument("--methods", nargs="+", default=None, help="subset of the methods (default: all)")
     p.add_argument("--steps", type=int, default=8, help="timed decode steps per repeat (default 8)")
     p.add_argument("--repeats", type=int, default=3, help="repeats of --steps; the median step is reported")

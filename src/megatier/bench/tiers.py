@@ -182,6 +182,8 @@ def run_method(cfg, weights, pools: TieredPools | None, method: str, args, conte
     n = math.ceil(context / PAGE_SIZE)
     work = Workload(args.batch, n, cfg.num_layers, args.kv_sparse_budget, args.seed)
     spec = METHODS[method]
+    if method == "megatier-dense" and args.pcie_share is not None:  # a fixed share instead of the balancer
+        spec = spec | {"pcie_share": args.pcie_share}
     if spec is None:
         extra = args.steps * args.repeats + 64
         pages = args.batch * math.ceil((context + extra) / PAGE_SIZE) + 1
@@ -274,7 +276,9 @@ def run_method(cfg, weights, pools: TieredPools | None, method: str, args, conte
 def check_exactness(cfg, weights, device) -> dict:
     """Logits of every lossless tiered method against all-HBM on the same KV and tokens, one decode step
     (sparse with a budget of the whole context is lossless too)."""
-    args = argparse.Namespace(batch=4, kv_sparse_budget=1.0, seed=1, steps=1, repeats=1, warmup=0, drift_every=10**9)
+    args = argparse.Namespace(
+        batch=4, kv_sparse_budget=1.0, seed=1, steps=1, repeats=1, warmup=0, drift_every=10**9, pcie_share=None
+    )
     context = 1024
     logits = {}
     for name, spec in [("gpu-only", None), ("megatier-dense", dict(mode="dense", pcie_share=0.25))]:
@@ -346,6 +350,7 @@ def run_tiers(args: argparse.Namespace) -> dict:
         "hot_key_scale": HOT_SCALE,
         "drift_every": args.drift_every,
         "migration_mib": args.migration_mib,
+        "pcie_share": args.pcie_share,
         "methods": methods,
         "executor": "graph",
     }

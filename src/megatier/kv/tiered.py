@@ -154,6 +154,8 @@ class TieredKV:
         residency_bonus = RESIDENCY_BONUS if residency_bonus is None else residency_bonus
         if not 0 <= residency_bonus < float("inf"):
             raise MegatierError(f"kv_sparse_residency_bonus is a non-negative number of logits, not {residency_bonus}")
+        if pcie_share is not None and not 0 <= pcie_share <= 1:
+            raise MegatierError(f"pcie_share is a fraction of the DRAM slices in [0, 1], not {pcie_share}")
         if min(hbm_bytes, dram_bytes, disk_bytes) < 0:
             raise MegatierError("kv_hbm, kv_dram and kv_disk must not be negative")
         if sparse_misses not in SPARSE_MISSES:
