@@ -6,6 +6,8 @@
 #                                   gather kernel), a logits check against all-HBM, every method at batch
 #                                   16 x 32K with HBM = 1/8 of the KV, then 8K/16K and the HBM sweep
 #   bash scripts/gpu_tiers.sh 8b    Llama-3.1-8B shape: every method at batch 16 x 8K and x 32K
+#   bash scripts/gpu_tiers.sh dense Llama-3.2-1B shape, batch 16 x 32K: offload-fetch, then megatier-dense at
+#                                   fixed PCIe shares beside the balanced one (is the balancer's share the best?)
 # Pass the commit as MEGATIER_COMMIT (the tree travels without .git; see gpu_final.sh). JSON, PNG and the
 # log go to $OUT (default bench/results).
 set -uo pipefail
@@ -45,8 +47,16 @@ case "${1:-}" in
     stage 280 --model llama-3.1-8b --batch 16 --context 32768 --hbm-fraction 0.125 --repeats 1 \
       --methods offload-fetch megatier-dense sparse-offload-fetch megatier-sparse --json "$OUT/tiers_llama-3.1-8b_32k.json"
     ;;
+  dense)
+    stage 60 --model llama-3.2-1b --batch 16 --context 32768 --hbm-fraction 0.125 --steps 4 --repeats 1 \
+      --methods offload-fetch megatier-dense --json "$OUT/tiers_dense_balanced.json"
+    for share in 0.05 0.2 0.35 0.5; do
+      stage 45 --model llama-3.2-1b --batch 16 --context 32768 --hbm-fraction 0.125 --steps 4 --repeats 1 \
+        --methods megatier-dense --pcie-share "$share" --json "$OUT/tiers_dense_share$share.json"
+    done
+    ;;
   *)
-    echo "usage: $0 1b|8b" >&2
+    echo "usage: $0 1b|8b|dense" >&2
     exit 2
     ;;
 esac
