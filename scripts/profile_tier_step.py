@@ -106,7 +106,7 @@ def main() -> None:
     weights = dummy_weights(cfg, 0, torch.bfloat16, device)
     bench = argparse.Namespace(
         batch=args.batch, kv_sparse_budget=0.125, kv_sparse_residency_bonus=None, seed=0, steps=args.steps,
-        repeats=1, warmup=None, drift_every=8, migration_mib=None,
+        repeats=1, warmup=None, drift_every=8, migration_mib=None, pcie_share=None,
     )  # fmt: skip
     patch()
     pools = make_pools(cfg, device, args.batch, args.context, args.hbm_fraction, 3 * args.steps + 200)
