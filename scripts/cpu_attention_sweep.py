@@ -73,9 +73,9 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     args = ap.parse_args()
     cuda = torch.cuda.is_available()
-    kinds = [k for k in args.memory if cuda or k in ("thp", "pageable")]
-    if unknown := set(kinds) - set(MEMORY):
+    if unknown := set(args.memory) - set(MEMORY):
         ap.error(f"unknown --memory kind(s) {sorted(unknown)}; choose from {MEMORY}")
+    kinds = [k for k in args.memory if cuda or k in ("thp", "pageable")]  # the others need CUDA
     t_start = time.perf_counter()
     sources = {"current": ca.SOURCE} | dict((e.split("=", 1)[0], Path(e.split("=", 1)[1])) for e in args.sources)
     with ThreadPoolExecutor(8) as ex:  # the builds are independent compiler runs
@@ -91,15 +91,13 @@ def main() -> None:
     rows = np.full(len(lists[0][1]), PAGE, dtype=np.int32)
     layer_bytes = len(rows) * SLICE_BYTES
     results: dict = {"build_s": round(build_s, 1), "threads": threads, "memory": {}, "GBps": {}}
+    isas = ["auto"] + [isa for isa in args.isas if isa not in ("scalar", ca.auto_isa())]
+    cases = [(src, isa, n) for n in (threads, 1) for isa in isas for src in libs]
     for kind in kinds:
         pool = allocate(kind, slots, gen)
-        lib0 = ca.load_library()
-        probe = lib0.read_bandwidth(pool.data_ptr(), slots * SLICE_BYTES, threads, 3) / 1e9
+        probe = ca.load_library().read_bandwidth(pool.data_ptr(), slots * SLICE_BYTES, threads, 3) / 1e9
         results["memory"][kind] = {"probe_GBps": round(probe, 1), "huge_page_fraction": huge_page_fraction(pool)}
-        print(f"memory {kind}: probe {probe:.1f} GB/s, huge pages {huge_page_fraction(pool)}", flush=True)
-
-        isas = ["auto"] + [isa for isa in args.isas if isa not in ("scalar", ca.auto_isa())]
-        cases = [(src, isa, n) for n in (threads, 1) for isa in isas for src in libs]
+        print(f"memory {kind}: {results['memory'][kind]}", flush=True)
         for variant, isa, n in cases:
             layers = LAYERS if n > 1 else 2  # one thread: two layers' jobs are enough to time
             jobs = [

@@ -2,12 +2,12 @@
 
 For each (backend, quantization) it times the engine's decode steps of one greedy sequence (EOS ignored)
 after a prompt of --depth tokens (random ids; 1 token by default): tokens/s is one over the median of the
-last --tokens steps' wall time; and a prompt of each --prompt-lens length (random ids, so no cached prefix) with one new token: prompt
-tokens over that time. Medians of --runs. With --llama-bench (a built llama.cpp `llama-bench`), it runs
-`llama-bench -p PROMPT_LENS -n TOKENS -d DEPTH -t THREADS` on the same file and reports megatier's ratios to it.
-JSON into --out.
+last --tokens steps' wall time; and a prompt of each --prompt-lens length (random ids, so no cached
+prefix) with one new token: prompt tokens over that time. Medians of --runs. With --llama-bench (a built
+llama.cpp `llama-bench`), it runs `llama-bench -p PROMPT_LENS -n TOKENS -d DEPTH -t THREADS` on the same
+file and reports megatier's ratios to it. JSON into --out.
 
-    python scripts/cpu_decode.py [--model file.gguf] [--depth 6000] [--llama-bench PATH] [--out bench/results/cpu_decode.json]
+    python scripts/cpu_decode.py [--model file.gguf] [--depth 6000] [--llama-bench PATH] [--out FILE.json]
 """
 
 from __future__ import annotations

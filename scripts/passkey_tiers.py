@@ -5,7 +5,8 @@ end. Dense tiered attention must give the same answers as the all-in-HBM engine 
 reads 1/8 of the context per layer (sinks, recent window, best-scored pages). The HBM budget is 1/8 of
 the KV too, so the HBM hit rate of selected (page, layer) slices is measured on real attention (the locality
 PAM relies on), with online migration on. Runs on the CPU ("HBM" is then host memory; the placement logic
-is the same). Usage: python scripts/passkey_tiers.py [--contexts 2048 4096] [--locality-tokens 96] [--kv-sparse-residency-bonus B] [--json out.json]
+is the same). Usage: python scripts/passkey_tiers.py [--contexts 2048 4096] [--locality-tokens 96]
+[--kv-sparse-residency-bonus B] [--json out.json]
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import time
 import torch
 
 from megatier import LLM, SamplingParams
-from megatier.kv.locality import RESIDENCY_BONUS
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 
@@ -79,6 +79,7 @@ def run(args: argparse.Namespace) -> dict:
                 store = llm.engine.executor.cache
                 row[name]["hbm_hit_rate"] = store.stats.hit_rate
                 row[name]["hbm_pages"] = store.capacity(0) / llm.config.num_layers
+        bonus = engines["sparse"].engine.executor.cache.residency_bonus  # as the store resolved the default
         row["dense_equals_all_hbm"] = row["dense"]["tokens"] == row["all-hbm"]["tokens"]
         print(json.dumps({k: v for k, v in row.items()}, default=str), flush=True)
         results.append(row)
@@ -92,16 +93,11 @@ def run(args: argparse.Namespace) -> dict:
     return {
         "model": "SmolLM2-135M-Instruct (embedded GGUF, Q4_1)",
         "budget": args.kv_sparse_budget,
-        "residency_bonus": llm_bonus(args),
+        "residency_bonus": bonus,
         "summary": summary,
         "cases": results,
         "torch_threads": torch.get_num_threads(),
     }
-
-
-def llm_bonus(args: argparse.Namespace) -> float:
-    """The residency bonus the sparse engines ran with."""
-    return RESIDENCY_BONUS if args.kv_sparse_residency_bonus is None else args.kv_sparse_residency_bonus
 
 
 def locality(args: argparse.Namespace, kv_token: int) -> dict:
